@@ -1,0 +1,21 @@
+"""The bundled batch worker: runs ON the nodes, never imports the control plane.
+
+`python -m fleet.worker JOB_DIR` (or `fleet-worker JOB_DIR`) processes the job whose
+directory is JOB_DIR on the shared filesystem until no work is left. Modules:
+
+- `config`   the `worker:` section of a job.yaml (pydantic, no torch)
+- `layout`   paths and file formats under JOB_DIR (chunks, claims, done, failures, metrics)
+- `inputs`   freezing the input set into a stable chunk list; reading items
+- `queue`    claims with leases, takeover of expired claims, skip-if-done scans
+- `batcher`  the reusable thread-safe `DynamicBatcher`
+- `handlers` the handler plugin interface and the bundled `text-embed` / `checksum`
+- `pipeline` reader threads -> batcher -> model -> writer threads for one chunk
+- `runner`   one worker process: claim, process, mark done, repeat; graceful stop
+- `__main__` the CLI, with one process per GPU
+
+torch is imported lazily, only by the handlers that need it.
+"""
+
+from fleet.worker.config import WorkerConfig
+
+__all__ = ["WorkerConfig"]
