@@ -1,0 +1,157 @@
+"""The `job.yaml` model: what to run across the fleet.
+
+    name: text-embed
+    nodes: workers            # or all, head, or a list of node names
+    processes_per_node: auto  # one per GPU; or an integer
+    env: {HF_HOME: /shared/hf}
+    prepare: [python make_corpus.py]   # once, on the head, before any worker starts
+    setup: [pip install -q mypkg]      # on every node (and every replacement)
+    worker: {handler: text-embed, inputs: 'corpus/**/*.txt', outputs: embeddings}
+    # or:  run: python train.py --rank $${FLEET_NODE_RANK}
+    retries: 0                # restarts of a failed `run:` process on its node
+
+Exactly one of `worker:` (the bundled worker, `fleet.worker.config.WorkerConfig`) and
+`run:` (any command) is given. Loading with file:line errors is `fleet.spec.loader`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fleet.spec.diagnostics import register_pattern_words, show
+from fleet.spec.models import NAME_PATTERN, SpecValueError
+from fleet.worker.config import DEVICE_PATTERN, HANDLER_PATTERN, WorkerConfig
+
+NODE_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+NODE_GROUPS = ("workers", "all", "head")
+
+register_pattern_words(HANDLER_PATTERN, "'text-embed', 'checksum' or 'package.module:factory'")
+register_pattern_words(DEVICE_PATTERN, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+class JobSpec(BaseModel):
+    """A batch job: which nodes run what, prepared how."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        description="the job's name (its directory on the shared disk); lowercase, digits, '-'",
+    )
+    nodes: Literal["workers", "all", "head"] | list[str] = Field(
+        "workers",
+        description="which nodes run the job: 'workers' (default), 'all', 'head', or a list of node names",
+    )
+    processes_per_node: Literal["auto"] | int = Field(
+        "auto", description="processes started on each node: 'auto' (one per GPU, else 1) or a number >= 1"
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="environment variables of the job's processes"
+    )
+    prepare: list[str] = Field(
+        default_factory=list,
+        description="commands run once on the head before any worker starts (e.g. fetch the data)",
+    )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="commands run on every node before the job starts (and on every replacement)",
+    )
+    worker: WorkerConfig | None = Field(None, description="the bundled worker's settings (or give `run:`)")
+    run: str | None = Field(
+        None,
+        description="a command started on every selected node, with FLEET_NODE_NAME, FLEET_NODE_RANK, "
+        "FLEET_NUM_NODES, FLEET_SHARED and FLEET_JOB set (or give `worker:`)",
+    )
+    retries: int = Field(0, ge=0, le=1000, description="how often a failed `run:` process is restarted on its node")
+    python: str | None = Field(
+        None, description="Python interpreter that starts the worker on the nodes (default: chosen by fleet)"
+    )
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _check_nodes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value in NODE_GROUPS:
+                return value
+            raise SpecValueError(
+                f"expected 'workers', 'all', 'head' or a list of node names, got {value!r}",
+                hint="several names go in a list: [demo-w1-g1, demo-w2-g1]",
+            )
+        if not isinstance(value, list):
+            raise SpecValueError("expected 'workers', 'all', 'head' or a list of node names")
+        if not value:
+            raise SpecValueError("expected at least one node name, got an empty list")
+        seen: set[str] = set()
+        for index, name in enumerate(value):
+            if not isinstance(name, str) or not re.fullmatch(NODE_NAME_PATTERN, name):
+                raise SpecValueError(
+                    f"expected a node name (lowercase letters, digits, '-'), got {name!r}", at=(index,)
+                )
+            if name in seen:
+                raise SpecValueError(f"node {name!r} is listed twice", at=(index,))
+            seen.add(name)
+        return value
+
+    @field_validator("processes_per_node", mode="before")
+    @classmethod
+    def _check_processes(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        if isinstance(value, str) and value.isdigit() and int(value) >= 1:
+            return int(value)
+        raise SpecValueError(f"expected 'auto' or an integer >= 1, got {show(value)}")
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _check_env_names(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for key in value:
+                if not isinstance(key, str) or not re.fullmatch(ENV_NAME_PATTERN, key):
+                    raise SpecValueError(
+                        f"expected an environment variable name (letters, digits, '_'), got {key!r}",
+                        at=(str(key), "[key]"),
+                    )
+        return value
+
+    @field_validator("prepare", "setup", mode="before")
+    @classmethod
+    def _no_single_command(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise SpecValueError(
+                f"expected a list of commands, got {show(value)}",
+                hint="write a YAML list: one '- command' per line",
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _worker_xor_run(self) -> JobSpec:
+        problem = worker_or_run_problem({"worker": self.worker, "run": self.run})
+        if problem is not None:
+            raise problem
+        return self
+
+
+def worker_or_run_problem(data: Any) -> SpecValueError | None:
+    """The `worker:` / `run:` rule checked on raw data, so that the loader can report it
+    alongside other errors (an "after" validator only runs when everything else passed)."""
+    if not isinstance(data, dict):
+        return None
+    has_worker = data.get("worker") is not None
+    has_run = data.get("run") is not None
+    if has_worker and has_run:
+        return SpecValueError(
+            "give either `worker:` or `run:`, not both",
+            at=("run",),
+            hint="`worker:` runs the bundled worker; `run:` runs your own command",
+        )
+    if not has_worker and not has_run:
+        return SpecValueError(
+            "a job needs `worker:` (the bundled worker) or `run:` (a command)",
+            field=("worker",),
+            hint="e.g. `run: python my_job.py`",
+        )
+    return None

@@ -1,0 +1,234 @@
+"""The `fleet.yaml` model: what a fleet should look like.
+
+Pydantic models, strict about unknown keys (a typo is an error, not a silent default).
+Everything but `name`, `provider` and `workers.count` has a default, so that
+
+    name: demo
+    provider: local
+    workers: {count: 3}
+
+is a complete local spec. Loading (YAML with line numbers, `${VAR}` interpolation,
+readable errors) lives in `fleet.spec.loader`.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+NAME_PATTERN = r"^[a-z][a-z0-9-]{0,28}[a-z0-9]$"
+DEFAULT_SSHFS_OPTIONS = ["reconnect", "ServerAliveInterval=15", "ServerAliveCountMax=3"]
+
+
+class SpecValueError(ValueError):
+    """A validation problem that knows where it belongs.
+
+    `at` is the location of the offending value relative to where the validator runs
+    (the model for a model validator, the field's value for a field validator); `field`
+    is the path to name in the message when it differs from `at` (e.g. a missing block).
+    The loader turns it into a `SpecError` at the line of `at`."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        at: tuple[str | int, ...] = (),
+        field: tuple[str | int, ...] | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.at = at
+        self.field = field
+        self.hint = hint
+
+
+def _number_types(annotation: Any) -> set[Any]:
+    if get_origin(annotation) in (Union, types.UnionType):
+        return set().union(*(_number_types(arg) for arg in get_args(annotation)))
+    return {annotation} & {int, float}
+
+
+class Strict(BaseModel):
+    # Numbers are accepted where a string is expected (`max_price: 0.5`, `env: {N: 4}`).
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1; in YAML `count: yes` is a mistake, not a 1.
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if _number_types(annotation):
+                # Reported like any other type error: "expected an integer >= 0, got true".
+                kind = "int_type" if int in _number_types(annotation) else "float_type"
+                raise PydanticCustomError(kind, "Input should be a number")
+        return value
+
+
+class AcceleratorSpec(Strict):
+    type: str = Field(description="GPU type, e.g. nvidia-tesla-t4 (GCP) or implied by the EC2 instance type")
+    count: int = Field(1, ge=1, le=16, description="accelerators per node")
+
+
+class GcpNodeOptions(Strict):
+    """Per-node GCP options (under `workers.gcp` / `head.gcp`)."""
+
+    provisioning_model: Literal["SPOT", "PREEMPTIBLE"] = Field(
+        "SPOT", description="SPOT, or the legacy preemptible flag"
+    )
+    instance_termination_action: Literal["DELETE", "STOP"] = Field(
+        "DELETE", description="what GCP does with a preempted VM"
+    )
+    max_run_duration_s: int | None = Field(None, ge=60, description="hard cost cap per VM")
+    min_cpu_platform: str | None = Field(None, description="e.g. 'Intel Cascade Lake'")
+
+
+class AwsNodeOptions(Strict):
+    """Per-node AWS options (under `workers.aws` / `head.aws`)."""
+
+    max_price: str | None = Field(None, description="spot max price in USD/hour, e.g. '0.50'")
+    volume_type: str = Field("gp3", description="EBS volume type of the root disk")
+
+
+class HeadSpec(Strict):
+    """The node that holds the shared directory. On-demand in clouds by default.
+
+    With `host` set, the head is an existing machine that `fleet` never creates or
+    deletes (the seed's setup: the big disk lives on a server you already have)."""
+
+    machine: str | None = Field(None, description="machine/instance type (provider default when absent)")
+    spot: bool = Field(False, description="run the head on a spot/preemptible machine (not advised)")
+    disk_gb: int = Field(100, ge=10, le=65536, description="boot disk size in GB (holds the shared directory)")
+    accelerators: AcceleratorSpec | None = Field(None, description="GPUs on the head (none by default)")
+    host: str | None = Field(None, description="address of an existing machine to use as head")
+    user: str | None = Field(None, description="SSH user on the existing head (default ssh.user)")
+    port: int = Field(22, ge=1, le=65535, description="SSH port of the existing head")
+    gcp: GcpNodeOptions = Field(GcpNodeOptions(), description="GCP options for the head")
+    aws: AwsNodeOptions = Field(AwsNodeOptions(), description="AWS options for the head")
+
+
+class WorkersSpec(Strict):
+    count: int = Field(ge=0, le=10000, description="number of worker nodes")
+    machine: str | None = Field(None, description="machine/instance type (provider default when absent)")
+    accelerators: AcceleratorSpec | None = Field(None, description="GPUs per worker: type and count")
+    spot: bool = Field(True, description="spot (AWS) / preemptible (GCP) workers")
+    disk_gb: int = Field(100, ge=10, le=65536, description="boot disk size in GB")
+    gcp: GcpNodeOptions = Field(GcpNodeOptions(), description="GCP options for the workers")
+    aws: AwsNodeOptions = Field(AwsNodeOptions(), description="AWS options for the workers")
+
+
+class SshSpec(Strict):
+    user: str | None = Field(None, description="login user (local: you; gcp: fleet; aws: ubuntu)")
+    key: str | None = Field(
+        None, description="private key path; generated per fleet (0600) when absent"
+    )
+    port: int = Field(22, ge=1, le=65535, description="SSH port of cloud nodes")
+    connect_timeout: float = Field(10.0, gt=0, le=600, description="seconds to wait for a TCP/SSH handshake")
+    command_timeout: float = Field(600.0, gt=0, description="default limit in seconds for one remote command")
+    ready_timeout: float = Field(300.0, gt=0, description="how long `up` waits for a new node's SSH")
+    parallelism: int = Field(32, ge=1, le=1024, description="bound on concurrent SSH connections")
+
+
+class SharedSpec(Strict):
+    path: str = Field("shared", description="the head's exported directory (relative: to its home)")
+    mount: str = Field("shared", description="where workers mount it (relative: to their home)")
+    options: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_SSHFS_OPTIONS), description="sshfs -o options on the workers"
+    )
+    max_conns: int = Field(1, ge=1, le=32, description="sshfs max_conns: parallel SSH connections per mount")
+
+
+class MonitorSpec(Strict):
+    interval: float = Field(10.0, gt=0, description="seconds between reconcile passes")
+    grace: float = Field(30.0, ge=0, description="how long a node may be unreachable before it is replaced")
+    max_replacements: int = Field(100, ge=0, description="stop replacing nodes after this many replacements")
+    backoff: float = Field(5.0, ge=0, description="first delay after a failed replacement (doubles)")
+    zone_cooldown: float = Field(300.0, ge=0, description="how long a zone without capacity is skipped")
+
+
+class LocalSpec(Strict):
+    root: str | None = Field(
+        None, description="where local nodes live (default ~/.local/state/fleet/local)"
+    )
+    address: str = Field("127.0.0.1", description="loopback address the nodes' sshd listen on")
+
+
+class GcpSpec(Strict):
+    project: str = Field(description="GCP project id")
+    zones: list[str] = Field(min_length=1, description="zones tried in order, e.g. [us-central1-a]")
+    image: str = Field("projects/debian-cloud/global/images/family/debian-12", description="boot image")
+    network: str = Field("global/networks/default", description="VPC network")
+    subnetwork: str | None = Field(None, description="subnetwork (the network's default when absent)")
+    service_account: str | None = Field(None, description="service account e-mail for the VMs")
+    labels: dict[str, str] = Field(default_factory=dict, description="extra labels on every VM")
+    api_endpoint: str | None = Field(None, description="e.g. http://127.0.0.1:8080 for tests")
+    source_ranges: list[str] | None = Field(
+        None, description="who may reach SSH (default: the caller's public address /32)"
+    )
+    use_private_ip: bool = Field(False, description="reach nodes by their private address (from inside the VPC)")
+
+
+class AwsSpec(Strict):
+    region: str = Field(description="AWS region, e.g. us-east-1")
+    zones: list[str] = Field(default_factory=list, description="availability zones, tried in order")
+    subnets: list[str] = Field(default_factory=list, description="subnet ids, tried in order")
+    ami: str = Field(description="AMI id of the node image")
+    profile: str | None = Field(None, description="named credentials profile")
+    tags: dict[str, str] = Field(default_factory=dict, description="extra tags on every instance")
+    source_ranges: list[str] | None = Field(
+        None, description="who may reach SSH (default: the caller's public address /32)"
+    )
+    use_private_ip: bool = Field(False, description="reach nodes by their private address (from inside the VPC)")
+
+
+class FleetSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="labels every resource; lowercase, digits, '-'")
+    provider: Literal["local", "gcp", "aws"] = Field(description="where the nodes run")
+    head: HeadSpec = Field(HeadSpec(), description="the node that holds the shared directory")
+    workers: WorkersSpec = Field(description="the nodes that do the work")
+    ssh: SshSpec = Field(SshSpec(), description="how `fleet` reaches the nodes")
+    shared: SharedSpec = Field(SharedSpec(), description="the head's directory that every worker mounts")
+    setup: list[str] = Field(default_factory=list, description="commands run on every node before mounting")
+    monitor: MonitorSpec = Field(MonitorSpec(), description="the reconcile loop that replaces lost nodes")
+    local: LocalSpec = Field(LocalSpec(), description="options of the local provider")
+    gcp: GcpSpec | None = Field(None, description="Google Cloud settings (needed with provider: gcp)")
+    aws: AwsSpec | None = Field(None, description="AWS settings (needed with provider: aws)")
+
+    @model_validator(mode="after")
+    def _provider_block_present(self) -> FleetSpec:
+        problem = provider_block_problem({"provider": self.provider, "gcp": self.gcp, "aws": self.aws})
+        if problem is not None:
+            raise problem
+        return self
+
+    def ssh_user(self, default_local_user: str) -> str:
+        if self.ssh.user:
+            return self.ssh.user
+        return {"local": default_local_user, "gcp": "fleet", "aws": "ubuntu"}[self.provider]
+
+
+def provider_block_problem(data: Any) -> SpecValueError | None:
+    """A cloud provider without its block. Also checked on raw data by the loader, so that
+    it is reported together with other errors."""
+    if not isinstance(data, dict):
+        return None
+    provider = data.get("provider")
+    if provider == "gcp" and data.get("gcp") is None:
+        return SpecValueError(
+            "provider 'gcp' needs a `gcp:` block",
+            at=("provider",),
+            field=("gcp",),
+            hint="add `gcp: {project: PROJECT, zones: [ZONE, ...]}`",
+        )
+    if provider == "aws" and data.get("aws") is None:
+        return SpecValueError(
+            "provider 'aws' needs an `aws:` block",
+            at=("provider",),
+            field=("aws",),
+            hint="add `aws: {region: REGION, ami: AMI_ID}`",
+        )
+    return None
