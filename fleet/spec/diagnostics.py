@@ -18,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import annotated_types
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
+from yaml.nodes import ScalarNode
 
 from fleet.errors import SpecError
 from fleet.spec.models import NAME_PATTERN, SpecValueError
@@ -261,7 +262,10 @@ def _one_error(
         hint = "allowed keys: " + ", ".join(keys) if keys else None
     elif kind == "list_type" and isinstance(value, str):
         hint = "write a YAML list: one '- item' per line, or [a, b]"
-    return document.error_at(where.node, message, loc=where.matched, hint=hint)
+    node = where.node
+    if isinstance(node, ScalarNode) and node.value == "" and where.key_node is not None:
+        node = where.key_node  # `key:` with nothing after it: point at the key
+    return document.error_at(node, message, loc=where.matched, hint=hint)
 
 
 def _message(kind: str, error: Any, annotation: Any, info: FieldInfo | None, value: Any) -> str:

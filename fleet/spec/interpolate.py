@@ -6,6 +6,9 @@ Syntax (a small, predictable subset of the shell's):
 - `${VAR:-default}`: VAR's value, or `default` when VAR is unset or empty.
 - `$${`: a literal `${` (so `$${FLEET_NODE_RANK}` reaches the node's shell untouched).
 - A `$` not followed by `{` is left alone (`$HOME` stays `$HOME`).
+- The variables that `fleet` sets on the nodes (`NODE_VARIABLES`: FLEET_NODE_RANK...)
+  are never taken from the local environment: `${FLEET_NODE_RANK}` in a command reaches
+  the node's shell as written, which is the only place where it has a meaning.
 
 The loader calls `interpolate` on every string scalar of a spec before validation and
 turns the returned problems into `SpecError`s at that scalar's line.
@@ -22,6 +25,11 @@ VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOKEN = re.compile(r"\$\$\{|\$\{(?P<body>[^}]*)(?P<close>\}?)")
 
 
+NODE_VARIABLES = frozenset(
+    {"FLEET_NODE_NAME", "FLEET_NODE_RANK", "FLEET_NUM_NODES", "FLEET_SHARED", "FLEET_JOB"}
+)
+
+
 @dataclass(frozen=True)
 class InterpolationProblem:
     message: str
@@ -33,10 +41,13 @@ def needs_interpolation(text: str) -> bool:
     return "${" in text
 
 
-def interpolate(text: str, env: Mapping[str, str]) -> tuple[str, list[InterpolationProblem]]:
+def interpolate(
+    text: str, env: Mapping[str, str], *, passthrough: frozenset[str] = NODE_VARIABLES
+) -> tuple[str, list[InterpolationProblem]]:
     """Return `text` with every reference replaced, and the problems found.
 
-    On problems the returned text keeps the offending references as written."""
+    References to `passthrough` variables are kept as written. On problems the returned
+    text keeps the offending references as written."""
     problems: list[InterpolationProblem] = []
     pieces: list[str] = []
     position = 0
@@ -67,6 +78,9 @@ def interpolate(text: str, env: Mapping[str, str]) -> tuple[str, list[Interpolat
                     offset=match.start(),
                 )
             )
+            pieces.append(match.group(0))
+            continue
+        if name in passthrough:
             pieces.append(match.group(0))
             continue
         value = env.get(name)

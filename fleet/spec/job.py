@@ -17,7 +17,7 @@ Exactly one of `worker:` (the bundled worker, `fleet.worker.config.WorkerConfig`
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -42,14 +42,17 @@ class JobSpec(BaseModel):
         pattern=NAME_PATTERN,
         description="the job's name (its directory on the shared disk); lowercase, digits, '-'",
     )
-    nodes: Literal["workers", "all", "head"] | list[str] = Field(
+    nodes: (
+        Literal["workers", "all", "head"]
+        | Annotated[list[Annotated[str, Field(pattern=NODE_NAME_PATTERN)]], Field(min_length=1)]
+    ) = Field(
         "workers",
         description="which nodes run the job: 'workers' (default), 'all', 'head', or a list of node names",
     )
-    processes_per_node: Literal["auto"] | int = Field(
+    processes_per_node: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
         "auto", description="processes started on each node: 'auto' (one per GPU, else 1) or a number >= 1"
     )
-    env: dict[str, str] = Field(
+    env: dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], str] = Field(
         default_factory=dict, description="environment variables of the job's processes"
     )
     prepare: list[str] = Field(

@@ -141,7 +141,10 @@ def read_source(path: str | Path, env: Mapping[str, str]) -> SourceDocument:
 
 
 def parse_source(text: str, file: str, env: Mapping[str, str]) -> SourceDocument:
-    loader = _SpecLoader(text)
+    try:
+        loader = _SpecLoader(text)  # the reader checks the characters right here
+    except yaml.YAMLError as exc:
+        raise _syntax_error(exc, text, file) from None
     try:
         try:
             root = loader.get_single_node()
@@ -172,8 +175,12 @@ def _syntax_error(exc: yaml.YAMLError, text: str, file: str) -> SpecError:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
         hint = None
-        if exc.context and exc.problem and exc.context_mark is not None:
+        if exc.context and exc.problem and not exc.context.startswith("while"):
+            problem = f"{exc.context}, {exc.problem}"  # e.g. "expected a single document..."
+        elif exc.context and exc.problem and exc.context_mark is not None:
             hint = f"{exc.context} at line {exc.context_mark.line + 1}"
+        if mark is not None and "${" in _line(text, mark.line) and ("{" in problem or "}" in problem):
+            hint = "inside [...] or {...}, quote ${VAR} references ('${VAR}') or use block style"
         if "'\\t'" in problem:
             hint = "indent with spaces: YAML does not allow tabs for indentation"
         if mark is None:
@@ -187,6 +194,11 @@ def _syntax_error(exc: yaml.YAMLError, text: str, file: str) -> SpecError:
         return SpecError(f"invalid YAML: {exc.reason} (character {exc.character!r})",
                          file=file, line=line, column=column)
     return SpecError(f"invalid YAML: {exc}", file=file)
+
+
+def _line(text: str, index: int) -> str:
+    lines = text.splitlines()
+    return lines[index] if 0 <= index < len(lines) else ""
 
 
 class _Walker:
