@@ -22,7 +22,7 @@ from yaml.nodes import ScalarNode
 
 from fleet.errors import SpecError
 from fleet.spec.models import NAME_PATTERN, SpecValueError
-from fleet.spec.yamlsource import Loc, SourceDocument
+from fleet.spec.yamlsource import Loc, SourceDocument, format_path
 
 # Patterns that deserve words rather than a regular expression in an error message.
 PATTERN_WORDS = {
@@ -231,14 +231,22 @@ def _one_error(
     if not where.rest and id(where.node) in document.unresolved:
         return None  # its interpolation or reading already failed and was reported
 
-    if kind == "extra_forbidden":
-        key = loc[-1]
+    if kind in ("extra_forbidden", "invalid_key"):
+        key: Any = loc[-1]
+        if kind == "invalid_key":  # pydantic writes a null key as 'None' in the location
+            key = value
+            where = document.locate((*loc[:-1], key))
         allowed = allowed_keys(model, loc[:-1])
+        if kind == "invalid_key" and not allowed:  # a dict[str, ...] given a number or null key
+            node = where.key_node if not where.rest and where.key_node is not None else where.node
+            return document.error_at(node, f"expected a string key, got {show(key)}", loc=loc[:-1],
+                                     hint="quote the key")
         hint = _did_you_mean(key, allowed)
         if hint is None and allowed:
             hint = "allowed keys: " + ", ".join(allowed)
         node = where.key_node if not where.rest and where.key_node is not None else where.node
-        return document.error_at(node, f"unknown key {show(key)}", loc=loc, hint=hint)
+        field_text = format_path((*loc[:-1], str(key) if key is not None else "null"))
+        return document.error_at(node, f"unknown key {show(key)}", field_text=field_text, hint=hint)
 
     if kind == "missing":
         annotation, info = target_at(model, loc)

@@ -31,24 +31,35 @@ _ANNOTATIONS = ("title", "description", "default", "examples")
 
 def fleet_json_schema() -> dict[str, Any]:
     """The JSON Schema of fleet.yaml."""
-    return _schema(
+    schema = _schema(
         FleetSpec,
         title="fleet.yaml",
         description="A fleet of machines for offline batch jobs: provider, head, workers, SSH, "
         "shared directory, setup commands and monitor settings.",
     )
+    # A cloud provider needs its block (the model's `_provider_block_present`).
+    schema["allOf"] = [
+        {
+            "if": {"properties": {"provider": {"const": cloud}}, "required": ["provider"]},
+            "then": {"required": [cloud]},
+        }
+        for cloud in ("gcp", "aws")
+    ]
+    return schema
 
 
 def job_json_schema() -> dict[str, Any]:
     """The JSON Schema of job.yaml."""
     from fleet.spec.job import JobSpec
 
-    return _schema(
+    schema = _schema(
         JobSpec,
         title="job.yaml",
         description="A batch job run across a fleet: exactly one of `worker:` (the bundled "
         "worker) or `run:` (any command).",
     )
+    schema["oneOf"] = [{"required": ["worker"]}, {"required": ["run"]}]
+    return schema
 
 
 def _schema(model: type[BaseModel], *, title: str, description: str) -> dict[str, Any]:

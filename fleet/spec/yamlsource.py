@@ -30,6 +30,7 @@ STR_TAG = "tag:yaml.org,2002:str"
 MERGE_TAG = "tag:yaml.org,2002:merge"
 MAP_TAG = "tag:yaml.org,2002:map"
 SEQ_TAG = "tag:yaml.org,2002:seq"
+NULL_TAG = "tag:yaml.org,2002:null"
 
 Loc = tuple[str | int, ...]
 
@@ -117,7 +118,9 @@ class SourceDocument:
 def _find_key(node: MappingNode, part: str | int) -> tuple[Node, Node] | None:
     # Last match wins: after merge-key flattening, a mapping's own keys come last.
     for key_node, value_node in reversed(node.value):
-        if isinstance(key_node, ScalarNode) and key_node.value == str(part):
+        if not isinstance(key_node, ScalarNode):
+            continue
+        if key_node.value == str(part) or (part is None and key_node.tag == NULL_TAG):
             return key_node, value_node
     return None
 
@@ -278,8 +281,12 @@ class _Builder:
         try:
             self.loader.flatten_mapping(node)  # resolves `<<: *anchor` merge keys
         except yaml.YAMLError as exc:
-            mark_node = node
-            self._problem(mark_node, loc, f"invalid merge key: {getattr(exc, 'problem', exc)}")
+            mark = getattr(exc, "problem_mark", None)
+            error = self.document.error_at(node, f"invalid merge key: {getattr(exc, 'problem', exc)}", loc=loc)
+            if mark is not None:
+                error.line, error.column = mark.line + 1, mark.column + 1
+            self.document.problems.append(error)
+            self.document.unresolved.add(id(node))
         mapping: dict[Any, Any] = {}
         self.built[id(node)] = mapping
         for key_node, value_node in node.value:
