@@ -2,6 +2,7 @@
 
     spec = load_fleet_spec("fleet.yaml")          # FleetSpec, or raises SpecErrors
     job = load_job_spec("job.yaml", env={...})    # JobSpec
+    job = parse_job_spec(text, file="job.yaml")   # the same from text in memory
 
 All problems of a file (syntax, duplicate keys, missing variables, unknown keys, wrong
 types, values out of range) are collected in one pass and raised together as
@@ -12,7 +13,7 @@ escapes for bad input.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,8 +21,9 @@ from pydantic import BaseModel, ValidationError
 
 from fleet.errors import SpecError, SpecErrors
 from fleet.spec.diagnostics import validation_errors
+from fleet.spec.job import JobSpec, worker_or_run_problem
 from fleet.spec.models import FleetSpec, SpecValueError, provider_block_problem
-from fleet.spec.yamlsource import SourceDocument, read_source
+from fleet.spec.yamlsource import SourceDocument, parse_source, read_source
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -35,11 +37,31 @@ def load_fleet_spec(path: str | Path, env: Mapping[str, str] | None = None) -> F
     return load_spec(path, FleetSpec, env, extra_checks=[provider_block_problem])
 
 
-def load_job_spec(path: str | Path, env: Mapping[str, str] | None = None) -> Any:
-    """Read and validate a job spec (`fleet.spec.job.JobSpec`); raise `SpecErrors`."""
-    from fleet.spec.job import JobSpec, worker_or_run_problem
-
+def load_job_spec(path: str | Path, env: Mapping[str, str] | None = None) -> JobSpec:
+    """Read and validate a job spec; raise `SpecErrors` listing every problem."""
     return load_spec(path, JobSpec, env, extra_checks=[worker_or_run_problem])
+
+
+def parse_fleet_spec(text: str, *, file: str = "fleet.yaml", env: Mapping[str, str] | None = None) -> FleetSpec:
+    """Like `load_fleet_spec`, from text already in memory (`file` names it in errors)."""
+    return _parse(text, file, FleetSpec, env, [provider_block_problem])
+
+
+def parse_job_spec(text: str, *, file: str = "job.yaml", env: Mapping[str, str] | None = None) -> JobSpec:
+    """Like `load_job_spec`, from text already in memory (`file` names it in errors)."""
+    return _parse(text, file, JobSpec, env, [worker_or_run_problem])
+
+
+def _parse(
+    text: str, file: str, model: type[ModelT], env: Mapping[str, str] | None, checks: Sequence[ExtraCheck]
+) -> ModelT:
+    try:
+        document = parse_source(text, file, os.environ if env is None else env)
+    except SpecErrors:
+        raise
+    except SpecError as error:
+        raise SpecErrors([error]) from None
+    return validate_document(document, model, checks)
 
 
 def load_spec(
@@ -47,7 +69,7 @@ def load_spec(
     model: type[ModelT],
     env: Mapping[str, str] | None = None,
     *,
-    extra_checks: list[ExtraCheck] = (),  # type: ignore[assignment]
+    extra_checks: Sequence[ExtraCheck] = (),
 ) -> ModelT:
     environment = os.environ if env is None else env
     try:
@@ -60,7 +82,7 @@ def load_spec(
 
 
 def validate_document(
-    document: SourceDocument, model: type[ModelT], extra_checks: list[ExtraCheck] = ()  # type: ignore[assignment]
+    document: SourceDocument, model: type[ModelT], extra_checks: Sequence[ExtraCheck] = ()
 ) -> ModelT:
     problems = list(document.problems)
     spec: ModelT | None = None

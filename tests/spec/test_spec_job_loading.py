@@ -9,7 +9,7 @@ from spec_test_helpers import error_for, only_error
 
 from fleet.errors import SpecErrors
 from fleet.spec.job import JobSpec
-from fleet.spec.loader import load_job_spec
+from fleet.spec.loader import load_job_spec, parse_job_spec
 from fleet.worker.config import WorkerConfig
 
 WORKER_JOB = """
@@ -161,3 +161,11 @@ def test_jobspec_is_strict_when_built_directly() -> None:
         JobSpec(name="j1")
     with pytest.raises(ValueError):
         JobSpec(name="j1", run="x", cont=1)  # type: ignore[call-arg]
+
+
+def test_parse_from_text_names_the_given_file() -> None:
+    job = parse_job_spec("name: j1\nrun: echo ${X}\n", file="jobs/j1/job.yaml", env={"X": "x"})
+    assert job.run == "echo x"
+    with pytest.raises(SpecErrors) as caught:
+        parse_job_spec("name: j1\nrun: [\n", file="jobs/j1/job.yaml", env={})
+    assert str(caught.value).startswith("jobs/j1/job.yaml:3:1: invalid YAML")
