@@ -31,22 +31,39 @@ PATTERN_WORDS = {
 }
 
 
-
 def register_pattern_words(pattern: str, words: str) -> None:
     """Describe a model's regular expression in words in error messages."""
     PATTERN_WORDS[pattern] = words
 
 
 _TYPE_ERRORS = {
-    "int_type", "int_parsing", "int_from_float", "int_parsing_size",
-    "float_type", "float_parsing", "finite_number",
-    "bool_type", "bool_parsing",
-    "string_type", "string_unicode",
-    "dict_type", "model_type", "model_attributes_type", "mapping_type",
-    "list_type", "tuple_type", "iterable_type",
-    "none_required", "literal_error", "enum",
-    "greater_than", "greater_than_equal", "less_than", "less_than_equal",
-    "string_too_short", "string_too_long",
+    "int_type",
+    "int_parsing",
+    "int_from_float",
+    "int_parsing_size",
+    "float_type",
+    "float_parsing",
+    "finite_number",
+    "bool_type",
+    "bool_parsing",
+    "string_type",
+    "string_unicode",
+    "dict_type",
+    "model_type",
+    "model_attributes_type",
+    "mapping_type",
+    "list_type",
+    "tuple_type",
+    "iterable_type",
+    "none_required",
+    "literal_error",
+    "enum",
+    "greater_than",
+    "greater_than_equal",
+    "less_than",
+    "less_than_equal",
+    "string_too_short",
+    "string_too_long",
     "string_pattern_mismatch",
 }
 
@@ -108,7 +125,9 @@ def target_at(model: type[BaseModel], loc: Sequence[str | int]) -> tuple[Any, Fi
         elif origin is dict:
             annotation = get_args(annotation)[1]
         elif (args := _union_args(annotation)) is not None:
-            candidates = [a for a in args if _is_model(a) and isinstance(part, str) and part in a.model_fields]
+            candidates = [
+                a for a in args if _is_model(a) and isinstance(part, str) and part in a.model_fields
+            ]
             if not candidates:
                 return None, None
             info = candidates[0].model_fields[str(part)]
@@ -137,8 +156,10 @@ def _bounds(info: FieldInfo | None) -> list[str]:
     words: list[str] = []
     for item in info.metadata if info is not None else []:
         for cls, symbol, attr in (
-            (annotated_types.Ge, ">=", "ge"), (annotated_types.Gt, ">", "gt"),
-            (annotated_types.Le, "<=", "le"), (annotated_types.Lt, "<", "lt"),
+            (annotated_types.Ge, ">=", "ge"),
+            (annotated_types.Gt, ">", "gt"),
+            (annotated_types.Le, "<=", "le"),
+            (annotated_types.Lt, "<", "lt"),
         ):
             if isinstance(item, cls):
                 words.append(f"{symbol} {getattr(item, attr)}")
@@ -212,9 +233,7 @@ def validation_errors(
     return found
 
 
-def _one_error(
-    error: Any, loc: Loc, model: type[BaseModel], document: SourceDocument
-) -> SpecError | None:
+def _one_error(error: Any, loc: Loc, model: type[BaseModel], document: SourceDocument) -> SpecError | None:
     kind: str = error["type"]
     context = error.get("ctx") or {}
     value = error.get("input")
@@ -239,8 +258,9 @@ def _one_error(
         allowed = allowed_keys(model, loc[:-1])
         if kind == "invalid_key" and not allowed:  # a dict[str, ...] given a number or null key
             node = where.key_node if not where.rest and where.key_node is not None else where.node
-            return document.error_at(node, f"expected a string key, got {show(key)}", loc=loc[:-1],
-                                     hint="quote the key")
+            return document.error_at(
+                node, f"expected a string key, got {show(key)}", loc=loc[:-1], hint="quote the key"
+            )
         hint = _did_you_mean(key, allowed)
         if hint is None and allowed:
             hint = "allowed keys: " + ", ".join(allowed)

@@ -69,7 +69,9 @@ class JobSpec(BaseModel):
         description="a command started on every selected node, with FLEET_NODE_NAME, FLEET_NODE_RANK, "
         "FLEET_NUM_NODES, FLEET_SHARED and FLEET_JOB set (or give `worker:`)",
     )
-    retries: int = Field(0, ge=0, le=1000, description="how often a failed `run:` process is restarted on its node")
+    retries: int = Field(
+        0, ge=0, le=1000, description="how often a failed `run:` process is restarted on its node"
+    )
     python: str | None = Field(
         None, description="Python interpreter that starts the worker on the nodes (default: chosen by fleet)"
     )

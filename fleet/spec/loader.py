@@ -42,7 +42,9 @@ def load_job_spec(path: str | Path, env: Mapping[str, str] | None = None) -> Job
     return load_spec(path, JobSpec, env, extra_checks=[worker_or_run_problem])
 
 
-def parse_fleet_spec(text: str, *, file: str = "fleet.yaml", env: Mapping[str, str] | None = None) -> FleetSpec:
+def parse_fleet_spec(
+    text: str, *, file: str = "fleet.yaml", env: Mapping[str, str] | None = None
+) -> FleetSpec:
     """Like `load_fleet_spec`, from text already in memory (`file` names it in errors)."""
     return _parse(text, file, FleetSpec, env, [provider_block_problem])
 

@@ -102,7 +102,9 @@ class HeadSpec(Strict):
 
     machine: str | None = Field(None, description="machine/instance type (provider default when absent)")
     spot: bool = Field(False, description="run the head on a spot/preemptible machine (not advised)")
-    disk_gb: int = Field(100, ge=10, le=65536, description="boot disk size in GB (holds the shared directory)")
+    disk_gb: int = Field(
+        100, ge=10, le=65536, description="boot disk size in GB (holds the shared directory)"
+    )
     accelerators: AcceleratorSpec | None = Field(None, description="GPUs on the head (none by default)")
     host: str | None = Field(None, description="address of an existing machine to use as head")
     user: str | None = Field(None, description="SSH user on the existing head (default ssh.user)")
@@ -123,9 +125,7 @@ class WorkersSpec(Strict):
 
 class SshSpec(Strict):
     user: str | None = Field(None, description="login user (local: you; gcp: fleet; aws: ubuntu)")
-    key: str | None = Field(
-        None, description="private key path; generated per fleet (0600) when absent"
-    )
+    key: str | None = Field(None, description="private key path; generated per fleet (0600) when absent")
     port: int = Field(22, ge=1, le=65535, description="SSH port of cloud nodes")
     connect_timeout: float = Field(10.0, gt=0, le=600, description="seconds to wait for a TCP/SSH handshake")
     command_timeout: float = Field(600.0, gt=0, description="default limit in seconds for one remote command")
@@ -151,9 +151,7 @@ class MonitorSpec(Strict):
 
 
 class LocalSpec(Strict):
-    root: str | None = Field(
-        None, description="where local nodes live (default ~/.local/state/fleet/local)"
-    )
+    root: str | None = Field(None, description="where local nodes live (default ~/.local/state/fleet/local)")
     address: str = Field("127.0.0.1", description="loopback address the nodes' sshd listen on")
 
 
@@ -169,7 +167,9 @@ class GcpSpec(Strict):
     source_ranges: list[str] | None = Field(
         None, description="who may reach SSH (default: the caller's public address /32)"
     )
-    use_private_ip: bool = Field(False, description="reach nodes by their private address (from inside the VPC)")
+    use_private_ip: bool = Field(
+        False, description="reach nodes by their private address (from inside the VPC)"
+    )
 
 
 class AwsSpec(Strict):
@@ -182,7 +182,9 @@ class AwsSpec(Strict):
     source_ranges: list[str] | None = Field(
         None, description="who may reach SSH (default: the caller's public address /32)"
     )
-    use_private_ip: bool = Field(False, description="reach nodes by their private address (from inside the VPC)")
+    use_private_ip: bool = Field(
+        False, description="reach nodes by their private address (from inside the VPC)"
+    )
 
 
 class FleetSpec(Strict):

@@ -82,8 +82,15 @@ class SourceDocument:
     # Scalars whose interpolation failed: validation errors about them would only repeat it.
     unresolved: set[int] = field(default_factory=set)
 
-    def error_at(self, node: Node | None, message: str, *, loc: Sequence[str | int] = (),
-                 hint: str | None = None, field_text: str | None = None) -> SpecError:
+    def error_at(
+        self,
+        node: Node | None,
+        message: str,
+        *,
+        loc: Sequence[str | int] = (),
+        hint: str | None = None,
+        field_text: str | None = None,
+    ) -> SpecError:
         line = column = None
         if node is not None:
             line, column = node.start_mark.line + 1, node.start_mark.column + 1
@@ -112,7 +119,7 @@ class SourceDocument:
             else:
                 break
             matched.append(part)
-        return Located(node, key_node, tuple(matched), tuple(loc[len(matched):]))
+        return Located(node, key_node, tuple(matched), tuple(loc[len(matched) :]))
 
 
 def _find_key(node: MappingNode, part: str | int) -> tuple[Node, Node] | None:
@@ -132,8 +139,9 @@ def read_source(path: str | Path, env: Mapping[str, str]) -> SourceDocument:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError("file not found", file=file,
-                        hint="give the spec with -f/--file, or run from its directory") from None
+        raise SpecError(
+            "file not found", file=file, hint="give the spec with -f/--file, or run from its directory"
+        ) from None
     except IsADirectoryError:
         raise SpecError("is a directory, not a spec file", file=file) from None
     except UnicodeDecodeError as exc:
@@ -157,8 +165,12 @@ def parse_source(text: str, file: str, env: Mapping[str, str]) -> SourceDocument
             raise SpecError("the YAML is nested too deeply", file=file) from None
         document = SourceDocument(file=file, root=root, data=None)
         if root is None:
-            raise SpecError("the file is empty: expected a mapping of keys (name, provider, ...)",
-                            file=file, line=1, column=1)
+            raise SpecError(
+                "the file is empty: expected a mapping of keys (name, provider, ...)",
+                file=file,
+                line=1,
+                column=1,
+            )
         if not isinstance(root, MappingNode):
             found = "a list" if isinstance(root, SequenceNode) else f"{root.value!r}"
             raise document.error_at(root, f"expected a mapping of keys at the top level, got {found}")
@@ -166,8 +178,9 @@ def parse_source(text: str, file: str, env: Mapping[str, str]) -> SourceDocument
             _Walker(loader, document, env).prepare(root, ())
             document.data = _Builder(loader, document).build(root, ())
         except RecursionError:
-            raise SpecError("the YAML is nested too deeply (or an alias refers to itself)",
-                            file=file) from None
+            raise SpecError(
+                "the YAML is nested too deeply (or an alias refers to itself)", file=file
+            ) from None
         return document
     finally:
         loader.dispose()
@@ -188,14 +201,16 @@ def _syntax_error(exc: yaml.YAMLError, text: str, file: str) -> SpecError:
             hint = "indent with spaces: YAML does not allow tabs for indentation"
         if mark is None:
             return SpecError(f"invalid YAML: {problem}", file=file, hint=hint)
-        return SpecError(f"invalid YAML: {problem}", file=file, line=mark.line + 1,
-                         column=mark.column + 1, hint=hint)
+        return SpecError(
+            f"invalid YAML: {problem}", file=file, line=mark.line + 1, column=mark.column + 1, hint=hint
+        )
     if isinstance(exc, yaml.reader.ReaderError):
         before = text[: exc.position]
         line = before.count("\n") + 1
         column = exc.position - (before.rfind("\n") + 1) + 1
-        return SpecError(f"invalid YAML: {exc.reason} (character {exc.character!r})",
-                         file=file, line=line, column=column)
+        return SpecError(
+            f"invalid YAML: {exc.reason} (character {exc.character!r})", file=file, line=line, column=column
+        )
     return SpecError(f"invalid YAML: {exc}", file=file)
 
 
@@ -229,10 +244,14 @@ class _Walker:
                     identity = (key_node.tag, key_node.value)
                     if identity in first_seen:
                         first = first_seen[identity]
-                        self.document.problems.append(self.document.error_at(
-                            key_node, f"duplicate key {key_node.value!r}", loc=(*loc, key_node.value),
-                            hint=f"first given at line {first.start_mark.line + 1}; keep one of them",
-                        ))
+                        self.document.problems.append(
+                            self.document.error_at(
+                                key_node,
+                                f"duplicate key {key_node.value!r}",
+                                loc=(*loc, key_node.value),
+                                hint=f"first given at line {first.start_mark.line + 1}; keep one of them",
+                            )
+                        )
                     else:
                         first_seen[identity] = key_node
                     self.prepare(value_node, (*loc, key_node.value))
@@ -282,7 +301,9 @@ class _Builder:
             self.loader.flatten_mapping(node)  # resolves `<<: *anchor` merge keys
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            error = self.document.error_at(node, f"invalid merge key: {getattr(exc, 'problem', exc)}", loc=loc)
+            error = self.document.error_at(
+                node, f"invalid merge key: {getattr(exc, 'problem', exc)}", loc=loc
+            )
             if mark is not None:
                 error.line, error.column = mark.line + 1, mark.column + 1
             self.document.problems.append(error)
@@ -305,8 +326,9 @@ class _Builder:
             self._problem(node, loc, f"cannot read this value: {getattr(exc, 'problem', None) or exc}")
             value = node.value
         except (ValueError, TypeError, OverflowError) as exc:  # e.g. a timestamp like 2024-13-45
-            self._problem(node, loc, f"cannot read value {node.value!r}: {exc}",
-                          hint="quote it to make it a string")
+            self._problem(
+                node, loc, f"cannot read value {node.value!r}: {exc}", hint="quote it to make it a string"
+            )
             value = node.value
         self.built[id(node)] = value
         return value

@@ -19,4 +19,3 @@ def spec_file(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
-

@@ -36,7 +36,9 @@ def test_minimal_spec_loads_with_defaults(spec_file) -> None:
 
 def test_env_defaults_to_process_environment(spec_file, monkeypatch) -> None:
     monkeypatch.setenv("FLEET_TEST_COUNT", "5")
-    spec = load_fleet_spec(spec_file("name: demo\nprovider: local\nworkers: {count: '${FLEET_TEST_COUNT}'}\n"))
+    spec = load_fleet_spec(
+        spec_file("name: demo\nprovider: local\nworkers: {count: '${FLEET_TEST_COUNT}'}\n")
+    )
     assert spec.workers.count == 5
 
 

@@ -43,8 +43,28 @@ yaml_scalars = st.one_of(
     st.integers(min_value=-(10**20), max_value=10**20),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
-    st.sampled_from(["${N}", "${MISSING}", "${N:-x}", "$${N}", "${", "${1}", "yes", "~", "2024-13-45",
-                     "auto", "all", "-1", "0", "1e3", "gcp", "local", "[1, 2", "{a: 1}"]),
+    st.sampled_from(
+        [
+            "${N}",
+            "${MISSING}",
+            "${N:-x}",
+            "$${N}",
+            "${",
+            "${1}",
+            "yes",
+            "~",
+            "2024-13-45",
+            "auto",
+            "all",
+            "-1",
+            "0",
+            "1e3",
+            "gcp",
+            "local",
+            "[1, 2",
+            "{a: 1}",
+        ]
+    ),
 )
 key_names = st.one_of(
     st.text(min_size=1, max_size=10), st.integers(), st.none(), st.sampled_from(["count", "cont", "name"])
