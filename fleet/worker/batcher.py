@@ -1,0 +1,222 @@
+"""Dynamic batching: many producers put items, a consumer takes them in batches.
+
+`BatchQueue` is the primitive (a Condition, no busy waiting): `get_batch(max_size,
+max_wait_s)` waits for a first item, then up to `max_wait_s` (counted from when the
+oldest queued item arrived) for the batch to fill, like Triton's
+`max_queue_delay_microseconds`. With a `size_of` function it buckets by length: when
+more items wait than fit in one batch, it takes the run of similar sizes that pads the
+least; an item passed over for too long (4 windows) is taken first, so none starves.
+A `capacity` bounds the queue: producers block while it is full (bounded prefetch).
+
+`DynamicBatcher` is the reusable online component built on it: any number of threads
+`submit(item)` and get a `concurrent.futures.Future` for their own result; one or more
+batch threads run `run_batch(items) -> results` (one result per item, same order). A
+batch that raises fails its own futures only; results always reach their submitter.
+The bulk pipeline (`fleet.worker.pipeline`) uses `BatchQueue` directly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class QueueClosed(RuntimeError):
+    """put() on a closed queue."""
+
+
+@dataclass(slots=True)
+class _Entry(Generic[T]):
+    seq: int
+    arrived: float
+    size: int
+    item: T
+
+
+class BatchQueue(Generic[T]):
+    """A bounded, thread-safe queue that hands out batches (see the module docstring)."""
+
+    def __init__(self, capacity: int | None = None, size_of: Callable[[T], int] | None = None) -> None:
+        self.capacity = capacity
+        self.size_of = size_of
+        self._entries: deque[_Entry[T]] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, item: T) -> None:
+        self.put_many((item,))
+
+    def put_many(self, items: Iterable[T]) -> None:
+        """Add items; blocks while the queue is at capacity (may overshoot by one call)."""
+        size_of = self.size_of
+        with self._cond:
+            while self.capacity is not None and len(self._entries) >= self.capacity and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise QueueClosed("the batch queue is closed")
+            now = time.monotonic()
+            seq = self._seq
+            append = self._entries.append
+            for item in items:
+                append(_Entry(seq, now, size_of(item) if size_of else 0, item))
+                seq += 1
+            self._seq = seq
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """No more puts; consumers get what is left, then empty batches."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def drain(self) -> list[T]:
+        """Remove and return everything queued (used when stopping)."""
+        with self._cond:
+            items = [entry.item for entry in self._entries]
+            self._entries.clear()
+            self._cond.notify_all()
+            return items
+
+    def get_batch(self, max_size: int, max_wait_s: float, timeout: float | None = None) -> list[T]:
+        """Up to `max_size` items. Returns [] on timeout (no first item) or when closed
+        and empty."""
+        with self._cond:
+            if not self._entries and not self._closed:
+                self._cond.wait_for(lambda: self._entries or self._closed, timeout)
+            if not self._entries:
+                return []
+            deadline = self._entries[0].arrived + max_wait_s
+            while len(self._entries) < max_size and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch = self._take(max_size)
+            self._cond.notify_all()
+            return batch
+
+    def _take(self, max_size: int) -> list[T]:
+        entries = self._entries
+        if len(entries) <= max_size:
+            batch = [entry.item for entry in entries]
+            entries.clear()
+            return batch
+        if self.size_of is None:
+            return [entries.popleft().item for _ in range(max_size)]
+        ordered = sorted(entries, key=lambda entry: entry.size)
+        window = max(self.capacity or 0, max_size * 4)
+        oldest = entries[0]
+        if oldest.seq < self._seq - 4 * window:
+            position = next(i for i, entry in enumerate(ordered) if entry is oldest)
+            lo, hi = max(0, position - max_size + 1), min(position, len(ordered) - max_size)
+        else:
+            lo, hi = 0, len(ordered) - max_size
+        best = min(range(lo, hi + 1), key=lambda i: ordered[i + max_size - 1].size - ordered[i].size)
+        chosen = ordered[best : best + max_size]
+        taken = {id(entry) for entry in chosen}
+        self._entries = deque(entry for entry in entries if id(entry) not in taken)
+        return [entry.item for entry in chosen]
+
+
+@dataclass(slots=True)
+class _Request(Generic[T, R]):
+    item: T
+    future: Future[R]
+
+
+class DynamicBatcher(Generic[T, R]):
+    """Thread-safe online batching: `submit(item)` -> Future of that item's result."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Sequence[R]],
+        *,
+        max_batch_size: int = 64,
+        max_wait_ms: float = 10.0,
+        size_of: Callable[[T], int] | None = None,
+        num_threads: int = 1,
+        max_pending: int | None = None,
+        name: str = "batcher",
+    ) -> None:
+        if max_batch_size < 1 or num_threads < 1:
+            raise ValueError("max_batch_size and num_threads must be >= 1")
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        item_size = (lambda request: size_of(request.item)) if size_of else None
+        self._queue: BatchQueue[_Request[T, R]] = BatchQueue(max_pending, item_size)
+        self.batches = 0
+        self.items = 0
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True) for i in range(num_threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, item: T) -> Future[R]:
+        future: Future[R] = Future()
+        try:
+            self._queue.put(_Request(item, future))
+        except QueueClosed:
+            raise RuntimeError("submit() on a closed DynamicBatcher") from None
+        return future
+
+    def submit_many(self, items: Iterable[T]) -> list[Future[R]]:
+        requests = [_Request(item, Future()) for item in items]
+        try:
+            self._queue.put_many(requests)
+        except QueueClosed:
+            raise RuntimeError("submit_many() on a closed DynamicBatcher") from None
+        return [request.future for request in requests]
+
+    def close(self, *, wait: bool = True) -> None:
+        """Stop accepting items; what was submitted is still run."""
+        self._queue.close()
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+    def __enter__(self) -> DynamicBatcher[T, R]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._queue.get_batch(self.max_batch_size, self.max_wait_s)
+            if not batch:
+                if self._queue.closed and not len(self._queue):
+                    return
+                continue
+            live = [request for request in batch if request.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            self.batches += 1
+            self.items += len(live)
+            try:
+                results = self.run_batch([request.item for request in live])
+                if len(results) != len(live):
+                    raise ValueError(f"run_batch returned {len(results)} results for {len(live)} items")
+            except BaseException as exc:  # noqa: BLE001 - delivered to the submitters
+                for request in live:
+                    request.future.set_exception(exc)
+                continue
+            for request, result in zip(live, results):
+                request.future.set_result(result)

@@ -1,0 +1,140 @@
+"""The handler plugin interface: load an item, infer a batch, save an output.
+
+A job chooses its handler by a bundled name (`text-embed`, `checksum`) or by
+`package.module:factory`, a callable that takes the job's `handler_options` as keyword
+arguments and returns a `Handler`. The pipeline calls, in this order:
+
+- `open(context)` once, in the worker process, before the first batch (load the model
+  here: a job that is already finished never loads it);
+- `load(data)` in reader threads, per item: `data` is the file's bytes (files mode) or
+  the record's value (records mode: a str, or the JSON value of the `field`). Raise to
+  fail this item only. `size(item)` is its length for bucketing (0: no bucketing);
+- `infer(batch)` in the compute thread: one result per item, same order. If it raises,
+  the batch is split to isolate the failing items; CUDA out-of-memory also shrinks the
+  batch size (`on_out_of_memory()` is called first);
+- `serialize(result)` (files mode: one output per input, named `<input>` +
+  `file_suffix`) or `serialize_rows(results)` (records mode: one output per chunk,
+  `<chunk>` + `rows_suffix`) in writer threads, returning the bytes to write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pickle
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from fleet.worker.errors import WorkerError
+
+
+@dataclass(frozen=True)
+class HandlerContext:
+    device: str  # resolved: "cpu", "cuda", "cuda:1"
+    shared_root: Path
+    node: str
+
+
+class Handler(ABC):
+    """Base class of handlers (see the module docstring for the call order)."""
+
+    file_suffix: ClassVar[str] = ".npy"
+    rows_suffix: ClassVar[str] = ".npy"
+    uses_device: ClassVar[bool] = True  # False: never import torch to pick a device
+
+    def open(self, context: HandlerContext) -> None:  # noqa: B027 - optional hook
+        """Load the model (once per worker process)."""
+
+    def load(self, data: Any) -> Any:
+        return data
+
+    def size(self, item: Any) -> int:
+        return 0
+
+    def digest(self, item: Any) -> bytes:
+        """Content hash for memoization."""
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            return hashlib.sha256(item).digest()
+        if isinstance(item, str):
+            return hashlib.sha256(item.encode()).digest()
+        return hashlib.sha256(pickle.dumps(item)).digest()
+
+    @abstractmethod
+    def infer(self, batch: list[Any]) -> Sequence[Any]:
+        """One result per item of the batch, in order."""
+
+    @abstractmethod
+    def serialize(self, result: Any) -> bytes:
+        """Bytes of one output file (files mode)."""
+
+    @abstractmethod
+    def serialize_rows(self, results: list[Any]) -> bytes:
+        """Bytes of a chunk's output file, one row per result (records mode)."""
+
+    def on_out_of_memory(self) -> None:  # noqa: B027 - optional hook
+        """Free what can be freed after an out-of-memory error."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError (or the older RuntimeError form), without importing torch."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def load_handler(name: str, options: dict[str, Any]) -> Handler:
+    """Build the handler a job names. Raises WorkerError on any problem."""
+    if name == "text-embed":
+        from fleet.worker.handlers.text_embed import TextEmbedHandler as factory
+    elif name == "checksum":
+        from fleet.worker.handlers.checksum import ChecksumHandler as factory  # type: ignore[assignment]
+    else:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise WorkerError(f"handler {name!r}: cannot import {module_name}: {exc}") from None
+        factory = getattr(module, attr, None)  # type: ignore[assignment]
+        if not callable(factory):
+            raise WorkerError(f"handler {name!r}: {module_name} has no callable {attr!r}")
+    try:
+        handler = factory(**options)
+    except TypeError as exc:
+        raise WorkerError(f"handler {name!r}: bad handler_options: {exc}") from None
+    except WorkerError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a user plugin's constructor
+        raise WorkerError(f"handler {name!r}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(handler, Handler):
+        missing = [m for m in ("infer", "serialize", "serialize_rows") if not callable(getattr(handler, m, None))]
+        if missing:
+            raise WorkerError(f"handler {name!r}: the factory returned an object without {', '.join(missing)}")
+    return handler
+
+
+def resolve_device(requested: str, uses_device: bool) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'. Imports torch only if needed."""
+    if not uses_device:
+        return "cpu"
+    if requested == "cpu":
+        return "cpu"
+    try:
+        import torch
+    except ImportError:
+        if requested == "auto":
+            return "cpu"
+        raise WorkerError(f"device {requested!r} needs torch, which is not installed") from None
+    available = torch.cuda.is_available()
+    if requested == "auto":
+        return "cuda" if available else "cpu"
+    if not available:
+        raise WorkerError(f"device {requested!r} requested but CUDA is not available on this node")
+    if ":" in requested and int(requested.split(":")[1]) >= torch.cuda.device_count():
+        raise WorkerError(f"device {requested!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    return requested

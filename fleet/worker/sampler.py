@@ -1,0 +1,404 @@
+"""The node sampler: one JSON line per tick of what this node's CPU, memory, disks,
+network and GPUs did, appended to `JOB_DIR/metrics/<node>.jsonl`.
+
+    python -m fleet.worker.sampler --out JOB_DIR/metrics/NODE.jsonl [--interval 1]
+                                   [--node NAME] [--pid PID]
+
+It runs until SIGTERM/SIGINT (then it flushes and exits 0) or until the process `--pid`
+exits. It must cost well under 1% of one core at 1 Hz, so each tick reads /proc once
+through psutil (no subprocesses), keeps the output open and appends one line, and it
+imports only psutil, the stdlib and (lazily, optionally) NVML through nvidia-ml-py.
+
+Lines (one JSON object each; the report reads them, see docs/report.md):
+
+- `{"kind": "info", "t", "node", "gpu": bool, "reason"?, "gpus": [...], "ncpu",
+  "mem_total_mb", "disks": [...], "nics": [...], "interval", "pid"}`: written once at
+  every start, before any sample.
+- `{"kind": "sample", "t", "node", "cpu": {"user", "system", "iowait", "idle", "steal",
+  "ncpu"}, "mem": {"used_pct", "used_mb"}, "disks": {name: {"read_bps", "write_bps",
+  "busy_pct"}}, "net": {"rx_bps", "tx_bps", "lo_rx_bps", "lo_tx_bps"}, "gpus": [{"index",
+  "util", "mem_util", "mem_used_mb", "power_w"}], "proc"?: {"pid", "n", "cpu_pct",
+  "rss_mb", "read_bps", "write_bps"}}`. CPU figures are percent of all cores (user includes nice, system includes
+  irq and softirq); `proc` is the watched process and its descendants (cpu_pct in percent
+  of ONE core, so 250 means two and a half cores busy; read/write_bps count every byte
+  read or written through system calls, files on sshfs and pipes included).
+
+Disks are whole physical devices only: loop, ram, zram, optical and floppy devices,
+partitions and stacked devices (device-mapper, md) are left out so that no byte is
+counted twice. Network rates leave out the loopback interface (kept apart as `lo_*`:
+a local test fleet's sshfs traffic goes there) and virtual bridge/veth interfaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+
+MIB = 1024 * 1024
+CHILDREN_REFRESH_S = 10.0  # walking /proc for descendants is the costly part: not every tick
+_SKIP_DISK = re.compile(r"^(loop|ram|zram|sr|fd|dm-|md|nbd)\d*")
+_PARTITION = re.compile(r"^((sd|vd|xvd|hd)[a-z]+\d+|(nvme\d+n\d+|mmcblk\d+)p\d+)$")
+_VIRTUAL_NIC = re.compile(r"^(lo|veth|docker|br-|virbr|cni|flannel|cali|tunl|ifb|dummy)")
+
+
+def is_whole_physical_disk(name: str, sys_block: Path = Path("/sys/block")) -> bool:
+    """True for a disk whose counters are not already part of another one's."""
+    if _SKIP_DISK.match(name):
+        return False
+    entry = sys_block / name.replace("/", "!")
+    if sys_block.is_dir():
+        # /sys/block lists whole disks only (no partitions); physical ones have `device`.
+        return entry.exists() and (entry / "device").exists()
+    return not _PARTITION.match(name)
+
+
+class GpuProbe:
+    """NVML, when this node has it; otherwise records why not. Never raises."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+        self.names: list[str] = []
+        self.mem_total_mb: list[float] = []
+        self.reason: str | None = None
+        self._nvml: Any = None
+        try:
+            import pynvml  # nvidia-ml-py; optional on CPU-only nodes
+        except ImportError:
+            self.reason = "nvidia-ml-py (pynvml) is not installed"
+            return
+        try:
+            pynvml.nvmlInit()
+        except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...
+            self.reason = f"NVML unavailable: {exc}"
+            return
+        self._nvml = pynvml
+        try:
+            for index in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                name = pynvml.nvmlDeviceGetName(handle)
+                self.handles.append(handle)
+                self.names.append(name.decode() if isinstance(name, bytes) else str(name))
+                self.mem_total_mb.append(pynvml.nvmlDeviceGetMemoryInfo(handle).total / MIB)
+        except Exception as exc:
+            self.reason = f"NVML error while listing GPUs: {exc}"
+            self.handles = []
+        if not self.handles and self.reason is None:
+            self.reason = "NVML reports no GPU"
+
+    def read(self) -> list[dict[str, Any]]:
+        gpus: list[dict[str, Any]] = []
+        for index, handle in enumerate(self.handles):
+            gpus.append(
+                {
+                    "index": index,
+                    "util": self._call(lambda h=handle: self._nvml.nvmlDeviceGetUtilizationRates(h).gpu),
+                    "mem_util": self._call(
+                        lambda h=handle: self._nvml.nvmlDeviceGetUtilizationRates(h).memory
+                    ),
+                    "mem_used_mb": self._call(
+                        lambda h=handle: round(self._nvml.nvmlDeviceGetMemoryInfo(h).used / MIB, 1)
+                    ),
+                    "power_w": self._call(
+                        lambda h=handle: round(self._nvml.nvmlDeviceGetPowerUsage(h) / 1000.0, 1)
+                    ),
+                }
+            )
+        return gpus
+
+    @staticmethod
+    def _call(read: Callable[[], Any]) -> Any:
+        try:
+            return read()
+        except Exception:  # NVMLError_NotSupported on some boards (power), a GPU fallen off
+            return None
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:
+                pass
+
+
+class ProcessTree:
+    """CPU and memory of a watched process and its descendants, by per-pid deltas (a
+    child that exits between two ticks drops out instead of making the sum negative)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.root = psutil.Process(pid)
+        self._members: list[psutil.Process] = [self.root]
+        self._last: dict[int, tuple[float, int, int]] = {}
+        self._children_at = float("-inf")
+
+    def alive(self) -> bool:
+        try:
+            return self.root.is_running() and self.root.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def read(self, now: float, elapsed: float) -> dict[str, Any]:
+        if now - self._children_at >= CHILDREN_REFRESH_S:
+            self._children_at = now
+            try:
+                self._members = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                self._members = [self.root]
+        cpu_seconds = read_chars = write_chars = 0.0
+        rss = 0
+        current: dict[int, tuple[float, int, int]] = {}
+        for proc in self._members:
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    rss += proc.memory_info().rss
+                    try:
+                        io = proc.io_counters()
+                        chars = (getattr(io, "read_chars", io.read_bytes), getattr(io, "write_chars", io.write_bytes))
+                    except (psutil.AccessDenied, AttributeError):
+                        chars = (0, 0)
+            except psutil.Error:
+                continue
+            current[proc.pid] = (times.user + times.system, *chars)
+            if proc.pid in self._last:
+                cpu0, read0, write0 = self._last[proc.pid]
+                cpu_seconds += max(0.0, current[proc.pid][0] - cpu0)
+                read_chars += max(0, chars[0] - read0)
+                write_chars += max(0, chars[1] - write0)
+        self._last = current
+        per_second = 1.0 / elapsed if elapsed > 0 else 0.0
+        return {
+            "pid": self.pid,
+            "n": len(current),
+            "cpu_pct": round(100.0 * cpu_seconds * per_second, 1),
+            "rss_mb": round(rss / MIB, 1),
+            "read_bps": round(read_chars * per_second, 1),
+            "write_bps": round(write_chars * per_second, 1),
+        }
+
+
+def _rate(now: float, before: float, elapsed: float) -> float:
+    return round(max(0.0, now - before) / elapsed, 1) if elapsed > 0 else 0.0
+
+
+class Sampler:
+    """Reads counters, turns their differences into rates, writes one line per tick."""
+
+    def __init__(self, out: IO[str], node: str, interval: float, pid: int | None = None) -> None:
+        self.out = out
+        self.node = node
+        self.interval = interval
+        self.tree = ProcessTree(pid) if pid is not None else None
+        self.gpu = GpuProbe()
+        self.ncpu = psutil.cpu_count() or 1
+        self._disk_kept: dict[str, bool] = {}
+        self._last: tuple[float, Any, Any, Any] | None = None
+
+    def write_info(self) -> None:
+        info: dict[str, Any] = {
+            "t": round(time.time(), 3),
+            "kind": "info",
+            "node": self.node,
+            "gpu": bool(self.gpu.handles),
+            "gpus": [
+                {"index": i, "name": name, "mem_total_mb": round(total, 1)}
+                for i, (name, total) in enumerate(zip(self.gpu.names, self.gpu.mem_total_mb))
+            ],
+            "ncpu": self.ncpu,
+            "mem_total_mb": round(psutil.virtual_memory().total / MIB, 1),
+            "disks": sorted(self._disks(psutil.disk_io_counters(perdisk=True) or {})),
+            "nics": sorted(n for n in (psutil.net_io_counters(pernic=True) or {}) if not _VIRTUAL_NIC.match(n)),
+            "interval": self.interval,
+            "pid": self.tree.pid if self.tree else None,
+        }
+        if self.gpu.reason and not self.gpu.handles:
+            info["reason"] = self.gpu.reason
+        self._emit(info)
+
+    def _disks(self, counters: dict[str, Any]) -> dict[str, Any]:
+        kept = {}
+        for name, counter in counters.items():
+            if name not in self._disk_kept:  # classified once per name: /sys is read rarely
+                self._disk_kept[name] = is_whole_physical_disk(name)
+            if self._disk_kept[name]:
+                kept[name] = counter
+        return kept
+
+    def _read_counters(self) -> tuple[float, Any, Any, Any]:
+        return (
+            time.monotonic(),
+            psutil.cpu_times(),
+            self._disks(psutil.disk_io_counters(perdisk=True) or {}),
+            psutil.net_io_counters(pernic=True) or {},
+        )
+
+    def prime(self) -> None:
+        """Take the first counters; rates need two readings."""
+        self._last = self._read_counters()
+        if self.tree:
+            self.tree.read(self._last[0], 0.0)
+
+    def tick(self) -> None:
+        current = self._read_counters()
+        if self._last is None:
+            self._last = current
+            return
+        mono, cpu, disks, nics = current
+        mono0, cpu0, disks0, nics0 = self._last
+        self._last = current
+        elapsed = mono - mono0
+        sample: dict[str, Any] = {
+            "t": round(time.time(), 3),
+            "kind": "sample",
+            "node": self.node,
+            "cpu": self._cpu(cpu0, cpu),
+            "mem": self._mem(),
+            "disks": {},
+            "net": {},
+            "gpus": self.gpu.read(),
+        }
+        for name, counter in disks.items():
+            before = disks0.get(name)
+            if before is None:
+                continue
+            busy_ms = getattr(counter, "busy_time", 0) - getattr(before, "busy_time", 0)
+            sample["disks"][name] = {
+                "read_bps": _rate(counter.read_bytes, before.read_bytes, elapsed),
+                "write_bps": _rate(counter.write_bytes, before.write_bytes, elapsed),
+                "busy_pct": round(min(100.0, max(0.0, busy_ms / 10.0 / elapsed)), 1) if elapsed else 0.0,
+            }
+        rx = tx = lo_rx = lo_tx = 0.0
+        for name, counter in nics.items():
+            before = nics0.get(name)
+            if before is None:
+                continue
+            d_rx = max(0, counter.bytes_recv - before.bytes_recv)
+            d_tx = max(0, counter.bytes_sent - before.bytes_sent)
+            if name == "lo":
+                lo_rx, lo_tx = d_rx, d_tx
+            elif not _VIRTUAL_NIC.match(name):
+                rx += d_rx
+                tx += d_tx
+        sample["net"] = {
+            "rx_bps": round(rx / elapsed, 1) if elapsed else 0.0,
+            "tx_bps": round(tx / elapsed, 1) if elapsed else 0.0,
+            "lo_rx_bps": round(lo_rx / elapsed, 1) if elapsed else 0.0,
+            "lo_tx_bps": round(lo_tx / elapsed, 1) if elapsed else 0.0,
+        }
+        if self.tree:
+            sample["proc"] = self.tree.read(mono, elapsed)
+        self._emit(sample)
+
+    def _cpu(self, before: Any, now: Any) -> dict[str, Any]:
+        def delta(field: str) -> float:
+            return max(0.0, getattr(now, field, 0.0) - getattr(before, field, 0.0))
+
+        # guest time is already counted in user on Linux: leave guest/guest_nice out.
+        user = delta("user") + delta("nice")
+        system = delta("system") + delta("irq") + delta("softirq")
+        iowait, idle, steal = delta("iowait"), delta("idle"), delta("steal")
+        total = user + system + iowait + idle + steal
+        if total <= 0:
+            return {"user": 0.0, "system": 0.0, "iowait": 0.0, "idle": 100.0, "steal": 0.0, "ncpu": self.ncpu}
+        pct = 100.0 / total
+        return {
+            "user": round(user * pct, 1),
+            "system": round(system * pct, 1),
+            "iowait": round(iowait * pct, 1),
+            "idle": round(idle * pct, 1),
+            "steal": round(steal * pct, 1),
+            "ncpu": self.ncpu,
+        }
+
+    @staticmethod
+    def _mem() -> dict[str, float]:
+        memory = psutil.virtual_memory()
+        return {"used_pct": memory.percent, "used_mb": round((memory.total - memory.available) / MIB, 1)}
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        self.out.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def watched_alive(self) -> bool:
+        return self.tree is None or self.tree.alive()
+
+    def close(self) -> None:
+        self.gpu.close()
+
+
+def run(out_path: Path, node: str, interval: float, pid: int | None, stop: threading.Event) -> None:
+    """Sample until `stop` is set or the watched process is gone. Ticks are scheduled on
+    a fixed grid of the monotonic clock, so the rate does not drift with the work done."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Line buffered appends by this node only: safe over sshfs (one writer per file).
+    with open(out_path, "a", buffering=1, encoding="utf-8") as out:
+        sampler = Sampler(out, node, interval, pid)
+        try:
+            sampler.write_info()
+            sampler.prime()
+            next_tick = time.monotonic() + interval
+            while not stop.is_set():
+                if stop.wait(max(0.0, next_tick - time.monotonic())):
+                    break
+                sampler.tick()
+                if not sampler.watched_alive():
+                    break
+                next_tick += interval
+                if next_tick < time.monotonic():  # we were suspended: skip missed ticks
+                    next_tick = time.monotonic() + interval
+        finally:
+            out.flush()
+            sampler.close()
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m fleet.worker.sampler",
+        description="Append this node's CPU, memory, disk, network and GPU use to a JSON-lines file.",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="file to append to: JOB_DIR/metrics/NODE.jsonl")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
+    parser.add_argument("--node", default=None, help="node name written in every line (default: hostname)")
+    parser.add_argument("--pid", type=int, default=None, help="stop when this process exits; also sample its tree")
+    args = parser.parse_args(argv)
+    if not 0.05 <= args.interval <= 3600:
+        parser.error(f"--interval must be between 0.05 and 3600 seconds, not {args.interval}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    node = args.node or os.environ.get("FLEET_NODE_NAME") or socket.gethostname()
+    if args.pid is not None and not psutil.pid_exists(args.pid):
+        print(f"sampler: process {args.pid} has already exited; nothing to sample", file=sys.stderr)
+        return 0
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        run(args.out, node, args.interval, args.pid, stop)
+    except psutil.NoSuchProcess:
+        print(f"sampler: process {args.pid} has already exited; nothing to sample", file=sys.stderr)
+    except OSError as exc:
+        print(f"sampler: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
