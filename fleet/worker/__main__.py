@@ -26,6 +26,7 @@ from typing import Any
 
 from fleet.worker.errors import WorkerError
 from fleet.worker.layout import JobLayout, load_worker_config
+from fleet.worker.runner import run_child
 
 PROG = "fleet-worker"
 
@@ -74,24 +75,10 @@ def _process_plan(processes: str, device: str, uses_device: bool) -> tuple[int, 
     return len(gpus), gpus
 
 
-def _child(job_dir: str, node: str, proc: int, gpu: str | None, device: str | None) -> None:
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-        device = "cuda"
-    from fleet.worker.runner import run_worker
-
-    try:
-        summary = run_worker(job_dir, node=node, proc=proc, device=device)
-    except WorkerError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    sys.exit(1 if summary.get("reason") == "error" else 0)
-
-
 def _run_processes(job_dir: str, node: str, device: str | None, count: int, gpus: list[str]) -> int:
     context = multiprocessing.get_context("spawn")
     children = [
-        context.Process(target=_child, args=(job_dir, node, i, gpus[i] if gpus else None, device),
+        context.Process(target=run_child, args=(job_dir, node, i, gpus[i] if gpus else None, device),
                         name=f"fleet-worker-{i}")
         for i in range(count)
     ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +52,7 @@ class _Stopper:
         self.stop = stop
         self.wake = wake
         self.previous: dict[int, Any] = {}
+        self.finished = False
         if install and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -60,8 +62,17 @@ class _Stopper:
         self.wake.set()
 
     def restore(self) -> None:
+        self.finished = True
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def _relay(stop: threading.Event, wake: threading.Event, stopper: _Stopper) -> None:
+    """Wake the claim loop when a caller-provided stop event is set."""
+    while not stopper.finished:
+        if stop.wait(0.5):
+            wake.set()
+            return
 
 
 def run_worker(
@@ -90,9 +101,12 @@ def run_worker(
         return {"kind": "stop", "node": node, "proc": proc, "items": 0, "failed": 0, "chunks": 0,
                 "reason": "nothing-to-do"}
 
+    external_stop = stop is not None
     stop = stop or threading.Event()
     wake = threading.Event()
     stopper = _Stopper(stop, wake, install_signal_handlers)
+    if external_stop:
+        threading.Thread(target=_relay, args=(stop, wake, stopper), name="fleet-stop-relay", daemon=True).start()
     try:
         resolved = resolve_device(device or config.device, handler.uses_device)
         metrics = WorkerMetrics(JsonLinesLog(layout.metrics_file(node, proc)), node=node, proc=proc,
@@ -164,3 +178,17 @@ class _Heartbeat:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+def run_child(job_dir: str, node: str, proc: int, gpu: str | None, device: str | None) -> None:
+    """Entry point of one spawned worker process (`--processes`): pins its GPU first,
+    before anything can initialise CUDA."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        device = "cuda"
+    try:
+        summary = run_worker(job_dir, node=node, proc=proc, device=device)
+    except WorkerError as exc:
+        print(f"fleet-worker[{proc}]: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    sys.exit(1 if summary.get("reason") == "error" else 0)
