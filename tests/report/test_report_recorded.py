@@ -1,0 +1,135 @@
+"""GPU-bound, multi-GPU, mixed and still-running jobs from recorded metric files
+(tests/report/data/, written by make_data.py: there is no GPU on the test machines)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet.report import build_report
+
+
+def test_gpu_bound_node(recorded):
+    job, events, prices = recorded("gpu_bound")
+    report = build_report(job, events, prices)
+    data = report.to_json()
+    node = data["nodes"][0]
+    assert node["verdict"] == "gpu-bound"
+    assert node["gpu_util"] == pytest.approx(94, abs=2) and node["gpu_util_p95"] >= node["gpu_util"]
+    assert node["gpu_mem"] == pytest.approx(75, abs=1)
+    assert node["input_wait_pct"] < 5
+    assert node["compute"] > 85
+    assert data["fleet"]["verdict"] == "gpu-bound"
+    assert data["status"] == "finished"
+    assert node["missing"] == ""
+
+
+def test_multi_gpu_nodes(recorded):
+    job, events, prices = recorded("multi_gpu")
+    nodes = {n["name"]: n for n in build_report(job, events, prices).to_json()["nodes"]}
+    half, full = nodes["mg-w1-g1"], nodes["mg-w2-g1"]
+    assert len(half["gpus"]) == 4 and len(full["gpus"]) == 8
+    assert half["verdict"] == "gpu-bound" and full["verdict"] == "gpu-bound"
+    # GPUs 2 and 3 of the first node sat idle: the advice is one process per GPU
+    assert [g["util"] < 10 for g in half["gpus"]] == [False, False, True, True]
+    assert "one worker process per GPU" in half["recommendation"] and "2, 3" in half["recommendation"]
+    assert "one worker process per GPU" not in full["recommendation"]
+    assert full["items_s"] > 3 * half["items_s"]
+
+
+def test_mixed_fleet_verdicts_and_missing(recorded):
+    job, events, prices = recorded("mixed")
+    report = build_report(job, events, prices)
+    data = report.to_json()
+    verdicts = {n["name"]: n["verdict"] for n in data["nodes"]}
+    assert verdicts == {
+        "mix-w1-g1": "gpu-bound",
+        "mix-w2-g1": "network-bound",
+        "mix-w3-g1": "disk-bound",
+        "mix-w4-g1": "cpu-bound",
+        "mix-w5-g1": "gpu-bound",  # preempted half-way; gpu-bound while it lived
+        "mix-w6-g1": "idle",
+        "mix-w5-g2": "idle",  # the replacement, requested too late to do anything
+    }
+    nodes = {n["name"]: n for n in data["nodes"]}
+    assert "max_conns" in nodes["mix-w2-g1"]["recommendation"]
+    assert "local disk" in nodes["mix-w3-g1"]["recommendation"]
+    assert "cores" in nodes["mix-w4-g1"]["recommendation"]
+    lost = nodes["mix-w5-g1"]
+    assert lost["preempted_at"] is not None
+    assert "samples stop at" in lost["missing"] and "preempted at" in lost["missing"]
+    assert "no stop line" in lost["missing"] and "cut off" in lost["missing"]
+    assert "redone elsewhere" in lost["missing"]
+    assert lost["time"]["lost_to_preemption"] > 0
+    assert "no worker stage timings" in nodes["mix-w6-g1"]["missing"]
+    assert "metrics/mix-w5-g2.jsonl is missing" in nodes["mix-w5-g2"]["missing"]
+    assert data["fleet"]["verdict"] in {"gpu-bound", "network-bound", "disk-bound", "cpu-bound"}
+    assert "idle" in data["fleet"]["recommendation"]
+    assert any("mix-head" in note for note in data["notes"])
+
+
+def test_mixed_fleet_time_and_cost_add_up(recorded):
+    job, events, prices = recorded("mixed")
+    data = build_report(job, events, prices).to_json()
+    time = data["time"]
+    parts = ("provisioning", "setup", "mounting", "compute", "waiting", "lost_to_preemption", "idle")
+    assert sum(time[p] for p in parts) == pytest.approx(time["node_seconds"], rel=1e-3)
+    assert all(time[p] >= 0 for p in parts)
+    # each worker: requested 140 s before the work, SSH ready 70 s later, set up 40 s later
+    assert time["provisioning"] >= 6 * 70 and time["setup"] >= 6 * 40
+    cost = data["cost"]
+    priced_hours = sum(n["cost_usd"] or 0 for n in data["nodes"])
+    assert cost["usd"] >= priced_hours > 0
+    assert cost["unpriced_nodes"] == ["mix-w5-g2"]
+    assert cost["usd_per_1000_items"] == pytest.approx(cost["usd"] / data["fleet"]["items"] * 1000, rel=1e-3)
+    # the preempted node stops costing at its preemption
+    lost = next(n for n in data["nodes"] if n["name"] == "mix-w5-g1")
+    assert sum(lost["time"].values()) == pytest.approx(80 + 140, abs=1)
+
+
+def test_running_job(recorded):
+    job, events, prices = recorded("running")
+    data = build_report(job, events, prices).to_json()
+    assert data["status"] == "running"
+    assert data["fleet"]["items"] == 3000 and data["fleet"]["items_total"] == 10000
+    for node in data["nodes"]:
+        assert node["verdict"] == "gpu-bound"
+        assert node["missing"] == ""  # still running: no stop line is not missing anything
+    assert data["cost"]["usd"] is None  # no prices known
+
+
+def test_json_has_the_documented_keys(recorded):
+    job, events, prices = recorded("mixed")
+    data = build_report(job, events, prices).to_json()
+    assert {"job", "fleet", "nodes", "time", "cost"} <= set(data)
+    assert {"verdict", "recommendation", "evidence"} <= set(data["fleet"])
+    for node in data["nodes"]:
+        for key in (
+            "name",
+            "verdict",
+            "recommendation",
+            "cpu_busy",
+            "iowait",
+            "disk_busy",
+            "disk_mb_s",
+            "net_mb_s",
+            "gpu_util",
+            "gpu_mem",
+            "read",
+            "wait",
+            "compute",
+            "write",
+            "items_s",
+            "missing",
+        ):
+            assert key in node, key
+        for key in ("cpu_busy", "iowait", "disk_busy", "disk_mb_s", "net_mb_s", "gpu_util", "gpu_mem"):
+            assert f"{key}_p95" in node
+    assert set(data["time"]) >= {
+        "provisioning",
+        "setup",
+        "mounting",
+        "compute",
+        "waiting",
+        "lost_to_preemption",
+        "idle",
+    }
