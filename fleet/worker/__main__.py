@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import traceback
 from typing import Any
 
 from fleet.worker.errors import WorkerError
@@ -147,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user; FLEET_DEBUG=1 for the traceback
+        if os.environ.get("FLEET_DEBUG"):
+            traceback.print_exc()
+        print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

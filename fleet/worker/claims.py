@@ -35,6 +35,7 @@ from typing import Any
 from fleet.worker.layout import JobLayout, dumps, is_hidden, listdir_visible, write_atomic
 
 PREV_PREFIX = ".prev."
+RECHECK_LIMIT = 64  # chunks whose done marker all_done() may look up one by one
 
 
 @dataclass
@@ -110,7 +111,18 @@ class ChunkQueue:
         return self.last_scan
 
     def all_done(self) -> bool:
-        return len(self.last_scan.done.intersection(self.all_ids)) == len(self.all_ids)
+        """Every chunk has its done marker. The listing may be stale (sshfs caches
+        directory listings for 20 s by default, but not failed lookups): when only a
+        few chunks look unfinished, ask for their markers directly."""
+        missing = [c for c in self.all_ids if c not in self.last_scan.done]
+        if not missing:
+            return True
+        if len(missing) > RECHECK_LIMIT or any(c in self.held for c in missing):
+            return False
+        found = {c for c in missing if self.is_done(c)}
+        if found:
+            self.last_scan = Scan(self.last_scan.done | found, self.last_scan.claimed, self.last_scan.prev)
+        return len(found) == len(missing)
 
     def is_done(self, chunk: str) -> bool:
         return (self.layout.done / chunk).exists()
@@ -142,6 +154,11 @@ class ChunkQueue:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return None
+        except PermissionError:
+            # sshfs reports the server's "exists" (a bare SSH_FX_FAILURE) as EPERM.
+            if path.exists():
+                return None
+            raise
         with os.fdopen(fd, "wb") as handle:
             handle.write(self._body(token))
         claim = Claim(chunk, token, resumed=resumed)
@@ -182,6 +199,10 @@ class ChunkQueue:
             os.rename(path, aside)
         except FileNotFoundError:
             return None  # another taker was first, or the holder finished/released it
+        except OSError:
+            if not path.exists():
+                return None
+            raise
         try:
             mtime = os.stat(aside).st_mtime
         except FileNotFoundError:

@@ -17,6 +17,7 @@ at once, without loading the model.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -35,7 +36,9 @@ from fleet.worker.metrics import FailureLog, JsonLinesLog, WorkerMetrics
 from fleet.worker.pipeline import Pipeline
 
 STOP_GRACE_S = 3.0
-MAX_POLL_S = 5.0
+MAX_POLL_S = 2.0
+MAX_QUEUE_ERRORS = 5
+MOUNT_GONE = {errno.ENOTCONN, errno.ESTALE, errno.ESHUTDOWN}
 
 
 def node_name(explicit: str | None = None) -> str:
@@ -141,11 +144,21 @@ def run_worker(
 
 def _claim_loop(queue: ChunkQueue, pipeline: Pipeline, stop: threading.Event, wake: threading.Event,
                 *, poll_s: float) -> str:
+    errors = 0
     while not stop.is_set():
         if pipeline.fatal is not None:
             return "error"
         if pipeline.wants_work():
-            claim = queue.next_claim()
+            try:
+                claim = queue.next_claim()
+                errors = 0
+            except OSError as exc:
+                # A hiccup of the shared filesystem: look again a little later.
+                errors += 1
+                if exc.errno in MOUNT_GONE or errors > MAX_QUEUE_ERRORS:
+                    raise WorkerFailed(f"the job directory is not usable: {exc}") from exc
+                stop.wait(min(poll_s, 1.0) * errors)
+                continue
             if claim is not None:
                 pipeline.add_chunk(claim)
                 continue
@@ -190,5 +203,8 @@ def run_child(job_dir: str, node: str, proc: int, gpu: str | None, device: str |
         summary = run_worker(job_dir, node=node, proc=proc, device=device)
     except WorkerError as exc:
         print(f"fleet-worker[{proc}]: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - one line, like the single-process CLI
+        print(f"fleet-worker[{proc}]: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
     sys.exit(1 if summary.get("reason") == "error" else 0)
