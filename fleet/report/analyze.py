@@ -21,6 +21,7 @@ from fleet.report.timeline import Event, NodeTime, account_node, cost_summary, f
 from fleet.report.verdict import NodeSignals, Thresholds, Verdict, classify_fleet, classify_node
 
 MB = 1e6
+CHART_POINTS = 900  # per chart line; more is invisible at the chart's width
 STOPPED_SLACK_INTERVALS = 3  # data this many intervals older than the job's last record: stopped
 
 
@@ -38,32 +39,71 @@ def _gpu_mem_pct(sample: Sample, totals: Mapping[int, float]) -> float | None:
 
 
 def _series(files: NodeFiles) -> Series:
+    """The node's samples as chart columns, averaged down to at most CHART_POINTS
+    points (a 10-hour job at 1 Hz would otherwise put 36,000 points in every chart).
+    Averaging never crosses a gap in the samples, so gaps stay visible."""
     samples = files.samples
     totals = files.gpu_mem_total_mb
     gpu_indexes = sorted({g.index for s in samples for g in s.gpus})
-    util: list[list[float | None]] = [[] for _ in gpu_indexes]
-    mem: list[list[float | None]] = [[] for _ in gpu_indexes]
+    rows: list[list[float | None]] = []
     for sample in samples:
         by_index = {g.index: g for g in sample.gpus}
-        for position, index in enumerate(gpu_indexes):
+        row: list[float | None] = [
+            sample.t,
+            sample.cpu_user,
+            sample.cpu_system,
+            sample.cpu_iowait,
+            sample.disk_busy,
+            (sample.disk_read_bps + sample.disk_write_bps) / MB,
+            (sample.net_rx_bps + sample.net_tx_bps) / MB,
+        ]
+        for index in gpu_indexes:
             gpu = by_index.get(index)
-            util[position].append(gpu.util if gpu else None)
             used = gpu.mem_used_mb if gpu else None
-            mem[position].append(
-                100.0 * used / totals[index] if used is not None and totals.get(index) else None
-            )
+            row.append(gpu.util if gpu else None)
+            row.append(100.0 * used / totals[index] if used is not None and totals.get(index) else None)
+        rows.append(row)
+    step = max(1, -(-len(rows) // CHART_POINTS))
+    interval = files.interval
+    if step > 1:
+        rows = _average_rows(rows, step, gap=2.5 * interval)
+        interval *= step
+    columns = list(zip(*rows)) if rows else [() for _ in range(7 + 2 * len(gpu_indexes))]
     return Series(
-        t=tuple(s.t for s in samples),
-        cpu_user=tuple(s.cpu_user for s in samples),
-        cpu_system=tuple(s.cpu_system for s in samples),
-        cpu_iowait=tuple(s.cpu_iowait for s in samples),
-        disk_busy=tuple(s.disk_busy for s in samples),
-        disk_mb_s=tuple((s.disk_read_bps + s.disk_write_bps) / MB for s in samples),
-        net_mb_s=tuple((s.net_rx_bps + s.net_tx_bps) / MB for s in samples),
-        gpu_util=tuple(tuple(u) for u in util),
-        gpu_mem=tuple(tuple(m) for m in mem),
-        interval=files.interval,
+        t=tuple(columns[0]),  # type: ignore[arg-type]
+        cpu_user=tuple(columns[1]),  # type: ignore[arg-type]
+        cpu_system=tuple(columns[2]),  # type: ignore[arg-type]
+        cpu_iowait=tuple(columns[3]),  # type: ignore[arg-type]
+        disk_busy=tuple(columns[4]),  # type: ignore[arg-type]
+        disk_mb_s=tuple(columns[5]),  # type: ignore[arg-type]
+        net_mb_s=tuple(columns[6]),  # type: ignore[arg-type]
+        gpu_util=tuple(tuple(columns[7 + 2 * i]) for i in range(len(gpu_indexes))),
+        gpu_mem=tuple(tuple(columns[8 + 2 * i]) for i in range(len(gpu_indexes))),
+        interval=interval,
     )
+
+
+def _average_rows(rows: list[list[float | None]], step: int, gap: float) -> list[list[float | None]]:
+    """Means of up to `step` consecutive rows, a group ending early at a gap in time."""
+    averaged: list[list[float | None]] = []
+    group: list[list[float | None]] = []
+
+    def close() -> None:
+        if not group:
+            return
+        merged: list[float | None] = []
+        for column in zip(*group):
+            values = [v for v in column if v is not None]
+            merged.append(sum(values) / len(values) if values else None)
+        averaged.append(merged)
+        group.clear()
+
+    for row in rows:
+        if group and (len(group) >= step or row[0] - group[-1][0] > gap):  # type: ignore[operator]
+            close()
+        group.append(row)
+    close()
+    return averaged
 
 
 def _window_samples(files: NodeFiles, window: tuple[float, float] | None) -> list[Sample]:

@@ -20,6 +20,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +196,7 @@ class NodeFiles:
     truncated_tail: bool = False
     workers: list[WorkerRun] = field(default_factory=list)
 
-    @property
+    @cached_property  # read once loading is over
     def interval(self) -> float:
         for info in reversed(self.info):
             value = _num(info.get("interval"), None)
@@ -206,7 +207,7 @@ class NodeFiles:
             return max(gaps[len(gaps) // 2], 0.05)
         return 1.0
 
-    @property
+    @cached_property  # read once loading is over
     def gpu_mem_total_mb(self) -> dict[int, float]:
         totals: dict[int, float] = {}
         for info in self.info:
@@ -215,14 +216,14 @@ class NodeFiles:
                     totals[int(_num(gpu.get("index"), 0) or 0)] = float(gpu["mem_total_mb"])
         return totals
 
-    @property
+    @cached_property  # read once loading is over
     def ncpu(self) -> int | None:
         for info in reversed(self.info):
             if _num(info.get("ncpu"), None):
                 return int(info["ncpu"])
         return None
 
-    @property
+    @cached_property  # read once loading is over
     def gpu_reason(self) -> str | None:
         for info in reversed(self.info):
             if info.get("gpu") is False:

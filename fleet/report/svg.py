@@ -321,7 +321,7 @@ def node_timeline(node: NodeReport, t0: float, t1: float) -> str:
                 f'fill="{COLORS["preempted"]}">preempted</text>'
             )
         else:
-            row = (row + 1) % 2 if x - label_x < 50 else 0  # labels of close events on two rows
+            row = (row + 1) % 3 if x - label_x < 50 else 0  # labels of close events on three rows
             label_x = x
             parts.append(
                 f'<line x1="{x:.1f}" y1="{TOP - 9 * row}" x2="{x:.1f}" y2="{bottom}" stroke="{COLORS["event"]}" '

@@ -82,20 +82,52 @@ def processes() -> Iterator[Processes]:
 
 @pytest.fixture
 def run_workload(processes: Processes, tmp_path: Path) -> Callable[..., Path]:
-    """Run one workload on a node named NODE with the real sampler watching it (the
-    sampler stops by itself when the workload exits); returns the job directory."""
+    """Run a synthetic process (workloads.py MODE ARGS) on a node named NODE with the
+    real sampler watching it (the sampler stops by itself when it exits); returns the
+    job directory."""
 
-    def run(mode: str, seconds: float, *extra: str, node: str = "w1") -> Path:
+    def run(mode: str, *args: str, node: str = "w1") -> Path:
         job = tmp_path / "jobs" / f"synthetic-{mode}"
         (job / "metrics").mkdir(parents=True, exist_ok=True)
-        if mode in ("cpu", "starved"):
-            args = [str(job), node, str(seconds)]
-        else:
-            args = [str(seconds), *extra]
         workload = processes.start([sys.executable, str(WORKLOADS), mode, *args])
         sampler = processes.sampler(job / "metrics" / f"{node}.jsonl", node, pid=workload.pid)
-        _, err = workload.communicate(timeout=seconds + 60)
+        _, err = workload.communicate(timeout=120)
         assert workload.returncode == 0, err.decode()
+        _, err = sampler.communicate(timeout=30)
+        assert sampler.returncode == 0, err.decode()
+        return job
+
+    return run
+
+
+@pytest.fixture
+def run_worker_job(processes: Processes, tmp_path: Path) -> Callable[..., Path]:
+    """Run the real worker (`python -m fleet.worker JOB_DIR`) on a job of `items` small
+    files with the handler and worker settings given, on a node named NODE, with the
+    real sampler watching it; returns the job directory once both have exited."""
+
+    def run(name: str, items: int, node: str = "w1", **worker: Any) -> Path:
+        shared = tmp_path / "shared"
+        for i in range(items):
+            path = shared / "inputs" / name / f"f{i:05d}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"item {i}\n")
+        job = shared / "jobs" / name
+        (job / "metrics").mkdir(parents=True, exist_ok=True)
+        spec = {
+            "name": name,
+            "worker": {
+                "inputs": f"inputs/{name}/*.txt",
+                "outputs": f"outputs/{name}",
+                "device": "cpu",
+                **worker,
+            },
+        }
+        (job / "job.yaml").write_text(json.dumps(spec))  # JSON is YAML
+        worker_process = processes.start([sys.executable, "-m", "fleet.worker", str(job), "--node", node])
+        sampler = processes.sampler(job / "metrics" / f"{node}.jsonl", node, pid=worker_process.pid)
+        _, err = worker_process.communicate(timeout=240)
+        assert worker_process.returncode == 0, err.decode()
         _, err = sampler.communicate(timeout=30)
         assert sampler.returncode == 0, err.decode()
         return job

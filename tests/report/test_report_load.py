@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
-from fleet.report import build_report
+from rich.console import Console
+
+from fleet.report import build_report, render_html, render_terminal, write_png
 from fleet.report.load import load_job, read_jsonl
 
 
@@ -43,6 +46,9 @@ def test_empty_and_missing_job_directories(tmp_path):
     data = report.to_json()
     assert data["job"] == "empty" and data["nodes"] == [] and data["fleet"]["verdict"] == "idle"
     assert any("no metrics" in note for note in data["notes"])
+    assert "fleet report: empty" in render_html(report)  # every face renders an empty report
+    assert [p.name for p in write_png(report, tmp_path / "png")] == ["fleet.png"]
+    render_terminal(report, Console(file=io.StringIO()))
     gone = build_report(
         tmp_path / "jobs" / "never-made", events=[{"t": 5, "node": "f-w1-g1", "kind": "requested"}]
     )
