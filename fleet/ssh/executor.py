@@ -1,0 +1,495 @@
+"""The SSH executor: run commands and move files on many nodes at once.
+
+One `Executor` holds a bounded thread pool (`parallelism`) and one authenticated
+paramiko transport per node, opened on first use and reused by every later call (setup,
+mounts, job start, health checks); a transport that died is re-opened transparently.
+Every call returns a `GroupResult` with one `CommandResult` per node; a node's failure
+(unreachable, refused key, changed host key, timeout) is its result's `error`, never an
+exception that hides the other nodes. Deadlines: `connect_timeout` covers TCP connect,
+banner, key exchange and auth; `timeout` (per call, default `command_timeout`) covers
+one command, after which its channel is closed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TypeVar
+
+import paramiko
+
+from fleet.errors import CommandTimeout, FleetError, HostKeyError, SSHError, UsageError
+from fleet.ssh.connection import NodeUnreachable, load_private_key, open_transport
+from fleet.ssh.hostkeys import HostKeyStore, validate_alias
+from fleet.ssh.quote import with_env
+from fleet.ssh.results import CommandResult, GroupResult, Target
+
+LineCallback = Callable[[str, str, str], None]
+CommandSpec = str | Callable[[Target], str]
+EnvSpec = Mapping[str, str] | Callable[[Target], Mapping[str, str] | None] | None
+T = TypeVar("T")
+
+_READ_CHUNK = 65536
+_SFTP_CHUNK = 32768
+BACKOFF_START_S = 0.2
+BACKOFF_MAX_S = 5.0
+
+
+@dataclass
+class _Connection:
+    key: tuple[str, int, str]
+    transport: paramiko.Transport
+
+
+class _Output:
+    """One stream of one command: keeps the last `limit` bytes, emits whole lines."""
+
+    def __init__(self, node: str, stream: str, limit: int, on_line: LineCallback | None) -> None:
+        self.node, self.stream, self.limit, self.on_line = node, stream, limit, on_line
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.truncated = False
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.size > 2 * self.limit:
+            joined = b"".join(self.chunks)[-self.limit :]
+            self.chunks, self.size, self.truncated = [joined], len(joined), True
+        if self.on_line is not None:
+            lines = (self._partial + data).split(b"\n")
+            self._partial = lines.pop()
+            for line in lines:
+                self._emit(line)
+
+    def _emit(self, line: bytes) -> None:
+        try:
+            self.on_line(self.node, self.stream, line.decode(errors="replace").rstrip("\r"))  # type: ignore[misc]
+        except Exception:  # a broken printer must not break the command
+            self.on_line = None
+
+    def text(self) -> str:
+        if self.on_line is not None and self._partial:
+            self._emit(self._partial)
+            self._partial = b""
+        data = b"".join(self.chunks)
+        if len(data) > self.limit:
+            data, self.truncated = data[-self.limit :], True
+        return data.decode(errors="replace")
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with jitter (half fixed, half random)."""
+    ceiling = min(BACKOFF_MAX_S, BACKOFF_START_S * (2**attempt))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+class Executor:
+    """Runs commands and transfers files on many nodes over SSH, in parallel."""
+
+    def __init__(
+        self,
+        key_path: Path,
+        known_hosts: HostKeyStore,
+        *,
+        parallelism: int = 32,
+        connect_timeout: float = 10,
+        command_timeout: float = 600,
+        on_line: LineCallback | None = None,
+        max_output: int = 1 << 20,
+    ) -> None:
+        if parallelism < 1:
+            raise UsageError(f"ssh parallelism must be at least 1, not {parallelism}")
+        self.key_path = Path(key_path)
+        self.known_hosts = known_hosts
+        self.parallelism = parallelism
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.on_line = on_line
+        self.max_output = max_output
+        self._pkey = load_private_key(self.key_path)
+        self._pool = ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="fleet-ssh")
+        self._connections: dict[str, _Connection] = {}
+        self._node_locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- life cycle ------------------------------------------------------------------
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every connection and the thread pool."""
+        with self._lock:
+            self._closed = True
+            connections = list(self._connections.values())
+            self._connections.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        # paramiko's close joins the transport thread (up to 0.1 s each): do it in parallel.
+        closers = [threading.Thread(target=c.transport.close, daemon=True) for c in connections]
+        for closer in closers:
+            closer.start()
+        for closer in closers:
+            closer.join(timeout=5)
+
+    def drop(self, name: str) -> None:
+        """Close and forget a node's cached connection (the node was preempted or deleted)."""
+        with self._lock:
+            connection = self._connections.pop(name, None)
+        if connection is not None:
+            connection.transport.close()
+
+    def transport(self, target: Target, *, retries: int = 0, timeout: float | None = None) -> paramiko.Transport:
+        """The node's open transport (opened now if there is none or it died)."""
+        with self._lock:
+            if self._closed:
+                raise SSHError("the executor is closed", node=target.name)
+            node_lock = self._node_locks.setdefault(target.name, threading.Lock())
+        key = (target.address, target.port, target.user)
+        with node_lock:
+            with self._lock:
+                cached = self._connections.get(target.name)
+            if cached is not None:
+                if cached.key == key and cached.transport.is_active():
+                    return cached.transport
+                cached.transport.close()
+            transport = self._connect(target, retries, timeout)
+            with self._lock:
+                self._connections[target.name] = _Connection(key, transport)
+            return transport
+
+    def _connect(self, target: Target, retries: int, timeout: float | None = None) -> paramiko.Transport:
+        attempt = 0
+        while True:
+            try:
+                return open_transport(target, self._pkey, self.key_path, self.known_hosts,
+                                      timeout=timeout or self.connect_timeout)
+            except NodeUnreachable:
+                if attempt >= retries:
+                    raise
+                time.sleep(_backoff(attempt))
+                attempt += 1
+
+    # -- fan-out ---------------------------------------------------------------------
+    def _fan_out(self, targets: Sequence[Target], work: Callable[[Target], CommandResult]) -> GroupResult:
+        names = [target.name for target in targets]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise UsageError(f"the same node is targeted twice: {', '.join(duplicates)}")
+        for name in names:
+            validate_alias(name)
+        futures = {target.name: self._pool.submit(self._guarded, target, work) for target in targets}
+        return GroupResult({name: future.result() for name, future in futures.items()})
+
+    @staticmethod
+    def _guarded(target: Target, work: Callable[[Target], CommandResult]) -> CommandResult:
+        started = time.monotonic()
+        try:
+            return work(target)
+        except FleetError as exc:
+            return CommandResult(target.name, "", None, "", "", time.monotonic() - started, exc)
+        except Exception as exc:  # a paramiko/socket surprise stays this node's problem
+            error = SSHError(f"{target.name}: {type(exc).__name__}: {exc}", node=target.name)
+            return CommandResult(target.name, "", None, "", "", time.monotonic() - started, error)
+
+    def _session(self, target: Target, retries: int) -> paramiko.Channel:
+        """A new session channel; a cached transport that turns out dead is replaced once."""
+        transport = self.transport(target, retries=retries)
+        try:
+            return transport.open_session(timeout=self.connect_timeout)
+        except (paramiko.SSHException, EOFError, OSError):
+            self.drop(target.name)
+            transport = self.transport(target, retries=retries)
+            try:
+                return transport.open_session(timeout=self.connect_timeout)
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                self.drop(target.name)
+                raise NodeUnreachable(f"cannot open a session on {target.name}: {exc}", node=target.name) from None
+
+    # -- commands --------------------------------------------------------------------
+    def run(
+        self,
+        targets: Sequence[Target],
+        command: CommandSpec,
+        *,
+        env: EnvSpec = None,
+        timeout: float | None = None,
+        stream: bool = False,
+        retries_connect: int = 0,
+    ) -> GroupResult:
+        """Run a command (or one per target) on every target, at most `parallelism` at once.
+
+        `env` (a mapping, or a function of the target) is exported in front of the
+        command, every value quoted. `stream=True` sends each output line to `on_line`
+        as it arrives. `retries_connect` retries a node that does not answer (booting).
+        """
+        limit = self.command_timeout if timeout is None else timeout
+        on_line = self.on_line if stream else None
+        # Build every command first: a bad env name fails the call before any node runs.
+        commands = {target.name: self._command_for(target, command, env) for target in targets}
+
+        def work(target: Target) -> CommandResult:
+            return self._run_one(target, commands[target.name], limit, on_line, retries_connect)
+
+        return self._fan_out(targets, work)
+
+    @staticmethod
+    def _command_for(target: Target, command: CommandSpec, env: EnvSpec) -> str:
+        text = command(target) if callable(command) else command
+        if not isinstance(text, str) or not text.strip():
+            raise UsageError(f"empty command for node {target.name}")
+        values = env(target) if callable(env) else env
+        return with_env(text, values)
+
+    def _run_one(self, target: Target, command: str, timeout: float, on_line: LineCallback | None,
+                 retries: int) -> CommandResult:
+        started = time.monotonic()
+        try:
+            channel = self._session(target, retries)
+        except FleetError as exc:
+            return CommandResult(target.name, command, None, "", "", time.monotonic() - started, exc)
+        out = _Output(target.name, "stdout", self.max_output, on_line)
+        err = _Output(target.name, "stderr", self.max_output, on_line)
+        error: FleetError | None = None
+        exit_code: int | None = None
+        try:
+            exit_code, error = self._exec(channel, target.name, command, started + timeout, timeout, out, err)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            error = SSHError(f"{target.name}: the connection failed during the command: {exc}", node=target.name)
+            self.drop(target.name)
+        finally:
+            channel.close()
+        return CommandResult(target.name, command, exit_code, out.text(), err.text(),
+                             time.monotonic() - started, error, out.truncated or err.truncated)
+
+    @staticmethod
+    def _exec(channel: paramiko.Channel, node: str, command: str, deadline: float, timeout: float,
+              out: _Output, err: _Output) -> tuple[int | None, FleetError | None]:
+        channel.exec_command(command)
+        channel.shutdown_write()  # no stdin: a command that reads it sees EOF, not a hang
+        wakeup = channel.fileno()
+        while True:
+            if channel.recv_ready():
+                out.feed(channel.recv(_READ_CHUNK))
+                continue
+            if channel.recv_stderr_ready():
+                err.feed(channel.recv_stderr(_READ_CHUNK))
+                continue
+            finished = channel.closed or (channel.eof_received and channel.exit_status_ready())
+            if finished:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None, CommandTimeout(
+                    f"{node}: command still running after {timeout:g}s; its channel was closed",
+                    node=node,
+                )
+            if channel.eof_received:
+                channel.status_event.wait(remaining)  # output done, exit status on its way
+            else:
+                select.select([wakeup], [], [], remaining)
+        if not channel.exit_status_ready() or channel.exit_status < 0:
+            return None, SSHError(
+                f"{node}: the command ended without an exit status (killed by a signal, or the node went away)",
+                node=node,
+            )
+        return channel.exit_status, None
+
+    def wait_ready(self, targets: Sequence[Target], *, timeout: float,
+                   retry_auth_failures: bool = False) -> GroupResult:
+        """Connect to each node (retrying with backoff and jitter while it does not
+        answer) until it runs `true`, or `timeout` passes. Auth and host key failures
+        are final unless `retry_auth_failures` (a cloud node may install the key late)."""
+        deadline = time.monotonic() + timeout
+
+        def work(target: Target) -> CommandResult:
+            started = time.monotonic()
+            attempt = 0
+            last: FleetError | None = None
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    message = f"{target.name} did not become ready within {timeout:g}s"
+                    if last is not None:
+                        message += f"; last error: {last.message}"
+                    error = type(last)(message, node=target.name, hint=last.hint) if last else SSHError(
+                        message, node=target.name)
+                    return CommandResult(target.name, "true", None, "", "", time.monotonic() - started, error)
+                try:
+                    self.transport(target, timeout=min(self.connect_timeout, remaining))
+                except NodeUnreachable as exc:
+                    last = exc
+                except SSHError as exc:
+                    if isinstance(exc, HostKeyError) or not retry_auth_failures:
+                        return CommandResult(target.name, "true", None, "", "", time.monotonic() - started, exc)
+                    last = exc
+                else:
+                    result = self._run_one(target, "true", max(1.0, min(self.command_timeout, remaining)), None, 0)
+                    if result.ok:
+                        return result
+                    last = result.error or SSHError(f"`true` exited with {result.exit_code}", node=target.name)
+                time.sleep(min(_backoff(attempt), max(0.0, deadline - time.monotonic())))
+                attempt += 1
+
+        return self._fan_out(targets, work)
+
+    # -- files -----------------------------------------------------------------------
+    def _sftp(self, target: Target) -> paramiko.SFTPClient:
+        transport = self.transport(target)
+        try:
+            sftp = paramiko.SFTPClient.from_transport(transport)
+        except (paramiko.SSHException, EOFError, OSError):
+            self.drop(target.name)
+            sftp = paramiko.SFTPClient.from_transport(self.transport(target))
+        if sftp is None:
+            raise SSHError(f"{target.name}: could not start sftp", node=target.name)
+        sftp.get_channel().settimeout(self.command_timeout)
+        return sftp
+
+    def put(self, targets: Sequence[Target], data: bytes | Path, remote_path: str, *,
+            mode: int = 0o644) -> GroupResult:
+        """Upload bytes or a local file to `remote_path` on every target: parents are
+        created, the file is written beside it and renamed over it (atomic), then has
+        `mode`. Relative paths are relative to the login directory."""
+        if not remote_path or remote_path.endswith("/"):
+            raise UsageError(f"upload needs a file path, not {remote_path!r}")
+        if isinstance(data, Path) and not data.is_file():
+            raise UsageError(f"cannot upload {data}: not a file")
+
+        def work(target: Target) -> CommandResult:
+            started = time.monotonic()
+            label = f"put {remote_path}"
+            try:
+                sftp = self._sftp(target)
+                try:
+                    _sftp_put(sftp, data, remote_path, mode)
+                finally:
+                    sftp.close()
+            except FleetError as exc:
+                return CommandResult(target.name, label, None, "", "", time.monotonic() - started, exc)
+            except (OSError, paramiko.SSHException, EOFError) as exc:
+                error = SSHError(f"{target.name}: upload to {remote_path} failed: {exc}", node=target.name)
+                return CommandResult(target.name, label, None, "", "", time.monotonic() - started, error)
+            return CommandResult(target.name, label, 0, "", "", time.monotonic() - started)
+
+        return self._fan_out(targets, work)
+
+    def get(self, target: Target, remote_path: str, local_path: Path) -> None:
+        """Download one file (written beside `local_path`, then renamed over it)."""
+        sftp = self._sftp(target)
+        try:
+            _sftp_get(sftp, target.name, remote_path, Path(local_path))
+        finally:
+            sftp.close()
+
+    def get_tree(self, target: Target, remote_dir: str, local_dir: Path) -> list[Path]:
+        """Copy a remote directory tree (regular files and directories; symlinks and
+        special files are skipped). Returns the local files written."""
+        sftp = self._sftp(target)
+        try:
+            written: list[Path] = []
+            _sftp_get_tree(sftp, target.name, remote_dir, Path(local_dir), written)
+            return written
+        finally:
+            sftp.close()
+
+    def run_on(self, target: Target, command: str, **kwargs: object) -> CommandResult:
+        """`run` on one node, returning its result."""
+        return self.run([target], command, **kwargs)[target.name]  # type: ignore[arg-type]
+
+
+# -- sftp helpers ------------------------------------------------------------------------
+def _sftp_mkdir_p(sftp: paramiko.SFTPClient, directory: str) -> None:
+    if directory in ("", ".", "/"):
+        return
+    path = PurePosixPath(directory)
+    parts = [str(p) for p in reversed(path.parents) if str(p) not in ("", ".", "/")] + [str(path)]
+    for part in parts:
+        try:
+            attrs = sftp.stat(part)
+        except FileNotFoundError:
+            try:
+                sftp.mkdir(part)
+            except OSError:
+                attrs = sftp.stat(part)  # another uploader made it meanwhile
+                if not stat.S_ISDIR(attrs.st_mode or 0):
+                    raise
+            continue
+        if not stat.S_ISDIR(attrs.st_mode or 0):
+            raise SSHError(f"{part} exists and is not a directory")
+
+
+def _sftp_put(sftp: paramiko.SFTPClient, data: bytes | Path, remote_path: str, mode: int) -> None:
+    path = PurePosixPath(remote_path)
+    _sftp_mkdir_p(sftp, str(path.parent))
+    tmp = str(path.parent / f".{path.name}.fleet-tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with sftp.open(tmp, "wb") as handle:
+            handle.set_pipelined(True)
+            if isinstance(data, Path):
+                with open(data, "rb") as source:
+                    while chunk := source.read(_SFTP_CHUNK):
+                        handle.write(chunk)
+            else:
+                for start in range(0, len(data), _SFTP_CHUNK):
+                    handle.write(data[start : start + _SFTP_CHUNK])
+        sftp.chmod(tmp, mode)
+        sftp.posix_rename(tmp, str(path))
+    except BaseException:
+        try:
+            sftp.remove(tmp)
+        except (OSError, paramiko.SSHException, EOFError):
+            pass
+        raise
+
+
+def _sftp_get(sftp: paramiko.SFTPClient, node: str, remote_path: str, local_path: Path) -> None:
+    local_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local_path.with_name(f".{local_path.name}.fleet-tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with sftp.open(remote_path, "rb") as source, open(tmp, "wb") as sink:
+            source.prefetch()
+            while chunk := source.read(_READ_CHUNK):
+                sink.write(chunk)
+        os.replace(tmp, local_path)
+    except FileNotFoundError:
+        tmp.unlink(missing_ok=True)
+        raise SSHError(f"{node}: {remote_path} does not exist", node=node) from None
+    except (OSError, paramiko.SSHException, EOFError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise SSHError(f"{node}: download of {remote_path} failed: {exc}", node=node) from None
+
+
+def _sftp_get_tree(sftp: paramiko.SFTPClient, node: str, remote_dir: str, local_dir: Path,
+                   written: list[Path]) -> None:
+    try:
+        entries = sftp.listdir_attr(remote_dir)
+    except FileNotFoundError:
+        raise SSHError(f"{node}: {remote_dir} does not exist", node=node) from None
+    except OSError as exc:
+        raise SSHError(f"{node}: cannot list {remote_dir}: {exc}", node=node) from None
+    local_dir.mkdir(parents=True, exist_ok=True)
+    for entry in entries:
+        name = entry.filename
+        if name in (".", "..") or "/" in name or "\0" in name:
+            continue
+        remote = f"{remote_dir.rstrip('/')}/{name}"
+        kind = entry.st_mode or 0
+        if stat.S_ISDIR(kind):
+            _sftp_get_tree(sftp, node, remote, local_dir / name, written)
+        elif stat.S_ISREG(kind):
+            _sftp_get(sftp, node, remote, local_dir / name)
+            written.append(local_dir / name)

@@ -1,0 +1,54 @@
+"""Shell quoting for everything `fleet` puts into a remote command line.
+
+Remote commands go through the node's login shell (`sh -c`), so every value that is
+interpolated into one is passed through `shlex.quote`. Environment variables cannot
+travel as SSH "env" requests (sshd's `AcceptEnv` is off by default), so they become an
+`export K='v' ...;` prefix here, with the names validated and the values quoted.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterable, Mapping
+
+from fleet.errors import UsageError
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+quote = shlex.quote
+
+
+def shell_join(args: Iterable[str]) -> str:
+    """One shell word per argument: `shell_join(["echo", "a b"])` -> `echo 'a b'`."""
+    return " ".join(shlex.quote(str(arg)) for arg in args)
+
+
+def validate_env_name(name: str) -> str:
+    if not isinstance(name, str) or not _ENV_NAME.match(name):
+        raise UsageError(
+            f"invalid environment variable name {name!r}",
+            hint="names are letters, digits and underscores, not starting with a digit",
+        )
+    return name
+
+
+def env_prefix(env: Mapping[str, str] | None) -> str:
+    """`export A='1' B='x y'; ` for a mapping (empty string for none)."""
+    if not env:
+        return ""
+    words = []
+    for name, value in env.items():
+        validate_env_name(name)
+        if value is None:
+            raise UsageError(f"environment variable {name} has no value")
+        text = str(value)
+        if "\0" in text:
+            raise UsageError(f"environment variable {name} contains a NUL byte")
+        words.append(f"{name}={shlex.quote(text)}")
+    return "export " + " ".join(words) + "; "
+
+
+def with_env(command: str, env: Mapping[str, str] | None) -> str:
+    """The command with its environment exported in front of it."""
+    return env_prefix(env) + command
