@@ -87,6 +87,8 @@ class Node:
     generation: int = 1
     address: str | None = None  # where SSH reaches it (public IP, or 127.x for local)
     port: int = 22
+    # Where other nodes of the fleet reach it (a cloud's private IP); None: use address.
+    internal_address: str | None = None
     zone: str | None = None
     spot: bool = False
     machine: str | None = None

@@ -288,7 +288,7 @@ class LocalNode:
 ListenAddress {self.address}:{self.port}
 HostKey {d / 'host_key'}
 PidFile {d / 'sshd.pid'}
-AuthorizedKeysFile {d / 'authorized_keys'}
+AuthorizedKeysFile {d / 'authorized_keys'} {self.home / '.ssh' / 'authorized_keys'}
 AllowUsers {self.user}
 PubkeyAuthentication yes
 PasswordAuthentication no

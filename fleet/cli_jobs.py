@@ -1,0 +1,259 @@
+"""The job commands of the CLI: run, jobs, logs, cancel, watch, report.
+
+`fleet run` submits the job, starts it on every selected node, runs the monitor in a
+background thread (lost nodes are replaced and given the job), and shows progress until
+every item is done or recorded as failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fleet.cli import _open_fleet, err, out
+from fleet.errors import JobError
+from fleet.spec.loader import load_job_spec
+
+
+def register(add) -> None:
+    sub = add("run", cmd_run, "run a job (job.yaml) on the fleet until it is finished")
+    sub.add_argument("job")
+    sub.add_argument("--detach", action="store_true", help="start the job and return at once")
+    sub.add_argument("--json", action="store_true", help="print the final summary as one JSON object")
+    sub.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (exit 1)")
+    sub = add("jobs", cmd_jobs, "list the jobs run on this fleet")
+    sub.add_argument("--json", action="store_true")
+    sub = add("logs", cmd_logs, "show a job's logs")
+    sub.add_argument("job")
+    sub.add_argument("--node", default=None)
+    sub.add_argument("--follow", action="store_true")
+    sub = add("cancel", cmd_cancel, "stop a job's processes everywhere")
+    sub.add_argument("job")
+    sub = add("watch", cmd_watch, "run the monitor in the foreground: replace lost nodes")
+    sub.add_argument("--passes", type=int, default=0, help="stop after this many passes (0: never)")
+    sub = add("report", cmd_report, "where the time of a job went: CPU, disk, network, GPU per node")
+    sub.add_argument("job")
+    sub.add_argument("--json", action="store_true")
+    sub.add_argument("--html", default=None, metavar="PATH")
+    sub.add_argument("--png", default=None, metavar="DIR")
+
+
+def _runner(fleet, job):
+    from fleet.jobs import JobRunner
+
+    return JobRunner(fleet, job)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fleet.monitor import Monitor
+
+    job = load_job_spec(Path(args.job))
+    quiet = args.json
+    with _open_fleet(args, quiet=quiet) as fleet:
+        runner = _runner(fleet, job)
+        started = time.time()
+        nodes = fleet.observe()
+        state = runner.submit(nodes)
+        runner.prepare(nodes)
+        first = runner.start(fleet.alive(nodes), all_nodes=nodes)
+        for result in first.results.values():
+            if not result.ok:
+                err.print(f"{result.node}: could not start: {result.describe()}", style="red", markup=False)
+        fleet.state.set_job_status(job.name, "running")
+        if args.detach:
+            out.print(f"job {job.name} started ({state}); follow it with `fleet logs {job.name} --follow`")
+            return 0
+
+        lock = threading.Lock()
+
+        def on_replaced(new_nodes, alive) -> None:
+            with lock:
+                runner.start(new_nodes, all_nodes=alive)
+
+        monitor = Monitor(fleet, on_replaced=on_replaced)
+        thread = threading.Thread(target=monitor.run, name="fleet-monitor", daemon=True)
+        thread.start()
+        try:
+            summary = _follow(fleet, runner, monitor, started, args)
+        finally:
+            monitor.stop()
+            thread.join(timeout=60)
+        fleet.state.set_job_status(job.name, "finished" if summary["ok"] else "failed", summary)
+        ok = summary.pop("ok")
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            out.print(f"job {job.name}: {summary['done']}/{summary['total']} done, {summary['failed']} failed, "
+                      f"{summary['replacements']} node(s) replaced, {summary['seconds']:.1f} s")
+        return 0 if ok else 1
+
+
+def _follow(fleet, runner, monitor, started: float, args: argparse.Namespace) -> dict:
+    job = runner.job
+    interactive = sys.stderr.isatty() and not args.json
+    replacements_start = fleet.state.count_events("replaced", since=started)
+    last_line = 0.0
+    deadline = started + args.timeout if args.timeout else None
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("{task.fields[rate]:.1f} items/s"), TimeRemainingColumn(),
+                   TextColumn("{task.fields[extra]}"), console=err, transient=False) if interactive else None
+    task = bar.add_task(job.name, total=None, rate=0.0, extra="") if bar else None
+    if bar:
+        bar.start()
+    ok = False
+    progress = None
+    try:
+        while True:
+            nodes = fleet.observe()
+            try:
+                progress = runner.progress(nodes)
+            except JobError as error:
+                progress = None
+                fleet.state.add_event("progress_error", None, str(error))
+            elapsed = time.time() - started
+            replacements = fleet.state.count_events("replaced", since=started) - replacements_start
+            if progress is not None:
+                rate = progress.done / elapsed if elapsed > 0 else 0.0
+                extra = (f"{progress.running_nodes} working, {replacements} replaced, {progress.failed} failed")
+                if bar is not None:
+                    bar.update(task, total=progress.total or None, completed=progress.done + progress.failed,
+                               rate=rate, extra=extra)
+                elif not args.json and time.time() - last_line >= 5:
+                    last_line = time.time()
+                    err.print(f"{job.name}: {progress.done + progress.failed}/{progress.total} items, "
+                              f"{rate:.1f} items/s, {extra}", markup=False)
+                if progress.complete:
+                    ok = True
+                    break
+                selected = runner.selected(nodes)
+                if job.run and progress.finished_nodes >= len(selected) and selected:
+                    ok = progress.failed == 0
+                    break
+                if monitor.exhausted and not any(n for n in selected):
+                    break
+            if deadline and time.time() > deadline:
+                fleet.state.add_event("timeout", None, f"job {job.name} gave up after {args.timeout:g} s")
+                break
+            time.sleep(1.0)
+    finally:
+        if bar:
+            bar.stop()
+    return {
+        "job": job.name,
+        "total": progress.total if progress else 0,
+        "done": progress.done if progress else 0,
+        "failed": progress.failed if progress else 0,
+        "replacements": fleet.state.count_events("replaced", since=started) - replacements_start,
+        "seconds": round(time.time() - started, 3),
+        "ok": ok,
+    }
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _open_fleet(args, quiet=True) as fleet:
+        jobs = fleet.state.jobs()
+        if args.json:
+            print(json.dumps([{"name": j.name, "status": j.status, "summary": j.summary,
+                               "created_at": j.created_at} for j in jobs]))
+            return 0
+        table = Table(title=f"jobs of fleet {fleet.spec.name}")
+        for column in ("job", "status", "done", "failed", "total", "started"):
+            table.add_column(column)
+        for j in jobs:
+            table.add_row(j.name, j.status, str(j.summary.get("done", "-")), str(j.summary.get("failed", "-")),
+                          str(j.summary.get("total", "-")), time.strftime("%Y-%m-%d %H:%M", time.localtime(j.created_at)))
+        out.print(table)
+        return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from fleet.jobs import job_from_state
+
+    with _open_fleet(args, quiet=True, stream=True) as fleet:
+        job = job_from_state(fleet, args.job)
+        runner = _runner(fleet, job)
+        head = runner.head(fleet.observe())
+        command = runner.log_command(args.node, follow=args.follow, head=head)
+        try:
+            result = fleet.executor.run([fleet.target(head)], command, stream=True,
+                                        timeout=None if args.follow else 120).results[head.name]
+        except KeyboardInterrupt:
+            return 0
+        return 0 if result.ok else 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from fleet.jobs import job_from_state
+
+    with _open_fleet(args) as fleet:
+        job = job_from_state(fleet, args.job)
+        results = _runner(fleet, job).cancel(fleet.observe())
+        out.print(f"job {job.name} cancelled on {len(results.results)} node(s); outputs already written stay valid")
+        return 0 if results.ok else 1
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from fleet.monitor import Monitor
+
+    with _open_fleet(args) as fleet:
+        seen = len(fleet.state.events())
+        monitor = Monitor(fleet)
+        passes = 0
+        try:
+            while True:
+                monitor.reconcile_once()
+                for event in fleet.state.events()[seen:]:
+                    out.print(f"{time.strftime('%H:%M:%S', time.localtime(event.t))} {event.node or '-'} "
+                              f"{event.kind}: {event.detail}", markup=False)
+                seen = len(fleet.state.events())
+                passes += 1
+                if args.passes and passes >= args.passes:
+                    return 0
+                time.sleep(fleet.spec.monitor.interval)
+        except KeyboardInterrupt:
+            return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fleet.jobs import job_from_state
+    from fleet.report import build_report, render_terminal, write_html, write_png
+
+    with _open_fleet(args, quiet=True) as fleet:
+        job = job_from_state(fleet, args.job)
+        runner = _runner(fleet, job)
+        nodes = fleet.observe()
+        head = runner.head(nodes)
+        cache = fleet.paths.state_dir / "jobs" / job.name
+        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=fleet.paths.state_dir))
+        try:
+            remote = f"{fleet.spec.shared.path.rstrip('/')}/{runner.rel_dir}"
+            fleet.executor.get_tree(fleet.target(head), remote, tmp)
+            if cache.exists():
+                shutil.rmtree(cache)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, cache)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        events = [e.to_dict() for e in fleet.state.events()]
+        report = build_report(cache, events=events)
+        if args.json:
+            print(json.dumps(report.to_json()))
+        else:
+            render_terminal(report, out)
+        if args.html:
+            write_html(report, Path(args.html))
+            err.print(f"wrote {args.html}")
+        if args.png:
+            write_png(report, Path(args.png))
+            err.print(f"wrote charts to {args.png}")
+        return 0

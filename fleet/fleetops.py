@@ -1,0 +1,509 @@
+"""Turn a spec into running, set-up, mounted nodes, and back to nothing.
+
+`Fleet` is one command's session with a fleet: its spec, its files under
+`.fleet/<name>/` (keys, known_hosts, ssh_config, state.db), its provider and its SSH
+executor (connections opened once, reused across phases). `up()` converges: it creates
+only what is missing, replaces dead nodes with a new generation, and re-runs setup and
+mounts only where they are not done; a failed node is reported and the others carry
+on. `down()` deletes everything the provider finds by label, even with no local state.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shlex
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fleet.errors import FleetError, ProviderError, UsageError
+from fleet.model import Node, NodeRequest, NodeState, Role, Accelerator, head_name, worker_name
+from fleet.providers import Provider, ProviderContext, get_provider
+from fleet.providers.base import CleanupReport
+from fleet.providers.localnode import generate_ed25519_keypair
+from fleet.spec.models import FleetSpec
+from fleet.ssh import CommandResult, Executor, GroupResult, HostKeyStore, Target, write_ssh_config
+from fleet.state import State
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class FleetPaths:
+    state_dir: Path
+    key: Path
+    generated_key: bool
+    mount_key: Path
+    known_hosts: Path
+    ssh_config: Path
+    db: Path
+
+    @classmethod
+    def for_spec(cls, spec: FleetSpec, spec_path: Path) -> FleetPaths:
+        state_dir = spec_path.resolve().parent / ".fleet" / spec.name
+        key = Path(os.path.expanduser(spec.ssh.key)) if spec.ssh.key else state_dir / "id_ed25519"
+        if spec.ssh.key and not key.is_absolute():
+            key = spec_path.resolve().parent / key
+        return cls(
+            state_dir=state_dir,
+            key=key,
+            generated_key=spec.ssh.key is None,
+            mount_key=state_dir / "mount_ed25519",
+            known_hosts=state_dir / "known_hosts",
+            ssh_config=state_dir / "ssh_config",
+            db=state_dir / "state.db",
+        )
+
+
+@dataclass
+class UpResult:
+    nodes: list[Node] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _q(value: str) -> str:
+    return shlex.quote(value)
+
+
+def _home_path(path: str) -> str:
+    """A shell word for a path as the node sees it: relative paths are under $HOME."""
+    if path.startswith("/"):
+        return _q(path)
+    if path.startswith("~/"):
+        path = path[2:]
+    return f'"$HOME"/{_q(path)}'
+
+
+class Fleet:
+    """One CLI invocation's handle on a fleet."""
+
+    def __init__(
+        self,
+        spec: FleetSpec,
+        spec_path: Path,
+        *,
+        log: Log | None = None,
+        on_line: Callable[[str, str, str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spec = spec
+        self.spec_path = Path(spec_path)
+        self.paths = FleetPaths.for_spec(spec, self.spec_path)
+        self.log: Log = log or (lambda message: None)
+        self.clock = clock
+        self._on_line = on_line
+        self._provider: Provider | None = None
+        self._executor: Executor | None = None
+        self._state: State | None = None
+        self.user = spec.ssh_user(getpass.getuser())
+
+    # -- lazily built parts --------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        if self._state is None:
+            self._state = State(self.paths.db, clock=self.clock)
+        return self._state
+
+    def public_key(self) -> str:
+        pub = Path(f"{self.paths.key}.pub")
+        if pub.exists():
+            return pub.read_text().strip()
+        if self.paths.generated_key or not self.paths.key.exists():
+            if not self.paths.generated_key:
+                raise UsageError(f"ssh.key {self.paths.key} does not exist")
+            self.paths.state_dir.mkdir(parents=True, exist_ok=True)
+            return generate_ed25519_keypair(self.paths.key, f"fleet-{self.spec.name}")
+        raise UsageError(f"the public key {pub} of ssh.key is missing", hint=f"ssh-keygen -y -f {self.paths.key} > {pub}")
+
+    @property
+    def provider(self) -> Provider:
+        if self._provider is None:
+            context = ProviderContext(
+                spec=self.spec, state_dir=self.paths.state_dir, public_key=self.public_key(), ssh_user=self.user
+            )
+            self._provider = get_provider(context)
+        return self._provider
+
+    @property
+    def executor(self) -> Executor:
+        if self._executor is None:
+            self.public_key()  # make sure the key exists
+            self._executor = Executor(
+                self.paths.key,
+                HostKeyStore(self.paths.known_hosts),
+                parallelism=self.spec.ssh.parallelism,
+                connect_timeout=self.spec.ssh.connect_timeout,
+                command_timeout=self.spec.ssh.command_timeout,
+                on_line=self._on_line,
+            )
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.close()
+        if self._provider is not None:
+            self._provider.close()
+        if self._state is not None:
+            self._state.close()
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- observing -----------------------------------------------------------------------
+    def existing_head(self) -> Node | None:
+        head = self.spec.head
+        if not head.host:
+            return None
+        return Node(
+            name=head_name(self.spec.name), fleet=self.spec.name, role=Role.HEAD, state=NodeState.RUNNING,
+            address=head.host, port=head.port, zone="existing", spot=False, machine="existing",
+        )
+
+    def observe(self) -> list[Node]:
+        """Every node the provider reports (one list call), plus an existing head."""
+        nodes = self.provider.list()
+        head = self.existing_head()
+        if head is not None:
+            nodes = [head, *[n for n in nodes if n.role != Role.HEAD]]
+        return sorted(nodes, key=lambda n: (n.role != Role.HEAD, n.slot, n.generation))
+
+    def alive(self, nodes: Sequence[Node] | None = None) -> list[Node]:
+        return [n for n in (self.observe() if nodes is None else nodes) if n.state == NodeState.RUNNING]
+
+    def head(self, nodes: Sequence[Node] | None = None) -> Node | None:
+        return next((n for n in self.alive(nodes) if n.role == Role.HEAD), None)
+
+    def target(self, node: Node) -> Target:
+        user = self.spec.head.user if node.role == Role.HEAD and self.spec.head.host and self.spec.head.user else self.user
+        return Target(
+            name=node.name, address=node.address or "", port=node.port, user=user,
+            host_key=node.host_key, trust_on_first_use=True,
+        )
+
+    def select(self, nodes: Sequence[Node], selector: str) -> list[Node]:
+        """`all`, `head`, `workers`, or a comma-separated list of node names."""
+        alive = self.alive(nodes)
+        if selector == "all":
+            return alive
+        if selector == "head":
+            return [n for n in alive if n.role == Role.HEAD]
+        if selector == "workers":
+            return [n for n in alive if n.role == Role.WORKER]
+        names = [name.strip() for name in selector.split(",") if name.strip()]
+        by_name = {n.name: n for n in nodes}
+        unknown = [name for name in names if name not in by_name]
+        if unknown:
+            raise UsageError(f"no node named {', '.join(unknown)} in fleet {self.spec.name}",
+                             hint="`fleet status` lists the nodes")
+        return [by_name[name] for name in names]
+
+    def shared_path_for(self, node: Node) -> str:
+        return self.spec.shared.path if node.role == Role.HEAD else self.spec.shared.mount
+
+    def node_env_prefix(self, node: Node, rank: int, count: int, extra: dict[str, str] | None = None) -> str:
+        """`export ...;` for FLEET_* variables; FLEET_SHARED is resolved on the node."""
+        words = [
+            f"FLEET_NODE_NAME={_q(node.name)}",
+            f"FLEET_NODE_RANK={rank}",
+            f"FLEET_NUM_NODES={count}",
+            f"FLEET_FLEET={_q(self.spec.name)}",
+            f"FLEET_SHARED={_home_path(self.shared_path_for(node))}",
+        ]
+        for key, value in (extra or {}).items():
+            words.append(f"{key}={_q(value)}")
+        return "export " + " ".join(words) + "; "
+
+    # -- exec ----------------------------------------------------------------------------
+    def exec(self, nodes: Sequence[Node], command: str, *, timeout: float | None = None,
+             stream: bool = False, extra_env: dict[str, str] | None = None) -> GroupResult:
+        ranks = {n.name: i for i, n in enumerate(nodes)}
+        by_name = {n.name: n for n in nodes}
+
+        def command_for(target: Target) -> str:
+            node = by_name[target.name]
+            return self.node_env_prefix(node, ranks[node.name], len(nodes), extra_env) + command
+
+        return self.executor.run([self.target(n) for n in nodes], command_for, timeout=timeout, stream=stream)
+
+    # -- up ------------------------------------------------------------------------------
+    def plan_requests(self, observed: Sequence[Node]) -> tuple[list[NodeRequest], list[Node]]:
+        """What to create and what dead remains to delete, to reach the spec."""
+        spec = self.spec
+        creates: list[NodeRequest] = []
+        removes: list[Node] = []
+        if not spec.head.host:
+            heads = [n for n in observed if n.role == Role.HEAD]
+            if not any(n.is_alive for n in heads):
+                removes.extend(heads)
+                creates.append(NodeRequest(
+                    name=head_name(spec.name), role=Role.HEAD, slot=0, generation=1, spot=spec.head.spot,
+                    machine=spec.head.machine, disk_gb=spec.head.disk_gb,
+                    accelerators=Accelerator(spec.head.accelerators.type, spec.head.accelerators.count)
+                    if spec.head.accelerators else None,
+                ))
+        workers = [n for n in observed if n.role == Role.WORKER]
+        for slot in range(1, spec.workers.count + 1):
+            in_slot = [n for n in workers if n.slot == slot]
+            if any(n.is_alive for n in in_slot):
+                continue
+            removes.extend(in_slot)
+            generation = max([self.state.max_generation(slot), *[n.generation for n in in_slot]]) + 1
+            creates.append(self.worker_request(slot, generation))
+        removes.extend(n for n in workers if n.slot > spec.workers.count)
+        return creates, removes
+
+    def worker_request(self, slot: int, generation: int) -> NodeRequest:
+        workers = self.spec.workers
+        return NodeRequest(
+            name=worker_name(self.spec.name, slot, generation), role=Role.WORKER, slot=slot,
+            generation=generation, spot=workers.spot, machine=workers.machine, disk_gb=workers.disk_gb,
+            accelerators=Accelerator(workers.accelerators.type, workers.accelerators.count)
+            if workers.accelerators else None,
+        )
+
+    def create_nodes(self, requests: Sequence[NodeRequest], result: UpResult) -> list[Node]:
+        for request in requests:
+            self.state.add_event("requested", request.name, f"{request.role.value} slot {request.slot} "
+                                 f"generation {request.generation}{' spot' if request.spot else ''}")
+        created: list[Node] = []
+        for outcome in self.provider.create(requests):
+            name = outcome.request.name
+            if outcome.node is None:
+                message = str(outcome.error or "unknown error")
+                result.failures[name] = message
+                self.state.add_event("create_failed", name, message)
+                self.log(f"{name}: could not be created: {message}")
+                continue
+            node = outcome.node
+            created.append(node)
+            result.created.append(name)
+            self.state.upsert_node(node)
+            self.state.add_event("running", name, f"{node.address}:{node.port} zone {node.zone}")
+        return created
+
+    def delete_nodes(self, nodes: Sequence[Node], reason: str) -> list[str]:
+        if not nodes:
+            return []
+        deleted = self.provider.delete([n.name for n in nodes])
+        for node in nodes:
+            self.executor.drop(node.name)
+            self.executor.known_hosts.forget(node.name)
+            self.state.mark_gone(node.name, node.state.value)
+            self.state.add_event("deleted", node.name, reason)
+        return deleted
+
+    def up(self) -> UpResult:
+        self.provider.check()
+        result = UpResult()
+        observed = self.observe()
+        creates, removes = self.plan_requests(observed)
+        if removes:
+            result.deleted = self.delete_nodes(removes, "remains of a dead node, replaced by up")
+        if creates:
+            self.log(f"creating {len(creates)} node(s): {', '.join(r.name for r in creates)}")
+            prepared = self.provider.prepare()
+            for item in prepared:
+                self.log(f"created {item}")
+            self.create_nodes(creates, result)
+        nodes = [n for n in self.observe() if n.state in (NodeState.RUNNING, NodeState.PENDING)]
+        for node in nodes:
+            if self.state.node(node.name) is None or self.state.node(node.name).gone:  # type: ignore[union-attr]
+                self.state.upsert_node(node)
+        ready = self.bring_up(nodes, result)
+        result.nodes = ready
+        self.write_ssh_config(ready)
+        return result
+
+    def bring_up(self, nodes: Sequence[Node], result: UpResult) -> list[Node]:
+        """SSH ready -> setup -> head export -> worker mounts, each node as far as it gets."""
+        if not nodes:
+            return []
+        self.log(f"waiting for SSH on {len(nodes)} node(s)")
+        ready_results = self.executor.wait_ready([self.target(n) for n in nodes], timeout=self.spec.ssh.ready_timeout)
+        ready = self._keep_ok(nodes, ready_results, result, "ssh_ready", "SSH answers")
+        needs_setup = [n for n in ready if not self._flag(n.name, "setup_done")]
+        if needs_setup and self.spec.setup:
+            self.log(f"running setup on {len(needs_setup)} node(s)")
+            script = "set -e\n" + "\n".join(self.spec.setup)
+            setup_results = self.exec(needs_setup, script)
+            ok = self._keep_ok(needs_setup, setup_results, result, "setup_done", "setup commands succeeded")
+            ready = [n for n in ready if n in ok or n not in needs_setup]
+        for node in needs_setup:
+            if node in ready:
+                self.state.set_node_flags(node.name, setup_done=True)
+        head = next((n for n in ready if n.role == Role.HEAD), None)
+        workers = [n for n in ready if n.role == Role.WORKER]
+        if head is None:
+            for node in workers:
+                result.failures.setdefault(node.name, "no head node is up: the shared directory cannot be mounted")
+            return ready
+        if not self.export_shared(head, result):
+            return [n for n in ready if n.role != Role.WORKER]
+        mounted = self.mount_shared(head, workers, result) if workers else []
+        return [head, *mounted]
+
+    def _flag(self, name: str, flag: str) -> bool:
+        record = self.state.node(name)
+        return bool(record and getattr(record, flag))
+
+    def _keep_ok(self, nodes: Sequence[Node], results: GroupResult, result: UpResult, event: str, detail: str) -> list[Node]:
+        ok = []
+        for node in nodes:
+            outcome: CommandResult | None = results.results.get(node.name)
+            if outcome is not None and outcome.ok:
+                ok.append(node)
+                self.state.add_event(event, node.name, detail)
+            else:
+                message = outcome.describe() if outcome is not None else "no result"
+                result.failures[node.name] = message
+                self.state.add_event(f"{event}_failed", node.name, message)
+                self.log(f"{node.name}: {message}")
+        return ok
+
+    def mount_public_key(self) -> str:
+        pub = Path(f"{self.paths.mount_key}.pub")
+        if pub.exists() and self.paths.mount_key.exists():
+            return pub.read_text().strip()
+        return generate_ed25519_keypair(self.paths.mount_key, f"fleet-{self.spec.name}-mount")
+
+    def export_shared(self, head: Node, result: UpResult) -> bool:
+        """Create the shared directory on the head and let the workers' mount key in."""
+        line = f"restrict {self.mount_public_key()}"
+        script = (
+            f"set -e; mkdir -p {_home_path(self.spec.shared.path)}; umask 077; mkdir -p \"$HOME/.ssh\"; "
+            f"touch \"$HOME/.ssh/authorized_keys\"; "
+            f"grep -qxF {_q(line)} \"$HOME/.ssh/authorized_keys\" || echo {_q(line)} >> \"$HOME/.ssh/authorized_keys\""
+        )
+        outcome = self.executor.run([self.target(head)], script).results[head.name]
+        if not outcome.ok:
+            result.failures[head.name] = f"could not export the shared directory: {outcome.describe()}"
+            return False
+        return True
+
+    def mount_command(self, head: Node) -> str:
+        shared = self.spec.shared
+        head_user = self.target(head).user
+        address = head.internal_address or head.address
+        options = [
+            'IdentityFile="$HOME/.fleet/mount_key"',
+            'UserKnownHostsFile="$HOME/.fleet/known_hosts"',
+            f"HostKeyAlias={_q(head.name)}",
+            "StrictHostKeyChecking=yes",
+            "BatchMode=yes",
+            "ConnectTimeout=15",
+            f"port={head.port}",
+            *[_q(option) for option in shared.options],
+        ]
+        if shared.max_conns > 1:
+            options.append(f"max_conns={shared.max_conns}")
+        remote = _q(f"{head_user}@{address}:{shared.path}")
+        mount = _home_path(shared.mount)
+        return (
+            f"mkdir -p {mount}; "
+            f"if mountpoint -q {mount}; then "
+            f"  if timeout 10 ls {mount} >/dev/null 2>&1; then exit 0; fi; "
+            f"  fusermount3 -u -z {mount} 2>/dev/null || fusermount -u -z {mount} 2>/dev/null || umount -l {mount}; "
+            f"fi; "
+            f"command -v sshfs >/dev/null || {{ echo 'sshfs is not installed on this node (apt-get install sshfs)' >&2; exit 127; }}; "
+            f"sshfs -o {','.join(options)} {remote} {mount}"
+        )
+
+    def mount_shared(self, head: Node, workers: Sequence[Node], result: UpResult) -> list[Node]:
+        head_key = self.executor.known_hosts.get(head.name)
+        if head_key is None:
+            for node in workers:
+                result.failures[node.name] = f"the head's host key is not pinned yet ({head.name})"
+            return []
+        targets = [self.target(n) for n in workers]
+        private = self.paths.mount_key.read_bytes()
+        puts = [
+            self.executor.put(targets, private, ".fleet/mount_key", mode=0o600),
+            self.executor.put(targets, f"{head.name} {head_key}\n".encode(), ".fleet/known_hosts", mode=0o600),
+        ]
+        ok_workers = []
+        for node in workers:
+            failed = [p.results[node.name] for p in puts if not p.results[node.name].ok]
+            if failed:
+                result.failures[node.name] = f"could not upload the mount key: {failed[0].describe()}"
+            else:
+                ok_workers.append(node)
+        self.log(f"mounting the shared directory on {len(ok_workers)} worker(s)")
+        mounts = self.exec(ok_workers, self.mount_command(head))
+        mounted = self._keep_ok(ok_workers, mounts, result, "mounted", f"{head.name}:{self.spec.shared.path}")
+        for node in mounted:
+            self.state.set_node_flags(node.name, mounted=True)
+        return mounted
+
+    def write_ssh_config(self, nodes: Sequence[Node]) -> None:
+        alive = [n for n in nodes if n.address]
+        write_ssh_config(self.paths.ssh_config, self.spec.name, [self.target(n) for n in alive],
+                         self.paths.key, self.paths.known_hosts)
+
+    # -- preempt / down ------------------------------------------------------------------
+    def preempt(self, name: str, *, notice_s: float = 0.0) -> None:
+        nodes = self.observe()
+        node = next((n for n in nodes if n.name == name), None)
+        if node is None:
+            raise UsageError(f"no node named {name!r} in fleet {self.spec.name}", hint="`fleet status` lists the nodes")
+        if node.role == Role.HEAD and self.spec.head.host:
+            raise UsageError(f"{name} is an existing machine that fleet does not own; it cannot be preempted")
+        self.provider.preempt(name, notice_s=notice_s)
+        self.executor.drop(name)
+        self.state.add_event("preempt_requested", name, f"fleet preempt (notice {notice_s:g} s)")
+
+    def down(self) -> CleanupReport:
+        """Delete everything the provider finds for this fleet; clean up an existing head;
+        remove the fleet's temporary keys and connection files."""
+        report = self.provider.destroy_all()
+        head = self.existing_head()
+        if head is not None:
+            try:
+                self.executor.run([self.target(head)], self.existing_head_cleanup(), timeout=60)
+                report.deleted.append(f"the fleet's mount key and processes on existing head {head.address}")
+            except FleetError as error:
+                report.errors.append(f"existing head {head.address}: {error}")
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+        for record in self.state.nodes():
+            self.state.mark_gone(record.name)
+        self.state.add_event("down", None, f"deleted {len(report.deleted)} resource(s)")
+        for path in (self.paths.mount_key, Path(f"{self.paths.mount_key}.pub"), self.paths.known_hosts,
+                     self.paths.ssh_config):
+            path.unlink(missing_ok=True)
+        if self.paths.generated_key:
+            self.paths.key.unlink(missing_ok=True)
+            Path(f"{self.paths.key}.pub").unlink(missing_ok=True)
+        return report
+
+    def existing_head_cleanup(self) -> str:
+        mount_pub = Path(f"{self.paths.mount_key}.pub")
+        script = "true"
+        if mount_pub.exists():
+            line = f"restrict {mount_pub.read_text().strip()}"
+            script = (f"if [ -f \"$HOME/.ssh/authorized_keys\" ]; then grep -vxF {_q(line)} \"$HOME/.ssh/authorized_keys\" "
+                      f"> \"$HOME/.ssh/authorized_keys.fleet-tmp\"; mv \"$HOME/.ssh/authorized_keys.fleet-tmp\" "
+                      f"\"$HOME/.ssh/authorized_keys\"; fi")
+        return script + f"; pkill -f -- {_q('FLEET_FLEET=' + self.spec.name)} || true"
+
+
+def remove_state_dir(paths: FleetPaths) -> None:
+    shutil.rmtree(paths.state_dir, ignore_errors=True)
+
+
+def describe_failure(error: BaseException) -> str:
+    if isinstance(error, ProviderError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"

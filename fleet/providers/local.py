@@ -1,0 +1,142 @@
+"""The `local` provider: every node is a real OpenSSH server on this machine.
+
+The embedded default, so that `fleet up` works without a cloud account. Nodes live
+under `local.root` (default `~/.local/state/fleet/local/<fleet>/`), which plays the part
+of the cloud's inventory: `list()` reads it (plus a scan for processes of the fleet
+whose directory is gone), never the fleet's local state database. A preemption kills
+the node's sshd, every process started on it and its mounts at once; with a notice it
+first sends SIGTERM to the node's programs, the way a cloud's ACPI soft-off does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fleet.errors import FleetError, ProviderError, UsageError
+from fleet.model import LABEL_FLEET, LABEL_GENERATION, LABEL_ROLE, LABEL_SLOT, Node, NodeRequest, NodeState, Role
+from fleet.providers.base import CleanupReport, CreateResult, Provider, ProviderContext
+from fleet.providers.localnode import (
+    LocalNode,
+    find_sftp_server,
+    find_sshd,
+    kill_fleet_orphans,
+    require_sshfs,
+)
+
+
+def default_root() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "fleet" / "local"
+
+
+class LocalProvider(Provider):
+    name = "local"
+
+    def __init__(self, context: ProviderContext) -> None:
+        super().__init__(context)
+        configured = self.spec.local.root
+        self.root = Path(os.path.expanduser(configured)).resolve() if configured else default_root()
+
+    def check(self) -> None:
+        find_sshd()
+        find_sftp_server()
+        require_sshfs()
+
+    def create(self, requests: Sequence[NodeRequest]) -> list[CreateResult]:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+        def one(request: NodeRequest) -> CreateResult:
+            try:
+                node = LocalNode.create(
+                    self.root,
+                    name=request.name,
+                    fleet=self.spec.name,
+                    authorized_keys=[self.context.public_key],
+                    address=self.spec.local.address,
+                    labels={
+                        LABEL_FLEET: self.spec.name,
+                        LABEL_ROLE: request.role.value,
+                        LABEL_SLOT: str(request.slot),
+                        LABEL_GENERATION: str(request.generation),
+                        "spot": "true" if request.spot else "false",
+                    },
+                )
+            except FleetError as error:
+                return CreateResult(request, error=error)
+            except OSError as error:
+                return CreateResult(request, error=ProviderError(f"local node {request.name}: {error}"))
+            return CreateResult(request, node=self._to_node(node))
+
+        if not requests:
+            return []
+        with ThreadPoolExecutor(max_workers=min(16, len(requests))) as pool:
+            return list(pool.map(one, requests))
+
+    def _to_node(self, local: LocalNode) -> Node:
+        if local.is_running():
+            state = NodeState.RUNNING
+        elif local.preempted:
+            state = NodeState.PREEMPTED
+        else:
+            state = NodeState.TERMINATED
+        labels = local.labels
+        return Node(
+            name=local.name,
+            fleet=local.fleet,
+            role=Role(labels.get(LABEL_ROLE, "worker")),
+            state=state,
+            slot=int(labels.get(LABEL_SLOT, "0")),
+            generation=int(labels.get(LABEL_GENERATION, "1")),
+            address=local.address,
+            port=local.port,
+            zone="local",
+            spot=labels.get("spot") == "true",
+            machine="local",
+            provider_id=local.id,
+            host_key=local.host_key_line if (local.sshd_dir / "host_key.pub").exists() else None,
+            reason="killed by fleet preempt" if local.preempted else None,
+            created_at=local.created_at,
+            labels=dict(labels),
+        )
+
+    def _local(self, name: str) -> LocalNode | None:
+        return LocalNode.load(self.root / self.spec.name / name)
+
+    def list(self) -> list[Node]:
+        return [self._to_node(local) for local in LocalNode.list(self.root, self.spec.name)]
+
+    def delete(self, names: Sequence[str]) -> list[str]:
+        deleted = []
+        for name in names:
+            local = self._local(name)
+            if local is None:
+                continue
+            local.destroy()
+            deleted.append(f"local node {name} (sshd on {local.address}:{local.port})")
+        return deleted
+
+    def preempt(self, name: str, *, notice_s: float = 0.0) -> None:
+        local = self._local(name)
+        if local is None or not local.is_running():
+            raise UsageError(f"no running local node named {name!r} in fleet {self.spec.name}")
+        if notice_s > 0:
+            local.terminate()
+            time.sleep(notice_s)
+        local.kill(preempted=True)
+
+    def destroy_all(self) -> CleanupReport:
+        report = CleanupReport()
+        locals_ = LocalNode.list(self.root, self.spec.name)
+        report.deleted.extend(self.delete([local.name for local in locals_]))
+        orphans = kill_fleet_orphans(self.root, self.spec.name, [local.id for local in locals_])
+        if orphans:
+            report.deleted.append(f"{orphans} orphaned processes of fleet {self.spec.name}")
+        fleet_dir = self.root / self.spec.name
+        if fleet_dir.is_dir() and not any(fleet_dir.iterdir()):
+            shutil.rmtree(fleet_dir, ignore_errors=True)
+        return report

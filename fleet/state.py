@@ -1,0 +1,243 @@
+"""The fleet's local record: nodes, generations, events and jobs, in SQLite.
+
+Lives beside the spec in `.fleet/<name>/state.db`. WAL mode and a busy timeout make it
+safe when two `fleet` commands run at once (e.g. `fleet watch` and `fleet exec`). It is
+a record, not the source of truth: providers find what exists by label, so losing this
+file never leaks a node. Connections are per thread (sqlite3 objects are not shared).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleet.errors import StateError
+from fleet.model import Node
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    address TEXT,
+    port INTEGER,
+    zone TEXT,
+    spot INTEGER NOT NULL DEFAULT 0,
+    provider_id TEXT,
+    setup_done INTEGER NOT NULL DEFAULT 0,
+    mounted INTEGER NOT NULL DEFAULT 0,
+    created_at REAL,
+    updated_at REAL,
+    gone INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    t REAL NOT NULL,
+    node TEXT,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    summary TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    name: str
+    role: str
+    slot: int
+    generation: int
+    state: str
+    address: str | None
+    port: int | None
+    zone: str | None
+    spot: bool
+    provider_id: str | None
+    setup_done: bool
+    mounted: bool
+    created_at: float | None
+    updated_at: float | None
+    gone: bool
+
+
+@dataclass(frozen=True)
+class Event:
+    t: float
+    node: str | None
+    kind: str
+    detail: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"t": self.t, "node": self.node or "", "kind": self.kind, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    name: str
+    status: str
+    spec: str
+    created_at: float
+    updated_at: float
+    summary: dict[str, object]
+
+
+class State:
+    """The SQLite record of one fleet."""
+
+    def __init__(self, path: Path, *, clock=time.time) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self._local = threading.local()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db().executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as error:
+            raise StateError(f"cannot open the fleet state at {self.path}: {error}") from None
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        else:
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- nodes ---------------------------------------------------------------------------
+    def upsert_node(self, node: Node) -> None:
+        now = self.clock()
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO nodes (name, role, slot, generation, state, address, port, zone, spot,
+                       provider_id, created_at, updated_at, gone)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,0)
+                   ON CONFLICT(name) DO UPDATE SET state=excluded.state, address=excluded.address,
+                       port=excluded.port, zone=excluded.zone, provider_id=excluded.provider_id,
+                       updated_at=excluded.updated_at, gone=0""",
+                (node.name, node.role.value, node.slot, node.generation, node.state.value, node.address,
+                 node.port, node.zone, int(node.spot), node.provider_id, node.created_at or now, now),
+            )
+
+    def set_node_state(self, name: str, state: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET state=?, updated_at=? WHERE name=?", (state, self.clock(), name))
+
+    def set_node_flags(self, name: str, *, setup_done: bool | None = None, mounted: bool | None = None) -> None:
+        with self._tx() as db:
+            if setup_done is not None:
+                db.execute("UPDATE nodes SET setup_done=? WHERE name=?", (int(setup_done), name))
+            if mounted is not None:
+                db.execute("UPDATE nodes SET mounted=? WHERE name=?", (int(mounted), name))
+
+    def mark_gone(self, name: str, state: str = "TERMINATED") -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE nodes SET gone=1, state=?, mounted=0, updated_at=? WHERE name=?",
+                (state, self.clock(), name),
+            )
+
+    def nodes(self, *, include_gone: bool = False) -> list[NodeRecord]:
+        query = "SELECT * FROM nodes" + ("" if include_gone else " WHERE gone=0") + " ORDER BY role, slot, generation"
+        rows = self._db().execute(query).fetchall()
+        return [
+            NodeRecord(**{**dict(row), "spot": bool(row["spot"]), "setup_done": bool(row["setup_done"]),
+                          "mounted": bool(row["mounted"]), "gone": bool(row["gone"])})
+            for row in rows
+        ]
+
+    def node(self, name: str) -> NodeRecord | None:
+        return next((n for n in self.nodes(include_gone=True) if n.name == name), None)
+
+    def max_generation(self, slot: int) -> int:
+        row = self._db().execute("SELECT MAX(generation) FROM nodes WHERE slot=? AND role='worker'", (slot,)).fetchone()
+        return int(row[0] or 0)
+
+    def forget_nodes(self) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET gone=1, mounted=0")
+
+    # -- events --------------------------------------------------------------------------
+    def add_event(self, kind: str, node: str | None = None, detail: str = "", *, t: float | None = None) -> Event:
+        event = Event(t=self.clock() if t is None else t, node=node, kind=kind, detail=detail)
+        with self._tx() as db:
+            db.execute("INSERT INTO events (t, node, kind, detail) VALUES (?,?,?,?)",
+                       (event.t, event.node, event.kind, event.detail))
+        return event
+
+    def events(self, *, since: float | None = None, node: str | None = None) -> list[Event]:
+        query, args = "SELECT t, node, kind, detail FROM events WHERE 1=1", []
+        if since is not None:
+            query += " AND t >= ?"
+            args.append(since)
+        if node is not None:
+            query += " AND node = ?"
+            args.append(node)
+        rows = self._db().execute(query + " ORDER BY id", args).fetchall()
+        return [Event(t=row["t"], node=row["node"], kind=row["kind"], detail=row["detail"]) for row in rows]
+
+    def count_events(self, kind: str, *, since: float | None = None) -> int:
+        query, args = "SELECT COUNT(*) FROM events WHERE kind=?", [kind]
+        if since is not None:
+            query += " AND t >= ?"
+            args.append(since)
+        return int(self._db().execute(query, args).fetchone()[0])
+
+    # -- jobs ----------------------------------------------------------------------------
+    def upsert_job(self, name: str, *, status: str, spec: str, summary: dict[str, object] | None = None) -> None:
+        now = self.clock()
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO jobs (name, status, spec, created_at, updated_at, summary) VALUES (?,?,?,?,?,?)
+                   ON CONFLICT(name) DO UPDATE SET status=excluded.status, spec=excluded.spec,
+                       updated_at=excluded.updated_at, summary=excluded.summary""",
+                (name, status, spec, now, now, json.dumps(summary or {})),
+            )
+
+    def set_job_status(self, name: str, status: str, summary: dict[str, object] | None = None) -> None:
+        with self._tx() as db:
+            if summary is None:
+                db.execute("UPDATE jobs SET status=?, updated_at=? WHERE name=?", (status, self.clock(), name))
+            else:
+                db.execute("UPDATE jobs SET status=?, updated_at=?, summary=? WHERE name=?",
+                           (status, self.clock(), json.dumps(summary), name))
+
+    def jobs(self) -> list[JobRecord]:
+        rows = self._db().execute("SELECT * FROM jobs ORDER BY created_at").fetchall()
+        return [JobRecord(**{**dict(row), "summary": json.loads(row["summary"])}) for row in rows]
+
+    def job(self, name: str) -> JobRecord | None:
+        return next((job for job in self.jobs() if job.name == name), None)
