@@ -212,6 +212,49 @@ class ProcessTree:
         }
 
 
+class AppendLog:
+    """The output file, kept open, one line per write (line buffered).
+
+    Over sshfs a reconnect makes files opened before it fail until reopened: a failed
+    write drops that line, closes the file and reopens it at the next line (starting
+    with a newline, so that a partly written line stays a line of its own, which
+    readers skip). The sampler never dies of a failed write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.failed_writes = 0
+        self._handle: IO[str] | None = None
+        self._broken = False
+
+    def open(self) -> None:
+        """Open now, so that an unusable --out is reported at start."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - kept open
+
+    def write(self, line: str) -> None:
+        try:
+            if self._handle is None:
+                self._handle = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+                if self._broken:
+                    self._handle.write("\n")
+            self._handle.write(line)
+            self._broken = False
+        except OSError as exc:
+            self.failed_writes += 1
+            if not self._broken:
+                print(f"sampler: cannot write {self.path}: {exc}; will reopen it", file=sys.stderr)
+            self._broken = True
+            self.close()
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                handle.close()
+            except OSError:
+                pass
+
+
 def _rate(now: float, before: float, elapsed: float) -> float:
     return round(max(0.0, now - before) / elapsed, 1) if elapsed > 0 else 0.0
 
@@ -219,7 +262,7 @@ def _rate(now: float, before: float, elapsed: float) -> float:
 class Sampler:
     """Reads counters, turns their differences into rates, writes one line per tick."""
 
-    def __init__(self, out: IO[str], node: str, interval: float, pid: int | None = None) -> None:
+    def __init__(self, out: AppendLog | IO[str], node: str, interval: float, pid: int | None = None) -> None:
         self.out = out
         self.node = node
         self.interval = interval
@@ -365,9 +408,10 @@ class Sampler:
 def run(out_path: Path, node: str, interval: float, pid: int | None, stop: threading.Event) -> None:
     """Sample until `stop` is set or the watched process is gone. Ticks are scheduled on
     a fixed grid of the monotonic clock, so the rate does not drift with the work done."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # Line buffered appends by this node only: safe over sshfs (one writer per file).
-    with open(out_path, "a", buffering=1, encoding="utf-8") as out:
+    # Appends by this node only: safe over sshfs (one writer per file).
+    out = AppendLog(out_path)
+    out.open()
+    try:
         sampler = Sampler(out, node, interval, pid)
         try:
             sampler.write_info()
@@ -383,8 +427,9 @@ def run(out_path: Path, node: str, interval: float, pid: int | None, stop: threa
                 if next_tick < time.monotonic():  # we were suspended: skip missed ticks
                     next_tick = time.monotonic() + interval
         finally:
-            out.flush()
             sampler.close()
+    finally:
+        out.close()
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.worker.sampler import is_whole_physical_disk
+from fleet.worker.sampler import AppendLog, is_whole_physical_disk
 
 
 def _lines(path: Path) -> list[dict]:
@@ -157,3 +157,38 @@ def test_disk_filter_keeps_whole_physical_disks_only(tmp_path):
     missing = tmp_path / "no-sys"
     assert is_whole_physical_disk("sdb", missing) and not is_whole_physical_disk("sdb1", missing)
     assert not is_whole_physical_disk("nvme1n1p1", missing) and is_whole_physical_disk("nvme1n1", missing)
+
+
+def test_a_failed_write_is_survived_and_the_file_reopened(tmp_path):
+    """/dev/full fails every write (ENOSPC), as a file on a dropped sshfs mount does;
+    once the path works again, the next line reopens it."""
+    link = tmp_path / "n.jsonl"
+    link.symlink_to("/dev/full")
+    log = AppendLog(link)
+    log.open()
+    log.write('{"lost": 1}\n')  # fails: no exception
+    assert log.failed_writes == 1
+    real = tmp_path / "real.jsonl"
+    link.unlink()
+    link.symlink_to(real)
+    log.write('{"kept": 2}\n')
+    log.close()
+    assert real.read_text() == '\n{"kept": 2}\n'  # a newline first: a cut line stays apart
+
+
+def test_sampler_keeps_going_through_write_failures(processes, tmp_path):
+    link = tmp_path / "n.jsonl"
+    link.symlink_to("/dev/full")
+    sampler = processes.sampler(link, "n", interval=0.2)
+    time.sleep(1.5)
+    assert sampler.poll() is None  # still running although every write failed
+    real = tmp_path / "real.jsonl"
+    link.unlink()
+    link.symlink_to(real)
+    _wait_for_lines(real, 3)
+    sampler.send_signal(signal.SIGTERM)
+    _, err = sampler.communicate(timeout=10)
+    assert sampler.returncode == 0
+    assert err.decode().count("cannot write") == 1  # said once, not once per tick
+    lines = [json.loads(line) for line in real.read_text().splitlines() if line]
+    assert lines and all(line["kind"] == "sample" for line in lines)
