@@ -15,6 +15,7 @@ Failures become fleet errors: `NodeUnreachable` (retryable: the node may be boot
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import time
 from pathlib import Path
@@ -35,6 +36,11 @@ _CIPHER_ORDER = ("aes128-ctr", "aes256-ctr", "aes128-gcm@openssh.com", "aes256-g
 _RETRYABLE_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
                      errno.ENETUNREACH, errno.ETIMEDOUT, errno.EPIPE, errno.EHOSTDOWN}
 KEEPALIVE_S = 15
+
+# Every paramiko failure becomes a per-node result here; its own tracebacks (logged at
+# ERROR for a banner timeout) would only repeat them. Left alone if someone set a level.
+if logging.getLogger("paramiko").level == logging.NOTSET:
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
 
 class NodeUnreachable(SSHError):
@@ -92,7 +98,10 @@ def open_transport(
             transport.start_client(timeout=remaining())
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise _unreachable(target, exc, timeout) from None
-        server_key = transport.get_remote_server_key()
+        try:  # start_client returns quietly when its timeout passes mid-handshake
+            server_key = transport.get_remote_server_key()
+        except paramiko.SSHException:
+            raise _unreachable(target, TimeoutError("handshake timed out"), timeout) from None
         policy = PinnedHostKeyPolicy(store, vouched=target.host_key,
                                      trust_on_first_use=target.trust_on_first_use)
         try:

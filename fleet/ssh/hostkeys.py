@@ -22,7 +22,7 @@ from pathlib import Path
 
 import paramiko
 
-from fleet.errors import HostKeyError
+from fleet.errors import HostKeyError, UsageError
 
 _ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -30,7 +30,10 @@ _ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def validate_alias(alias: str) -> str:
     """Node names are used as known_hosts aliases and ssh_config `Host` patterns."""
     if not isinstance(alias, str) or not _ALIAS.match(alias) or len(alias) > 253:
-        raise HostKeyError(f"invalid node name {alias!r} for a host key alias", node=None)
+        raise UsageError(
+            f"invalid node name {alias!r}",
+            hint="node names are letters, digits, '.', '_' and '-', starting with a letter or digit",
+        )
     return alias
 
 
