@@ -33,8 +33,9 @@ from fleet.ssh import Executor, HostKeyStore, Target, write_ssh_config
 
 def start_nodes(root: Path, count: int, public_key: str, nodes: list[LocalNode]) -> None:
     def create(index: int) -> LocalNode:
-        return LocalNode.create(root / "nodes", name=f"fan-n{index:02d}", fleet="fanout",
-                                authorized_keys=[public_key])
+        return LocalNode.create(
+            root / "nodes", name=f"fan-n{index:02d}", fleet="fanout", authorized_keys=[public_key]
+        )
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         futures = [pool.submit(create, index) for index in range(count)]
@@ -42,7 +43,7 @@ def start_nodes(root: Path, count: int, public_key: str, nodes: list[LocalNode])
         for future in futures:
             try:
                 nodes.append(future.result())
-            except Exception as exc:  # keep the nodes that did start, to destroy them
+            except Exception as exc:  # noqa: BLE001 - keep the nodes that did start, to destroy them
                 errors.append(exc)
     if errors:
         raise errors[0]
@@ -69,8 +70,15 @@ def with_asyncssh(key: Path, nodes: list[LocalNode]) -> float:
 
     async def one(node: LocalNode) -> asyncssh.SSHClientConnection:
         known = ([asyncssh.import_public_key(node.host_key_line)], [], [])
-        conn = await asyncssh.connect(node.address, node.port, username=node.user, client_keys=[str(key)],
-                                      known_hosts=known, agent_path=None, config=[])
+        conn = await asyncssh.connect(
+            node.address,
+            node.port,
+            username=node.user,
+            client_keys=[str(key)],
+            known_hosts=known,
+            agent_path=None,
+            config=[],
+        )
         result = await conn.run("true", check=True)
         assert result.exit_status == 0
         return conn
@@ -90,8 +98,12 @@ def with_asyncssh(key: Path, nodes: list[LocalNode]) -> float:
 def with_openssh(config: Path, nodes: list[LocalNode]) -> float:
     started = time.perf_counter()
     procs = [
-        subprocess.Popen(["ssh", "-F", str(config), "-o", "BatchMode=yes", node.name, "true"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            ["ssh", "-F", str(config), "-o", "BatchMode=yes", node.name, "true"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         for node in nodes
     ]
     failures = []
@@ -144,8 +156,10 @@ def main() -> None:
                 else:
                     figures["openssh"].append(with_openssh(config, nodes))
                 time.sleep(0.3)  # let the previous contender's sshd children exit
-            print(f"round {round_index + 1}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in figures.items()),
-                  flush=True)
+            print(
+                f"round {round_index + 1}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in figures.items()),
+                flush=True,
+            )
         median = {name: statistics.median(values) for name, values in figures.items()}
         best_peer = min(median["asyncssh"], median["openssh"])
         result = {

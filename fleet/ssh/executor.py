@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from typing import Self
 
 import paramiko
 
@@ -36,7 +36,6 @@ from fleet.ssh.results import CommandResult, GroupResult, Target
 LineCallback = Callable[[str, str, str], None]
 CommandSpec = str | Callable[[Target], str]
 EnvSpec = Mapping[str, str] | Callable[[Target], Mapping[str, str] | None] | None
-T = TypeVar("T")
 
 _READ_CHUNK = 65536
 _SFTP_CHUNK = 32768
@@ -75,7 +74,7 @@ class _Output:
     def _emit(self, line: bytes) -> None:
         try:
             self.on_line(self.node, self.stream, line.decode(errors="replace").rstrip("\r"))  # type: ignore[misc]
-        except Exception:  # a broken printer must not break the command
+        except Exception:  # noqa: BLE001 - a broken printer must not break the command
             self.on_line = None
 
     def text(self) -> str:
@@ -125,7 +124,7 @@ class Executor:
         self._closed = False
 
     # -- life cycle ------------------------------------------------------------------
-    def __enter__(self) -> Executor:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -152,7 +151,9 @@ class Executor:
         if connection is not None:
             connection.transport.close()
 
-    def transport(self, target: Target, *, retries: int = 0, timeout: float | None = None) -> paramiko.Transport:
+    def transport(
+        self, target: Target, *, retries: int = 0, timeout: float | None = None
+    ) -> paramiko.Transport:
         """The node's open transport (opened now if there is none or it died)."""
         with self._lock:
             if self._closed:
@@ -175,8 +176,13 @@ class Executor:
         attempt = 0
         while True:
             try:
-                return open_transport(target, self._pkey, self.key_path, self.known_hosts,
-                                      timeout=timeout or self.connect_timeout)
+                return open_transport(
+                    target,
+                    self._pkey,
+                    self.key_path,
+                    self.known_hosts,
+                    timeout=timeout or self.connect_timeout,
+                )
             except NodeUnreachable:
                 if attempt >= retries:
                     raise
@@ -201,7 +207,7 @@ class Executor:
             return work(target)
         except FleetError as exc:
             return CommandResult(target.name, "", None, "", "", time.monotonic() - started, exc)
-        except Exception as exc:  # a paramiko/socket surprise stays this node's problem
+        except Exception as exc:  # noqa: BLE001 - a paramiko/socket surprise stays this node's problem
             error = SSHError(f"{target.name}: {type(exc).__name__}: {exc}", node=target.name)
             return CommandResult(target.name, "", None, "", "", time.monotonic() - started, error)
 
@@ -217,7 +223,9 @@ class Executor:
                 return transport.open_session(timeout=self.connect_timeout)
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 self.drop(target.name)
-                raise NodeUnreachable(f"cannot open a session on {target.name}: {exc}", node=target.name) from None
+                raise NodeUnreachable(
+                    f"cannot open a session on {target.name}: {exc}", node=target.name
+                ) from None
 
     # -- commands --------------------------------------------------------------------
     def run(
@@ -254,8 +262,9 @@ class Executor:
         values = env(target) if callable(env) else env
         return with_env(text, values)
 
-    def _run_one(self, target: Target, command: str, timeout: float, on_line: LineCallback | None,
-                 retries: int) -> CommandResult:
+    def _run_one(
+        self, target: Target, command: str, timeout: float, on_line: LineCallback | None, retries: int
+    ) -> CommandResult:
         started = time.monotonic()
         try:
             channel = self._session(target, retries)
@@ -268,16 +277,33 @@ class Executor:
         try:
             exit_code, error = self._exec(channel, target.name, command, started + timeout, timeout, out, err)
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            error = SSHError(f"{target.name}: the connection failed during the command: {exc}", node=target.name)
+            error = SSHError(
+                f"{target.name}: the connection failed during the command: {exc}", node=target.name
+            )
             self.drop(target.name)
         finally:
             channel.close()
-        return CommandResult(target.name, command, exit_code, out.text(), err.text(),
-                             time.monotonic() - started, error, out.truncated or err.truncated)
+        return CommandResult(
+            target.name,
+            command,
+            exit_code,
+            out.text(),
+            err.text(),
+            time.monotonic() - started,
+            error,
+            out.truncated or err.truncated,
+        )
 
     @staticmethod
-    def _exec(channel: paramiko.Channel, node: str, command: str, deadline: float, timeout: float,
-              out: _Output, err: _Output) -> tuple[int | None, FleetError | None]:
+    def _exec(
+        channel: paramiko.Channel,
+        node: str,
+        command: str,
+        deadline: float,
+        timeout: float,
+        out: _Output,
+        err: _Output,
+    ) -> tuple[int | None, FleetError | None]:
         channel.exec_command(command)
         channel.shutdown_write()  # no stdin: a command that reads it sees EOF, not a hang
         wakeup = channel.fileno()
@@ -308,8 +334,9 @@ class Executor:
             )
         return channel.exit_status, None
 
-    def wait_ready(self, targets: Sequence[Target], *, timeout: float,
-                   retry_auth_failures: bool = False) -> GroupResult:
+    def wait_ready(
+        self, targets: Sequence[Target], *, timeout: float, retry_auth_failures: bool = False
+    ) -> GroupResult:
         """Connect to each node (retrying with backoff and jitter while it does not
         answer) until it runs `true`, or `timeout` passes. Auth and host key failures
         are final unless `retry_auth_failures` (a cloud node may install the key late)."""
@@ -325,8 +352,11 @@ class Executor:
                     message = f"{target.name} did not become ready within {timeout:g}s"
                     if last is not None:
                         message += f"; last error: {last.message}"
-                    error = type(last)(message, node=target.name, hint=last.hint) if last else SSHError(
-                        message, node=target.name)
+                    error = (
+                        type(last)(message, node=target.name, hint=last.hint)
+                        if last
+                        else SSHError(message, node=target.name)
+                    )
                     return CommandResult(target.name, "true", None, "", "", time.monotonic() - started, error)
                 try:
                     self.transport(target, timeout=min(self.connect_timeout, remaining))
@@ -334,13 +364,19 @@ class Executor:
                     last = exc
                 except SSHError as exc:
                     if isinstance(exc, HostKeyError) or not retry_auth_failures:
-                        return CommandResult(target.name, "true", None, "", "", time.monotonic() - started, exc)
+                        return CommandResult(
+                            target.name, "true", None, "", "", time.monotonic() - started, exc
+                        )
                     last = exc
                 else:
-                    result = self._run_one(target, "true", max(1.0, min(self.command_timeout, remaining)), None, 0)
+                    result = self._run_one(
+                        target, "true", max(1.0, min(self.command_timeout, remaining)), None, 0
+                    )
                     if result.ok:
                         return result
-                    last = result.error or SSHError(f"`true` exited with {result.exit_code}", node=target.name)
+                    last = result.error or SSHError(
+                        f"`true` exited with {result.exit_code}", node=target.name
+                    )
                 time.sleep(min(_backoff(attempt), max(0.0, deadline - time.monotonic())))
                 attempt += 1
 
@@ -359,8 +395,9 @@ class Executor:
         sftp.get_channel().settimeout(self.command_timeout)
         return sftp
 
-    def put(self, targets: Sequence[Target], data: bytes | Path, remote_path: str, *,
-            mode: int = 0o644) -> GroupResult:
+    def put(
+        self, targets: Sequence[Target], data: bytes | Path, remote_path: str, *, mode: int = 0o644
+    ) -> GroupResult:
         """Upload bytes or a local file to `remote_path` on every target: parents are
         created, the file is written beside it and renamed over it (atomic), then has
         `mode`. Relative paths are relative to the login directory."""
@@ -473,8 +510,9 @@ def _sftp_get(sftp: paramiko.SFTPClient, node: str, remote_path: str, local_path
         raise SSHError(f"{node}: download of {remote_path} failed: {exc}", node=node) from None
 
 
-def _sftp_get_tree(sftp: paramiko.SFTPClient, node: str, remote_dir: str, local_dir: Path,
-                   written: list[Path]) -> None:
+def _sftp_get_tree(
+    sftp: paramiko.SFTPClient, node: str, remote_dir: str, local_dir: Path, written: list[Path]
+) -> None:
     try:
         entries = sftp.listdir_attr(remote_dir)
     except FileNotFoundError:

@@ -5,6 +5,7 @@ Every node a fixture starts is destroyed in a `finally`, also when the test fail
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet.errors import SSHError
 from fleet.providers.localnode import LocalNode, find_sshd, generate_ed25519_keypair
 from fleet.ssh import Executor, HostKeyStore, Target
 
@@ -31,15 +33,22 @@ class SshLab:
     executors: list[Executor] = field(default_factory=list)
 
     def node(self, name: str, *, port: int = 0, authorized_keys: list[str] | None = None) -> LocalNode:
-        node = LocalNode.create(self.root / "nodes", name=name, fleet="sshtest", port=port,
-                                authorized_keys=authorized_keys if authorized_keys is not None else [self.public_key])
+        node = LocalNode.create(
+            self.root / "nodes",
+            name=name,
+            fleet="sshtest",
+            port=port,
+            authorized_keys=authorized_keys if authorized_keys is not None else [self.public_key],
+        )
         self.nodes.append(node)
         return node
 
-    def target(self, node: LocalNode, *, name: str | None = None, tofu: bool = True,
-               host_key: str | None = None) -> Target:
-        return Target(name or node.name, node.address, node.port, node.user, host_key=host_key,
-                      trust_on_first_use=tofu)
+    def target(
+        self, node: LocalNode, *, name: str | None = None, tofu: bool = True, host_key: str | None = None
+    ) -> Target:
+        return Target(
+            name or node.name, node.address, node.port, node.user, host_key=host_key, trust_on_first_use=tofu
+        )
 
     def executor(self, **options: object) -> Executor:
         executor = Executor(self.key, self.store, **options)  # type: ignore[arg-type]
@@ -53,10 +62,8 @@ class SshLab:
 
     def close(self) -> None:
         for executor in self.executors:
-            try:
+            with contextlib.suppress(SSHError):
                 executor.close()
-            except Exception:
-                pass
         for node in self.nodes:
             node.destroy()
 

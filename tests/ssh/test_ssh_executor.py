@@ -39,7 +39,9 @@ def test_per_node_commands_env_exit_codes_and_tails(trio: SshLab, trio_targets: 
     assert "--- stderr" in described and "oops" in described
 
 
-def test_output_tail_keeps_the_end_and_streaming_prefixes_lines(trio: SshLab, trio_targets: list[Target]) -> None:
+def test_output_tail_keeps_the_end_and_streaming_prefixes_lines(
+    trio: SshLab, trio_targets: list[Target]
+) -> None:
     lines: list[tuple[str, str, str]] = []
     lock = threading.Lock()
 
@@ -48,8 +50,9 @@ def test_output_tail_keeps_the_end_and_streaming_prefixes_lines(trio: SshLab, tr
             lines.append((node, stream, line))
 
     with trio.executor(on_line=on_line, max_output=1000) as executor:
-        result = executor.run(trio_targets[:2], "for i in $(seq 1 300); do echo line$i; done; echo bad >&2",
-                              stream=True)
+        result = executor.run(
+            trio_targets[:2], "for i in $(seq 1 300); do echo line$i; done; echo bad >&2", stream=True
+        )
         quiet = executor.run(trio_targets[:1], "echo not streamed")
     assert result.ok
     for target in trio_targets[:2]:
@@ -68,7 +71,7 @@ def test_parallelism_bound_is_respected(lab: SshLab, tmp_path: Path) -> None:
     marks = tmp_path / "running"
     marks.mkdir()
     # Every command registers itself, counts who is running with it, and stays a while.
-    command = (f"touch {marks}/$N; ls {marks} | wc -l > {tmp_path}/seen-$N; sleep 0.6; rm {marks}/$N")
+    command = f"touch {marks}/$N; ls {marks} | wc -l > {tmp_path}/seen-$N; sleep 0.6; rm {marks}/$N"
 
     def most_concurrent(parallelism: int) -> int:
         with lab.executor(parallelism=parallelism) as executor:
@@ -80,7 +83,9 @@ def test_parallelism_bound_is_respected(lab: SshLab, tmp_path: Path) -> None:
     assert most_concurrent(6) >= 3  # the probe does see concurrency when it is allowed
 
 
-def test_connections_are_opened_once_and_reused(trio: SshLab, trio_targets: list[Target], accepted_logins) -> None:
+def test_connections_are_opened_once_and_reused(
+    trio: SshLab, trio_targets: list[Target], accepted_logins
+) -> None:
     before = [accepted_logins(node) for node in trio.nodes]
     with trio.executor() as executor:
         assert executor.run(trio_targets, "true").ok
@@ -109,7 +114,9 @@ def test_dead_transport_is_reopened_and_drop_forgets(trio: SshLab, trio_targets:
         assert executor.transport(target) is not second
 
 
-def test_command_timeout_closes_the_channel_and_spares_the_others(trio: SshLab, trio_targets: list[Target]) -> None:
+def test_command_timeout_closes_the_channel_and_spares_the_others(
+    trio: SshLab, trio_targets: list[Target]
+) -> None:
     slow, fast = trio_targets[0], trio_targets[1]
     with trio.executor(command_timeout=30) as executor:
         started = time.monotonic()
@@ -160,8 +167,13 @@ def test_connect_retries_wait_for_a_booting_node(lab: SshLab, closed_port: int) 
     starter = threading.Timer(1.0, lambda: lab.node("late-node", port=closed_port))
     starter.start()
     try:
-        target = Target("late-node", "127.0.0.1", closed_port, lab.nodes[0].user if lab.nodes else _me(),
-                        trust_on_first_use=True)
+        target = Target(
+            "late-node",
+            "127.0.0.1",
+            closed_port,
+            lab.nodes[0].user if lab.nodes else _me(),
+            trust_on_first_use=True,
+        )
         with lab.executor(connect_timeout=2) as executor:
             started = time.monotonic()
             result = executor.wait_ready([target], timeout=20)
@@ -202,16 +214,22 @@ def test_auth_failure_names_node_and_key_path_and_is_not_retried(lab: SshLab, tm
     assert elapsed < 3
 
 
-def test_bad_env_names_and_node_names_fail_before_anything_runs(trio: SshLab, trio_targets: list[Target],
-                                                                 accepted_logins) -> None:
+def test_bad_env_names_and_node_names_fail_before_anything_runs(
+    trio: SshLab, trio_targets: list[Target], accepted_logins
+) -> None:
     before = [accepted_logins(node) for node in trio.nodes]
     with trio.executor() as executor:
         with pytest.raises(UsageError, match="invalid environment variable name"):
             executor.run(trio_targets, "true", env={"A;touch x": "1"})
         with pytest.raises(UsageError, match="twice"):
             executor.run([trio_targets[0], trio_targets[0]], "true")
-        sneaky = Target("n1; touch /tmp/x", trio_targets[0].address, trio_targets[0].port, trio_targets[0].user,
-                        trust_on_first_use=True)
+        sneaky = Target(
+            "n1; touch /tmp/x",
+            trio_targets[0].address,
+            trio_targets[0].port,
+            trio_targets[0].user,
+            trust_on_first_use=True,
+        )
         with pytest.raises(UsageError, match="invalid node name"):
             executor.run([sneaky], "true")
     time.sleep(0.1)
