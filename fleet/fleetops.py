@@ -345,6 +345,9 @@ class Fleet:
                 self.state.set_node_flags(node.name, setup_done=True)
         head = next((n for n in ready if n.role == Role.HEAD), None)
         workers = [n for n in ready if n.role == Role.WORKER]
+        if head is None and workers:
+            # Replacements come up without their head: it is already running and exported.
+            head = self.head()
         if head is None:
             for node in workers:
                 result.failures.setdefault(node.name, "no head node is up: the shared directory cannot be mounted")
@@ -352,7 +355,7 @@ class Fleet:
         if not self.export_shared(head, result):
             return [n for n in ready if n.role != Role.WORKER]
         mounted = self.mount_shared(head, workers, result) if workers else []
-        return [head, *mounted]
+        return [n for n in ready if n.role == Role.HEAD] + mounted
 
     def _flag(self, name: str, flag: str) -> bool:
         record = self.state.node(name)
