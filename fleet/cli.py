@@ -166,9 +166,16 @@ def cmd_ssh(args: argparse.Namespace) -> int:
 
     with _open_fleet(args, quiet=True) as fleet:
         node = fleet.select(fleet.observe(), args.node)[0]
-        argv = interactive_ssh_argv(fleet.target(node), fleet.paths.key, fleet.paths.known_hosts)
-        if args.command:
-            argv += ["--", " ".join(args.command)]
+        command = list(args.command)
+        if command and command[0] == "--":  # `fleet ssh NODE -- CMD`: the separator is ours
+            command = command[1:]
+        # Like ssh itself, the words of CMD are joined and run by the node's shell.
+        argv = interactive_ssh_argv(
+            fleet.target(node),
+            fleet.paths.key,
+            fleet.paths.known_hosts,
+            [" ".join(command)] if command else (),
+        )
     os.execvp(argv[0], argv)
     return 1  # not reached
 
