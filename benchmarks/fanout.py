@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -124,6 +125,8 @@ def main() -> None:
     if not shutil.which("ssh"):
         sys.exit("the OpenSSH client (ssh) is needed: apt-get install openssh-client")
 
+    # A SIGTERM (e.g. a timeout) still runs the `finally` that destroys the nodes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(tempfile.mkdtemp(prefix="fleet-fanout-"))
     nodes: list[LocalNode] = []
     try:

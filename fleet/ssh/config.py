@@ -74,8 +74,9 @@ def render_ssh_config(fleet: str, targets: Sequence[Target], key_path: Path, kno
     return "\n".join(lines)
 
 
-def write_ssh_config(path: Path, fleet: str, targets: Sequence[Target], key_path: Path,
-                     known_hosts: Path) -> Path:
+def write_ssh_config(
+    path: Path, fleet: str, targets: Sequence[Target], key_path: Path, known_hosts: Path
+) -> Path:
     """Write (atomically, 0600) one `Host <node-name>` block per target."""
     text = render_ssh_config(fleet, targets, key_path, known_hosts)
     path = Path(path)
@@ -92,24 +93,35 @@ def write_ssh_config(path: Path, fleet: str, targets: Sequence[Target], key_path
     return path
 
 
-def interactive_ssh_argv(target: Target, key_path: Path, known_hosts_path: Path,
-                         command: Sequence[str] = ()) -> list[str]:
+def interactive_ssh_argv(
+    target: Target, key_path: Path, known_hosts_path: Path, command: Sequence[str] = ()
+) -> list[str]:
     """argv for `fleet ssh NODE` (os.execvp it): the OpenSSH client with pinned keys."""
     _check_target(target)
     key = str(Path(key_path).resolve())
     hosts = _config_value(str(Path(known_hosts_path).resolve()), "known_hosts path")
     argv = [
         "ssh",
-        "-i", key,
-        "-p", str(int(target.port)),
-        "-l", target.user,
-        "-o", "IdentitiesOnly=yes",
-        "-o", f"UserKnownHostsFile={hosts}",
-        "-o", "GlobalKnownHostsFile=none",
-        "-o", f"HostKeyAlias={target.name}",
-        "-o", "StrictHostKeyChecking=yes",
-        "-o", "PasswordAuthentication=no",
-        "-o", "ServerAliveInterval=15",
+        "-i",
+        key,
+        "-p",
+        str(int(target.port)),
+        "-l",
+        target.user,
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        f"UserKnownHostsFile={hosts}",
+        "-o",
+        "GlobalKnownHostsFile=none",
+        "-o",
+        f"HostKeyAlias={target.name}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "PasswordAuthentication=no",
+        "-o",
+        "ServerAliveInterval=15",
         "--",
         target.address,
     ]

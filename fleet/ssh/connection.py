@@ -28,13 +28,26 @@ from fleet.ssh.results import Target
 
 # Prefer the fast key exchange and host key types; the rest stay as fallbacks. mlkem is
 # computed in Python by some paramiko versions, which is slow, so it is not offered.
-_KEX_ORDER = ("curve25519-sha256@libssh.org", "ecdh-sha2-nistp256", "ecdh-sha2-nistp384",
-              "ecdh-sha2-nistp521", "diffie-hellman-group16-sha512",
-              "diffie-hellman-group-exchange-sha256", "diffie-hellman-group14-sha256")
-_CIPHER_ORDER = ("aes128-ctr", "aes256-ctr", "aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-                 "aes192-ctr")
-_RETRYABLE_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
-                     errno.ENETUNREACH, errno.ETIMEDOUT, errno.EPIPE, errno.EHOSTDOWN}
+_KEX_ORDER = (
+    "curve25519-sha256@libssh.org",
+    "ecdh-sha2-nistp256",
+    "ecdh-sha2-nistp384",
+    "ecdh-sha2-nistp521",
+    "diffie-hellman-group16-sha512",
+    "diffie-hellman-group-exchange-sha256",
+    "diffie-hellman-group14-sha256",
+)
+_CIPHER_ORDER = ("aes128-ctr", "aes256-ctr", "aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes192-ctr")
+_RETRYABLE_ERRNOS = {
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
+    errno.EHOSTDOWN,
+}
 KEEPALIVE_S = 15
 
 # Every paramiko failure becomes a per-node result here; its own tracebacks (logged at
@@ -102,8 +115,9 @@ def open_transport(
             server_key = transport.get_remote_server_key()
         except paramiko.SSHException:
             raise _unreachable(target, TimeoutError("handshake timed out"), timeout) from None
-        policy = PinnedHostKeyPolicy(store, vouched=target.host_key,
-                                     trust_on_first_use=target.trust_on_first_use)
+        policy = PinnedHostKeyPolicy(
+            store, vouched=target.host_key, trust_on_first_use=target.trust_on_first_use
+        )
         try:
             policy.missing_host_key(None, target.name, server_key)
         except HostKeyError as exc:
@@ -132,8 +146,10 @@ def open_transport(
 
 
 def _unreachable(target: Target, exc: BaseException, timeout: float) -> FleetError:
-    if isinstance(exc, (socket.timeout, TimeoutError)) or "timed out" in str(exc).lower() or (
-        "banner" in str(exc).lower() and "timeout" in str(exc).lower()
+    if (
+        isinstance(exc, (socket.timeout, TimeoutError))
+        or "timed out" in str(exc).lower()
+        or ("banner" in str(exc).lower() and "timeout" in str(exc).lower())
     ):
         reason = f"no answer within {timeout:g}s"
     elif isinstance(exc, OSError) and exc.errno in _RETRYABLE_ERRNOS:

@@ -12,6 +12,7 @@ one command, after which its channel is closed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import select
@@ -19,11 +20,11 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Self
+from typing import Self, TypeVar
 
 import paramiko
 
@@ -39,6 +40,8 @@ EnvSpec = Mapping[str, str] | Callable[[Target], Mapping[str, str] | None] | Non
 
 _READ_CHUNK = 65536
 _SFTP_CHUNK = 32768
+C = TypeVar("C")
+SESSIONS_PER_NODE = 8  # below OpenSSH's default MaxSessions (10) channels per connection
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 5.0
 
@@ -120,6 +123,7 @@ class Executor:
         self._pool = ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="fleet-ssh")
         self._connections: dict[str, _Connection] = {}
         self._node_locks: dict[str, threading.Lock] = {}
+        self._node_slots: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -211,21 +215,32 @@ class Executor:
             error = SSHError(f"{target.name}: {type(exc).__name__}: {exc}", node=target.name)
             return CommandResult(target.name, "", None, "", "", time.monotonic() - started, error)
 
-    def _session(self, target: Target, retries: int) -> paramiko.Channel:
-        """A new session channel; a cached transport that turns out dead is replaced once."""
-        transport = self.transport(target, retries=retries)
-        try:
-            return transport.open_session(timeout=self.connect_timeout)
-        except (paramiko.SSHException, EOFError, OSError):
-            self.drop(target.name)
+    @contextlib.contextmanager
+    def _slot(self, name: str) -> Iterator[None]:
+        """Hold one of the node's channel slots (sshd's MaxSessions is 10 by default)."""
+        with self._lock:
+            slots = self._node_slots.setdefault(name, threading.BoundedSemaphore(SESSIONS_PER_NODE))
+        with slots:
+            yield
+
+    def _open(self, target: Target, retries: int, opener: Callable[[paramiko.Transport], C]) -> C:
+        """Open a channel with `opener`; a cached transport that turns out dead is replaced once."""
+        for attempt in (1, 2):
             transport = self.transport(target, retries=retries)
             try:
-                return transport.open_session(timeout=self.connect_timeout)
+                return opener(transport)
+            except paramiko.ChannelException as exc:  # the server said no; the transport is fine
+                raise SSHError(f"{target.name} refused a new channel: {exc}", node=target.name) from None
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 self.drop(target.name)
-                raise NodeUnreachable(
-                    f"cannot open a session on {target.name}: {exc}", node=target.name
-                ) from None
+                if attempt == 2:
+                    raise NodeUnreachable(
+                        f"cannot open a channel on {target.name}: {exc}", node=target.name
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def _session(self, target: Target, retries: int) -> paramiko.Channel:
+        return self._open(target, retries, lambda t: t.open_session(timeout=self.connect_timeout))
 
     # -- commands --------------------------------------------------------------------
     def run(
@@ -266,16 +281,29 @@ class Executor:
         self, target: Target, command: str, timeout: float, on_line: LineCallback | None, retries: int
     ) -> CommandResult:
         started = time.monotonic()
+        with self._slot(target.name):
+            return self._run_in_slot(target, command, timeout, on_line, retries, started)
+
+    def _run_in_slot(
+        self,
+        target: Target,
+        command: str,
+        timeout: float,
+        on_line: LineCallback | None,
+        retries: int,
+        started: float,
+    ) -> CommandResult:
         try:
             channel = self._session(target, retries)
         except FleetError as exc:
             return CommandResult(target.name, command, None, "", "", time.monotonic() - started, exc)
+        deadline = time.monotonic() + timeout  # the command's own time, not the connect's
         out = _Output(target.name, "stdout", self.max_output, on_line)
         err = _Output(target.name, "stderr", self.max_output, on_line)
         error: FleetError | None = None
         exit_code: int | None = None
         try:
-            exit_code, error = self._exec(channel, target.name, command, started + timeout, timeout, out, err)
+            exit_code, error = self._exec(channel, target.name, command, deadline, timeout, out, err)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             error = SSHError(
                 f"{target.name}: the connection failed during the command: {exc}", node=target.name
@@ -383,17 +411,17 @@ class Executor:
         return self._fan_out(targets, work)
 
     # -- files -----------------------------------------------------------------------
-    def _sftp(self, target: Target) -> paramiko.SFTPClient:
-        transport = self.transport(target)
-        try:
-            sftp = paramiko.SFTPClient.from_transport(transport)
-        except (paramiko.SSHException, EOFError, OSError):
-            self.drop(target.name)
-            sftp = paramiko.SFTPClient.from_transport(self.transport(target))
-        if sftp is None:
-            raise SSHError(f"{target.name}: could not start sftp", node=target.name)
-        sftp.get_channel().settimeout(self.command_timeout)
-        return sftp
+    @contextlib.contextmanager
+    def _sftp(self, target: Target) -> Iterator[paramiko.SFTPClient]:
+        with self._slot(target.name):
+            sftp = self._open(target, 0, paramiko.SFTPClient.from_transport)
+            if sftp is None:
+                raise SSHError(f"{target.name}: could not start sftp", node=target.name)
+            try:
+                sftp.get_channel().settimeout(self.command_timeout)
+                yield sftp
+            finally:
+                sftp.close()
 
     def put(
         self, targets: Sequence[Target], data: bytes | Path, remote_path: str, *, mode: int = 0o644
@@ -410,11 +438,8 @@ class Executor:
             started = time.monotonic()
             label = f"put {remote_path}"
             try:
-                sftp = self._sftp(target)
-                try:
+                with self._sftp(target) as sftp:
                     _sftp_put(sftp, data, remote_path, mode)
-                finally:
-                    sftp.close()
             except FleetError as exc:
                 return CommandResult(target.name, label, None, "", "", time.monotonic() - started, exc)
             except (OSError, paramiko.SSHException, EOFError) as exc:
@@ -426,22 +451,16 @@ class Executor:
 
     def get(self, target: Target, remote_path: str, local_path: Path) -> None:
         """Download one file (written beside `local_path`, then renamed over it)."""
-        sftp = self._sftp(target)
-        try:
+        with self._sftp(target) as sftp:
             _sftp_get(sftp, target.name, remote_path, Path(local_path))
-        finally:
-            sftp.close()
 
     def get_tree(self, target: Target, remote_dir: str, local_dir: Path) -> list[Path]:
         """Copy a remote directory tree (regular files and directories; symlinks and
         special files are skipped). Returns the local files written."""
-        sftp = self._sftp(target)
-        try:
-            written: list[Path] = []
+        written: list[Path] = []
+        with self._sftp(target) as sftp:
             _sftp_get_tree(sftp, target.name, remote_dir, Path(local_dir), written)
-            return written
-        finally:
-            sftp.close()
+        return written
 
     def run_on(self, target: Target, command: str, **kwargs: object) -> CommandResult:
         """`run` on one node, returning its result."""

@@ -191,7 +191,9 @@ class PinnedHostKeyPolicy(paramiko.MissingHostKeyPolicy):
       - otherwise refuse.
     """
 
-    def __init__(self, store: HostKeyStore, *, vouched: str | None = None, trust_on_first_use: bool = False) -> None:
+    def __init__(
+        self, store: HostKeyStore, *, vouched: str | None = None, trust_on_first_use: bool = False
+    ) -> None:
         self.store = store
         self.vouched = normalize_key_line(vouched) if vouched else None
         self.trust_on_first_use = trust_on_first_use

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,21 @@ def _me() -> str:
     import getpass
 
     return getpass.getuser()
+
+
+def test_channels_per_node_stay_below_sshds_max_sessions(
+    trio: SshLab, trio_targets: list[Target], tmp_path: Path
+) -> None:
+    from fleet.ssh.executor import SESSIONS_PER_NODE
+
+    target = trio_targets[0]
+    marks = tmp_path / "sessions"
+    marks.mkdir()
+    command = f"touch {marks}/$$; ls {marks} | wc -l >> {tmp_path}/seen; sleep 0.4; rm {marks}/$$"
+    with trio.executor(parallelism=32) as executor:
+        assert executor.run([target], "true").ok  # one connection for all the calls below
+        with ThreadPoolExecutor(max_workers=14) as callers:
+            results = list(callers.map(lambda _: executor.run([target], command), range(14)))
+    assert all(result.ok for result in results), [r.summary() for r in results]
+    seen = [int(line) for line in (tmp_path / "seen").read_text().split()]
+    assert max(seen) == SESSIONS_PER_NODE
