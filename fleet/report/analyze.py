@@ -256,6 +256,7 @@ class _NodeAnalysis:
         samples = self.samples
         proc_cpu = [s.proc_cpu_pct for s in samples if s.proc_cpu_pct is not None]
         proc_io = [s.proc_io_bps for s in samples if s.proc_io_bps is not None]
+        proc_runq = [s.proc_runq_pct for s in samples if s.proc_runq_pct is not None]
         return NodeSignals(
             cpu_busy=self.stats["cpu_busy"].mean or 0.0,
             iowait=self.stats["iowait"].mean or 0.0,
@@ -270,6 +271,7 @@ class _NodeAnalysis:
             gpu_util_each=tuple(g["util"] or 0.0 for g in self.gpus),
             gpu_mem=self.stats["gpu_mem"].mean,
             job_cpu_pct_one_core=mean(proc_cpu),
+            job_runq_pct_one_core=mean(proc_runq),
             job_io_mb_s=(mean(proc_io) or 0.0) / MB if proc_io else None,
             has_samples=bool(samples),
             has_worker=bool(self.files.workers),
@@ -383,6 +385,7 @@ def build_report(
     job = load_job(job_dir)
     parsed = sorted((e for e in (Event.parse(raw) for raw in events) if e is not None), key=lambda e: e.t)
     job_start, report_t = _job_time_bounds(job, parsed)
+    data_start, _ = _job_time_bounds(job, ())
     report_t = report_t if report_t is not None else _time.time()
     events_by_node: dict[str, list[Event]] = defaultdict(list)
     for event in parsed:
@@ -419,9 +422,12 @@ def build_report(
             report_t,
             analysis.files.interval,
             counts_as_compute=analysis.verdict.kind not in ("idle", "starved"),
+            job_start=data_start,
         )
     for name in event_only:
-        times[name] = account_node(events_by_node[name], None, None, None, None, 0.0, report_t, 1.0, False)
+        times[name] = account_node(
+            events_by_node[name], None, None, None, None, 0.0, report_t, 1.0, False, job_start=data_start
+        )
         if name.endswith("-head"):
             notes.append(
                 f"{name}: the head serves the shared disk and runs no part of the job; counted in cost"
@@ -492,6 +498,11 @@ def build_report(
         for key in ("provisioning", "setup", "mounting", "compute", "waiting", "lost_to_preemption", "idle")
     }
     totals["node_seconds"] = sum(t.alive for t in times.values())
+    # The report spans the job's records and the accounted part of each node's life
+    # (a node up long before the job is counted from the job's start: timeline.py).
+    starts = [t.start for t in times.values() if t.start is not None]
+    if data_start is not None or starts:
+        job_start = min([*starts, *([data_start] if data_start is not None else [])])
     totals["wall"] = (report_t - job_start) if job_start is not None else 0.0
     return Report(
         job=job.job,

@@ -97,6 +97,7 @@ class Sample:
     lo_bps: float
     gpus: tuple[GpuSample, ...]
     proc_cpu_pct: float | None  # watched process tree, percent of one core
+    proc_runq_pct: float | None  # its threads runnable but waiting for a CPU, % of one core
     proc_io_bps: float | None
 
     @property
@@ -143,6 +144,7 @@ class Sample:
             lo_bps=(_num(net.get("lo_rx_bps")) or 0.0) + (_num(net.get("lo_tx_bps")) or 0.0),
             gpus=tuple(sorted(gpus, key=lambda g: g.index)),
             proc_cpu_pct=_num(proc.get("cpu_pct"), None) if proc else None,
+            proc_runq_pct=_num(proc.get("runq_pct"), None) if proc else None,
             proc_io_bps=((_num(proc.get("read_bps")) or 0.0) + (_num(proc.get("write_bps")) or 0.0))
             if proc
             else None,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 END_KINDS = ("preempted", "deleted")
+READY_GRACE_S = 600.0  # ready this long before the job's first record: up before the job
 EVENT_KINDS = (
     "requested",
     "running",
@@ -105,12 +106,16 @@ def account_node(
     report_t: float,
     interval: float,
     counts_as_compute: bool,
+    job_start: float | None = None,
 ) -> NodeTime:
     """Cut one node's life into the spans of the module docstring.
 
     compute_fraction: share of worker wall time spent computing (None: no worker
     timings; then the sampled span counts as compute if `counts_as_compute`, else idle).
     lost_fraction: share of that compute redone elsewhere after a preemption.
+    job_start: the job's first record. A node that was ready more than READY_GRACE_S
+    before it was up before this job (an earlier job, a fleet left running): its life
+    is counted from the job's start, without its provisioning.
     """
     events = sorted(events, key=lambda e: e.t)
     requested = first(events, "requested")
@@ -118,20 +123,31 @@ def account_node(
     if not starts:
         return NodeTime(None, None)
     start = min(starts) if requested is None else requested
+    ready = first(events, "mounted") or first(events, "setup_done") or first(events, "ssh_ready")
+    carried_over = (
+        job_start is not None
+        and ready is not None
+        and ready < job_start - READY_GRACE_S
+        and start < job_start
+    )
+    if carried_over:
+        assert job_start is not None
+        start = job_start
+    after = start if carried_over else None
     end = max(start, node_end(events, data_end, report_t, interval))
 
     def clamp(t: float | None, floor: float) -> float:
         return floor if t is None else min(max(t, floor), end)
 
-    milestones = [first(events, k) for k in ("ssh_ready", "running", "setup_done", "mounted", "working")]
-    reachable = next((t for t in milestones if t is not None), None)
-    if reachable is None and requested is not None:
+    def at(*kinds: str) -> float | None:
+        return next((t for t in (first(events, k, after) for k in kinds) if t is not None), None)
+
+    reachable = at("ssh_ready", "running", "setup_done", "mounted", "working")
+    if reachable is None and requested is not None and not carried_over:
         reachable = data_start
     provisioned = clamp(reachable, start)
-    set_up = clamp(
-        first(events, "setup_done") or first(events, "mounted") or first(events, "working"), provisioned
-    )
-    mounted = clamp(first(events, "mounted") or first(events, "working"), set_up)
+    set_up = clamp(at("setup_done", "mounted", "working"), provisioned)
+    mounted = clamp(at("mounted", "working"), set_up)
     rest = end - mounted
 
     if worker_window is not None and compute_fraction is not None:

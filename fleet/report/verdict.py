@@ -26,7 +26,9 @@ class Thresholds:
     gpu_busy_pct: float = 80.0  # at or above: the GPU is (nearly) saturated
     gpu_mem_low_pct: float = 50.0  # below: room for a larger batch
     cpu_busy_pct: float = 85.0  # user + system, % of all cores
-    one_core_pct: float = 90.0  # a process tree using >= 0.9 of a core on a 1-thread job
+    one_core_pct: float = 90.0  # a process tree wanting >= 0.9 of a core on a 1-thread job
+    runq_wait_pct: float = 20.0  # job threads waiting for a CPU, % of the CPU they wanted
+    runq_min_demand_pct: float = 50.0  # ... when they wanted at least half a core
     disk_busy_pct: float = 70.0  # busiest disk's busy time, % of wall time
     iowait_pct: float = 10.0  # % of all cores
     net_input_mb_s: float = 1.0  # input arriving over the network at least this fast
@@ -54,6 +56,7 @@ class NodeSignals:
     gpu_mem: float | None = None  # memory used, % of capacity
     cpu_steal: float = 0.0
     job_cpu_pct_one_core: float | None = None  # watched process tree (sampler --pid)
+    job_runq_pct_one_core: float | None = None  # its threads runnable, waiting for a CPU
     job_io_mb_s: float | None = None  # bytes read + written by that tree (files, sshfs, pipes)
     has_samples: bool = False
     has_worker: bool = False
@@ -76,11 +79,33 @@ class Verdict:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
+def job_cpu_demand(s: NodeSignals) -> float | None:
+    """The CPU the watched job wanted, in % of one core: what it got plus the time its
+    threads waited in the run queue (what other tenants kept from it)."""
+    if s.job_cpu_pct_one_core is None:
+        return None
+    return s.job_cpu_pct_one_core + (s.job_runq_pct_one_core or 0.0)
+
+
 def cpu_saturated(s: NodeSignals, th: Thresholds) -> tuple[bool, str | None]:
-    """Is the CPU full, and by the job? When the sampler watched the job's processes and
-    they use less than half of what is busy, the CPU is full of something else (another
-    tenant, a runaway daemon): that is said, and the CPU is not blamed on the job."""
+    """Is the CPU what holds the job back? Yes when the node's CPU is full and the job
+    is the one using it, or when the job's threads (sampler --pid) spend >= 20% of the
+    CPU time they want waiting for a CPU (wanting at least half a core). When the CPU
+    is full of something else and the job does not wait for it, that is said, and the
+    CPU is not blamed on the job."""
     load = s.cpu_busy + s.cpu_steal
+    demand = job_cpu_demand(s)
+    if demand is not None and demand >= th.runq_min_demand_pct:
+        waited = 100.0 * (s.job_runq_pct_one_core or 0.0) / demand
+        if waited >= th.runq_wait_pct:
+            note = None
+            share = (s.job_cpu_pct_one_core or 0.0) / (s.ncpu or 1)
+            if load >= th.cpu_busy_pct and share < 0.5 * s.cpu_busy:
+                note = (
+                    f"the job's threads wait for a CPU {waited:.0f}% of the time they want one: "
+                    f"other processes on the node take the CPU ({load:.0f}% busy)"
+                )
+            return True, note
     if load < th.cpu_busy_pct:
         return False, None
     if s.job_cpu_pct_one_core is not None and s.ncpu:
@@ -251,11 +276,15 @@ def _without_worker(s: NodeSignals, th: Thresholds) -> Verdict:
         evidence = [f"CPU {s.cpu_busy + s.cpu_steal:.0f}% busy of {s.ncpu or '?'} core(s)"]
         if job_cpu is not None:
             evidence.append(f"the job's processes use {job_cpu / 100:.1f} core(s)")
-        return Verdict(
-            "cpu-bound",
-            tuple(evidence),
-            "Every core is busy: choose machines with more cores, or GPU nodes if the work can use them.",
+        if s.job_runq_pct_one_core:
+            evidence.append(f"and wait for {s.job_runq_pct_one_core / 100:.1f} more in the run queue")
+        advice = (
+            "Other processes take the CPU the job wants: run the job on nodes of its own, or stop what "
+            "else runs there."
+            if cpu_note
+            else "Every core is busy: choose machines with more cores, or GPU nodes if the work can use them."
         )
+        return Verdict("cpu-bound", tuple(evidence), advice, notes)
     if (s.disk_busy >= th.disk_busy_pct or s.iowait >= th.iowait_pct) and job_reads(s):
         return Verdict(
             "disk-bound",
@@ -270,10 +299,11 @@ def _without_worker(s: NodeSignals, th: Thresholds) -> Verdict:
             "The network carries a lot: raise sshfs max_conns, copy inputs locally, fewer nodes per head.",
             notes,
         )
-    if job_cpu is not None and job_cpu >= th.one_core_pct and (s.ncpu or 1) > 1:
+    demand = job_cpu_demand(s)
+    if demand is not None and demand >= th.one_core_pct and (s.ncpu or 1) > 1:
         return Verdict(
             "cpu-bound",
-            (f"the job's processes use {job_cpu / 100:.1f} core(s) of {s.ncpu}", "one core saturated"),
+            (f"the job's processes want {demand / 100:.1f} core(s) of {s.ncpu}", "one core saturated"),
             "The job keeps one core busy and leaves the others idle: it is single-threaded; run several "
             "processes per node (or threads) to use every core.",
             notes,

@@ -18,10 +18,11 @@ Lines (one JSON object each; the report reads them, see docs/report.md):
   "ncpu"}, "mem": {"used_pct", "used_mb"}, "disks": {name: {"read_bps", "write_bps",
   "busy_pct"}}, "net": {"rx_bps", "tx_bps", "lo_rx_bps", "lo_tx_bps"}, "gpus": [{"index",
   "util", "mem_util", "mem_used_mb", "power_w"}], "proc"?: {"pid", "n", "cpu_pct",
-  "rss_mb", "read_bps", "write_bps"}}`. CPU figures are percent of all cores (user includes nice, system includes
-  irq and softirq); `proc` is the watched process and its descendants (cpu_pct in percent
-  of ONE core, so 250 means two and a half cores busy; read/write_bps count every byte
-  read or written through system calls, files on sshfs and pipes included).
+  "rss_mb", "read_bps", "write_bps", "runq_pct"}}`. CPU figures are percent of all
+  cores (user includes nice, system includes irq and softirq); `proc` is the watched process and its descendants (cpu_pct in percent
+  of ONE core, so 250 means two and a half cores busy; runq_pct, likewise, the time its
+  threads were runnable but waited for a CPU; read/write_bps count every byte read or
+  written through system calls, files on sshfs and pipes included).
 
 Disks are whole physical devices only: loop, ram, zram, optical and floppy devices,
 partitions and stacked devices (device-mapper, md) are left out so that no byte is
@@ -136,6 +137,26 @@ class GpuProbe:
                 pass
 
 
+def _run_queue_wait_ns(pid: int) -> int:
+    """Nanoseconds the threads of `pid` spent runnable but waiting for a CPU
+    (/proc/PID/task/TID/schedstat, second field; 0 where the kernel lacks it). CPU time
+    plus this wait is what the process wanted: a process that is always runnable wants
+    a whole core even when other tenants leave it less."""
+    total = 0
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as handle:
+                fields = handle.read().split()
+            total += int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 class ProcessTree:
     """CPU and memory of a watched process and its descendants, by per-pid deltas (a
     child that exits between two ticks drops out instead of making the sum negative)."""
@@ -144,7 +165,7 @@ class ProcessTree:
         self.pid = pid
         self.root = psutil.Process(pid)
         self._members: list[psutil.Process] = [self.root]
-        self._last: dict[int, tuple[float, int, int]] = {}
+        self._last: dict[int, tuple[float, int, int, int]] = {}
         self._started: float | None = None
         self._next_refresh = 0.0
         self._refreshes = 0
@@ -158,7 +179,10 @@ class ProcessTree:
 
     def _refresh_members(self, now: float) -> None:
         try:
-            self._members = [self.root, *self.root.children(recursive=True)]
+            # The sampler itself may be in the tree (a launcher that starts it beside the
+            # job and is watched): its own cost is not the job's.
+            children = [p for p in self.root.children(recursive=True) if p.pid != os.getpid()]
+            self._members = [self.root, *children]
         except psutil.Error:
             self._members = [self.root]
         self._refreshes += 1
@@ -174,9 +198,9 @@ class ProcessTree:
             self._started = now
         if now >= self._next_refresh:
             self._refresh_members(now)
-        cpu_seconds = read_chars = write_chars = 0.0
+        cpu_seconds = read_chars = write_chars = runq_ns = 0.0
         rss = 0
-        current: dict[int, tuple[float, int, int]] = {}
+        current: dict[int, tuple[float, int, int, int]] = {}
         for proc in self._members:
             try:
                 with proc.oneshot():
@@ -192,12 +216,14 @@ class ProcessTree:
                         chars = (0, 0)
             except psutil.Error:
                 continue
-            current[proc.pid] = (times.user + times.system, *chars)
+            waited = _run_queue_wait_ns(proc.pid)
+            current[proc.pid] = (times.user + times.system, chars[0], chars[1], waited)
             if proc.pid in self._last:
-                cpu0, read0, write0 = self._last[proc.pid]
+                cpu0, read0, write0, waited0 = self._last[proc.pid]
                 cpu_seconds += max(0.0, current[proc.pid][0] - cpu0)
                 read_chars += max(0, chars[0] - read0)
                 write_chars += max(0, chars[1] - write0)
+                runq_ns += max(0, waited - waited0)
         if len(current) < len(self._members):  # a member exited: look again soon (not every tick)
             self._next_refresh = min(self._next_refresh, self._refreshed_at + 2.0)
         self._last = current
@@ -206,6 +232,7 @@ class ProcessTree:
             "pid": self.pid,
             "n": len(current),
             "cpu_pct": round(100.0 * cpu_seconds * per_second, 1),
+            "runq_pct": round(100.0 * runq_ns / 1e9 * per_second, 1),
             "rss_mb": round(rss / MIB, 1),
             "read_bps": round(read_chars * per_second, 1),
             "write_bps": round(write_chars * per_second, 1),

@@ -133,3 +133,19 @@ def test_json_has_the_documented_keys(recorded):
         "lost_to_preemption",
         "idle",
     }
+
+
+def test_a_node_up_long_before_the_job_is_counted_from_the_job_s_start(recorded):
+    """The same fleet ran an earlier job: its nodes were requested hours before this
+    job's first record. Their provisioning and the hours before belong to the fleet's
+    earlier life, not to this job."""
+    job, events, prices = recorded("gpu_bound")
+    early = [{**e, "t": e["t"] - 3 * 3600} for e in events]  # every node event 3 h earlier
+    data = build_report(job, early, prices).to_json()
+    node = data["nodes"][0]
+    assert node["time"]["provisioning"] == 0 and node["time"]["setup"] == 0
+    assert sum(node["time"].values()) == pytest.approx(120, abs=3)  # the job's own two minutes
+    assert data["time"]["wall"] == pytest.approx(120, abs=3)
+    # the same events just before the job: provisioning counts
+    fresh = build_report(job, events, prices).to_json()["nodes"][0]
+    assert fresh["time"]["provisioning"] == pytest.approx(70, abs=1)

@@ -135,3 +135,17 @@ def test_fleet_verdict_weighs_working_time_and_names_idle_nodes():
     assert "c" in " ".join(fleet.evidence) and "idle" in fleet.recommendation
     assert classify_fleet([("a", idle, 10)]).kind == "idle"
     assert classify_fleet([]).kind == "idle"
+
+
+def test_a_job_kept_from_the_cpu_by_other_tenants_is_cpu_bound():
+    """Two busy processes on a 2-core node shared with others: they get 0.8 of a core
+    and wait in the run queue for 1.2 more: the CPU is what holds them back."""
+    base = NodeSignals(has_samples=True, ncpu=2, cpu_busy=98)
+    crowded = replace(base, job_cpu_pct_one_core=80, job_runq_pct_one_core=120)
+    verdict = classify_node(crowded)
+    assert verdict.kind == "cpu-bound"
+    assert any("other processes" in note for note in verdict.notes)
+    # the same CPU use without waiting: someone else's busy CPU, the job is not CPU-bound
+    assert classify_node(replace(crowded, job_runq_pct_one_core=5)).kind == "starved"
+    # a job that wants little CPU (a starved reader) is not blamed on waits
+    assert classify_node(replace(base, job_cpu_pct_one_core=4, job_runq_pct_one_core=30)).kind != "cpu-bound"

@@ -73,8 +73,10 @@ def test_stops_when_the_watched_process_exits_and_samples_its_tree(processes, tm
     assert sampler.returncode == 0, err
     samples = [line for line in _lines(out) if line["kind"] == "sample"]
     assert samples[0]["proc"]["pid"] == busy.pid
-    # the busy loop shows as most of one core in at least one tick
-    assert max(s["proc"]["cpu_pct"] for s in samples) > 50
+    # a busy loop wants a whole core: what it got plus what it waited for in the run
+    # queue (on a machine shared with other busy processes it gets less than a core)
+    demand = [s["proc"]["cpu_pct"] + s["proc"]["runq_pct"] for s in samples[1:-1]]
+    assert demand and max(demand) > 80, samples
 
 
 def test_appends_to_an_existing_file(processes, tmp_path):
