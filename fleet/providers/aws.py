@@ -1,0 +1,432 @@
+"""AWS EC2 provider: spot GPU instances through boto3.
+
+Workers are one-time spot instances (`InstanceMarketOptions`, interruption: terminate,
+optional `MaxPrice`); the head is on-demand by default. Instances and their volumes are
+tagged (`fleet`, `fleet-role`, `fleet-slot`, `fleet-generation`, `Name`, plus
+`aws.tags`); the fleet's public key is imported as key pair `fleet-<name>`; security
+group `fleet-<name>-ssh` opens the SSH port to `source_ranges` only. Subnets (or zones)
+are tried in order; capacity errors move on, limit errors stop, throttling backs off.
+EC2 error codes become `fleet.errors` here (`classify`) and nowhere else.
+
+Credentials come from boto3's default chain (environment, shared files, `aws.profile`,
+SSO, roles). The endpoint is boto3's own business: `AWS_ENDPOINT_URL` (e.g. a moto
+server on loopback, `fleet.testing.fake_ec2`) needs no code here.
+
+A terminated instance stays visible in EC2 for a while: `delete()` tags an instance
+`fleet-deleted` before terminating it, so that `list()` can tell "deleted by fleet"
+(left out) from "gone without fleet asking" (a spot instance: PREEMPTED).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from fleet.errors import CapacityError, CredentialsError, FleetError, ProviderError, QuotaError, SpecError, UsageError
+from fleet.model import LABEL_FLEET, LABEL_GENERATION, LABEL_ROLE, LABEL_SLOT, Node, NodeRequest, NodeState, Role
+from fleet.providers.aws_errors import classify
+from fleet.providers.base import CleanupReport, CreateResult, PlannedNode, Provider, ProviderContext
+from fleet.providers.netaddr import AddressDetector, resolve_source_ranges
+from fleet.providers.prices import estimate
+from fleet.providers.retry import Sleep, with_backoff
+from fleet.providers.startup import render_startup_script
+
+DELETED_TAG = "fleet-deleted"
+SPOT_TERMINATION = "Server.SpotInstanceTermination"
+_STATE_MAP = {"pending": NodeState.PENDING, "running": NodeState.RUNNING}
+_GONE = {"shutting-down", "terminated", "stopping", "stopped"}
+_CREDENTIAL_HINT = ("run `aws configure` or `aws sso login`, set `aws.profile` / AWS_PROFILE, "
+                    "or export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+
+
+class AwsProvider(Provider):
+    name = "aws"
+
+    def __init__(
+        self,
+        context: ProviderContext,
+        *,
+        detect_address: AddressDetector | None = None,
+        sleep: Sleep = time.sleep,
+        max_parallel: int = 8,
+        live_prices: bool = True,
+    ) -> None:
+        super().__init__(context)
+        if self.spec.aws is None:
+            raise SpecError("provider 'aws' needs an `aws:` block", field="aws")
+        self.aws = self.spec.aws
+        self.fleet = self.spec.name
+        self.key_name = f"fleet-{self.fleet}"
+        self.group_name = f"fleet-{self.fleet}-ssh"
+        self._detect_address = detect_address
+        self._sleep = sleep
+        self._max_parallel = max_parallel
+        self._live_prices = live_prices
+        self._lock = threading.Lock()
+        self._ec2: Any = None
+        self._session: Any = None
+        self._group_id: str | None = None
+        self._root_device: str | None = None
+
+    # -- plumbing ----------------------------------------------------------------------
+    def _boto_session(self) -> Any:
+        import boto3
+        import botocore.exceptions
+
+        if self._session is None:
+            try:
+                self._session = boto3.Session(profile_name=self.aws.profile, region_name=self.aws.region)
+            except botocore.exceptions.ProfileNotFound:
+                raise CredentialsError(f"AWS profile {self.aws.profile!r} is not configured",
+                                       hint=_CREDENTIAL_HINT) from None
+        return self._session
+
+    def check(self) -> None:
+        import botocore.exceptions
+
+        try:
+            credentials = self._boto_session().get_credentials()
+        except botocore.exceptions.BotoCoreError as exc:
+            raise CredentialsError(f"AWS credentials could not be loaded ({type(exc).__name__})",
+                                   hint=_CREDENTIAL_HINT) from None
+        if credentials is None:
+            raise CredentialsError("no AWS credentials found in the default chain", hint=_CREDENTIAL_HINT)
+
+    @property
+    def ec2(self) -> Any:
+        with self._lock:
+            if self._ec2 is None:
+                from botocore.config import Config
+
+                self.check()
+                # Our own backoff (with an injectable sleep) instead of botocore's retries.
+                config = Config(retries={"total_max_attempts": 1, "mode": "standard"},
+                                max_pool_connections=max(10, self._max_parallel * 2))
+                self._ec2 = self._boto_session().client("ec2", config=config)
+            return self._ec2
+
+    def _call(self, method: str, **params: Any) -> Any:
+        function: Callable[..., Any] = getattr(self.ec2, method)
+        return with_backoff(lambda: function(**params), classify=classify, sleep=self._sleep)
+
+    def _tags(self, extra: dict[str, str]) -> list[dict[str, str]]:
+        return [{"Key": k, "Value": v} for k, v in {**self.aws.tags, LABEL_FLEET: self.fleet, **extra}.items()]
+
+    def _fleet_filter(self) -> list[dict[str, Any]]:
+        return [{"Name": f"tag:{LABEL_FLEET}", "Values": [self.fleet]}]
+
+    @staticmethod
+    def _instance_type(request: NodeRequest) -> str:
+        if request.machine:
+            return request.machine
+        return "g4dn.xlarge" if request.accelerators else "m5.large"
+
+    def _placements(self) -> list[tuple[str, dict[str, Any]]]:
+        if self.aws.subnets:
+            return [(subnet, {"SubnetId": subnet}) for subnet in self.aws.subnets]
+        if self.aws.zones:
+            return [(zone, {"Placement": {"AvailabilityZone": zone}}) for zone in self.aws.zones]
+        return [(self.aws.region, {})]
+
+    # -- plan / prepare ----------------------------------------------------------------
+    def _live_spot_price(self, instance_type: str) -> float | None:
+        """Latest spot price from `describe_spot_price_history` (read-only), or None."""
+        params: dict[str, Any] = {"InstanceTypes": [instance_type], "ProductDescriptions": ["Linux/UNIX"],
+                                  "StartTime": datetime.now(UTC), "MaxResults": 10}
+        if self.aws.zones:
+            params["AvailabilityZone"] = self.aws.zones[0]
+        try:
+            history = self._call("describe_spot_price_history", **params).get("SpotPriceHistory", [])
+        except FleetError:
+            return None
+        prices = [float(entry["SpotPrice"]) for entry in history if entry.get("SpotPrice")]
+        return min(prices) if prices else None
+
+    def plan(self, requests: Sequence[NodeRequest]) -> list[PlannedNode]:
+        live: dict[str, float | None] = {}
+        planned = []
+        where = " > ".join(self.aws.subnets or self.aws.zones or [self.aws.region])
+        for request in requests:
+            instance_type = self._instance_type(request)
+            price, source = None, None
+            if request.spot and self._live_prices:
+                if instance_type not in live:
+                    try:
+                        live[instance_type] = self._live_spot_price(instance_type)
+                    except CredentialsError:
+                        live[instance_type] = None
+                price = live[instance_type]
+                source = "AWS spot price history" if price is not None else None
+            if price is None:
+                table = estimate("aws", instance_type, spot=request.spot)
+                price, source = table.per_hour, table.source
+            gpu = request.accelerators
+            planned.append(PlannedNode(
+                name=request.name, role=request.role.value, zone=where, machine=instance_type,
+                accelerators=f"{gpu.count}x {gpu.type}" if gpu else None, spot=request.spot,
+                price_per_hour=price, price_source=source))
+        return planned
+
+    def _vpc_id(self) -> str:
+        if self.aws.subnets:
+            subnets = self._call("describe_subnets", SubnetIds=[self.aws.subnets[0]])["Subnets"]
+            return str(subnets[0]["VpcId"])
+        vpcs = self._call("describe_vpcs", Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+        if not vpcs:
+            raise ProviderError(f"region {self.aws.region} has no default VPC",
+                                hint="set `aws.subnets` to subnets of the VPC to use")
+        return str(vpcs[0]["VpcId"])
+
+    def _find_group(self) -> str | None:
+        groups = self._call("describe_security_groups", Filters=[
+            {"Name": "group-name", "Values": [self.group_name]}, *self._fleet_filter()])["SecurityGroups"]
+        return str(groups[0]["GroupId"]) if groups else None
+
+    def prepare(self) -> list[str]:
+        """Import the key pair and create the security group (idempotent)."""
+        created = []
+        ranges = resolve_source_ranges(self.aws.source_ranges, self._detect_address, field="aws.source_ranges")
+        pairs = self._call("describe_key_pairs", Filters=[{"Name": "key-name", "Values": [self.key_name]}])
+        if not pairs.get("KeyPairs"):
+            self._call("import_key_pair", KeyName=self.key_name,
+                       PublicKeyMaterial=self.context.public_key.strip().encode(),
+                       TagSpecifications=[{"ResourceType": "key-pair", "Tags": self._tags({})}])
+            created.append(f"key pair {self.key_name}")
+        self._group_id = self._find_group()
+        if self._group_id is None:
+            group = self._call("create_security_group", GroupName=self.group_name, VpcId=self._vpc_id(),
+                               Description=f"SSH to the nodes of fleet {self.fleet} (created by fleet)",
+                               TagSpecifications=[{"ResourceType": "security-group", "Tags": self._tags({})}])
+            self._group_id = str(group["GroupId"])
+            port = self.spec.ssh.port
+            self._call("authorize_security_group_ingress", GroupId=self._group_id, IpPermissions=[{
+                "IpProtocol": "tcp", "FromPort": port, "ToPort": port,
+                "IpRanges": [{"CidrIp": r, "Description": "fleet ssh"} for r in ranges if ":" not in r],
+                "Ipv6Ranges": [{"CidrIpv6": r, "Description": "fleet ssh"} for r in ranges if ":" in r]}])
+            created.append(f"security group {self.group_name} (tcp:{port} from {', '.join(ranges)})")
+        return created
+
+    # -- create ------------------------------------------------------------------------
+    def _root_device_name(self) -> str:
+        if self._root_device is None:
+            images = self._call("describe_images", ImageIds=[self.aws.ami]).get("Images", [])
+            if not images:
+                raise SpecError(f"AMI {self.aws.ami} not found in {self.aws.region}", field="aws.ami")
+            self._root_device = str(images[0].get("RootDeviceName") or "/dev/sda1")
+        return self._root_device
+
+    def run_params(self, request: NodeRequest) -> dict[str, Any]:
+        options = self.spec.head.aws if request.role is Role.HEAD else self.spec.workers.aws
+        tags = self._tags({"Name": request.name, LABEL_ROLE: request.role.value, LABEL_SLOT: str(request.slot),
+                           LABEL_GENERATION: str(request.generation)})
+        params: dict[str, Any] = {
+            "ImageId": self.aws.ami, "InstanceType": self._instance_type(request), "MinCount": 1, "MaxCount": 1,
+            "KeyName": self.key_name,
+            "UserData": render_startup_script(
+                provider="aws", fleet_name=self.fleet, node=request.name, role=request.role.value,
+                user=self.context.ssh_user, public_key=self.context.public_key, ssh_port=self.spec.ssh.port),
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": tags},
+                                  {"ResourceType": "volume", "Tags": tags}],
+            "BlockDeviceMappings": [{"DeviceName": self._root_device_name(), "Ebs": {
+                "VolumeSize": request.disk_gb or 100, "VolumeType": options.volume_type,
+                "DeleteOnTermination": True}}],
+        }
+        if self._group_id:
+            params["SecurityGroupIds"] = [self._group_id]
+        if request.spot:
+            spot: dict[str, Any] = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
+            if options.max_price:
+                spot["MaxPrice"] = str(options.max_price)
+            params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot}
+        return params
+
+    def create(self, requests: Sequence[NodeRequest]) -> list[CreateResult]:
+        if not requests:
+            return []
+        if self._group_id is None:
+            self._group_id = self._find_group()
+        exhausted: set[str] = set()
+        stop: list[QuotaError] = []
+
+        def one(request: NodeRequest) -> CreateResult:
+            try:
+                return CreateResult(request, node=self._create_one(request, exhausted, stop))
+            except FleetError as exc:
+                return CreateResult(request, error=exc)
+
+        with ThreadPoolExecutor(max_workers=min(self._max_parallel, len(requests))) as pool:
+            return list(pool.map(one, requests))
+
+    def _create_one(self, request: NodeRequest, exhausted: set[str], stop: list[QuotaError]) -> Node:
+        base = self.run_params(request)
+        last: CapacityError | None = None
+        for where, placement in self._placements():
+            if stop:
+                raise stop[0]
+            if where in exhausted:
+                continue
+            try:
+                reply = self._call("run_instances", **base, **placement)
+            except CapacityError as exc:
+                exhausted.add(where)
+                last = exc
+                continue
+            except QuotaError as exc:
+                stop.append(exc)
+                raise
+            return self.to_node(reply["Instances"][0])
+        raise CapacityError(
+            f"no spot/on-demand capacity for {request.name} in {', '.join(w for w, _ in self._placements())}"
+            + (f": {last.message}" if last else ""),
+            hint="add zones or subnets, raise workers.aws.max_price, or choose another instance type",
+        )
+
+    # -- list --------------------------------------------------------------------------
+    def to_node(self, instance: dict[str, Any]) -> Node | None:
+        tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+        state_name = instance.get("State", {}).get("Name", "pending")
+        spot = instance.get("InstanceLifecycle") == "spot" or "SpotInstanceRequestId" in instance
+        reason_code = instance.get("StateReason", {}).get("Code")
+        if state_name in _GONE and DELETED_TAG in tags:
+            return None
+        if state_name in _GONE:
+            state = NodeState.PREEMPTED if spot else NodeState.TERMINATED
+            reason = reason_code or state_name
+        else:
+            state, reason = _STATE_MAP.get(state_name, NodeState.PENDING), None
+        private = instance.get("PrivateIpAddress")
+        address = private if self.aws.use_private_ip else instance.get("PublicIpAddress")
+        launched = instance.get("LaunchTime")
+        return Node(
+            name=tags.get("Name", instance["InstanceId"]),
+            fleet=tags.get(LABEL_FLEET, self.fleet),
+            role=Role.HEAD if tags.get(LABEL_ROLE) == Role.HEAD.value else Role.WORKER,
+            state=state,
+            slot=int(tags.get(LABEL_SLOT, "0") or 0),
+            generation=int(tags.get(LABEL_GENERATION, "1") or 1),
+            address=address,
+            internal_address=private,
+            port=self.spec.ssh.port,
+            zone=instance.get("Placement", {}).get("AvailabilityZone"),
+            spot=spot,
+            machine=instance.get("InstanceType"),
+            provider_id=instance["InstanceId"],
+            reason=reason,
+            created_at=launched.timestamp() if isinstance(launched, datetime) else None,
+            labels=tags,
+        )
+
+    def _instances(self, *, filters: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        def fetch() -> list[dict[str, Any]]:
+            found = []
+            for page in self.ec2.get_paginator("describe_instances").paginate(
+                    Filters=filters or self._fleet_filter(), PaginationConfig={"PageSize": 1000}):
+                for reservation in page.get("Reservations", []):
+                    found.extend(reservation.get("Instances", []))
+            return found
+
+        return with_backoff(fetch, classify=classify, sleep=self._sleep)
+
+    def list(self) -> list[Node]:
+        nodes = [self.to_node(instance) for instance in self._instances()]
+        return [node for node in nodes if node is not None]
+
+    # -- delete / preempt / destroy ----------------------------------------------------
+    def _terminate(self, instance_ids: list[str], *, wait: bool) -> None:
+        for start in range(0, len(instance_ids), 500):
+            chunk = instance_ids[start:start + 500]
+            self._call("create_tags", Resources=chunk, Tags=[{"Key": DELETED_TAG, "Value": "1"}])
+            self._call("terminate_instances", InstanceIds=chunk)
+        if wait and instance_ids:
+            self._wait_terminated(instance_ids)
+
+    def _wait_terminated(self, instance_ids: list[str], timeout_s: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = set(instance_ids)
+        while pending:
+            found = self._instances(filters=[{"Name": "instance-id", "Values": sorted(pending)}])
+            pending = {i["InstanceId"] for i in found if i["State"]["Name"] != "terminated"}
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise ProviderError(f"{len(pending)} instances still not terminated after {timeout_s:.0f} s")
+            self._sleep(5.0)
+
+    def delete(self, names: Sequence[str]) -> list[str]:
+        wanted = set(names)
+        victims = [(node.name, node.provider_id or "", node.zone) for node in self.list() if node.name in wanted]
+        alive = [v for v in victims if v[1]]
+        self._terminate([instance_id for _n, instance_id, _z in alive], wait=False)
+        return [f"instance {name} {instance_id} ({zone})" for name, instance_id, zone in alive]
+
+    def preempt(self, name: str, *, notice_s: float = 0.0) -> None:
+        """Terminate a spot instance without the `fleet-deleted` tag, so that `list()` sees
+        it gone without fleet asking (EC2 has no public API to interrupt one; `notice_s` is
+        not used). An on-demand node is stopped instead."""
+        node = next((n for n in self.list() if n.name == name and n.is_alive), None)
+        if node is None or not node.provider_id:
+            raise UsageError(f"no live node {name} in fleet {self.fleet}")
+        if node.spot:
+            self._call("terminate_instances", InstanceIds=[node.provider_id])
+        else:
+            self._call("stop_instances", InstanceIds=[node.provider_id])
+
+    def destroy_all(self) -> CleanupReport:
+        report = CleanupReport()
+        try:
+            instances = self._instances()
+            live = [i for i in instances if i["State"]["Name"] != "terminated"]
+            self._terminate([i["InstanceId"] for i in live], wait=True)
+            for instance in live:
+                tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+                report.deleted.append(f"instance {tags.get('Name', '?')} {instance['InstanceId']}")
+            leftovers = [i["InstanceId"] for i in instances if i["State"]["Name"] == "terminated"
+                         and DELETED_TAG not in {t["Key"] for t in i.get("Tags", [])}]
+            if leftovers:  # preempted ones: mark them so that `list()` forgets them
+                self._call("create_tags", Resources=leftovers, Tags=[{"Key": DELETED_TAG, "Value": "1"}])
+        except FleetError as exc:
+            report.errors.append(f"instances: {exc.message}")
+        try:
+            volumes = self._call("describe_volumes", Filters=self._fleet_filter())["Volumes"]
+            for volume in volumes:
+                if volume.get("State") == "available":
+                    self._call("delete_volume", VolumeId=volume["VolumeId"])
+                    report.deleted.append(f"volume {volume['VolumeId']}")
+        except FleetError as exc:
+            report.errors.append(f"volumes: {exc.message}")
+        self._delete_group(report)
+        try:
+            pairs = self._call("describe_key_pairs", Filters=[{"Name": "key-name", "Values": [self.key_name]}])
+            if pairs.get("KeyPairs"):
+                self._call("delete_key_pair", KeyName=self.key_name)
+                report.deleted.append(f"key pair {self.key_name}")
+        except FleetError as exc:
+            report.errors.append(f"key pair {self.key_name}: {exc.message}")
+        return report
+
+    def _delete_group(self, report: CleanupReport) -> None:
+        for attempt in range(12):
+            try:
+                group_id = self._find_group()
+                if group_id is None:
+                    return
+                self._call("delete_security_group", GroupId=group_id)
+                report.deleted.append(f"security group {self.group_name} {group_id}")
+                self._group_id = None
+                return
+            except ProviderError as exc:
+                # DependencyViolation: a terminating instance still holds it for a moment.
+                if "DependencyViolation" not in exc.message or attempt == 11:
+                    report.errors.append(f"security group {self.group_name}: {exc.message}")
+                    return
+                self._sleep(5.0)
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._ec2 = self._ec2, None
+        if client is not None:
+            client.close()

@@ -1,0 +1,566 @@
+"""Google Compute Engine provider: Spot/preemptible GPU VMs through google-cloud-compute.
+
+Every VM carries the fleet's labels (`fleet`, `fleet-role`, `fleet-slot`,
+`fleet-generation`, plus `gcp.labels`), the fleet's network tag (opened to SSH by one
+firewall rule), and metadata: `ssh-keys` with the fleet's public key and a
+`startup-script` rendered from `templates/startup/`. Zones are tried in the spec's
+order: a capacity error moves on to the next zone (and the zone is skipped for the
+rest of the call), a quota error stops with the quota's name, a rate limit backs off.
+Cloud errors become `fleet.errors` here (`classify`) and nowhere else.
+
+`list()` is one `aggregated_list` filtered by `labels.fleet` (one call per 500 VMs),
+plus one zone-operations call per zone that holds a stopped Spot VM, to tell a
+preemption (`compute.instances.preempted`) from a stop.
+
+Credentials come from Application Default Credentials only. When `gcp.api_endpoint`
+is set, the clients talk to it (plain `http://` allowed, for tests and private
+endpoints); only if ADC finds nothing AND that endpoint is an `http://` URL on a
+loopback address are anonymous credentials used (a local fake such as
+`fleet.testing.fake_gce` needs none). Credentials never reach output, logs or state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from fleet.errors import (
+    CapacityError,
+    CredentialsError,
+    FleetError,
+    ProviderError,
+    QuotaError,
+    RateLimitError,
+    SpecError,
+)
+from fleet.model import (
+    LABEL_FLEET,
+    LABEL_GENERATION,
+    LABEL_ROLE,
+    LABEL_SLOT,
+    Node,
+    NodeRequest,
+    NodeState,
+    Role,
+)
+from fleet.providers.base import CleanupReport, CreateResult, PlannedNode, Provider, ProviderContext
+from fleet.providers.gcp_errors import classify, operation_error
+from fleet.providers.netaddr import AddressDetector, resolve_source_ranges
+from fleet.providers.prices import estimate
+from fleet.providers.retry import Sleep, with_backoff
+from fleet.providers.startup import render_startup_script
+from fleet.spec.models import GcpNodeOptions
+
+_SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+_PAGE = 500
+_OP_TIMEOUT_S = 900.0
+_STATE_MAP = {
+    "PROVISIONING": NodeState.PENDING,
+    "STAGING": NodeState.PENDING,
+    "RUNNING": NodeState.RUNNING,
+    "REPAIRING": NodeState.UNREACHABLE,
+}
+_STOPPED = {"STOPPING", "TERMINATED", "SUSPENDING", "SUSPENDED"}
+
+
+def is_loopback_http(endpoint: str | None) -> bool:
+    if not endpoint:
+        return False
+    parts = urlsplit(endpoint)
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    if parts.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_credentials(endpoint: str | None) -> Any:
+    """ADC credentials; anonymous ones only for a loopback http:// endpoint without ADC."""
+    import google.auth
+    import google.auth.exceptions
+    from google.auth.credentials import AnonymousCredentials
+
+    try:
+        credentials, _project = google.auth.default(scopes=_SCOPES)
+        return credentials
+    except google.auth.exceptions.DefaultCredentialsError:
+        if is_loopback_http(endpoint):
+            return AnonymousCredentials()
+        raise CredentialsError(
+            "no Google Cloud credentials found (Application Default Credentials)",
+            hint="run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS "
+            "to a service account key file",
+        ) from None
+
+
+class GcpProvider(Provider):
+    name = "gcp"
+
+    def __init__(
+        self,
+        context: ProviderContext,
+        *,
+        detect_address: AddressDetector | None = None,
+        sleep: Sleep = time.sleep,
+        max_parallel: int = 16,
+    ) -> None:
+        super().__init__(context)
+        if self.spec.gcp is None:
+            raise SpecError("provider 'gcp' needs a `gcp:` block", field="gcp")
+        self.gcp = self.spec.gcp
+        self.fleet = self.spec.name
+        self.network_tag = f"fleet-{self.fleet}"
+        self.firewall_name = f"fleet-{self.fleet}-ssh"
+        self._detect_address = detect_address
+        self._sleep = sleep
+        self._max_parallel = max_parallel
+        self._clients: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._zone_of: dict[str, str] = {}
+
+    # -- plumbing ----------------------------------------------------------------------
+    def _client(self, kind: str) -> Any:
+        with self._lock:
+            if self._clients is None:
+                from google.cloud import compute_v1
+
+                credentials = resolve_credentials(self.gcp.api_endpoint)
+                options = {"api_endpoint": self.gcp.api_endpoint} if self.gcp.api_endpoint else None
+                make: dict[str, Callable[..., Any]] = {
+                    "instances": compute_v1.InstancesClient,
+                    "zone_ops": compute_v1.ZoneOperationsClient,
+                    "global_ops": compute_v1.GlobalOperationsClient,
+                    "firewalls": compute_v1.FirewallsClient,
+                    "disks": compute_v1.DisksClient,
+                }
+                self._clients = {
+                    name: cls(credentials=credentials, client_options=options, transport="rest")
+                    for name, cls in make.items()
+                }
+            return self._clients[kind]
+
+    def _call(self, call: Callable[[], Any]) -> Any:
+        return with_backoff(call, classify=classify, sleep=self._sleep)
+
+    def _wait_zone_op(self, zone: str, operation: Any) -> None:
+        self._wait(
+            operation,
+            lambda name: self._client("zone_ops").wait(project=self.gcp.project, zone=zone, operation=name),
+            zone,
+        )
+
+    def _wait_global_op(self, operation: Any) -> None:
+        self._wait(
+            operation,
+            lambda name: self._client("global_ops").wait(project=self.gcp.project, operation=name),
+            None,
+        )
+
+    def _wait(self, operation: Any, wait: Callable[[str], Any], zone: str | None) -> None:
+        deadline = time.monotonic() + _OP_TIMEOUT_S
+        while getattr(operation.status, "name", str(operation.status)) != "DONE":
+            if time.monotonic() > deadline:
+                raise ProviderError(f"operation {operation.name} did not finish in {_OP_TIMEOUT_S:.0f} s")
+            operation = self._call(lambda name=operation.name: wait(name))
+        failure = operation_error(operation, zone=zone)
+        if failure is not None:
+            raise failure
+
+    def check(self) -> None:
+        resolve_credentials(self.gcp.api_endpoint)
+
+    def _options(self, role: Role) -> GcpNodeOptions:
+        return self.spec.head.gcp if role is Role.HEAD else self.spec.workers.gcp
+
+    @staticmethod
+    def _machine(request: NodeRequest) -> str:
+        if request.machine:
+            return request.machine
+        return "n1-standard-4" if request.accelerators else "e2-standard-4"
+
+    def labels(self, request: NodeRequest) -> dict[str, str]:
+        return {
+            **self.gcp.labels,
+            LABEL_FLEET: self.fleet,
+            LABEL_ROLE: request.role.value,
+            LABEL_SLOT: str(request.slot),
+            LABEL_GENERATION: str(request.generation),
+        }
+
+    # -- plan / prepare ----------------------------------------------------------------
+    def plan(self, requests: Sequence[NodeRequest]) -> list[PlannedNode]:
+        planned = []
+        for request in requests:
+            gpu = request.accelerators
+            price = estimate(
+                "gcp",
+                self._machine(request),
+                spot=request.spot,
+                accelerator=gpu.type if gpu else None,
+                accelerator_count=gpu.count if gpu else 0,
+            )
+            planned.append(
+                PlannedNode(
+                    name=request.name,
+                    role=request.role.value,
+                    zone=" > ".join(self.gcp.zones),
+                    machine=self._machine(request),
+                    accelerators=f"{gpu.count}x {gpu.type}" if gpu else None,
+                    spot=request.spot,
+                    price_per_hour=price.per_hour,
+                    price_source=price.source,
+                )
+            )
+        return planned
+
+    def prepare(self) -> list[str]:
+        """The firewall rule opening tcp:<ssh.port> to the fleet's tag from source_ranges."""
+        from google.api_core import exceptions as gexc
+        from google.cloud import compute_v1
+
+        ranges = resolve_source_ranges(
+            self.gcp.source_ranges, self._detect_address, field="gcp.source_ranges"
+        )
+        client = self._client("firewalls")
+        try:
+            self._call(lambda: client.get(project=self.gcp.project, firewall=self.firewall_name))
+            return []
+        except ProviderError as exc:
+            if not isinstance(exc.__cause__, gexc.NotFound):
+                raise
+        rule = compute_v1.Firewall(
+            name=self.firewall_name,
+            network=self.gcp.network,
+            direction="INGRESS",
+            target_tags=[self.network_tag],
+            source_ranges=ranges,
+            allowed=[compute_v1.Allowed(I_p_protocol="tcp", ports=[str(self.spec.ssh.port)])],
+            description=f"SSH to the nodes of fleet {self.fleet} (created by fleet)",
+        )
+        operation = self._call(lambda: client.insert_unary(project=self.gcp.project, firewall_resource=rule))
+        self._wait_global_op(operation)
+        return [f"firewall rule {self.firewall_name} (tcp:{self.spec.ssh.port} from {', '.join(ranges)})"]
+
+    # -- create ------------------------------------------------------------------------
+    def instance_body(self, request: NodeRequest, zone: str) -> Any:
+        from google.cloud import compute_v1
+
+        options = self._options(request.role)
+        labels = self.labels(request)
+        script = render_startup_script(
+            provider="gcp",
+            fleet_name=self.fleet,
+            node=request.name,
+            role=request.role.value,
+            user=self.context.ssh_user,
+            public_key=self.context.public_key,
+            ssh_port=self.spec.ssh.port,
+        )
+        scheduling = compute_v1.Scheduling()
+        if request.spot:
+            if options.provisioning_model == "SPOT":
+                scheduling.provisioning_model = "SPOT"
+            else:
+                scheduling.preemptible = True
+            scheduling.instance_termination_action = options.instance_termination_action
+            scheduling.automatic_restart = False
+            scheduling.on_host_maintenance = "TERMINATE"
+        if request.accelerators:
+            scheduling.on_host_maintenance = "TERMINATE"
+            scheduling.automatic_restart = False
+        if options.max_run_duration_s:
+            scheduling.max_run_duration = compute_v1.Duration(seconds=options.max_run_duration_s)
+            scheduling.instance_termination_action = options.instance_termination_action
+        interface = compute_v1.NetworkInterface(network=self.gcp.network)
+        if self.gcp.subnetwork:
+            interface.subnetwork = self.gcp.subnetwork
+        if not self.gcp.use_private_ip:
+            interface.access_configs = [compute_v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")]
+        instance = compute_v1.Instance(
+            name=request.name,
+            machine_type=f"zones/{zone}/machineTypes/{self._machine(request)}",
+            labels=labels,
+            tags=compute_v1.Tags(items=[self.network_tag]),
+            scheduling=scheduling,
+            network_interfaces=[interface],
+            disks=[
+                compute_v1.AttachedDisk(
+                    boot=True,
+                    auto_delete=True,
+                    initialize_params=compute_v1.AttachedDiskInitializeParams(
+                        source_image=self.gcp.image, disk_size_gb=request.disk_gb or 100, labels=labels
+                    ),
+                )
+            ],
+            metadata=compute_v1.Metadata(
+                items=[
+                    compute_v1.Items(
+                        key="ssh-keys", value=f"{self.context.ssh_user}:{self.context.public_key.strip()}"
+                    ),
+                    compute_v1.Items(key="startup-script", value=script),
+                ]
+            ),
+        )
+        if request.accelerators:
+            instance.guest_accelerators = [
+                compute_v1.AcceleratorConfig(
+                    accelerator_count=request.accelerators.count,
+                    accelerator_type=f"zones/{zone}/acceleratorTypes/{request.accelerators.type}",
+                )
+            ]
+        if options.min_cpu_platform:
+            instance.min_cpu_platform = options.min_cpu_platform
+        if self.gcp.service_account:
+            instance.service_accounts = [
+                compute_v1.ServiceAccount(email=self.gcp.service_account, scopes=_SCOPES)
+            ]
+        return instance
+
+    def create(self, requests: Sequence[NodeRequest]) -> list[CreateResult]:
+        exhausted: set[str] = set()  # zones that ran out of capacity during this call
+        stop: list[QuotaError] = []  # a quota error ends the whole call
+
+        def one(request: NodeRequest) -> CreateResult:
+            try:
+                return CreateResult(request, node=self._create_one(request, exhausted, stop))
+            except FleetError as exc:
+                return CreateResult(request, error=exc)
+
+        if not requests:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self._max_parallel, len(requests))) as pool:
+            return list(pool.map(one, requests))
+
+    def _create_one(self, request: NodeRequest, exhausted: set[str], stop: list[QuotaError]) -> Node:
+        client = self._client("instances")
+        last: CapacityError | None = None
+        for zone in self.gcp.zones:
+            if stop:
+                raise stop[0]
+            if zone in exhausted:
+                continue
+            body = self.instance_body(request, zone)
+            try:
+                operation = self._call(
+                    lambda: client.insert_unary(project=self.gcp.project, zone=zone, instance_resource=body)
+                )
+                self._wait_zone_op(zone, operation)
+            except CapacityError as exc:
+                exhausted.add(zone)
+                last = exc
+                continue
+            except QuotaError as exc:
+                stop.append(exc)
+                raise
+            self._zone_of[request.name] = zone
+            created = self._call(
+                lambda: client.get(project=self.gcp.project, zone=zone, instance=request.name)
+            )
+            return self.to_node(created, zone)
+        raise CapacityError(
+            f"no capacity for {request.name} in any zone ({', '.join(self.gcp.zones)})"
+            + (f": {last.message}" if last else ""),
+            hint="add zones to gcp.zones, choose another machine/GPU type, or retry later",
+        )
+
+    # -- list --------------------------------------------------------------------------
+    def to_node(
+        self, instance: Any, zone: str | None = None, preempted_links: set[str] | None = None
+    ) -> Node:
+        labels = dict(instance.labels)
+        scheduling = instance.scheduling
+        spot = scheduling.provisioning_model == "SPOT" or bool(scheduling.preemptible)
+        status = instance.status
+        reason = None
+        if status in _STOPPED:
+            if spot:
+                state = NodeState.PREEMPTED
+                confirmed = preempted_links is not None and instance.self_link in preempted_links
+                reason = "compute.instances.preempted" if confirmed else f"spot VM {status}"
+            else:
+                state, reason = NodeState.TERMINATED, status
+        else:
+            state = _STATE_MAP.get(status, NodeState.PENDING)
+        interface = instance.network_interfaces[0] if instance.network_interfaces else None
+        internal = interface.network_i_p if interface and interface.network_i_p else None
+        nat = next((c.nat_i_p for c in (interface.access_configs if interface else []) if c.nat_i_p), None)
+        address = internal if self.gcp.use_private_ip else nat
+        try:
+            created = datetime.fromisoformat(instance.creation_timestamp).timestamp()
+        except (TypeError, ValueError):
+            created = None
+        return Node(
+            name=instance.name,
+            fleet=labels.get(LABEL_FLEET, self.fleet),
+            role=Role.HEAD if labels.get(LABEL_ROLE) == Role.HEAD.value else Role.WORKER,
+            state=state,
+            slot=int(labels.get(LABEL_SLOT, "0") or 0),
+            generation=int(labels.get(LABEL_GENERATION, "1") or 1),
+            address=address,
+            internal_address=internal,
+            port=self.spec.ssh.port,
+            zone=zone or instance.zone.rsplit("/", 1)[-1],
+            spot=spot,
+            machine=instance.machine_type.rsplit("/", 1)[-1] if instance.machine_type else None,
+            provider_id=instance.self_link or str(instance.id),
+            reason=reason,
+            created_at=created,
+            labels=labels,
+        )
+
+    def _list_instances(self) -> list[tuple[str, Any]]:
+        from google.cloud import compute_v1
+
+        def fetch() -> list[tuple[str, Any]]:
+            request = compute_v1.AggregatedListInstancesRequest(
+                project=self.gcp.project, filter=f'labels.{LABEL_FLEET} = "{self.fleet}"', max_results=_PAGE
+            )
+            found = []
+            for scope, scoped in self._client("instances").aggregated_list(request=request):
+                zone = scope.rsplit("/", 1)[-1]
+                found.extend((zone, instance) for instance in scoped.instances)
+            return found
+
+        return self._call(fetch)
+
+    def _preempted_links(self, zones: Iterable[str]) -> set[str]:
+        links: set[str] = set()
+        for zone in sorted(set(zones)):
+            operations = self._call(
+                lambda zone=zone: list(
+                    self._client("zone_ops").list(
+                        project=self.gcp.project,
+                        zone=zone,
+                        filter='operationType = "compute.instances.preempted"',
+                    )
+                )
+            )
+            links.update(op.target_link for op in operations)
+        return links
+
+    def list(self) -> list[Node]:
+        found = self._list_instances()
+        stopped_spot_zones = [
+            zone
+            for zone, i in found
+            if i.status in _STOPPED
+            and (i.scheduling.provisioning_model == "SPOT" or i.scheduling.preemptible)
+        ]
+        links = self._preempted_links(stopped_spot_zones) if stopped_spot_zones else set()
+        nodes = [self.to_node(instance, zone, links) for zone, instance in found]
+        for node in nodes:
+            if node.zone:
+                self._zone_of[node.name] = node.zone
+        return nodes
+
+    # -- delete / preempt / destroy ----------------------------------------------------
+    def _zones_for(self, names: Sequence[str]) -> dict[str, str]:
+        if any(name not in self._zone_of for name in names):
+            self.list()
+        return {name: self._zone_of[name] for name in names if name in self._zone_of}
+
+    def _delete_in(self, name: str, zone: str) -> str | None:
+        from google.api_core import exceptions as gexc
+
+        client = self._client("instances")
+        try:
+            operation = self._call(
+                lambda: client.delete_unary(project=self.gcp.project, zone=zone, instance=name)
+            )
+            self._wait_zone_op(zone, operation)
+        except ProviderError as exc:
+            if isinstance(exc.__cause__, gexc.NotFound) or "was not found" in exc.message:
+                return None
+            raise
+        self._zone_of.pop(name, None)
+        return f"instance {name} ({zone})"
+
+    def delete(self, names: Sequence[str]) -> list[str]:
+        zones = self._zones_for(names)
+        if not zones:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self._max_parallel, len(zones))) as pool:
+            done = list(pool.map(lambda item: self._delete_in(*item), zones.items()))
+        return [line for line in done if line]
+
+    def preempt(self, name: str, *, notice_s: float = 0.0) -> None:
+        """Stop (termination action STOP) or delete (DELETE) the VM through the API, as a
+        preemption would. The guest gets GCE's ACPI soft-off either way; `notice_s` is not
+        used (the API has no way to send the 30 s notice alone)."""
+        from fleet.errors import UsageError
+
+        zone = self._zones_for([name]).get(name)
+        if zone is None:
+            raise UsageError(f"no node {name} in fleet {self.fleet}")
+        node = next(n for n in self.list() if n.name == name)
+        options = self._options(node.role)
+        client = self._client("instances")
+        if node.spot and options.instance_termination_action == "DELETE":
+            self._delete_in(name, zone)
+            return
+        operation = self._call(lambda: client.stop_unary(project=self.gcp.project, zone=zone, instance=name))
+        self._wait_zone_op(zone, operation)
+
+    def destroy_all(self) -> CleanupReport:
+        from google.api_core import exceptions as gexc
+        from google.cloud import compute_v1
+
+        report = CleanupReport()
+        try:
+            nodes = self.list()
+            report.deleted.extend(self.delete([n.name for n in nodes]))
+        except FleetError as exc:
+            report.errors.append(f"instances: {exc.message}")
+        try:
+            request = compute_v1.AggregatedListDisksRequest(
+                project=self.gcp.project, filter=f'labels.{LABEL_FLEET} = "{self.fleet}"', max_results=_PAGE
+            )
+            disks = self._call(
+                lambda: [
+                    (scope.rsplit("/", 1)[-1], d)
+                    for scope, scoped in self._client("disks").aggregated_list(request=request)
+                    for d in scoped.disks
+                ]
+            )
+            for zone, disk in disks:
+                if disk.users:
+                    report.errors.append(f"disk {disk.name} ({zone}) is still attached to {disk.users[0]}")
+                    continue
+                operation = self._call(
+                    lambda zone=zone, disk=disk: self._client("disks").delete_unary(
+                        project=self.gcp.project, zone=zone, disk=disk.name
+                    )
+                )
+                self._wait_zone_op(zone, operation)
+                report.deleted.append(f"disk {disk.name} ({zone})")
+        except FleetError as exc:
+            report.errors.append(f"disks: {exc.message}")
+        try:
+            operation = self._call(
+                lambda: self._client("firewalls").delete_unary(
+                    project=self.gcp.project, firewall=self.firewall_name
+                )
+            )
+            self._wait_global_op(operation)
+            report.deleted.append(f"firewall rule {self.firewall_name}")
+        except ProviderError as exc:
+            if not isinstance(exc.__cause__, gexc.NotFound):
+                report.errors.append(f"firewall rule {self.firewall_name}: {exc.message}")
+        return report
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, None
+        for client in (clients or {}).values():
+            transport = getattr(client, "transport", None)
+            if transport is not None and hasattr(transport, "close"):
+                transport.close()

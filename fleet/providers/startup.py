@@ -1,0 +1,55 @@
+"""The startup script every cloud node runs at boot (GCP `startup-script` metadata, EC2
+user data), rendered from `templates/startup/node.sh.j2`.
+
+It installs sshfs where missing, creates the SSH user with the fleet's public key, and
+starts the preemption-notice watcher (`python3 -m fleet.worker.notice`) when present.
+Every value is shell-quoted by the template's `shquote` filter.
+"""
+
+from __future__ import annotations
+
+import shlex
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+
+import fleet
+
+_TEMPLATE = "node.sh.j2"
+
+
+def _template_dirs() -> list[Path]:
+    package = Path(fleet.__file__).resolve().parent
+    # Installed wheels carry fleet/templates; a source checkout has templates/ at the root.
+    return [package / "templates" / "startup", package.parent / "templates" / "startup"]
+
+
+@lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader([str(d) for d in _template_dirs()]),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # a shell script, not HTML: values go through shquote instead
+        keep_trailing_newline=True,
+    )
+    env.filters["shquote"] = lambda value: shlex.quote(str(value))
+    return env
+
+
+def render_startup_script(
+    *, provider: str, fleet_name: str, node: str, role: str, user: str, public_key: str, ssh_port: int
+) -> str:
+    return (
+        _environment()
+        .get_template(_TEMPLATE)
+        .render(
+            provider=provider,
+            fleet=fleet_name,
+            node=node,
+            role=role,
+            user=user,
+            public_key=public_key.strip(),
+            ssh_port=int(ssh_port),
+        )
+    )

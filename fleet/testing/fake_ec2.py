@@ -1,0 +1,377 @@
+"""A fake EC2 on loopback: moto's server, with every instance backed by a real local node.
+
+moto answers the EC2 API (boto3 reaches it through `AWS_ENDPOINT_URL`); a WSGI
+middleware in front of it
+
+- starts a `LocalNode` (an sshd) for each instance that `RunInstances` creates, at its
+  own loopback address on the fleet's SSH port, with the imported key pair's public key,
+  and rewrites moto's made-up addresses (54.x public, 10.x private) to that loopback
+  address in every response, so that nothing ever tries to reach moto's addresses;
+- kills the node when the instance is stopped or terminated;
+- injects the errors moto never raises (capacity, limits, throttling), per action and
+  zone/subnet, a number of times or until cleared;
+- records every request (action and parameters) so that tests can check what was sent
+  and count the calls.
+
+`interrupt(instance)` simulates a spot interruption: the instance is terminated in
+moto's backend with state reason `Server.SpotInstanceTermination`, and its node is
+killed. In-process: `FakeEc2(...).start()` (`.endpoint`), or as a process:
+`python -m fleet.testing.fake_ec2 --port PORT [--nodes-root DIR] [--ssh-port P]
+[--address-base 127.0.2.1] [--no-backing]`, controlled at `POST /_fake/{fault,interrupt,
+reset}` and `GET /_fake/{requests,state}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import ipaddress
+import json
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from fleet.providers.localnode import LocalNode
+from fleet.testing.fake_gce import _port_free
+
+_IPV4 = re.compile(r"\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")
+_DNS = re.compile(r"<(dnsName|privateDnsName|publicDnsName)>[^<]*</\1>")
+_INSTANCE_ID = re.compile(r"<instanceId>(i-[0-9a-f]+)</instanceId>")
+_REGION = re.compile(r"Credential=[^/]+/\d+/([a-z0-9-]+)/")
+_STATUS = {"RequestLimitExceeded": 503, "InsufficientInstanceCapacity": 500, "InsufficientCapacity": 500}
+
+
+@dataclass
+class Fault:
+    action: str
+    code: str
+    zone: str | None = None  # match Placement.AvailabilityZone or the subnet's zone
+    subnet: str | None = None
+    times: int | None = None  # None: until cleared
+    message: str = ""
+
+
+def _tags_of(instance: Any) -> dict[str, str]:
+    return {str(t.get("key")): str(t.get("value")) for t in instance.get_tags()}
+
+
+def _quiet_handler() -> Any:
+    from moto.moto_server.werkzeug_app import MotoRequestHandler
+
+    class QuietHandler(MotoRequestHandler):  # type: ignore[misc]
+        def log_request(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    return QuietHandler
+
+
+def _moto_backend(region: str) -> Any:
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2.models import ec2_backends
+
+    return ec2_backends[DEFAULT_ACCOUNT_ID][region]
+
+
+class FakeEc2:
+    def __init__(
+        self,
+        *,
+        nodes_root: Path | None = None,
+        ssh_port: int = 22,
+        address_base: str = "127.0.2.1",
+        backing: bool = True,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        region: str = "us-east-1",
+    ) -> None:
+        self.backing = backing
+        self.ssh_port = ssh_port
+        self.region = region
+        self._own_root = nodes_root is None
+        self.nodes_root = Path(nodes_root or tempfile.mkdtemp(prefix="fake-ec2-nodes-"))
+        self._next_address = int(ipaddress.IPv4Address(address_base))
+        self.faults: list[Fault] = []
+        self.requests: list[dict[str, Any]] = []
+        self.addresses: dict[str, str] = {}  # instance id -> loopback address
+        self.rewrite: dict[str, str] = {}  # moto address -> loopback address
+        self.nodes: dict[str, LocalNode] = {}
+        self._lock = threading.RLock()
+        self._host, self._port = host, port
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> FakeEc2:
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
+
+        self.reset_moto()
+        app = DomainDispatcherApplication(create_backend_app)
+        self._server = make_server(self._host, self._port, self._middleware(app), threaded=True,
+                                   request_handler=_quiet_handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-ec2", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, destroy every backing node, forget moto's state."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        with self._lock:
+            nodes = list(self.nodes.values())
+            self.nodes.clear()
+        for node in nodes:
+            node.destroy()
+        self.reset_moto()
+        if self._own_root:
+            shutil.rmtree(self.nodes_root, ignore_errors=True)
+
+    def __enter__(self) -> FakeEc2:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @staticmethod
+    def reset_moto() -> None:
+        from moto.moto_api._internal.models import moto_api_backend
+
+        moto_api_backend.reset()
+
+    # -- faults, interruptions, inspection ---------------------------------------------
+    def add_fault(self, fault: Fault) -> None:
+        with self._lock:
+            self.faults.append(fault)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def actions(self, name: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.requests if name is None or r["action"] == name]
+
+    def instance_id_of(self, name: str) -> str | None:
+        backend = _moto_backend(self.region)
+        for instance in backend.all_instances():
+            if _tags_of(instance).get("Name") == name and instance.state != "terminated":
+                return str(instance.id)
+        return None
+
+    def interrupt(self, instance: str) -> str:
+        """Spot interruption of an instance (id or Name tag); returns the instance id."""
+        from moto.ec2.models.instances import StateReason
+
+        instance_id = instance if instance.startswith("i-") else self.instance_id_of(instance)
+        if instance_id is None:
+            raise KeyError(f"no live instance {instance}")
+        with self._lock:
+            node = self.nodes.pop(instance_id, None)
+        if node is not None:
+            node.kill(preempted=True)
+        moto_instance = _moto_backend(self.region).get_instance(instance_id)
+        moto_instance.terminate()
+        moto_instance.state_reason = StateReason(
+            "Server.SpotInstanceTermination: Spot instance termination", "Server.SpotInstanceTermination")
+        return instance_id
+
+    def state(self) -> dict[str, Any]:
+        backend = _moto_backend(self.region)
+        with self._lock:
+            return {
+                "instances": [{"id": i.id, "state": i.state, "tags": _tags_of(i),
+                               "address": self.addresses.get(i.id)} for i in backend.all_instances()],
+                "security_groups": [g.name for g in backend.describe_security_groups() if g.name != "default"],
+                "key_pairs": list(backend.key_pairs),
+                "backing_nodes": [n.name for n in self.nodes.values() if n.is_running()],
+            }
+
+    # -- the middleware ----------------------------------------------------------------
+    def _middleware(self, app: Callable[..., Any]) -> Callable[..., Any]:
+        def middleware(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            raw = environ["wsgi.input"].read(length) if length else b""
+            path = environ.get("PATH_INFO", "")
+            if path.startswith("/_fake/"):
+                return self._control(path.removeprefix("/_fake/"), raw, start_response)
+            params = {k: v[-1] for k, v in parse_qs(raw.decode(errors="replace")).items()}
+            action = params.get("Action", "")
+            region_match = _REGION.search(environ.get("HTTP_AUTHORIZATION", ""))
+            region = region_match.group(1) if region_match else self.region
+            with self._lock:
+                self.requests.append({"action": action, "params": params, "time": time.time()})
+            fault = self._fault_for(action, params, region)
+            if fault is not None:
+                return _error(start_response, fault.code, fault.message or f"injected {fault.code}")
+            environ["wsgi.input"] = io.BytesIO(raw)
+            captured: dict[str, Any] = {}
+
+            def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+                captured["status"], captured["headers"] = status, headers
+                return lambda data: None
+
+            body = b"".join(app(environ, capture))
+            if captured.get("status", "").startswith("200"):
+                body = self._after(action, params, region, body)
+            headers = [(k, v) for k, v in captured.get("headers", []) if k.lower() != "content-length"]
+            headers.append(("Content-Length", str(len(body))))
+            start_response(captured.get("status", "500 Internal Server Error"), headers)
+            return [body]
+
+        return middleware
+
+    def _fault_for(self, action: str, params: dict[str, str], region: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.action != action:
+                    continue
+                if fault.subnet and params.get("SubnetId") != fault.subnet:
+                    continue
+                if fault.zone and self._zone_of(params, region) != fault.zone:
+                    continue
+                if fault.times is not None:
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        self.faults.remove(fault)
+                return fault
+        return None
+
+    @staticmethod
+    def _zone_of(params: dict[str, str], region: str) -> str | None:
+        if "Placement.AvailabilityZone" in params:
+            return params["Placement.AvailabilityZone"]
+        if "SubnetId" in params:
+            with contextlib.suppress(Exception):
+                return str(_moto_backend(region).get_subnet(params["SubnetId"]).availability_zone)
+        return None
+
+    def _after(self, action: str, params: dict[str, str], region: str, body: bytes) -> bytes:
+        if action == "RunInstances":
+            for instance_id in _INSTANCE_ID.findall(body.decode()):
+                self._back(instance_id, params, region)
+        elif action in ("TerminateInstances", "StopInstances"):
+            for key, value in params.items():
+                if key.startswith("InstanceId."):
+                    with self._lock:
+                        node = self.nodes.pop(value, None)
+                    if node is not None:
+                        node.destroy() if action == "TerminateInstances" else node.kill(preempted=False)
+        if action in ("RunInstances", "DescribeInstances", "DescribeNetworkInterfaces", "DescribeAddresses"):
+            text = body.decode()
+            with self._lock:
+                mapping = dict(self.rewrite)
+            text = _IPV4.sub(lambda m: mapping.get(m.group(0), m.group(0)), text)
+            text = _DNS.sub(lambda m: f"<{m.group(1)}></{m.group(1)}>", text)
+            body = text.encode()
+        return body
+
+    def _allocate_address(self) -> str:
+        with self._lock:
+            while True:
+                address = str(ipaddress.IPv4Address(self._next_address))
+                self._next_address += 1
+                if address.endswith(".0") or address.endswith(".255"):
+                    continue
+                if not self.backing or _port_free(address, self.ssh_port):
+                    return address
+
+    def _back(self, instance_id: str, params: dict[str, str], region: str) -> None:
+        backend = _moto_backend(region)
+        instance = backend.get_instance(instance_id)
+        address = self._allocate_address()
+        with self._lock:
+            self.addresses[instance_id] = address
+            for moto_address in (instance.public_ip, instance.private_ip):
+                if moto_address:
+                    self.rewrite[moto_address] = address
+        if not self.backing:
+            return
+        keys = []
+        pair = backend.key_pairs.get(params.get("KeyName", ""))
+        if pair is not None:
+            material = pair.material_public
+            keys.append(material.decode() if isinstance(material, bytes) else str(material))
+        tags = _tags_of(instance)
+        node = LocalNode.create(self.nodes_root, name=tags.get("Name", instance_id), fleet=tags.get("fleet", "nofleet"),
+                                authorized_keys=keys, address=address, port=self.ssh_port, labels=tags)
+        with self._lock:
+            self.nodes[instance_id] = node
+
+    def _control(self, action: str, raw: bytes, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            body = json.loads(raw) if raw else {}
+            if action == "fault":
+                self.add_fault(Fault(**body))
+                result: Any = {"ok": True}
+            elif action == "interrupt":
+                result = {"instance_id": self.interrupt(body["instance"])}
+            elif action == "reset":
+                self.clear_faults()
+                result = {"ok": True}
+            elif action == "requests":
+                result = self.actions()
+            elif action == "state":
+                result = self.state()
+            else:
+                raise KeyError(f"unknown control action {action}")
+            status = "200 OK"
+        except (KeyError, TypeError, ValueError) as exc:
+            result, status = {"error": str(exc)}, "400 Bad Request"
+        data = json.dumps(result, default=str).encode()
+        start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+        return [data]
+
+
+def _error(start_response: Callable[..., Any], code: str, message: str) -> Iterable[bytes]:
+    data = (f'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>{code}</Code>'
+            f"<Message>{message}</Message></Error></Errors><RequestID>{uuid.uuid4()}</RequestID></Response>").encode()
+    status = _STATUS.get(code, 400)
+    start_response(f"{status} Error", [("Content-Type", "text/xml"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fleet.testing.fake_ec2", description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, required=True, help="HTTP port of the fake API")
+    parser.add_argument("--host", default="127.0.0.1", help="loopback address to serve on")
+    parser.add_argument("--nodes-root", type=Path, help="where backing nodes live (default: a temp dir)")
+    parser.add_argument("--ssh-port", type=int, default=22, help="SSH port of every backing node")
+    parser.add_argument("--address-base", default="127.0.2.1", help="first loopback address of the nodes")
+    parser.add_argument("--region", default="us-east-1", help="region whose instances are backed")
+    parser.add_argument("--no-backing", action="store_true", help="no sshd behind the instances")
+    args = parser.parse_args(argv)
+    if not ipaddress.ip_address(args.host).is_loopback or not ipaddress.ip_address(args.address_base).is_loopback:
+        parser.error("the fake serves on loopback addresses only")
+    fake = FakeEc2(nodes_root=args.nodes_root, ssh_port=args.ssh_port, address_base=args.address_base,
+                   backing=not args.no_backing, host=args.host, port=args.port, region=args.region)
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    fake.start()
+    print(f"fake EC2 serving on {fake.endpoint}", flush=True)
+    try:
+        stopping.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            fake.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
