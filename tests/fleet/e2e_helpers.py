@@ -138,6 +138,7 @@ class CliFleet:
     spec: Path
     env: dict[str, str] = field(default_factory=dict)
     run_as: str | None = None  # run the CLI as this user (runuser)
+    argv: list[str] | None = None  # how to start the CLI, when not fleet_argv()
 
     @property
     def state_dir(self) -> Path:
@@ -147,7 +148,7 @@ class CliFleet:
             input_text: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run `fleet <command> -f SPEC <args...>` (the spec option goes right after the command)."""
         command, *rest = args
-        argv = [*fleet_argv(), command, "-f", str(self.spec), *rest]
+        argv = [*(self.argv or fleet_argv()), command, "-f", str(self.spec), *rest]
         if self.run_as:
             argv = ["runuser", "-u", self.run_as, "--", *argv]
         env = {**os.environ, "COLUMNS": "200", **self.env}
