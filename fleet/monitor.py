@@ -152,7 +152,10 @@ class Monitor:
             requests.append(self.fleet.worker_request(slot, generation))
         result = UpResult()
         created = self.fleet.create_nodes(requests, result)
-        ready = self.fleet.bring_up(created, result) if created else []
+        # The head comes along: bring_up exports the shared dir from it (idempotent) and
+        # mounts it on the new workers; without it no worker can be mounted.
+        head = self.fleet.head(report.observed)
+        ready = self.fleet.bring_up([head, *created] if head else created, result) if created else []
         ready_workers = [n for n in ready if n.role == Role.WORKER and n.name not in result.failures]
         old_by_slot = {slot: ",".join(n.name for n in nodes) or "(vanished)" for slot, nodes in chosen.items()}
         for node in ready_workers:
