@@ -25,6 +25,9 @@ from fleet.errors import JobError
 from fleet.spec.loader import load_job_spec
 
 
+_STALL_GRACE_S = 15.0
+
+
 def register(add) -> None:
     sub = add("run", cmd_run, "run a job (job.yaml) on the fleet until it is finished")
     sub.add_argument("job")
@@ -112,6 +115,7 @@ def _follow(fleet, runner, monitor, started: float, args: argparse.Namespace) ->
         bar.start()
     ok = False
     progress = None
+    idle_since: float | None = None
     try:
         while True:
             nodes = fleet.observe()
@@ -132,15 +136,32 @@ def _follow(fleet, runner, monitor, started: float, args: argparse.Namespace) ->
                     last_line = time.time()
                     err.print(f"{job.name}: {progress.done + progress.failed}/{progress.total} items, "
                               f"{rate:.1f} items/s, {extra}", markup=False)
-                if progress.complete:
+                selected = runner.selected(nodes)
+                if job.run:
+                    # A `run:` process that failed after its retries is a failed job, not
+                    # an item "recorded as failed" the way the worker records items.
+                    if selected and progress.finished_nodes >= len(selected):
+                        ok = progress.failed == 0
+                        break
+                elif progress.complete:
                     ok = True
                     break
-                selected = runner.selected(nodes)
-                if job.run and progress.finished_nodes >= len(selected) and selected:
-                    ok = progress.failed == 0
+                if progress.cancelled:
+                    fleet.state.add_event("stopped", None, f"job {job.name} was cancelled")
                     break
                 if monitor.exhausted and not any(n for n in selected):
                     break
+                # Every process of a worker job ended and items are left (they crashed, or
+                # were stopped): waiting longer would wait forever. A replacement that is
+                # being brought up has no process yet, hence the grace window.
+                if job.worker is not None and selected and progress.running_nodes == 0:
+                    idle_since = idle_since or time.time()
+                    if time.time() - idle_since >= _STALL_GRACE_S:
+                        fleet.state.add_event("stalled", None, f"job {job.name}: every process ended with "
+                                              f"{progress.total - progress.done - progress.failed} item(s) left")
+                        break
+                else:
+                    idle_since = None
             if deadline and time.time() > deadline:
                 fleet.state.add_event("timeout", None, f"job {job.name} gave up after {args.timeout:g} s")
                 break

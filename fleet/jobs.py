@@ -43,8 +43,10 @@ mkdir -p pids status logs metrics
 echo $$ > "pids/.$NODE.pid.tmp" && mv "pids/.$NODE.pid.tmp" "pids/$NODE.pid"
 rm -f "status/$NODE.exit"
 "$FLEET_PYTHON" -m fleet.worker.sampler --out "metrics/$NODE.jsonl" --node "$NODE" --pid $$ >/dev/null 2>&1 &
+watcher=""
 if [ -n "$FLEET_NOTICE" ] && [ "$FLEET_NOTICE" != local ]; then
   "$FLEET_PYTHON" -m fleet.worker.notice --provider "$FLEET_NOTICE" --pgid $$ &
+  watcher=$!
 fi
 child=""
 stopping=""
@@ -69,6 +71,9 @@ while :; do
   echo "fleet: attempt $attempt of $FLEET_RETRIES: restarting after exit code $rc" >&2
   sleep 1
 done
+# Stopped by a signal (cancel, preemption notice): not finished, a later run resumes here.
+[ -n "$stopping" ] && rc=143
+[ -n "$watcher" ] && kill -TERM "$watcher" 2>/dev/null
 echo "$rc" > "status/.$NODE.exit.tmp" && mv "status/.$NODE.exit.tmp" "status/$NODE.exit"
 exit "$rc"
 """
@@ -84,6 +89,7 @@ class Progress:
     failed_nodes: list[str]
     chunks: int = 0
     chunks_done: int = 0
+    cancelled: bool = False
 
     @property
     def complete(self) -> bool:
@@ -240,7 +246,8 @@ class JobRunner:
         selected = self.selected(nodes)
         status_script = (
             f"cd {job_dir} || exit 1; for f in status/*.exit; do [ -f \"$f\" ] && echo \"EXIT $(basename \"$f\" .exit) $(cat \"$f\")\"; done; "
-            f"for f in pids/*.pid; do [ -f \"$f\" ] && echo \"PID $(basename \"$f\" .pid)\"; done; true"
+            f"for f in pids/*.pid; do [ -f \"$f\" ] && echo \"PID $(basename \"$f\" .pid)\"; done; "
+            f"if [ -f cancelled ]; then echo CANCELLED; fi; true"
         )
         if self.job.worker is not None:
             status_script += f"; echo STATUS; {q(self.python_for())} -m fleet.worker . --status"
@@ -251,6 +258,7 @@ class JobRunner:
         started: set[str] = set()
         status: dict[str, int] = {}
         lines = result.stdout.splitlines()
+        cancelled = "CANCELLED" in lines
         for i, line in enumerate(lines):
             if line.startswith("EXIT "):
                 _, name, code = (line.split(" ") + ["1"])[:3]
@@ -267,12 +275,13 @@ class JobRunner:
             return Progress(total=int(status.get("total", 0)), done=int(status.get("done", 0)),
                             failed=int(status.get("failed", 0)), running_nodes=running,
                             finished_nodes=len(finished), failed_nodes=failed_nodes,
-                            chunks=int(status.get("chunks", 0)), chunks_done=int(status.get("chunks_done", 0)))
+                            chunks=int(status.get("chunks", 0)), chunks_done=int(status.get("chunks_done", 0)),
+                            cancelled=cancelled)
         # run: jobs: one unit of work per selected node, done when it exited 0.
         total = len(selected_names | set(exits))
         done = len([name for name, code in exits.items() if code == 0])
         return Progress(total=total, done=done, failed=len(failed_nodes), running_nodes=running,
-                        finished_nodes=len(finished), failed_nodes=failed_nodes)
+                        finished_nodes=len(finished), failed_nodes=failed_nodes, cancelled=cancelled)
 
     # -- cancel / logs --------------------------------------------------------------------
     def cancel(self, nodes: Sequence[Node]) -> GroupResult:
