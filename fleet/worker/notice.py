@@ -40,16 +40,27 @@ def aws_base() -> str:
     return os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
 
 
-def wait_gce(stop: Callable[[], bool]) -> str | None:
-    """Block until GCE says the instance is preempted; returns a description."""
-    url = f"{gce_base()}/computeMetadata/v1/instance/preempted?wait_for_change=true&timeout_sec=60"
+def wait_gce(stop: Callable[[], bool], *, long_poll_s: int = 60) -> str | None:
+    """Block until GCE says the instance is preempted; returns a description.
+
+    The first read returns at once (the notice may have come before the watcher
+    started); later reads are long polls from the last ETag, as the metadata server
+    documents, so that a change between two polls is never missed."""
+    base = f"{gce_base()}/computeMetadata/v1/instance/preempted"
+    etag: str | None = None  # None: nothing read yet
     while not stop():
+        if etag is None:
+            url = base
+        else:
+            url = f"{base}?wait_for_change=true&timeout_sec={long_poll_s}" + (f"&last_etag={etag}" if etag else "")
         request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
         try:
-            with urllib.request.urlopen(request, timeout=75) as response:
+            with urllib.request.urlopen(request, timeout=long_poll_s + 15) as response:
                 if response.read().decode().strip().upper() == "TRUE":
                     return "GCE metadata: instance/preempted is TRUE"
+                etag = response.headers.get("ETag", "")
         except (urllib.error.URLError, OSError):
+            etag = None
             time.sleep(2)
     return None
 
@@ -105,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     def group_gone() -> bool:
+        # The group's leader (the launcher, started with setsid) is what we watch: the
+        # group itself never empties while this watcher, one of its members, runs.
         try:
-            os.killpg(args.pgid, 0)
+            os.kill(args.pgid, 0)
         except ProcessLookupError:
             return True
         except PermissionError:
