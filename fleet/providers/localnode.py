@@ -42,6 +42,9 @@ from fleet.errors import DependencyError, ProviderError
 SSHD = "/usr/sbin/sshd"
 MARKER = "FLEET_LOCAL_NODE_ID"
 FLEET_MARKER = "FLEET_LOCAL_FLEET"
+# The root the node lives under: two fleets of the same name under different roots
+# (two checkouts, two test runs) must never clean up each other's processes.
+ROOT_MARKER = "FLEET_LOCAL_ROOT"
 _SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server", "/usr/libexec/sftp-server")
 
 _LOGIN_WRAPPER = """#!/bin/sh
@@ -258,6 +261,7 @@ class LocalNode:
             "PATH": ":".join(dict.fromkeys(path_dirs)),
             MARKER: node.id,
             FLEET_MARKER: fleet,
+            ROOT_MARKER: str(Path(root).resolve()),
             "FLEET_LOCAL_NODE_NAME": name,
             **(env or {}),
         }
@@ -316,7 +320,8 @@ ForceCommand {d / 'enter'}
         d = self.sshd_dir
         with contextlib.suppress(FileNotFoundError):
             (d / "sshd.pid").unlink()
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), MARKER: self.id, FLEET_MARKER: self.fleet}
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), MARKER: self.id, FLEET_MARKER: self.fleet,
+               ROOT_MARKER: str(self.dir.parent.parent.resolve())}
         result = subprocess.run(
             [sshd, "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")],
             env=env,
@@ -458,9 +463,11 @@ def kill_marked(node_id: str, *, rounds: int = 20) -> None:
 def kill_fleet_orphans(root: Path, fleet: str, known_ids: Iterable[str]) -> int:
     """Kill what is left of this fleet's nodes whose directories are gone (the local
     state was deleted): sshd listeners serving a config under <root>/<fleet>/, their
-    sessions, and processes carrying the fleet's marker. Returns how many were killed."""
+    sessions, and processes carrying the fleet's marker under this root. Returns how many
+    were killed, once they are gone."""
     known = set(known_ids)
-    prefix = f"{Path(root).resolve()}/{fleet}/"
+    resolved_root = str(Path(root).resolve())
+    prefix = f"{resolved_root}/{fleet}/"
     victims: set[int] = set()
     for proc in psutil.process_iter(["pid"]):
         pid = proc.info["pid"]
@@ -474,11 +481,19 @@ def kill_fleet_orphans(root: Path, fleet: str, known_ids: Iterable[str]) -> int:
                 victims.update(_descendants(pid))
             continue
         env = _environ_of(pid)
-        if env.get(FLEET_MARKER) == fleet and env.get(MARKER) and env[MARKER] not in known:
+        if env.get(FLEET_MARKER) != fleet or not env.get(MARKER) or env[MARKER] in known:
+            continue
+        # Nodes made before the root marker existed: their HOME is under the root.
+        if env.get(ROOT_MARKER, "") == resolved_root or (
+                ROOT_MARKER not in env and env.get("HOME", "").startswith(prefix)):
             victims.add(pid)
     for pid in victims:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+    # SIGKILL is asynchronous: wait (briefly) so that the ports are closed on return.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_pid_alive(pid) for pid in victims):
+        time.sleep(0.02)
     return len(victims)
 
 
