@@ -16,6 +16,15 @@ directory is JOB_DIR on the shared filesystem until no work is left. Modules:
 torch is imported lazily, only by the handlers that need it.
 """
 
-from fleet.worker.config import WorkerConfig
+from typing import Any
 
 __all__ = ["WorkerConfig"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that `python -m fleet.worker.sampler` and `.notice` start without pydantic.
+    if name == "WorkerConfig":
+        from fleet.worker.config import WorkerConfig
+
+        return WorkerConfig
+    raise AttributeError(name)
