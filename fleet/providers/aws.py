@@ -26,8 +26,25 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
-from fleet.errors import CapacityError, CredentialsError, FleetError, ProviderError, QuotaError, SpecError, UsageError
-from fleet.model import LABEL_FLEET, LABEL_GENERATION, LABEL_ROLE, LABEL_SLOT, Node, NodeRequest, NodeState, Role
+from fleet.errors import (
+    CapacityError,
+    CredentialsError,
+    FleetError,
+    ProviderError,
+    QuotaError,
+    SpecError,
+    UsageError,
+)
+from fleet.model import (
+    LABEL_FLEET,
+    LABEL_GENERATION,
+    LABEL_ROLE,
+    LABEL_SLOT,
+    Node,
+    NodeRequest,
+    NodeState,
+    Role,
+)
 from fleet.providers.aws_errors import classify
 from fleet.providers.base import CleanupReport, CreateResult, PlannedNode, Provider, ProviderContext
 from fleet.providers.netaddr import AddressDetector, resolve_source_ranges
@@ -39,8 +56,10 @@ DELETED_TAG = "fleet-deleted"
 SPOT_TERMINATION = "Server.SpotInstanceTermination"
 _STATE_MAP = {"pending": NodeState.PENDING, "running": NodeState.RUNNING}
 _GONE = {"shutting-down", "terminated", "stopping", "stopped"}
-_CREDENTIAL_HINT = ("run `aws configure` or `aws sso login`, set `aws.profile` / AWS_PROFILE, "
-                    "or export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+_CREDENTIAL_HINT = (
+    "run `aws configure` or `aws sso login`, set `aws.profile` / AWS_PROFILE, "
+    "or export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+)
 
 
 class AwsProvider(Provider):
@@ -81,8 +100,9 @@ class AwsProvider(Provider):
             try:
                 self._session = boto3.Session(profile_name=self.aws.profile, region_name=self.aws.region)
             except botocore.exceptions.ProfileNotFound:
-                raise CredentialsError(f"AWS profile {self.aws.profile!r} is not configured",
-                                       hint=_CREDENTIAL_HINT) from None
+                raise CredentialsError(
+                    f"AWS profile {self.aws.profile!r} is not configured", hint=_CREDENTIAL_HINT
+                ) from None
         return self._session
 
     def check(self) -> None:
@@ -91,8 +111,9 @@ class AwsProvider(Provider):
         try:
             credentials = self._boto_session().get_credentials()
         except botocore.exceptions.BotoCoreError as exc:
-            raise CredentialsError(f"AWS credentials could not be loaded ({type(exc).__name__})",
-                                   hint=_CREDENTIAL_HINT) from None
+            raise CredentialsError(
+                f"AWS credentials could not be loaded ({type(exc).__name__})", hint=_CREDENTIAL_HINT
+            ) from None
         if credentials is None:
             raise CredentialsError("no AWS credentials found in the default chain", hint=_CREDENTIAL_HINT)
 
@@ -104,8 +125,10 @@ class AwsProvider(Provider):
 
                 self.check()
                 # Our own backoff (with an injectable sleep) instead of botocore's retries.
-                config = Config(retries={"total_max_attempts": 1, "mode": "standard"},
-                                max_pool_connections=max(10, self._max_parallel * 2))
+                config = Config(
+                    retries={"total_max_attempts": 1, "mode": "standard"},
+                    max_pool_connections=max(10, self._max_parallel * 2),
+                )
                 self._ec2 = self._boto_session().client("ec2", config=config)
             return self._ec2
 
@@ -114,7 +137,9 @@ class AwsProvider(Provider):
         return with_backoff(lambda: function(**params), classify=classify, sleep=self._sleep)
 
     def _tags(self, extra: dict[str, str]) -> list[dict[str, str]]:
-        return [{"Key": k, "Value": v} for k, v in {**self.aws.tags, LABEL_FLEET: self.fleet, **extra}.items()]
+        return [
+            {"Key": k, "Value": v} for k, v in {**self.aws.tags, LABEL_FLEET: self.fleet, **extra}.items()
+        ]
 
     def _fleet_filter(self) -> list[dict[str, Any]]:
         return [{"Name": f"tag:{LABEL_FLEET}", "Values": [self.fleet]}]
@@ -135,8 +160,12 @@ class AwsProvider(Provider):
     # -- plan / prepare ----------------------------------------------------------------
     def _live_spot_price(self, instance_type: str) -> float | None:
         """Latest spot price from `describe_spot_price_history` (read-only), or None."""
-        params: dict[str, Any] = {"InstanceTypes": [instance_type], "ProductDescriptions": ["Linux/UNIX"],
-                                  "StartTime": datetime.now(UTC), "MaxResults": 10}
+        params: dict[str, Any] = {
+            "InstanceTypes": [instance_type],
+            "ProductDescriptions": ["Linux/UNIX"],
+            "StartTime": datetime.now(UTC),
+            "MaxResults": 10,
+        }
         if self.aws.zones:
             params["AvailabilityZone"] = self.aws.zones[0]
         try:
@@ -165,10 +194,18 @@ class AwsProvider(Provider):
                 table = estimate("aws", instance_type, spot=request.spot)
                 price, source = table.per_hour, table.source
             gpu = request.accelerators
-            planned.append(PlannedNode(
-                name=request.name, role=request.role.value, zone=where, machine=instance_type,
-                accelerators=f"{gpu.count}x {gpu.type}" if gpu else None, spot=request.spot,
-                price_per_hour=price, price_source=source))
+            planned.append(
+                PlannedNode(
+                    name=request.name,
+                    role=request.role.value,
+                    zone=where,
+                    machine=instance_type,
+                    accelerators=f"{gpu.count}x {gpu.type}" if gpu else None,
+                    spot=request.spot,
+                    price_per_hour=price,
+                    price_source=source,
+                )
+            )
         return planned
 
     def _vpc_id(self) -> str:
@@ -177,36 +214,62 @@ class AwsProvider(Provider):
             return str(subnets[0]["VpcId"])
         vpcs = self._call("describe_vpcs", Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
         if not vpcs:
-            raise ProviderError(f"region {self.aws.region} has no default VPC",
-                                hint="set `aws.subnets` to subnets of the VPC to use")
+            raise ProviderError(
+                f"region {self.aws.region} has no default VPC",
+                hint="set `aws.subnets` to subnets of the VPC to use",
+            )
         return str(vpcs[0]["VpcId"])
 
     def _find_group(self) -> str | None:
-        groups = self._call("describe_security_groups", Filters=[
-            {"Name": "group-name", "Values": [self.group_name]}, *self._fleet_filter()])["SecurityGroups"]
+        groups = self._call(
+            "describe_security_groups",
+            Filters=[{"Name": "group-name", "Values": [self.group_name]}, *self._fleet_filter()],
+        )["SecurityGroups"]
         return str(groups[0]["GroupId"]) if groups else None
 
     def prepare(self) -> list[str]:
         """Import the key pair and create the security group (idempotent)."""
         created = []
-        ranges = resolve_source_ranges(self.aws.source_ranges, self._detect_address, field="aws.source_ranges")
+        ranges = resolve_source_ranges(
+            self.aws.source_ranges, self._detect_address, field="aws.source_ranges"
+        )
         pairs = self._call("describe_key_pairs", Filters=[{"Name": "key-name", "Values": [self.key_name]}])
         if not pairs.get("KeyPairs"):
-            self._call("import_key_pair", KeyName=self.key_name,
-                       PublicKeyMaterial=self.context.public_key.strip().encode(),
-                       TagSpecifications=[{"ResourceType": "key-pair", "Tags": self._tags({})}])
+            self._call(
+                "import_key_pair",
+                KeyName=self.key_name,
+                PublicKeyMaterial=self.context.public_key.strip().encode(),
+                TagSpecifications=[{"ResourceType": "key-pair", "Tags": self._tags({})}],
+            )
             created.append(f"key pair {self.key_name}")
         self._group_id = self._find_group()
         if self._group_id is None:
-            group = self._call("create_security_group", GroupName=self.group_name, VpcId=self._vpc_id(),
-                               Description=f"SSH to the nodes of fleet {self.fleet} (created by fleet)",
-                               TagSpecifications=[{"ResourceType": "security-group", "Tags": self._tags({})}])
+            group = self._call(
+                "create_security_group",
+                GroupName=self.group_name,
+                VpcId=self._vpc_id(),
+                Description=f"SSH to the nodes of fleet {self.fleet} (created by fleet)",
+                TagSpecifications=[{"ResourceType": "security-group", "Tags": self._tags({})}],
+            )
             self._group_id = str(group["GroupId"])
             port = self.spec.ssh.port
-            self._call("authorize_security_group_ingress", GroupId=self._group_id, IpPermissions=[{
-                "IpProtocol": "tcp", "FromPort": port, "ToPort": port,
-                "IpRanges": [{"CidrIp": r, "Description": "fleet ssh"} for r in ranges if ":" not in r],
-                "Ipv6Ranges": [{"CidrIpv6": r, "Description": "fleet ssh"} for r in ranges if ":" in r]}])
+            self._call(
+                "authorize_security_group_ingress",
+                GroupId=self._group_id,
+                IpPermissions=[
+                    {
+                        "IpProtocol": "tcp",
+                        "FromPort": port,
+                        "ToPort": port,
+                        "IpRanges": [
+                            {"CidrIp": r, "Description": "fleet ssh"} for r in ranges if ":" not in r
+                        ],
+                        "Ipv6Ranges": [
+                            {"CidrIpv6": r, "Description": "fleet ssh"} for r in ranges if ":" in r
+                        ],
+                    }
+                ],
+            )
             created.append(f"security group {self.group_name} (tcp:{port} from {', '.join(ranges)})")
         return created
 
@@ -221,24 +284,51 @@ class AwsProvider(Provider):
 
     def run_params(self, request: NodeRequest) -> dict[str, Any]:
         options = self.spec.head.aws if request.role is Role.HEAD else self.spec.workers.aws
-        tags = self._tags({"Name": request.name, LABEL_ROLE: request.role.value, LABEL_SLOT: str(request.slot),
-                           LABEL_GENERATION: str(request.generation)})
+        tags = self._tags(
+            {
+                "Name": request.name,
+                LABEL_ROLE: request.role.value,
+                LABEL_SLOT: str(request.slot),
+                LABEL_GENERATION: str(request.generation),
+            }
+        )
         params: dict[str, Any] = {
-            "ImageId": self.aws.ami, "InstanceType": self._instance_type(request), "MinCount": 1, "MaxCount": 1,
+            "ImageId": self.aws.ami,
+            "InstanceType": self._instance_type(request),
+            "MinCount": 1,
+            "MaxCount": 1,
             "KeyName": self.key_name,
             "UserData": render_startup_script(
-                provider="aws", fleet_name=self.fleet, node=request.name, role=request.role.value,
-                user=self.context.ssh_user, public_key=self.context.public_key, ssh_port=self.spec.ssh.port),
-            "TagSpecifications": [{"ResourceType": "instance", "Tags": tags},
-                                  {"ResourceType": "volume", "Tags": tags}],
-            "BlockDeviceMappings": [{"DeviceName": self._root_device_name(), "Ebs": {
-                "VolumeSize": request.disk_gb or 100, "VolumeType": options.volume_type,
-                "DeleteOnTermination": True}}],
+                provider="aws",
+                fleet_name=self.fleet,
+                node=request.name,
+                role=request.role.value,
+                user=self.context.ssh_user,
+                public_key=self.context.public_key,
+                ssh_port=self.spec.ssh.port,
+            ),
+            "TagSpecifications": [
+                {"ResourceType": "instance", "Tags": tags},
+                {"ResourceType": "volume", "Tags": tags},
+            ],
+            "BlockDeviceMappings": [
+                {
+                    "DeviceName": self._root_device_name(),
+                    "Ebs": {
+                        "VolumeSize": request.disk_gb or 100,
+                        "VolumeType": options.volume_type,
+                        "DeleteOnTermination": True,
+                    },
+                }
+            ],
         }
         if self._group_id:
             params["SecurityGroupIds"] = [self._group_id]
         if request.spot:
-            spot: dict[str, Any] = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
+            spot: dict[str, Any] = {
+                "SpotInstanceType": "one-time",
+                "InstanceInterruptionBehavior": "terminate",
+            }
             if options.max_price:
                 spot["MaxPrice"] = str(options.max_price)
             params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot}
@@ -324,7 +414,8 @@ class AwsProvider(Provider):
         def fetch() -> list[dict[str, Any]]:
             found = []
             for page in self.ec2.get_paginator("describe_instances").paginate(
-                    Filters=filters or self._fleet_filter(), PaginationConfig={"PageSize": 1000}):
+                Filters=filters or self._fleet_filter(), PaginationConfig={"PageSize": 1000}
+            ):
                 for reservation in page.get("Reservations", []):
                     found.extend(reservation.get("Instances", []))
             return found
@@ -338,7 +429,7 @@ class AwsProvider(Provider):
     # -- delete / preempt / destroy ----------------------------------------------------
     def _terminate(self, instance_ids: list[str], *, wait: bool) -> None:
         for start in range(0, len(instance_ids), 500):
-            chunk = instance_ids[start:start + 500]
+            chunk = instance_ids[start : start + 500]
             self._call("create_tags", Resources=chunk, Tags=[{"Key": DELETED_TAG, "Value": "1"}])
             self._call("terminate_instances", InstanceIds=chunk)
         if wait and instance_ids:
@@ -358,7 +449,9 @@ class AwsProvider(Provider):
 
     def delete(self, names: Sequence[str]) -> list[str]:
         wanted = set(names)
-        victims = [(node.name, node.provider_id or "", node.zone) for node in self.list() if node.name in wanted]
+        victims = [
+            (node.name, node.provider_id or "", node.zone) for node in self.list() if node.name in wanted
+        ]
         alive = [v for v in victims if v[1]]
         self._terminate([instance_id for _n, instance_id, _z in alive], wait=False)
         return [f"instance {name} {instance_id} ({zone})" for name, instance_id, zone in alive]
@@ -384,8 +477,12 @@ class AwsProvider(Provider):
             for instance in live:
                 tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
                 report.deleted.append(f"instance {tags.get('Name', '?')} {instance['InstanceId']}")
-            leftovers = [i["InstanceId"] for i in instances if i["State"]["Name"] == "terminated"
-                         and DELETED_TAG not in {t["Key"] for t in i.get("Tags", [])}]
+            leftovers = [
+                i["InstanceId"]
+                for i in instances
+                if i["State"]["Name"] == "terminated"
+                and DELETED_TAG not in {t["Key"] for t in i.get("Tags", [])}
+            ]
             if leftovers:  # preempted ones: mark them so that `list()` forgets them
                 self._call("create_tags", Resources=leftovers, Tags=[{"Key": DELETED_TAG, "Value": "1"}])
         except FleetError as exc:
@@ -400,7 +497,9 @@ class AwsProvider(Provider):
             report.errors.append(f"volumes: {exc.message}")
         self._delete_group(report)
         try:
-            pairs = self._call("describe_key_pairs", Filters=[{"Name": "key-name", "Values": [self.key_name]}])
+            pairs = self._call(
+                "describe_key_pairs", Filters=[{"Name": "key-name", "Values": [self.key_name]}]
+            )
             if pairs.get("KeyPairs"):
                 self._call("delete_key_pair", KeyName=self.key_name)
                 report.deleted.append(f"key pair {self.key_name}")

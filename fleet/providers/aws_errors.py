@@ -7,7 +7,14 @@ message, throttling backs off. Messages carry the code and AWS's text, never cre
 
 from __future__ import annotations
 
-from fleet.errors import CapacityError, CredentialsError, FleetError, ProviderError, QuotaError, RateLimitError
+from fleet.errors import (
+    CapacityError,
+    CredentialsError,
+    FleetError,
+    ProviderError,
+    QuotaError,
+    RateLimitError,
+)
 
 CAPACITY_CODES = {
     "InsufficientInstanceCapacity",
@@ -19,10 +26,17 @@ CAPACITY_CODES = {
 }
 QUOTA_CODES = {"VcpuLimitExceeded", "InstanceLimitExceeded", "MaxSpotFleetRequestCountExceeded"}
 RATE_CODES = {"RequestLimitExceeded", "Throttling", "ThrottlingException", "RequestThrottled"}
-AUTH_CODES = {"AuthFailure", "InvalidClientTokenId", "SignatureDoesNotMatch", "ExpiredToken",
-              "UnrecognizedClientException"}
-_CREDENTIAL_HINT = ("run `aws configure` or `aws sso login`, set `aws.profile` / AWS_PROFILE, "
-                    "or export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+AUTH_CODES = {
+    "AuthFailure",
+    "InvalidClientTokenId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "UnrecognizedClientException",
+}
+_CREDENTIAL_HINT = (
+    "run `aws configure` or `aws sso login`, set `aws.profile` / AWS_PROFILE, "
+    "or export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+)
 
 
 def _short(text: str) -> str:
@@ -34,8 +48,11 @@ def from_code(code: str, message: str, *, where: str | None = None) -> FleetErro
     if code in CAPACITY_CODES:
         return CapacityError(f"no capacity{f' in {where}' if where else ''} ({text})", zone=where)
     if code in QUOTA_CODES:
-        hint = ("request a higher 'Running On-Demand/Spot ... instances' vCPU quota in Service Quotas"
-                if code == "VcpuLimitExceeded" else "request a limit increase in Service Quotas")
+        hint = (
+            "request a higher 'Running On-Demand/Spot ... instances' vCPU quota in Service Quotas"
+            if code == "VcpuLimitExceeded"
+            else "request a limit increase in Service Quotas"
+        )
         return QuotaError(f"AWS limit reached: {text}", quota=code, hint=hint)
     if code in RATE_CODES:
         return RateLimitError(f"AWS API throttled: {text}")

@@ -36,7 +36,6 @@ from fleet.errors import (
     FleetError,
     ProviderError,
     QuotaError,
-    RateLimitError,
     SpecError,
 )
 from fleet.model import (
@@ -351,7 +350,7 @@ class GcpProvider(Provider):
             body = self.instance_body(request, zone)
             try:
                 operation = self._call(
-                    lambda: client.insert_unary(project=self.gcp.project, zone=zone, instance_resource=body)
+                    lambda: client.insert_unary(project=self.gcp.project, zone=zone, instance_resource=body)  # noqa: B023
                 )
                 self._wait_zone_op(zone, operation)
             except CapacityError as exc:
@@ -363,7 +362,7 @@ class GcpProvider(Provider):
                 raise
             self._zone_of[request.name] = zone
             created = self._call(
-                lambda: client.get(project=self.gcp.project, zone=zone, instance=request.name)
+                lambda: client.get(project=self.gcp.project, zone=zone, instance=request.name)  # noqa: B023
             )
             return self.to_node(created, zone)
         raise CapacityError(
@@ -433,16 +432,15 @@ class GcpProvider(Provider):
         return self._call(fetch)
 
     def _preempted_links(self, zones: Iterable[str]) -> set[str]:
+        from google.cloud import compute_v1
+
         links: set[str] = set()
         for zone in sorted(set(zones)):
+            request = compute_v1.ListZoneOperationsRequest(
+                project=self.gcp.project, zone=zone, filter='operationType = "compute.instances.preempted"'
+            )
             operations = self._call(
-                lambda zone=zone: list(
-                    self._client("zone_ops").list(
-                        project=self.gcp.project,
-                        zone=zone,
-                        filter='operationType = "compute.instances.preempted"',
-                    )
-                )
+                lambda request=request: list(self._client("zone_ops").list(request=request))
             )
             links.update(op.target_link for op in operations)
         return links

@@ -23,7 +23,7 @@ def detect_public_address(timeout: float = 5.0) -> str:
     problems = []
     for url in _ECHO_SERVICES:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (fixed https URLs)
+            with urllib.request.urlopen(url, timeout=timeout) as response:
                 text = response.read(64).decode().strip()
             return str(ipaddress.ip_address(text))
         except (OSError, ValueError) as exc:

@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs
 
 from fleet.providers.localnode import LocalNode
@@ -122,8 +122,9 @@ class FakeEc2:
 
         self.reset_moto()
         app = DomainDispatcherApplication(create_backend_app)
-        self._server = make_server(self._host, self._port, self._middleware(app), threaded=True,
-                                   request_handler=_quiet_handler())
+        self._server = make_server(
+            self._host, self._port, self._middleware(app), threaded=True, request_handler=_quiet_handler()
+        )
         self._thread = threading.Thread(target=self._server.serve_forever, name="fake-ec2", daemon=True)
         self._thread.start()
         return self
@@ -142,7 +143,7 @@ class FakeEc2:
         if self._own_root:
             shutil.rmtree(self.nodes_root, ignore_errors=True)
 
-    def __enter__(self) -> FakeEc2:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -188,16 +189,21 @@ class FakeEc2:
         moto_instance = _moto_backend(self.region).get_instance(instance_id)
         moto_instance.terminate()
         moto_instance.state_reason = StateReason(
-            "Server.SpotInstanceTermination: Spot instance termination", "Server.SpotInstanceTermination")
+            "Server.SpotInstanceTermination: Spot instance termination", "Server.SpotInstanceTermination"
+        )
         return instance_id
 
     def state(self) -> dict[str, Any]:
         backend = _moto_backend(self.region)
         with self._lock:
             return {
-                "instances": [{"id": i.id, "state": i.state, "tags": _tags_of(i),
-                               "address": self.addresses.get(i.id)} for i in backend.all_instances()],
-                "security_groups": [g.name for g in backend.describe_security_groups() if g.name != "default"],
+                "instances": [
+                    {"id": i.id, "state": i.state, "tags": _tags_of(i), "address": self.addresses.get(i.id)}
+                    for i in backend.all_instances()
+                ],
+                "security_groups": [
+                    g.name for g in backend.describe_security_groups() if g.name != "default"
+                ],
                 "key_pairs": list(backend.key_pairs),
                 "backing_nodes": [n.name for n in self.nodes.values() if n.is_running()],
             }
@@ -286,7 +292,7 @@ class FakeEc2:
             while True:
                 address = str(ipaddress.IPv4Address(self._next_address))
                 self._next_address += 1
-                if address.endswith(".0") or address.endswith(".255"):
+                if address.endswith((".0", ".255")):
                     continue
                 if not self.backing or _port_free(address, self.ssh_port):
                     return address
@@ -308,8 +314,15 @@ class FakeEc2:
             material = pair.material_public
             keys.append(material.decode() if isinstance(material, bytes) else str(material))
         tags = _tags_of(instance)
-        node = LocalNode.create(self.nodes_root, name=tags.get("Name", instance_id), fleet=tags.get("fleet", "nofleet"),
-                                authorized_keys=keys, address=address, port=self.ssh_port, labels=tags)
+        node = LocalNode.create(
+            self.nodes_root,
+            name=tags.get("Name", instance_id),
+            fleet=tags.get("fleet", "nofleet"),
+            authorized_keys=keys,
+            address=address,
+            port=self.ssh_port,
+            labels=tags,
+        )
         with self._lock:
             self.nodes[instance_id] = node
 
@@ -339,15 +352,19 @@ class FakeEc2:
 
 
 def _error(start_response: Callable[..., Any], code: str, message: str) -> Iterable[bytes]:
-    data = (f'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>{code}</Code>'
-            f"<Message>{message}</Message></Error></Errors><RequestID>{uuid.uuid4()}</RequestID></Response>").encode()
+    data = (
+        f'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>{code}</Code>'
+        f"<Message>{message}</Message></Error></Errors><RequestID>{uuid.uuid4()}</RequestID></Response>"
+    ).encode()
     status = _STATUS.get(code, 400)
     start_response(f"{status} Error", [("Content-Type", "text/xml"), ("Content-Length", str(len(data)))])
     return [data]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fleet.testing.fake_ec2", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fleet.testing.fake_ec2", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--port", type=int, required=True, help="HTTP port of the fake API")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to serve on")
     parser.add_argument("--nodes-root", type=Path, help="where backing nodes live (default: a temp dir)")
@@ -356,10 +373,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--region", default="us-east-1", help="region whose instances are backed")
     parser.add_argument("--no-backing", action="store_true", help="no sshd behind the instances")
     args = parser.parse_args(argv)
-    if not ipaddress.ip_address(args.host).is_loopback or not ipaddress.ip_address(args.address_base).is_loopback:
+    if (
+        not ipaddress.ip_address(args.host).is_loopback
+        or not ipaddress.ip_address(args.address_base).is_loopback
+    ):
         parser.error("the fake serves on loopback addresses only")
-    fake = FakeEc2(nodes_root=args.nodes_root, ssh_port=args.ssh_port, address_base=args.address_base,
-                   backing=not args.no_backing, host=args.host, port=args.port, region=args.region)
+    fake = FakeEc2(
+        nodes_root=args.nodes_root,
+        ssh_port=args.ssh_port,
+        address_base=args.address_base,
+        backing=not args.no_backing,
+        host=args.host,
+        port=args.port,
+        region=args.region,
+    )
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from fleet.providers.localnode import LocalNode
@@ -172,7 +172,7 @@ class FakeGce:
         if self._own_root:
             shutil.rmtree(self.nodes_root, ignore_errors=True)
 
-    def __enter__(self) -> FakeGce:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -303,7 +303,7 @@ class FakeGce:
                 work()
             except ApiError as exc:
                 error = {"code": exc.reason, "message": exc.message}
-            except Exception as exc:  # the fake must finish every operation
+            except Exception as exc:  # noqa: BLE001 (the fake must finish every operation)
                 error = {"code": "INTERNAL_ERROR", "message": str(exc)}
             self._finish(op, error)
 
@@ -317,7 +317,7 @@ class FakeGce:
             while True:
                 address = str(ipaddress.IPv4Address(self._next_address))
                 self._next_address += 1
-                if address.endswith(".0") or address.endswith(".255"):
+                if address.endswith((".0", ".255")):
                     continue
                 if not self.backing or _port_free(address, self.ssh_port):
                     return address
@@ -665,7 +665,7 @@ def _handler_for(fake: FakeGce) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib name)
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
         def _serve(self, method: str) -> None:
@@ -722,16 +722,16 @@ def _handler_for(fake: FakeGce) -> type[BaseHTTPRequestHandler]:
             except (KeyError, TypeError, ValueError) as exc:
                 return 400, ApiError(400, "invalid", f"bad request: {exc}").body()
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self._serve("GET")
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self._serve("POST")
 
-        def do_DELETE(self) -> None:  # noqa: N802
+        def do_DELETE(self) -> None:
             self._serve("DELETE")
 
-        def do_PATCH(self) -> None:  # noqa: N802
+        def do_PATCH(self) -> None:
             self._serve("PATCH")
 
     return Handler

@@ -12,23 +12,30 @@ os.environ["GCE_METADATA_HOST"] = "127.0.0.1:9"
 os.environ["GCE_METADATA_IP"] = "127.0.0.1:9"
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
-import random  # noqa: E402
-import shutil  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import random
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-import pytest  # noqa: E402
+import pytest
+from provider_helpers import Sleeps
 
-from fleet.providers.localnode import free_port, generate_ed25519_keypair  # noqa: E402
-from provider_helpers import Sleeps  # noqa: E402
+from fleet.providers.localnode import free_port, generate_ed25519_keypair
 
 
 @pytest.fixture(autouse=True)
 def _no_cloud_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No real credentials or endpoints leak into a test from the machine."""
-    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "CLOUDSDK_CONFIG"):
+    for name in (
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "CLOUDSDK_CONFIG",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
@@ -72,8 +79,9 @@ def fake_gce(tmp_path: Path, loopback: tuple[str, int]) -> Iterator[Any]:
 
 
 @pytest.fixture
-def fake_ec2(tmp_path: Path, loopback: tuple[str, int], aws_credentials: None,
-             monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def fake_ec2(
+    tmp_path: Path, loopback: tuple[str, int], aws_credentials: None, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Any]:
     from fleet.testing.fake_ec2 import FakeEc2
 
     base, port = loopback
@@ -88,5 +96,3 @@ def fake_ec2(tmp_path: Path, loopback: tuple[str, int], aws_credentials: None,
 @pytest.fixture
 def sleeps() -> Sleeps:
     return Sleeps()
-
-

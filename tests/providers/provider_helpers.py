@@ -16,11 +16,15 @@ from fleet.spec.models import FleetSpec
 USER = getpass.getuser()
 
 
-def fleet_spec(name: str, provider: str, *, ssh_port: int = 22, workers: dict[str, Any] | None = None,
-               **blocks: Any) -> FleetSpec:
+def fleet_spec(
+    name: str, provider: str, *, ssh_port: int = 22, workers: dict[str, Any] | None = None, **blocks: Any
+) -> FleetSpec:
     data: dict[str, Any] = {
-        "name": name, "provider": provider, "workers": workers or {"count": 2},
-        "ssh": {"user": USER, "port": ssh_port}, **blocks,
+        "name": name,
+        "provider": provider,
+        "workers": workers or {"count": 2},
+        "ssh": {"user": USER, "port": ssh_port},
+        **blocks,
     }
     return FleetSpec.model_validate(data)
 
@@ -37,13 +41,23 @@ class Sleeps(list[float]):
 
 
 def gcp_block(fake: Any, zones: list[str] | None = None, **extra: Any) -> dict[str, Any]:
-    return {"project": "test-project", "zones": zones or ["us-central1-a", "us-central1-b"],
-            "api_endpoint": fake.endpoint, "source_ranges": ["127.0.0.0/8"], **extra}
+    return {
+        "project": "test-project",
+        "zones": zones or ["us-central1-a", "us-central1-b"],
+        "api_endpoint": fake.endpoint,
+        "source_ranges": ["127.0.0.0/8"],
+        **extra,
+    }
 
 
 def aws_block(zones: list[str] | None = None, **extra: Any) -> dict[str, Any]:
-    return {"region": "us-east-1", "zones": zones or ["us-east-1a", "us-east-1b"], "ami": "ami-03cf127a",
-            "source_ranges": ["127.0.0.0/8"], **extra}
+    return {
+        "region": "us-east-1",
+        "zones": zones or ["us-east-1a", "us-east-1b"],
+        "ami": "ami-03cf127a",
+        "source_ranges": ["127.0.0.0/8"],
+        **extra,
+    }
 
 
 def ssh_run(address: str, port: int, key: Path, host_key_line: str, command: str) -> str:
@@ -51,11 +65,20 @@ def ssh_run(address: str, port: int, key: Path, host_key_line: str, command: str
     client = paramiko.SSHClient()
     key_type, blob = host_key_line.split()[:2]
     host = address if port == 22 else f"[{address}]:{port}"
-    client.get_host_keys().add(host, key_type, paramiko.PKey.from_type_string(key_type, base64.b64decode(blob)))
+    client.get_host_keys().add(
+        host, key_type, paramiko.PKey.from_type_string(key_type, base64.b64decode(blob))
+    )
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     try:
-        client.connect(address, port=port, username=USER, key_filename=str(key), timeout=10,
-                       allow_agent=False, look_for_keys=False)
+        client.connect(
+            address,
+            port=port,
+            username=USER,
+            key_filename=str(key),
+            timeout=10,
+            allow_agent=False,
+            look_for_keys=False,
+        )
         _stdin, stdout, _stderr = client.exec_command(command, timeout=20)
         return stdout.read().decode()
     finally:

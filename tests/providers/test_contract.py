@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from provider_helpers import aws_block, context, fleet_spec, gcp_block, ssh_run
 
 from fleet.model import NodeRequest, NodeState, Role, worker_name
 from fleet.providers.base import Provider
-from provider_helpers import aws_block, context, fleet_spec, gcp_block, ssh_run
 
 pytestmark = pytest.mark.slow
 
@@ -59,8 +59,12 @@ def _gcp(tmp_path: Path, key: str, loopback: tuple[str, int], request: pytest.Fi
 
     def leftovers() -> list[str]:
         state = fake.state()
-        return ([f"instance {i['name']}" for i in state["instances"]] + [f"firewall {f}" for f in state["firewalls"]]
-                + [f"disk {d['name']}" for d in state["disks"]] + [f"sshd {n}" for n in state["backing_nodes"]])
+        return (
+            [f"instance {i['name']}" for i in state["instances"]]
+            + [f"firewall {f}" for f in state["firewalls"]]
+            + [f"disk {d['name']}" for d in state["disks"]]
+            + [f"sshd {n}" for n in state["backing_nodes"]]
+        )
 
     return Harness(provider, lambda name: fake.backing_node(name).host_key_line, leftovers)
 
@@ -77,16 +81,20 @@ def _aws(tmp_path: Path, key: str, loopback: tuple[str, int], request: pytest.Fi
 
     def leftovers() -> list[str]:
         state = fake.state()
-        return ([f"instance {i['id']}" for i in state["instances"] if i["state"] != "terminated"]
-                + [f"security group {g}" for g in state["security_groups"]]
-                + [f"key pair {k}" for k in state["key_pairs"]] + [f"sshd {n}" for n in state["backing_nodes"]])
+        return (
+            [f"instance {i['id']}" for i in state["instances"] if i["state"] != "terminated"]
+            + [f"security group {g}" for g in state["security_groups"]]
+            + [f"key pair {k}" for k in state["key_pairs"]]
+            + [f"sshd {n}" for n in state["backing_nodes"]]
+        )
 
     return Harness(provider, host_key, leftovers)
 
 
 @pytest.fixture(params=["local", "gcp", "aws"])
-def harness(request: pytest.FixtureRequest, tmp_path: Path, fleet_key: tuple[Path, str],
-            loopback: tuple[str, int]) -> Iterator[Harness]:
+def harness(
+    request: pytest.FixtureRequest, tmp_path: Path, fleet_key: tuple[Path, str], loopback: tuple[str, int]
+) -> Iterator[Harness]:
     make = {"local": _local, "gcp": _gcp, "aws": _aws}[request.param]
     made = make(tmp_path, fleet_key[1], loopback, request)
     try:
@@ -96,8 +104,9 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path, fleet_key: tuple[Pat
         made.provider.close()
 
 
-def _wait_state(provider: Provider, name: str, states: set[NodeState], *, gone_ok: bool = False,
-                timeout: float = 30.0) -> Any:
+def _wait_state(
+    provider: Provider, name: str, states: set[NodeState], *, gone_ok: bool = False, timeout: float = 30.0
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         node = next((n for n in provider.list() if n.name == name), None)
@@ -111,8 +120,16 @@ def _wait_state(provider: Provider, name: str, states: set[NodeState], *, gone_o
 def test_lifecycle(harness: Harness, fleet_key: tuple[Path, str]) -> None:
     provider = harness.provider
     assert provider.prepare() is not None
-    requests = [NodeRequest(name=worker_name(provider.spec.name, slot, 1), role=Role.WORKER, slot=slot,
-                            generation=1, spot=True) for slot in (1, 2)]
+    requests = [
+        NodeRequest(
+            name=worker_name(provider.spec.name, slot, 1),
+            role=Role.WORKER,
+            slot=slot,
+            generation=1,
+            spot=True,
+        )
+        for slot in (1, 2)
+    ]
     results = provider.create(requests)
     assert [r.error for r in results] == [None, None]
 

@@ -39,10 +39,20 @@ class Lab:
 
     def provider(self, name: str | None = None, root: Path | None = None) -> LocalProvider:
         name = name or f"lp{uuid.uuid4().hex[:8]}"
-        spec = FleetSpec(name=name, provider="local", workers={"count": 1},
-                         local={"root": str(root or self.base / "nodes")})
-        provider = LocalProvider(ProviderContext(spec=spec, state_dir=self.base / ".fleet" / name,
-                                                 public_key=self.public_key, ssh_user=os.environ.get("USER", "root")))
+        spec = FleetSpec(
+            name=name,
+            provider="local",
+            workers={"count": 1},
+            local={"root": str(root or self.base / "nodes")},
+        )
+        provider = LocalProvider(
+            ProviderContext(
+                spec=spec,
+                state_dir=self.base / ".fleet" / name,
+                public_key=self.public_key,
+                ssh_user=os.environ.get("USER", "root"),
+            )
+        )
         self.providers.append(provider)
         return provider
 
@@ -66,8 +76,9 @@ def _sweep(base: Path) -> None:
     for proc in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
             env_home = proc.environ().get("HOME", "") if proc.pid != os.getpid() else ""
-            if proc.pid != os.getpid() and (prefix in " ".join(proc.info["cmdline"] or [])
-                                            or env_home.startswith(prefix + "/")):
+            if proc.pid != os.getpid() and (
+                prefix in " ".join(proc.info["cmdline"] or []) or env_home.startswith(prefix + "/")
+            ):
                 proc.kill()
 
 
@@ -80,7 +91,9 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         lab.close()
 
 
-def _request(name: str, role: Role = Role.WORKER, slot: int = 1, generation: int = 1, spot: bool = True) -> NodeRequest:
+def _request(
+    name: str, role: Role = Role.WORKER, slot: int = 1, generation: int = 1, spot: bool = True
+) -> NodeRequest:
     return NodeRequest(name=name, role=role, slot=slot, generation=generation, spot=spot)
 
 
@@ -91,8 +104,13 @@ def _port_open(port: int) -> bool:
 
 
 def _target(node) -> Target:
-    return Target(name=node.name, address=node.address, port=node.port, user=os.environ.get("USER", "root"),
-                  host_key=node.host_key)
+    return Target(
+        name=node.name,
+        address=node.address,
+        port=node.port,
+        user=os.environ.get("USER", "root"),
+        host_key=node.host_key,
+    )
 
 
 def _processes_of(node_id: str) -> list[int]:
@@ -102,8 +120,12 @@ def _processes_of(node_id: str) -> list[int]:
 def test_create_list_and_state_mapping(lab: Lab) -> None:
     provider = lab.provider()
     name = provider.spec.name
-    results = provider.create([_request(f"{name}-head", Role.HEAD, 0, 1, spot=False),
-                               _request(f"{name}-w1-g3", slot=1, generation=3)])
+    results = provider.create(
+        [
+            _request(f"{name}-head", Role.HEAD, 0, 1, spot=False),
+            _request(f"{name}-w1-g3", slot=1, generation=3),
+        ]
+    )
     assert all(r.error is None and r.node is not None for r in results), [r.error for r in results]
     nodes = {n.name: n for n in provider.list()}
     assert set(nodes) == {f"{name}-head", f"{name}-w1-g3"}
@@ -124,7 +146,10 @@ def test_create_list_and_state_mapping(lab: Lab) -> None:
     # killed behind the provider's back: TERMINATED (not a preemption)
     os.kill(LocalNode.load(provider.root / name / worker.name).listener_pid(), signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and {n.name: n.state for n in provider.list()}[worker.name] == NodeState.RUNNING:
+    while (
+        time.monotonic() < deadline
+        and {n.name: n.state for n in provider.list()}[worker.name] == NodeState.RUNNING
+    ):
         time.sleep(0.05)
     after = {n.name: n for n in provider.list()}[worker.name]
     assert after.state == NodeState.TERMINATED and after.reason is None
@@ -170,11 +195,14 @@ def test_preempt_with_notice_sends_sigterm_first(lab: Lab) -> None:
     name = provider.spec.name
     node = provider.create([_request(f"{name}-w1-g1")])[0].node
     home = provider.root / name / node.name / "home"
-    graceful = ("trap 'echo got-term > term.txt; exit 0' TERM; echo ready > ready.txt; "
-                "while true; do sleep 0.1; done")
+    graceful = (
+        "trap 'echo got-term > term.txt; exit 0' TERM; echo ready > ready.txt; while true; do sleep 0.1; done"
+    )
     stubborn = "trap '' TERM; echo ready > stubborn-ready.txt; while true; do sleep 0.1; done"
-    script = (f"setsid nohup sh -c {shlex.quote(graceful)} >/dev/null 2>&1 < /dev/null & "
-              f"setsid nohup sh -c {shlex.quote(stubborn)} >/dev/null 2>&1 < /dev/null & echo started")
+    script = (
+        f"setsid nohup sh -c {shlex.quote(graceful)} >/dev/null 2>&1 < /dev/null & "
+        f"setsid nohup sh -c {shlex.quote(stubborn)} >/dev/null 2>&1 < /dev/null & echo started"
+    )
     assert lab.executor().run([_target(node)], script).ok
     deadline = time.monotonic() + 5
     while not ((home / "ready.txt").exists() and (home / "stubborn-ready.txt").exists()):
@@ -191,7 +219,9 @@ def test_preempt_with_notice_sends_sigterm_first(lab: Lab) -> None:
 def test_destroy_all_cleans_orphans_whose_directories_were_deleted(lab: Lab) -> None:
     provider = lab.provider()
     name = provider.spec.name
-    nodes = [r.node for r in provider.create([_request(f"{name}-head", Role.HEAD, 0), _request(f"{name}-w1-g1")])]
+    nodes = [
+        r.node for r in provider.create([_request(f"{name}-head", Role.HEAD, 0), _request(f"{name}-w1-g1")])
+    ]
     assert lab.executor().run([_target(nodes[1])], "setsid nohup sleep 4343 >/dev/null 2>&1 < /dev/null &").ok
     ids = [n.provider_id for n in nodes]
     pids = [pid for n in nodes for pid in LocalNode.load(provider.root / name / n.name).processes()]
@@ -213,8 +243,13 @@ def test_destroy_all_leaves_a_same_named_fleet_under_another_root_alone(lab: Lab
     my_node = mine.create([_request(f"{name}-w1-g1")])[0].node
     other_node = other.create([_request(f"{name}-w1-g1")])[0].node
     executor = lab.executor()
-    other_target = Target(name="other-node", address=other_node.address, port=other_node.port,
-                          user=os.environ.get("USER", "root"), host_key=other_node.host_key)
+    other_target = Target(
+        name="other-node",
+        address=other_node.address,
+        port=other_node.port,
+        user=os.environ.get("USER", "root"),
+        host_key=other_node.host_key,
+    )
     started = executor.run([other_target], "setsid nohup sleep 4444 >/dev/null 2>&1 < /dev/null & echo $!")
     assert started.ok, started.summary()
     other_daemon = int(started.results["other-node"].stdout.strip())
@@ -223,8 +258,9 @@ def test_destroy_all_leaves_a_same_named_fleet_under_another_root_alone(lab: Lab
     mine.destroy_all()
     assert _processes_of(my_node.provider_id) == []
     assert [n.state for n in other.list()] == [NodeState.RUNNING]
-    assert localnode._pid_alive(other_sshd) and localnode._pid_alive(other_daemon), \
+    assert localnode._pid_alive(other_sshd) and localnode._pid_alive(other_daemon), (
         "the other fleet's sshd and daemon survive"
+    )
 
 
 def test_delete_is_idempotent_and_ignores_unknown_names(lab: Lab) -> None:
@@ -237,7 +273,9 @@ def test_delete_is_idempotent_and_ignores_unknown_names(lab: Lab) -> None:
     assert not _port_open(node.port)
 
 
-def test_check_names_the_package_to_install(lab: Lab, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_check_names_the_package_to_install(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     provider = lab.provider()
     empty = tmp_path / "empty-bin"
     empty.mkdir()
