@@ -87,6 +87,7 @@ class LocalFleet:
     def __init__(self, root: Path, *, workers: int = 3, monitor: dict[str, Any] | None = None,
                  extra: dict[str, Any] | None = None) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.name = f"jt{uuid.uuid4().hex[:6]}"
         self.spec_path = root / "fleet.yaml"
         spec: dict[str, Any] = {
@@ -161,7 +162,6 @@ def make_fleet(tmp_path: Path) -> Iterator[Callable[..., LocalFleet]]:
 
     def make(**kwargs: Any) -> LocalFleet:
         fleet = LocalFleet(tmp_path / f"f{len(made)}", **kwargs)
-        fleet.root.mkdir(parents=True)
         made.append(fleet)
         fleet.up()
         return fleet
