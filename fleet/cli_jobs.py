@@ -26,6 +26,7 @@ from fleet.spec.loader import load_job_spec
 
 
 _STALL_GRACE_S = 15.0
+_SETTLE_S = 15.0
 
 
 def register(add) -> None:
@@ -145,6 +146,7 @@ def _follow(fleet, runner, monitor, started: float, args: argparse.Namespace) ->
                         break
                 elif progress.complete:
                     ok = True
+                    _settle(fleet, runner, progress)
                     break
                 if progress.cancelled:
                     fleet.state.add_event("stopped", None, f"job {job.name} was cancelled")
@@ -178,6 +180,19 @@ def _follow(fleet, runner, monitor, started: float, args: argparse.Namespace) ->
         "seconds": round(time.time() - started, 3),
         "ok": ok,
     }
+
+
+def _settle(fleet, runner, progress) -> None:
+    """Every item is done: give the processes a moment to see it and exit, then delete
+    the temporary files that writers killed by preemptions left behind."""
+    deadline = time.time() + _SETTLE_S
+    while progress.running_nodes and time.time() < deadline:
+        time.sleep(1.0)
+        try:
+            progress = runner.progress(fleet.observe())
+        except JobError:
+            break
+    runner.sweep_temporaries(fleet.observe())
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:

@@ -283,6 +283,30 @@ class JobRunner:
         return Progress(total=total, done=done, failed=len(failed_nodes), running_nodes=running,
                         finished_nodes=len(finished), failed_nodes=failed_nodes, cancelled=cancelled)
 
+    # -- the end of a job -----------------------------------------------------------------
+    def sweep_temporaries(self, nodes: Sequence[Node], *, age: int = 5) -> int:
+        """Delete the temporary files that writers killed mid-write left behind (a node
+        preempted without notice dies between writing `.<name>.<random>.tmp` and renaming
+        it). Call it when every item is done and the processes have ended; files written
+        to in the last `age` seconds are spared all the same. Returns how many went."""
+        if self.job.worker is None:
+            return 0
+        head = self.head(nodes)
+        shared = self.fleet.shared_path_for(head).rstrip("/")
+        outputs = self.job.worker.outputs
+        outputs_dir = outputs if outputs.startswith(("/", "~")) else f"{shared}/{outputs}"
+        script = (
+            f"cutoff=$(( $(date +%s) - {age} )); "
+            f"find {_home_path(outputs_dir)} {self.job_dir_for(head)} -name '.*.tmp' -type f "
+            f"! -newermt \"@$cutoff\" -print -delete 2>/dev/null | wc -l"
+        )
+        result = self._on_head(head, script, timeout=300)
+        count = int(result.stdout.strip() or 0) if result.ok and result.stdout.strip().isdigit() else 0
+        if count:
+            self.fleet.state.add_event("swept", head.name, f"job {self.job.name}: deleted {count} temporary file(s) "
+                                       "left by writers that were killed")
+        return count
+
     # -- cancel / logs --------------------------------------------------------------------
     def cancel(self, nodes: Sequence[Node]) -> GroupResult:
         head = self.head(nodes)
