@@ -116,6 +116,10 @@ class State:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA busy_timeout=30000")
+            # WAL + NORMAL: still atomic and consistent, without an fsync per event (a
+            # power cut may lose the last events, never corrupt the file); `up` of a big
+            # fleet writes a few events per node.
+            db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
         return db
 
@@ -145,7 +149,13 @@ class State:
                 """INSERT INTO nodes (name, role, slot, generation, state, address, port, zone, spot,
                        provider_id, created_at, updated_at, gone)
                    VALUES (?,?,?,?,?,?,?,?,?,?,?,?,0)
-                   ON CONFLICT(name) DO UPDATE SET state=excluded.state, address=excluded.address,
+                   ON CONFLICT(name) DO UPDATE SET
+                       -- a new machine under an old name (a head after down + up) is not set up
+                       setup_done=CASE WHEN nodes.gone=0 AND nodes.provider_id IS excluded.provider_id
+                                  THEN nodes.setup_done ELSE 0 END,
+                       mounted=CASE WHEN nodes.gone=0 AND nodes.provider_id IS excluded.provider_id
+                               THEN nodes.mounted ELSE 0 END,
+                       state=excluded.state, address=excluded.address,
                        port=excluded.port, zone=excluded.zone, provider_id=excluded.provider_id,
                        updated_at=excluded.updated_at, gone=0""",
                 (node.name, node.role.value, node.slot, node.generation, node.state.value, node.address,
@@ -166,7 +176,7 @@ class State:
     def mark_gone(self, name: str, state: str = "TERMINATED") -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE nodes SET gone=1, state=?, mounted=0, updated_at=? WHERE name=?",
+                "UPDATE nodes SET gone=1, state=?, setup_done=0, mounted=0, updated_at=? WHERE name=?",
                 (state, self.clock(), name),
             )
 
@@ -188,7 +198,7 @@ class State:
 
     def forget_nodes(self) -> None:
         with self._tx() as db:
-            db.execute("UPDATE nodes SET gone=1, mounted=0")
+            db.execute("UPDATE nodes SET gone=1, setup_done=0, mounted=0")
 
     # -- events --------------------------------------------------------------------------
     def add_event(self, kind: str, node: str | None = None, detail: str = "", *, t: float | None = None) -> Event:
