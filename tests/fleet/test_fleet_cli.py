@@ -107,9 +107,10 @@ def test_shared_directory_is_shared_both_ways(shared_fleet: CliFleet) -> None:
     token = uuid.uuid4().hex
     code, results = shared_fleet.exec_json(f'echo {token} > "$FLEET_SHARED/from-head.txt"', nodes="head")
     assert code == 0, results
-    # Every worker reads the head's file and writes its own, and appends to the head's file.
+    # Every worker reads the head's file (its first line: the others append to it at the
+    # same time), writes its own, and appends to the head's file.
     code, results = shared_fleet.exec_json(
-        f'cat "$FLEET_SHARED/from-head.txt" && echo "$FLEET_NODE_NAME {token}" > "$FLEET_SHARED/from-$FLEET_NODE_NAME.txt"'
+        f'head -n 1 "$FLEET_SHARED/from-head.txt" && echo "$FLEET_NODE_NAME {token}" > "$FLEET_SHARED/from-$FLEET_NODE_NAME.txt"'
         f' && echo "rw $FLEET_NODE_NAME" >> "$FLEET_SHARED/from-head.txt"',
         nodes="workers")
     assert code == 0, results

@@ -104,6 +104,11 @@ def test_down_leaves_nothing(make_fleet) -> None:
     assert fleet.status()["nodes"] == []
     # idempotent
     assert fleet.cli("down", "--yes").returncode == 0
+    # and the fleet can come back: new machines under the old names are set up afresh
+    fleet.up()
+    for name in [fleet.head, *fleet.workers()]:
+        assert (fleet.home(name) / "scratch" / "setup.txt").read_text().strip() == f"set up {name}"
+    assert len(leftovers(fleet.root, fleet.name)["mounts"]) == 3
 
 
 def test_down_after_losing_the_local_state(make_fleet) -> None:
