@@ -33,7 +33,9 @@ PROG = "fleet-worker"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Run the bundled batch worker on a job directory.")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Run the bundled batch worker on a job directory."
+    )
     parser.add_argument("job_dir", metavar="JOB_DIR", help="the job's directory on the shared filesystem")
     parser.add_argument("--node", help="this node's name (default: $FLEET_NODE_NAME, else the hostname)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the job's)")
@@ -79,8 +81,11 @@ def _process_plan(processes: str, device: str, uses_device: bool) -> tuple[int, 
 def _run_processes(job_dir: str, node: str, device: str | None, count: int, gpus: list[str]) -> int:
     context = multiprocessing.get_context("spawn")
     children = [
-        context.Process(target=run_child, args=(job_dir, node, i, gpus[i] if gpus else None, device),
-                        name=f"fleet-worker-{i}")
+        context.Process(
+            target=run_child,
+            args=(job_dir, node, i, gpus[i] if gpus else None, device),
+            name=f"fleet-worker-{i}",
+        )
         for i in range(count)
     ]
 
@@ -121,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = load_worker_config(layout)
         if args.device is not None:
-            from fleet.worker.config import DEVICE_PATTERN
             import re
+
+            from fleet.worker.config import DEVICE_PATTERN
 
             if not re.fullmatch(DEVICE_PATTERN, args.device):
                 raise WorkerError(f"--device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")

@@ -48,9 +48,12 @@ class BatchQueue(Generic[T]):
         self.capacity = capacity
         self.size_of = size_of
         self._entries: deque[_Entry[T]] = deque()
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)  # consumers wait here
+        self._not_full = threading.Condition(self._lock)  # producers wait here (capacity)
         self._closed = False
         self._seq = 0
+        self._wanted = 1  # how many queued items would end a waiting consumer's wait
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -65,11 +68,12 @@ class BatchQueue(Generic[T]):
     def put_many(self, items: Iterable[T]) -> None:
         """Add items; blocks while the queue is at capacity (may overshoot by one call)."""
         size_of = self.size_of
-        with self._cond:
+        with self._lock:
             while self.capacity is not None and len(self._entries) >= self.capacity and not self._closed:
-                self._cond.wait()
+                self._not_full.wait()
             if self._closed:
                 raise QueueClosed("the batch queue is closed")
+            was_empty = not self._entries
             now = time.monotonic()
             seq = self._seq
             append = self._entries.append
@@ -77,38 +81,44 @@ class BatchQueue(Generic[T]):
                 append(_Entry(seq, now, size_of(item) if size_of else 0, item))
                 seq += 1
             self._seq = seq
-            self._cond.notify_all()
+            # Wake consumers only when it matters: the first item, or a full batch.
+            if was_empty or len(self._entries) >= self._wanted:
+                self._not_empty.notify_all()
 
     def close(self) -> None:
         """No more puts; consumers get what is left, then empty batches."""
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._cond.notify_all()
+            self._not_empty.notify_all()
+            self._not_full.notify_all()
 
     def drain(self) -> list[T]:
         """Remove and return everything queued (used when stopping)."""
-        with self._cond:
+        with self._lock:
             items = [entry.item for entry in self._entries]
             self._entries.clear()
-            self._cond.notify_all()
+            self._not_full.notify_all()
             return items
 
     def get_batch(self, max_size: int, max_wait_s: float, timeout: float | None = None) -> list[T]:
         """Up to `max_size` items. Returns [] on timeout (no first item) or when closed
         and empty."""
-        with self._cond:
+        with self._lock:
             if not self._entries and not self._closed:
-                self._cond.wait_for(lambda: self._entries or self._closed, timeout)
+                self._wanted = 1
+                self._not_empty.wait_for(lambda: self._entries or self._closed, timeout)
             if not self._entries:
                 return []
             deadline = self._entries[0].arrived + max_wait_s
+            self._wanted = max_size
             while len(self._entries) < max_size and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self._cond.wait(remaining)
+                self._not_empty.wait(remaining)
+            self._wanted = 1
             batch = self._take(max_size)
-            self._cond.notify_all()
+            self._not_full.notify_all()
             return batch
 
     def _take(self, max_size: int) -> list[T]:

@@ -68,7 +68,7 @@ def scan(layout: JobLayout) -> Scan:
         names = []
     for name in names:
         if name.startswith(PREV_PREFIX):
-            prev.add(name[len(PREV_PREFIX):].split(".", 1)[0])
+            prev.add(name[len(PREV_PREFIX) :].split(".", 1)[0])
         elif not is_hidden(name):
             claimed.add(name)
     return Scan(done, frozenset(claimed), frozenset(prev))
@@ -144,8 +144,9 @@ class ChunkQueue:
         return None
 
     def _body(self, token: str) -> bytes:
-        return dumps({"node": self.node, "proc": self.proc, "pid": os.getpid(), "token": token,
-                      "t": self.clock()})
+        return dumps(
+            {"node": self.node, "proc": self.proc, "pid": os.getpid(), "token": token, "t": self.clock()}
+        )
 
     def _create(self, chunk: str, *, resumed: bool) -> Claim | None:
         token = secrets.token_hex(8)
@@ -276,8 +277,10 @@ class ChunkQueue:
         if claim.lost or not self.still_ours(claim):
             return
         with contextlib.suppress(OSError):
-            os.rename(self.layout.claims / claim.chunk,
-                      self.layout.claims / f"{PREV_PREFIX}{claim.chunk}.{claim.token}")
+            os.rename(
+                self.layout.claims / claim.chunk,
+                self.layout.claims / f"{PREV_PREFIX}{claim.chunk}.{claim.token}",
+            )
 
 
 def failed_items(layout: JobLayout, chunks: set[str] | frozenset[str] | None = None) -> int:
@@ -302,8 +305,15 @@ def job_status(layout: JobLayout, items_per_chunk: dict[str, int] | None) -> dic
     """The `--status` object, from two listings, the failure logs and chunks.json."""
     look = scan(layout)
     if items_per_chunk is None:
-        return {"total": None, "done": 0, "failed": 0, "chunks": None, "chunks_done": 0,
-                "claimed": len(look.claimed), "frozen": False}
+        return {
+            "total": None,
+            "done": 0,
+            "failed": 0,
+            "chunks": None,
+            "chunks_done": 0,
+            "claimed": len(look.claimed),
+            "frozen": False,
+        }
     done_chunks = look.done.intersection(items_per_chunk)
     failed = failed_items(layout, done_chunks)
     return {

@@ -83,6 +83,7 @@ class ChunkList:
 
 # -- globbing ---------------------------------------------------------------------------
 
+
 def split_glob(pattern: str) -> tuple[str, str]:
     """('corpus/**/*.txt') -> ('corpus', '**/*.txt'): the directory part without magic."""
     parts = pattern.replace(os.sep, "/").split("/")
@@ -139,9 +140,11 @@ def list_inputs(base: Path, rest: str) -> list[str]:
         rel_dir = os.path.relpath(dirpath, base_str)
         rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
         depth = rel_dir.count("/")
-        dirnames[:] = [] if max_depth is not None and depth >= max_depth else [
-            name for name in dirnames if not name.startswith(".")
-        ]
+        dirnames[:] = (
+            []
+            if max_depth is not None and depth >= max_depth
+            else [name for name in dirnames if not name.startswith(".")]
+        )
         for name in filenames:
             if not name.startswith(".") and regex.match(rel_dir + name):
                 found.append(rel_dir + name)
@@ -150,6 +153,7 @@ def list_inputs(base: Path, rest: str) -> list[str]:
 
 
 # -- freezing ---------------------------------------------------------------------------
+
 
 def _record_lines(path: Path) -> Iterator[tuple[int, int, int]]:
     """(line number, start byte, end byte) of every non-blank line of a file."""
@@ -199,7 +203,11 @@ def build_chunk_list(layout: JobLayout, config: WorkerConfig) -> ChunkList:
         count = (len(files) + size - 1) // size
         width = max(6, len(str(count - 1)))
         chunks = [
-            Chunk(f"c{i:0{width}d}", min(size, len(files) - i * size), (i * size, min(len(files), (i + 1) * size)))
+            Chunk(
+                f"c{i:0{width}d}",
+                min(size, len(files) - i * size),
+                (i * size, min(len(files), (i + 1) * size)),
+            )
             for i in range(count)
         ]
     else:
@@ -210,7 +218,9 @@ def build_chunk_list(layout: JobLayout, config: WorkerConfig) -> ChunkList:
         if not cut:
             raise WorkerError(f"inputs {config.inputs!r}: the matched files hold no records")
         width = max(6, len(str(len(cut) - 1)))
-        chunks = [Chunk(f"c{i:0{width}d}", items, segments=tuple(segs)) for i, (items, segs) in enumerate(cut)]
+        chunks = [
+            Chunk(f"c{i:0{width}d}", items, segments=tuple(segs)) for i, (items, segs) in enumerate(cut)
+        ]
     return ChunkList(config.mode, config.inputs, base, config.field, size, files, chunks)
 
 
@@ -246,8 +256,13 @@ def chunk_list_from_json(data: dict[str, Any]) -> ChunkList:
             segs = tuple(Segment(*seg) for seg in row["segments"])
             chunks.append(Chunk(row["id"], row["items"], segments=segs))
     return ChunkList(
-        data["mode"], data["inputs"], data["base"], data.get("field", "text"), data["chunk_size"],
-        data["files"], chunks,
+        data["mode"],
+        data["inputs"],
+        data["base"],
+        data.get("field", "text"),
+        data["chunk_size"],
+        data["files"],
+        chunks,
     )
 
 
@@ -275,7 +290,9 @@ def freeze(layout: JobLayout, config: WorkerConfig) -> ChunkList:
         existing = load_chunk_list(layout)
         assert existing is not None
     if (existing.mode, existing.inputs, existing.chunk_size) != (
-        config.mode, config.inputs, config.effective_chunk_size
+        config.mode,
+        config.inputs,
+        config.effective_chunk_size,
     ):
         raise WorkerError(
             f"{layout.chunks_json} was frozen for mode={existing.mode} inputs={existing.inputs!r} "
@@ -286,6 +303,7 @@ def freeze(layout: JobLayout, config: WorkerConfig) -> ChunkList:
 
 
 # -- reading items ----------------------------------------------------------------------
+
 
 def is_json_lines(rel: str) -> bool:
     return rel.endswith(JSON_LINE_SUFFIXES)

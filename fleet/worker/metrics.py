@@ -132,8 +132,12 @@ class WorkerMetrics:
     def _emit_locked(self) -> None:
         acc = self._acc
         if acc["batches"]:
-            line = {**self._base("batch"), "device": self.device, "items": int(acc["items"]),
-                    "batches": int(acc["batches"])}
+            line = {
+                **self._base("batch"),
+                "device": self.device,
+                "items": int(acc["items"]),
+                "batches": int(acc["batches"]),
+            }
             for key in ("read_s", "wait_s", "compute_s", "write_s"):
                 line[key] = round(acc[key], 6)
             self.log.write(line)
@@ -150,9 +154,16 @@ class WorkerMetrics:
         with self._lock:
             self._emit_locked()
         seconds = time.monotonic() - self.started
-        line = {**self._base("stop"), "device": self.device, "items": self.items, "failed": self.failed,
-                "chunks": self.chunks, "seconds": round(seconds, 3),
-                "items_s": round(self.items / seconds, 3) if seconds > 0 else 0.0, "reason": reason}
+        line = {
+            **self._base("stop"),
+            "device": self.device,
+            "items": self.items,
+            "failed": self.failed,
+            "chunks": self.chunks,
+            "seconds": round(seconds, 3),
+            "items_s": round(self.items / seconds, 3) if seconds > 0 else 0.0,
+            "reason": reason,
+        }
         self.log.write(line)
         self.log.close()
         return line
@@ -166,10 +177,19 @@ class FailureLog:
         self.node = node
         self.proc = proc
 
-    def record(self, *, chunk: str, item: str, stage: str, error: BaseException | str, items: int = 1) -> None:
+    def record(
+        self, *, chunk: str, item: str, stage: str, error: BaseException | str, items: int = 1
+    ) -> None:
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        row = {"t": round(time.time(), 3), "node": self.node, "proc": self.proc, "chunk": chunk,
-               "item": item, "stage": stage, "error": text[:2000]}
+        row = {
+            "t": round(time.time(), 3),
+            "node": self.node,
+            "proc": self.proc,
+            "chunk": chunk,
+            "item": item,
+            "stage": stage,
+            "error": text[:2000],
+        }
         if items != 1:
             row["items"] = items
         self.log.write(row)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.worker.batcher import BatchQueue, QueueClosed
-from fleet.worker.claims import Claim, ChunkQueue
+from fleet.worker.claims import ChunkQueue, Claim
 from fleet.worker.config import WorkerConfig
 from fleet.worker.handlers import Handler, is_out_of_memory
 from fleet.worker.inputs import Chunk, ChunkList, Segment, is_json_lines, read_segment
@@ -130,7 +130,9 @@ class Pipeline:
         capacity = config.prefetch * config.batch_size
         self.want_backlog = config.batch_size
         bucket = config.bucket_by_length and type(handler).size is not Handler.size
-        self.batches: BatchQueue[Item] = BatchQueue(capacity, (lambda item: handler.size(item.data)) if bucket else None)
+        self.batches: BatchQueue[Item] = BatchQueue(
+            capacity, (lambda item: handler.size(item.data)) if bucket else None
+        )
         self.memo: dict[bytes, Any] | None = {} if config.memoize else None
         self.runs: dict[str, ChunkRun] = {}
         self._by_id = chunks.by_id()
@@ -142,7 +144,9 @@ class Pipeline:
         self.fatal: BaseException | None = None
         self.readers = ThreadPoolExecutor(config.reader_threads, thread_name_prefix="fleet-reader")
         self.writers = ThreadPoolExecutor(config.writer_threads, thread_name_prefix="fleet-writer")
-        self._compute = threading.Thread(target=self._guarded(self._compute_loop), name="fleet-compute", daemon=True)
+        self._compute = threading.Thread(
+            target=self._guarded(self._compute_loop), name="fleet-compute", daemon=True
+        )
         self._compute.start()
 
     # -- control (runner thread) -------------------------------------------------------
@@ -214,8 +218,9 @@ class Pipeline:
 
     def _read_done(self, n: int) -> None:
         with self._lock:
+            before = self._backlog
             self._backlog -= n
-            wake = self._backlog < self.want_backlog
+            wake = before >= self.want_backlog > self._backlog  # just crossed: want another chunk
         if wake:
             self.on_change()
 
@@ -270,8 +275,9 @@ class Pipeline:
             self._read_done(segment.items)
             self._check_mount(exc)
             # The whole segment is unreadable: one failure line standing for its items.
-            self.failures.record(chunk=run.chunk.id, item=f"{rel}:{segment.line}", stage="load", error=exc,
-                                 items=segment.items)
+            self.failures.record(
+                chunk=run.chunk.id, item=f"{rel}:{segment.line}", stage="load", error=exc, items=segment.items
+            )
             with run.lock:
                 run.failed += segment.items
             self._resolve(run)
@@ -360,8 +366,12 @@ class Pipeline:
                 self._item_failed(item.run, item.key, "infer", result.error)
             else:
                 ok.append((item, result))
-        timings = {"items": len(batch), "read_s": sum(item.load_s for item in batch), "wait_s": wait_s,
-                   "compute_s": compute_s}
+        timings = {
+            "items": len(batch),
+            "read_s": sum(item.load_s for item in batch),
+            "wait_s": wait_s,
+            "compute_s": compute_s,
+        }
         if self.records:
             for item, result in ok:
                 run = item.run
@@ -458,13 +468,25 @@ class Pipeline:
                 started = time.perf_counter()
                 self._write_rows(run)
                 write_s = time.perf_counter() - started
-            info = {"items": run.ok + run.skipped, "failed": run.failed, "skipped": run.skipped,
-                    "node": self.metrics.node, "proc": self.metrics.proc,
-                    "seconds": round(time.monotonic() - run.started, 3)}
+            info = {
+                "items": run.ok + run.skipped,
+                "failed": run.failed,
+                "skipped": run.skipped,
+                "node": self.metrics.node,
+                "proc": self.metrics.proc,
+                "seconds": round(time.monotonic() - run.started, 3),
+            }
             run.outcome = "done" if self.queue.mark_done(run.claim, info) else "lost"
-        self.metrics.chunk(chunk=run.chunk.id, outcome=run.outcome, items=run.ok + run.skipped,
-                           failed=run.failed, skipped=run.skipped, resumed=run.claim.resumed,
-                           seconds=round(time.monotonic() - run.started, 3), write_s=round(write_s, 6))
+        self.metrics.chunk(
+            chunk=run.chunk.id,
+            outcome=run.outcome,
+            items=run.ok + run.skipped,
+            failed=run.failed,
+            skipped=run.skipped,
+            resumed=run.claim.resumed,
+            seconds=round(time.monotonic() - run.started, 3),
+            write_s=round(write_s, 6),
+        )
         run.settled.set()
         self.on_change()
 

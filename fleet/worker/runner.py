@@ -97,33 +97,65 @@ def run_worker(
     layout.make_dirs()
     chunks = freeze(layout, config)
     handler = load_handler(config.handler, config.handler_options)
-    queue = ChunkQueue(layout, [c.id for c in chunks.chunks], node=node, proc=proc,
-                       lease_seconds=config.lease_seconds, clock=clock)
+    queue = ChunkQueue(
+        layout,
+        [c.id for c in chunks.chunks],
+        node=node,
+        proc=proc,
+        lease_seconds=config.lease_seconds,
+        clock=clock,
+    )
     queue.refresh()
     if queue.all_done():
-        return {"kind": "stop", "node": node, "proc": proc, "items": 0, "failed": 0, "chunks": 0,
-                "reason": "nothing-to-do"}
+        return {
+            "kind": "stop",
+            "node": node,
+            "proc": proc,
+            "items": 0,
+            "failed": 0,
+            "chunks": 0,
+            "reason": "nothing-to-do",
+        }
 
     external_stop = stop is not None
     stop = stop or threading.Event()
     wake = threading.Event()
     stopper = _Stopper(stop, wake, install_signal_handlers)
     if external_stop:
-        threading.Thread(target=_relay, args=(stop, wake, stopper), name="fleet-stop-relay", daemon=True).start()
+        threading.Thread(
+            target=_relay, args=(stop, wake, stopper), name="fleet-stop-relay", daemon=True
+        ).start()
     try:
         resolved = resolve_device(device or config.device, handler.uses_device)
-        metrics = WorkerMetrics(JsonLinesLog(layout.metrics_file(node, proc)), node=node, proc=proc,
-                                device=resolved)
+        metrics = WorkerMetrics(
+            JsonLinesLog(layout.metrics_file(node, proc)), node=node, proc=proc, device=resolved
+        )
         failures = FailureLog(layout.failures_file(node, proc), node=node, proc=proc)
         handler.open(HandlerContext(resolved, layout.shared_root, node))
-        metrics.start(handler=config.handler, mode=config.mode, batch_size=config.batch_size,
-                      job=layout.job_name, chunks=len(chunks.chunks), items_total=chunks.total)
-        pipeline = Pipeline(handler=handler, config=config, layout=layout, chunks=chunks, queue=queue,
-                            metrics=metrics, failures=failures, on_change=wake.set)
+        metrics.start(
+            handler=config.handler,
+            mode=config.mode,
+            batch_size=config.batch_size,
+            job=layout.job_name,
+            chunks=len(chunks.chunks),
+            items_total=chunks.total,
+        )
+        pipeline = Pipeline(
+            handler=handler,
+            config=config,
+            layout=layout,
+            chunks=chunks,
+            queue=queue,
+            metrics=metrics,
+            failures=failures,
+            on_change=wake.set,
+        )
         heartbeat = _Heartbeat(queue, config.effective_heartbeat_seconds, wake)
         reason = "error"
         try:
-            reason = _claim_loop(queue, pipeline, stop, wake, poll_s=min(MAX_POLL_S, config.effective_heartbeat_seconds))
+            reason = _claim_loop(
+                queue, pipeline, stop, wake, poll_s=min(MAX_POLL_S, config.effective_heartbeat_seconds)
+            )
         finally:
             if reason == "done":
                 pipeline.close()
@@ -142,8 +174,9 @@ def run_worker(
         stopper.restore()
 
 
-def _claim_loop(queue: ChunkQueue, pipeline: Pipeline, stop: threading.Event, wake: threading.Event,
-                *, poll_s: float) -> str:
+def _claim_loop(
+    queue: ChunkQueue, pipeline: Pipeline, stop: threading.Event, wake: threading.Event, *, poll_s: float
+) -> str:
     errors = 0
     while not stop.is_set():
         if pipeline.fatal is not None:

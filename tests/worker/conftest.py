@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 import worker_plugins
 
 
@@ -52,7 +51,9 @@ class SshfsHead:
         self.root = root
         self.key = root / "client_key"
         public = generate_ed25519_keypair(self.key, "worker-tests")
-        self.node = LocalNode.create(root / "nodes", name="head", fleet="workertest", authorized_keys=[public])
+        self.node = LocalNode.create(
+            root / "nodes", name="head", fleet="workertest", authorized_keys=[public]
+        )
         self.alias = "fleet-worker-test-head"
         self.known_hosts = root / "known_hosts"
         self.known_hosts.write_text(self.node.known_hosts_line(self.alias) + "\n")
@@ -60,20 +61,32 @@ class SshfsHead:
 
     def mount(self, remote: Path, point: Path, extra: str = "") -> Path:
         point.mkdir(parents=True, exist_ok=True)
-        options = ",".join([
-            f"IdentityFile={self.key}", f"UserKnownHostsFile={self.known_hosts}", f"HostKeyAlias={self.alias}",
-            f"port={self.node.port}", "StrictHostKeyChecking=yes", "reconnect", "ServerAliveInterval=15",
-            "ServerAliveCountMax=3",
-        ]) + extra
+        options = (
+            ",".join(
+                [
+                    f"IdentityFile={self.key}",
+                    f"UserKnownHostsFile={self.known_hosts}",
+                    f"HostKeyAlias={self.alias}",
+                    f"port={self.node.port}",
+                    "StrictHostKeyChecking=yes",
+                    "reconnect",
+                    "ServerAliveInterval=15",
+                    "ServerAliveCountMax=3",
+                ]
+            )
+            + extra
+        )
         subprocess.run(
             ["sshfs", f"{self.node.user}@{self.node.address}:{remote}", str(point), "-o", options],
-            check=True, timeout=60, capture_output=True,
+            check=True,
+            timeout=60,
+            capture_output=True,
         )
         self.mounts.append(point)
         return point
 
     def unmount(self, point: Path) -> None:
-        subprocess.run(["fusermount3", "-u", "-z", str(point)], capture_output=True, timeout=30)
+        subprocess.run(["fusermount3", "-u", "-z", str(point)], check=False, capture_output=True, timeout=30)
         if point in self.mounts:
             self.mounts.remove(point)
 

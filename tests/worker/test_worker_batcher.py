@@ -22,6 +22,7 @@ def test_64_concurrent_callers_each_get_their_own_result() -> None:
         return [f"{caller}:{n}:{caller * 1000 + n}" for caller, n in items]
 
     with DynamicBatcher(run_batch, max_batch_size=32, max_wait_ms=5) as batcher:
+
         def caller(c: int) -> list[bool]:
             ok = []
             for n in range(25):
@@ -141,8 +142,9 @@ def test_bucketing_loses_nothing_and_does_not_starve() -> None:
 
 
 def test_idle_batcher_does_not_busy_wait() -> None:
-    batcher: DynamicBatcher[int, int] = DynamicBatcher(lambda items: items, max_batch_size=8, max_wait_ms=1,
-                                                       num_threads=4)
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        lambda items: items, max_batch_size=8, max_wait_ms=1, num_threads=4
+    )
     try:
         time.sleep(0.1)
         before = resource.getrusage(resource.RUSAGE_SELF)

@@ -104,7 +104,9 @@ def test_takeover_race_between_processes(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     start = time.time() + 1.5
-    procs = [ctx.Process(target=_race_takeover, args=(str(layout.job_dir), n, start, results)) for n in range(4)]
+    procs = [
+        ctx.Process(target=_race_takeover, args=(str(layout.job_dir), n, start, results)) for n in range(4)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -172,10 +174,21 @@ def test_status_counts_from_listings(tmp_path: Path) -> None:
     done = queue.next_claim()
     queue.mark_done(done, {"items": 9, "failed": 1})
     (layout.failures / "a.0.jsonl").write_text(
-        json.dumps({"chunk": done.chunk, "item": "x"}) + "\n" + json.dumps({"chunk": done.chunk, "item": "x"})
-        + "\n" + json.dumps({"chunk": "c999999", "item": "y"}) + "\n{partial"
+        json.dumps({"chunk": done.chunk, "item": "x"})
+        + "\n"
+        + json.dumps({"chunk": done.chunk, "item": "x"})
+        + "\n"
+        + json.dumps({"chunk": "c999999", "item": "y"})
+        + "\n{partial"
     )
     queue.next_claim()
     status = job_status(layout, per_chunk)
-    assert status == {"total": 200, "done": 9, "failed": 1, "chunks": 20, "chunks_done": 1, "claimed": 1,
-                      "frozen": True}
+    assert status == {
+        "total": 200,
+        "done": 9,
+        "failed": 1,
+        "chunks": 20,
+        "chunks_done": 1,
+        "claimed": 1,
+        "frozen": True,
+    }

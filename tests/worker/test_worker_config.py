@@ -15,7 +15,9 @@ from fleet.worker.layout import JobLayout, load_worker_config
 
 def test_defaults_and_derived_values() -> None:
     files = WorkerConfig(handler="checksum", inputs="corpus/*.txt", outputs="out")
-    records = WorkerConfig(handler="checksum", inputs="x/*.jsonl", outputs="out", mode="records", lease_seconds=20)
+    records = WorkerConfig(
+        handler="checksum", inputs="x/*.jsonl", outputs="out", mode="records", lease_seconds=20
+    )
     assert (files.batch_size, files.max_wait_ms, files.memoize, files.device) == (64, 10.0, False, "auto")
     assert files.effective_chunk_size == 100 and records.effective_chunk_size == 10_000
     assert files.effective_heartbeat_seconds == 15.0 and records.effective_heartbeat_seconds == 5.0

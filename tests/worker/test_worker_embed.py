@@ -8,11 +8,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from fleet.worker.runner import run_worker
 from worker_helpers import chunk_ids, make_job
 
-WORDS = "fleet worker node chunk lease batch model vector shared disk preempt spot grün café 東京 😀".split()
+from fleet.worker.runner import run_worker
+
+WORDS = [
+    "fleet",
+    "worker",
+    "node",
+    "chunk",
+    "lease",
+    "batch",
+    "model",
+    "vector",
+    "shared",
+    "disk",
+    "preempt",
+    "spot",
+    "grün",
+    "café",
+    "東京",
+    "😀",
+]
 
 
 def _texts(n: int, seed: int = 3) -> list[str]:
@@ -32,9 +49,19 @@ def test_files_mode_embeddings_equal_encode(shared: Path, st_model, normalize: b
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     (shared / "corpus" / "g0" / "broken.txt").write_bytes(b"\xff\xfe\xfa not utf-8")
-    job = make_job(shared, "embed", {"handler": "text-embed", "handler_options": {"normalize": normalize},
-                                     "inputs": "corpus/**/*.txt", "outputs": "emb", "batch_size": 8,
-                                     "chunk_size": 16, "device": "cpu"})
+    job = make_job(
+        shared,
+        "embed",
+        {
+            "handler": "text-embed",
+            "handler_options": {"normalize": normalize},
+            "inputs": "corpus/**/*.txt",
+            "outputs": "emb",
+            "batch_size": 8,
+            "chunk_size": 16,
+            "device": "cpu",
+        },
+    )
     summary = run_worker(job, node="n", install_signal_handlers=False)
     assert summary["items"] == 45 and summary["failed"] == 1
     expected = st_model.encode(texts, normalize_embeddings=normalize)
@@ -52,9 +79,22 @@ def test_files_mode_embeddings_equal_encode(shared: Path, st_model, normalize: b
 def test_records_mode_embeddings_equal_encode_in_record_order(shared: Path, st_model) -> None:
     texts = _texts(70, seed=11)[2:]
     (shared / "docs").mkdir()
-    (shared / "docs" / "a.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)))
-    job = make_job(shared, "rec", {"handler": "text-embed", "mode": "records", "inputs": "docs/*.jsonl",
-                                   "outputs": "emb", "chunk_size": 25, "batch_size": 16, "device": "cpu"})
+    (shared / "docs" / "a.jsonl").write_text(
+        "\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts))
+    )
+    job = make_job(
+        shared,
+        "rec",
+        {
+            "handler": "text-embed",
+            "mode": "records",
+            "inputs": "docs/*.jsonl",
+            "outputs": "emb",
+            "chunk_size": 25,
+            "batch_size": 16,
+            "device": "cpu",
+        },
+    )
     run_worker(job, node="n", install_signal_handlers=False)
     rows, lines = [], []
     for chunk in chunk_ids(job):

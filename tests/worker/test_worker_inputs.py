@@ -88,14 +88,21 @@ def test_records_mode_cuts_by_records_across_files(shared: Path) -> None:
             rows = read_segment(layout.resolve("r") / rel, seg, "text" if rel.endswith(".jsonl") else None)
             assert len(rows) == seg.items
             values.extend((rel, line, value) for line, value in rows)
-    assert values == [("a.txt", 1, "one"), ("a.txt", 3, "two"), ("a.txt", 4, "three"),
-                      ("b.jsonl", 1, "four"), ("b.jsonl", 2, "five"), ("b.jsonl", 4, "six")]
+    assert values == [
+        ("a.txt", 1, "one"),
+        ("a.txt", 3, "two"),
+        ("a.txt", 4, "three"),
+        ("b.jsonl", 1, "four"),
+        ("b.jsonl", 2, "five"),
+        ("b.jsonl", 4, "six"),
+    ]
 
 
 def test_bad_records_come_back_as_exceptions(shared: Path) -> None:
     (shared / "r").mkdir()
-    (shared / "r" / "a.jsonl").write_bytes(b'{"text": "ok"}\nnot json\n{"other": 1}\n{"text": "\xff"}\n'
-                                           b'\xff\xfe\n')
+    (shared / "r" / "a.jsonl").write_bytes(
+        b'{"text": "ok"}\nnot json\n{"other": 1}\n{"text": "\xff"}\n\xff\xfe\n'
+    )
     layout = _layout(shared)
     config = WorkerConfig(handler="checksum", inputs="r/*.jsonl", outputs="o", mode="records")
     chunks = freeze(layout, config)

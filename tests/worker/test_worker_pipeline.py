@@ -9,10 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-
 import worker_plugins
-from fleet.worker.errors import WorkerError
-from fleet.worker.runner import run_worker
 from worker_helpers import (
     assert_checksum_outputs,
     chunk_ids,
@@ -26,13 +23,25 @@ from worker_helpers import (
     write_files,
 )
 
+from fleet.worker.errors import WorkerError
+from fleet.worker.runner import run_worker
+
 BATCH_KEYS = {"t", "kind", "node", "proc", "device", "items", "read_s", "wait_s", "compute_s", "write_s"}
 
 
 def test_checksum_files_one_output_per_input_and_metrics(shared: Path) -> None:
     inputs = write_files(shared / "corpus", 230)
-    job = make_job(shared, "sums", {"handler": "checksum", "inputs": "corpus/**/*.txt", "outputs": "out/sums",
-                                    "chunk_size": 50, "batch_size": 16})
+    job = make_job(
+        shared,
+        "sums",
+        {
+            "handler": "checksum",
+            "inputs": "corpus/**/*.txt",
+            "outputs": "out/sums",
+            "chunk_size": 50,
+            "batch_size": 16,
+        },
+    )
     summary = run_worker(job, node="n1", install_signal_handlers=False)
     assert summary["reason"] == "done" and summary["items"] == 230
     assert_checksum_outputs(shared / "corpus", shared / "out" / "sums", inputs)
@@ -52,8 +61,9 @@ def test_checksum_files_one_output_per_input_and_metrics(shared: Path) -> None:
 def test_unreadable_and_vanished_inputs_are_recorded_and_skipped(shared: Path) -> None:
     inputs = write_files(shared / "corpus", 40)
     os.symlink(shared / "nowhere.txt", shared / "corpus" / "d00" / "broken.txt")
-    job = make_job(shared, "j", {"handler": "checksum", "inputs": "corpus/**/*.txt", "outputs": "out",
-                                 "chunk_size": 10})
+    job = make_job(
+        shared, "j", {"handler": "checksum", "inputs": "corpus/**/*.txt", "outputs": "out", "chunk_size": 10}
+    )
     from fleet.worker.inputs import freeze
     from fleet.worker.layout import JobLayout, load_worker_config
 
@@ -64,7 +74,9 @@ def test_unreadable_and_vanished_inputs_are_recorded_and_skipped(shared: Path) -
     assert summary["failed"] == 2
     failures = [json.loads(line) for line in (job / "failures" / "n1.0.jsonl").read_text().splitlines()]
     assert sorted(f["item"] for f in failures) == ["d00/broken.txt", "d00/f00007.txt"]
-    assert all(f["stage"] == "load" and "FileNotFoundError" in f["error"] and f["node"] == "n1" for f in failures)
+    assert all(
+        f["stage"] == "load" and "FileNotFoundError" in f["error"] and f["node"] == "n1" for f in failures
+    )
     assert_checksum_outputs(shared / "corpus", shared / "out", [p for p in inputs if p.exists()])
     from fleet.worker.claims import job_status
     from fleet.worker.inputs import load_chunk_list
@@ -76,8 +88,18 @@ def test_unreadable_and_vanished_inputs_are_recorded_and_skipped(shared: Path) -
 
 def test_a_failing_batch_is_split_to_skip_only_the_bad_items(shared: Path) -> None:
     inputs = write_files(shared / "c", 64, text=lambda i: "POISON" if i in (5, 40) else f"fine {i}")
-    job = make_job(shared, "j", {"handler": "worker_plugins:PoisonChecksum", "inputs": "c/**/*.txt",
-                                 "outputs": "o", "batch_size": 64, "chunk_size": 64, "max_wait_ms": 200})
+    job = make_job(
+        shared,
+        "j",
+        {
+            "handler": "worker_plugins:PoisonChecksum",
+            "inputs": "c/**/*.txt",
+            "outputs": "o",
+            "batch_size": 64,
+            "chunk_size": 64,
+            "max_wait_ms": 200,
+        },
+    )
     summary = run_worker(job, node="n", install_signal_handlers=False)
     assert summary["failed"] == 2 and summary["items"] == 64
     failed = sorted(json.loads(x)["item"] for x in (job / "failures" / "n.0.jsonl").read_text().splitlines())
@@ -88,9 +110,19 @@ def test_a_failing_batch_is_split_to_skip_only_the_bad_items(shared: Path) -> No
 
 def test_out_of_memory_splits_the_batch_and_adapts_the_batch_size(shared: Path) -> None:
     inputs = write_files(shared / "c", 300)
-    job = make_job(shared, "j", {"handler": "worker_plugins:OomChecksum", "handler_options": {"limit": 20},
-                                 "inputs": "c/**/*.txt", "outputs": "o", "batch_size": 64, "chunk_size": 300,
-                                 "max_wait_ms": 100})
+    job = make_job(
+        shared,
+        "j",
+        {
+            "handler": "worker_plugins:OomChecksum",
+            "handler_options": {"limit": 20},
+            "inputs": "c/**/*.txt",
+            "outputs": "o",
+            "batch_size": 64,
+            "chunk_size": 300,
+            "max_wait_ms": 100,
+        },
+    )
     summary = run_worker(job, node="n", install_signal_handlers=False)
     assert summary["failed"] == 0
     assert_checksum_outputs(shared / "c", shared / "o", inputs)
@@ -103,8 +135,17 @@ def test_out_of_memory_splits_the_batch_and_adapts_the_batch_size(shared: Path) 
 
 def test_memoize_computes_identical_inputs_once(shared: Path) -> None:
     inputs = write_files(shared / "c", 200, text=lambda i: f"content {i % 10}")
-    job = make_job(shared, "j", {"handler": "worker_plugins:slow_checksum", "inputs": "c/**/*.txt",
-                                 "outputs": "o", "memoize": True, "chunk_size": 40})
+    job = make_job(
+        shared,
+        "j",
+        {
+            "handler": "worker_plugins:slow_checksum",
+            "inputs": "c/**/*.txt",
+            "outputs": "o",
+            "memoize": True,
+            "chunk_size": 40,
+        },
+    )
     run_worker(job, node="n", install_signal_handlers=False)
     assert sum(worker_plugins.CALLS["infer"]) == 10
     assert_checksum_outputs(shared / "c", shared / "o", inputs)
@@ -117,8 +158,19 @@ def test_records_mode_rows_in_record_order_with_index(shared: Path) -> None:
     (shared / "r" / "b.jsonl").write_text(
         "\n".join(json.dumps({"body": f"beta {i}"}) for i in range(12)) + "\nnot json\n"
     )
-    job = make_job(shared, "j", {"handler": "checksum", "mode": "records", "field": "body", "inputs": "r/*",
-                                 "outputs": "o", "chunk_size": 10, "batch_size": 4})
+    job = make_job(
+        shared,
+        "j",
+        {
+            "handler": "checksum",
+            "mode": "records",
+            "field": "body",
+            "inputs": "r/*",
+            "outputs": "o",
+            "chunk_size": 10,
+            "batch_size": 4,
+        },
+    )
     summary = run_worker(job, node="n", install_signal_handlers=False)
     assert summary["failed"] == 1
     expected = [("a.txt", i + 1, text) for i, text in enumerate(lines_a)]
@@ -136,9 +188,17 @@ def test_records_mode_rows_in_record_order_with_index(shared: Path) -> None:
 def test_rerun_of_a_finished_job_does_nothing(shared: Path, tmp_path: Path) -> None:
     write_files(shared / "c", 60)
     open_log = tmp_path / "opens.log"
-    job = make_job(shared, "j", {"handler": "worker_plugins:slow_checksum",
-                                 "handler_options": {"open_log": str(open_log)},
-                                 "inputs": "c/**/*.txt", "outputs": "o", "chunk_size": 20})
+    job = make_job(
+        shared,
+        "j",
+        {
+            "handler": "worker_plugins:slow_checksum",
+            "handler_options": {"open_log": str(open_log)},
+            "inputs": "c/**/*.txt",
+            "outputs": "o",
+            "chunk_size": 20,
+        },
+    )
     run_worker(job, node="n", install_signal_handlers=False)
     before = {p: p.stat().st_mtime_ns for p in visible_files(shared / "o")}
     metrics_before = metric_lines(job)
@@ -152,9 +212,19 @@ def test_rerun_of_a_finished_job_does_nothing(shared: Path, tmp_path: Path) -> N
 
 def test_stop_releases_the_chunk_and_the_next_worker_skips_written_outputs(shared: Path) -> None:
     inputs = write_files(shared / "c", 120)
-    job = make_job(shared, "j", {"handler": "worker_plugins:slow_checksum", "handler_options": {"delay_s": 0.05},
-                                 "inputs": "c/**/*.txt", "outputs": "o", "chunk_size": 120, "batch_size": 4,
-                                 "prefetch": 1})
+    job = make_job(
+        shared,
+        "j",
+        {
+            "handler": "worker_plugins:slow_checksum",
+            "handler_options": {"delay_s": 0.05},
+            "inputs": "c/**/*.txt",
+            "outputs": "o",
+            "chunk_size": 120,
+            "batch_size": 4,
+            "prefetch": 1,
+        },
+    )
     stop = threading.Event()
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run_worker(job, node="a", stop=stop)))
@@ -171,7 +241,7 @@ def test_stop_releases_the_chunk_and_the_next_worker_skips_written_outputs(share
     assert 20 <= written < 60, f"{written} outputs: the worker did not stop reading promptly"
     summary = run_worker(job, node="b", install_signal_handlers=False)
     assert summary["items"] == 120 - written  # only what was missing was computed
-    chunk_line = [r for r in metric_lines(job) if r["kind"] == "chunk" and r["node"] == "b"][0]
+    chunk_line = next(r for r in metric_lines(job) if r["kind"] == "chunk" and r["node"] == "b")
     assert chunk_line["resumed"] and chunk_line["skipped"] == written and chunk_line["outcome"] == "done"
     assert_checksum_outputs(shared / "c", shared / "o", inputs)
 
@@ -181,7 +251,10 @@ def test_unknown_handler_and_bad_options_are_fatal_errors(shared: Path) -> None:
     job = make_job(shared, "j", {"handler": "no_such_module:make", "inputs": "c/**/*.txt", "outputs": "o"})
     with pytest.raises(WorkerError, match="cannot import no_such_module"):
         run_worker(job, node="n", install_signal_handlers=False)
-    job2 = make_job(shared, "k", {"handler": "text-embed", "handler_options": {"modle": "x"},
-                                  "inputs": "c/**/*.txt", "outputs": "o"})
+    job2 = make_job(
+        shared,
+        "k",
+        {"handler": "text-embed", "handler_options": {"modle": "x"}, "inputs": "c/**/*.txt", "outputs": "o"},
+    )
     with pytest.raises(WorkerError, match="bad handler_options"):
         run_worker(job2, node="n", install_signal_handlers=False)

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from worker_helpers import (
     assert_checksum_outputs,
     chunk_ids,
     done_chunk_counts,
+    kill_group,
     make_job,
     metric_lines,
     run_cli,
@@ -21,18 +21,28 @@ from worker_helpers import (
     visible_files,
     wait_for,
     write_files,
-    kill_group,
 )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [2, 4])
-def test_several_workers_one_output_per_input_no_chunk_done_twice(shared: Path, tmp_path: Path,
-                                                                   workers: int) -> None:
+def test_several_workers_one_output_per_input_no_chunk_done_twice(
+    shared: Path, tmp_path: Path, workers: int
+) -> None:
     inputs = write_files(shared / "corpus", 400)
-    job = make_job(shared, "multi", {"handler": "worker_plugins:slow_checksum",
-                                     "handler_options": {"delay_s": 0.02}, "inputs": "corpus/**/*.txt",
-                                     "outputs": "out", "chunk_size": 10, "batch_size": 5, "max_wait_ms": 1})
+    job = make_job(
+        shared,
+        "multi",
+        {
+            "handler": "worker_plugins:slow_checksum",
+            "handler_options": {"delay_s": 0.02},
+            "inputs": "corpus/**/*.txt",
+            "outputs": "out",
+            "chunk_size": 10,
+            "batch_size": 5,
+            "max_wait_ms": 1,
+        },
+    )
     assert run_cli(str(job), "--init").returncode == 0
     procs = [start_worker(job, "--node", f"w{i}", log=tmp_path / f"w{i}.log") for i in range(workers)]
     try:
@@ -49,12 +59,25 @@ def test_several_workers_one_output_per_input_no_chunk_done_twice(shared: Path, 
 
 
 @pytest.mark.slow
-def test_sigkill_mid_chunk_leaves_no_partial_output_and_chunk_is_taken_over(shared: Path, tmp_path: Path) -> None:
+def test_sigkill_mid_chunk_leaves_no_partial_output_and_chunk_is_taken_over(
+    shared: Path, tmp_path: Path
+) -> None:
     inputs = write_files(shared / "corpus", 60, text=lambda i: f"item {i} " * 200)
-    job = make_job(shared, "kill", {"handler": "worker_plugins:slow_checksum",
-                                    "handler_options": {"delay_s": 0.1}, "inputs": "corpus/**/*.txt",
-                                    "outputs": "out", "chunk_size": 30, "batch_size": 2, "prefetch": 1,
-                                    "lease_seconds": 2, "heartbeat_seconds": 0.4})
+    job = make_job(
+        shared,
+        "kill",
+        {
+            "handler": "worker_plugins:slow_checksum",
+            "handler_options": {"delay_s": 0.1},
+            "inputs": "corpus/**/*.txt",
+            "outputs": "out",
+            "chunk_size": 30,
+            "batch_size": 2,
+            "prefetch": 1,
+            "lease_seconds": 2,
+            "heartbeat_seconds": 0.4,
+        },
+    )
     victim = start_worker(job, "--node", "victim", log=tmp_path / "victim.log")
     try:
         wait_for(lambda: len(visible_files(shared / "out")) >= 6, 60, "the victim to write some outputs")
@@ -83,9 +106,18 @@ def test_sigkill_mid_chunk_leaves_no_partial_output_and_chunk_is_taken_over(shar
 @pytest.mark.slow
 def test_sigterm_stops_within_seconds_and_exits_zero(shared: Path, tmp_path: Path) -> None:
     write_files(shared / "corpus", 400)
-    job = make_job(shared, "term", {"handler": "worker_plugins:slow_checksum",
-                                    "handler_options": {"delay_s": 0.05}, "inputs": "corpus/**/*.txt",
-                                    "outputs": "out", "chunk_size": 50, "batch_size": 4})
+    job = make_job(
+        shared,
+        "term",
+        {
+            "handler": "worker_plugins:slow_checksum",
+            "handler_options": {"delay_s": 0.05},
+            "inputs": "corpus/**/*.txt",
+            "outputs": "out",
+            "chunk_size": 50,
+            "batch_size": 4,
+        },
+    )
     proc = start_worker(job, "--node", "t1", log=tmp_path / "t1.log")
     try:
         wait_for(lambda: len(visible_files(shared / "out")) >= 10, 60, "some outputs")
@@ -106,9 +138,18 @@ def test_sigterm_stops_within_seconds_and_exits_zero(shared: Path, tmp_path: Pat
 
 def test_processes_two_spawns_two_workers(shared: Path) -> None:
     inputs = write_files(shared / "corpus", 200)
-    job = make_job(shared, "pp", {"handler": "worker_plugins:slow_checksum", "handler_options": {"delay_s": 0.02},
-                                  "inputs": "corpus/**/*.txt", "outputs": "out", "chunk_size": 10,
-                                  "batch_size": 5})
+    job = make_job(
+        shared,
+        "pp",
+        {
+            "handler": "worker_plugins:slow_checksum",
+            "handler_options": {"delay_s": 0.02},
+            "inputs": "corpus/**/*.txt",
+            "outputs": "out",
+            "chunk_size": 10,
+            "batch_size": 5,
+        },
+    )
     result = run_cli(str(job), "--node", "box", "--processes", "2")
     assert result.returncode == 0, result.stderr
     assert_checksum_outputs(shared / "corpus", shared / "out", inputs)
@@ -118,16 +159,26 @@ def test_processes_two_spawns_two_workers(shared: Path) -> None:
 
 def test_init_status_and_node_name_from_environment(shared: Path) -> None:
     write_files(shared / "corpus", 25)
-    job = make_job(shared, "cli", {"handler": "checksum", "inputs": "corpus/**/*.txt", "outputs": "out",
-                                   "chunk_size": 10})
+    job = make_job(
+        shared,
+        "cli",
+        {"handler": "checksum", "inputs": "corpus/**/*.txt", "outputs": "out", "chunk_size": 10},
+    )
     before = json.loads(run_cli(str(job), "--status").stdout)
     assert before["frozen"] is False and before["total"] is None
     init = run_cli(str(job), "--init")
     assert init.returncode == 0 and json.loads(init.stdout) == {"chunks": 3, "total": 25, "mode": "files"}
     assert run_cli(str(job), "--init").stdout == init.stdout  # idempotent
     status = json.loads(run_cli(str(job), "--status").stdout)
-    assert status == {"total": 25, "done": 0, "failed": 0, "chunks": 3, "chunks_done": 0, "claimed": 0,
-                      "frozen": True}
+    assert status == {
+        "total": 25,
+        "done": 0,
+        "failed": 0,
+        "chunks": 3,
+        "chunks_done": 0,
+        "claimed": 0,
+        "frozen": True,
+    }
     assert run_cli(str(job), FLEET_NODE_NAME="from-env").returncode == 0
     assert [p.name for p in (job / "metrics").iterdir()] == ["from-env.worker0.jsonl"]
     final = json.loads(run_cli(str(job), "--status").stdout)

@@ -13,9 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-from fleet.worker.claims import ChunkQueue
-from fleet.worker.layout import JobLayout
 from worker_helpers import (
     assert_checksum_outputs,
     chunk_ids,
@@ -30,18 +27,32 @@ from worker_helpers import (
     write_files,
 )
 
+from fleet.worker.claims import ChunkQueue
+from fleet.worker.layout import JobLayout
+
 pytestmark = pytest.mark.slow
 
 
 def test_two_nodes_over_sshfs_one_output_per_input(shared: Path, sshfs_mount, tmp_path: Path) -> None:
     inputs = write_files(shared / "corpus", 300)
-    job = make_job(shared, "ssh2", {"handler": "worker_plugins:slow_checksum",
-                                    "handler_options": {"delay_s": 0.01}, "inputs": "corpus/**/*.txt",
-                                    "outputs": "out", "chunk_size": 10, "batch_size": 5})
+    job = make_job(
+        shared,
+        "ssh2",
+        {
+            "handler": "worker_plugins:slow_checksum",
+            "handler_options": {"delay_s": 0.01},
+            "inputs": "corpus/**/*.txt",
+            "outputs": "out",
+            "chunk_size": 10,
+            "batch_size": 5,
+        },
+    )
     mounts = [sshfs_mount(shared, f"node{i}") for i in range(2)]
     assert run_cli(str(mounts[0] / "jobs" / "ssh2"), "--init").returncode == 0
-    procs = [start_worker(m / "jobs" / "ssh2", "--node", f"node{i}", log=tmp_path / f"n{i}.log")
-             for i, m in enumerate(mounts)]
+    procs = [
+        start_worker(m / "jobs" / "ssh2", "--node", f"node{i}", log=tmp_path / f"n{i}.log")
+        for i, m in enumerate(mounts)
+    ]
     try:
         codes = [p.wait(timeout=150) for p in procs]
     finally:
@@ -53,12 +64,25 @@ def test_two_nodes_over_sshfs_one_output_per_input(shared: Path, sshfs_mount, tm
     assert {r["node"] for r in metric_lines(job) if r["kind"] == "chunk"} == {"node0", "node1"}
 
 
-def test_sigkill_over_sshfs_chunk_taken_over_by_another_node(shared: Path, sshfs_mount, tmp_path: Path) -> None:
+def test_sigkill_over_sshfs_chunk_taken_over_by_another_node(
+    shared: Path, sshfs_mount, tmp_path: Path
+) -> None:
     inputs = write_files(shared / "corpus", 40)
-    job = make_job(shared, "sshkill", {"handler": "worker_plugins:slow_checksum",
-                                       "handler_options": {"delay_s": 0.1}, "inputs": "corpus/**/*.txt",
-                                       "outputs": "out", "chunk_size": 20, "batch_size": 2, "prefetch": 1,
-                                       "lease_seconds": 3, "heartbeat_seconds": 0.5})
+    job = make_job(
+        shared,
+        "sshkill",
+        {
+            "handler": "worker_plugins:slow_checksum",
+            "handler_options": {"delay_s": 0.1},
+            "inputs": "corpus/**/*.txt",
+            "outputs": "out",
+            "chunk_size": 20,
+            "batch_size": 2,
+            "prefetch": 1,
+            "lease_seconds": 3,
+            "heartbeat_seconds": 0.5,
+        },
+    )
     victim_mount, rescuer_mount = sshfs_mount(shared, "victim"), sshfs_mount(shared, "rescuer")
     victim = start_worker(victim_mount / "jobs" / "sshkill", "--node", "victim", log=tmp_path / "v.log")
     try:
@@ -72,7 +96,9 @@ def test_sigkill_over_sshfs_chunk_taken_over_by_another_node(shared: Path, sshfs
     result = run_cli(str(rescuer_mount / "jobs" / "sshkill"), "--node", "rescuer", timeout=120)
     assert result.returncode == 0, result.stderr
     assert_checksum_outputs(shared / "corpus", shared / "out", inputs)
-    rescued = [r for r in metric_lines(job) if r["kind"] == "chunk" and r["node"] == "rescuer" and r["chunk"] in held]
+    rescued = [
+        r for r in metric_lines(job) if r["kind"] == "chunk" and r["node"] == "rescuer" and r["chunk"] in held
+    ]
     assert rescued and all(r["resumed"] and r["outcome"] == "done" for r in rescued)
     assert done_chunk_counts(job) == {c: 1 for c in chunk_ids(job)}
 

@@ -27,7 +27,9 @@ def make_job(shared: Path, name: str, worker: dict[str, Any], **top: Any) -> Pat
     return job_dir
 
 
-def write_files(base: Path, count: int, *, per_dir: int = 50, text: Callable[[int], str] | None = None) -> list[Path]:
+def write_files(
+    base: Path, count: int, *, per_dir: int = 50, text: Callable[[int], str] | None = None
+) -> list[Path]:
     """count small text files under base/dNN/fNNNNN.txt; returns their paths."""
     paths = []
     for i in range(count):
@@ -103,15 +105,23 @@ def start_worker(job_dir: Path, *args: str, log: Path | None = None, **env: str)
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(
         [sys.executable, "-m", "fleet.worker", str(job_dir), *args],
-        stdout=out, stderr=subprocess.STDOUT if log else subprocess.PIPE, env=worker_env(**env), cwd=REPO,
+        stdout=out,
+        stderr=subprocess.STDOUT if log else subprocess.PIPE,
+        env=worker_env(**env),
+        cwd=REPO,
         start_new_session=True,
     )
 
 
 def run_cli(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fleet.worker", *args], capture_output=True, text=True, timeout=timeout,
-        env=worker_env(**env), cwd=REPO,
+        [sys.executable, "-m", "fleet.worker", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=worker_env(**env),
+        cwd=REPO,
     )
 
 

@@ -45,7 +45,7 @@ class Handler(ABC):
     rows_suffix: ClassVar[str] = ".npy"
     uses_device: ClassVar[bool] = True  # False: never import torch to pick a device
 
-    def open(self, context: HandlerContext) -> None:  # noqa: B027 - optional hook
+    def open(self, context: HandlerContext) -> None:
         """Load the model (once per worker process)."""
 
     def load(self, data: Any) -> Any:
@@ -74,10 +74,10 @@ class Handler(ABC):
     def serialize_rows(self, results: list[Any]) -> bytes:
         """Bytes of a chunk's output file, one row per result (records mode)."""
 
-    def on_out_of_memory(self) -> None:  # noqa: B027 - optional hook
+    def on_out_of_memory(self) -> None:
         """Free what can be freed after an out-of-memory error."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release the model."""
 
 
@@ -112,9 +112,13 @@ def load_handler(name: str, options: dict[str, Any]) -> Handler:
     except Exception as exc:  # noqa: BLE001 - a user plugin's constructor
         raise WorkerError(f"handler {name!r}: {type(exc).__name__}: {exc}") from None
     if not isinstance(handler, Handler):
-        missing = [m for m in ("infer", "serialize", "serialize_rows") if not callable(getattr(handler, m, None))]
+        missing = [
+            m for m in ("infer", "serialize", "serialize_rows") if not callable(getattr(handler, m, None))
+        ]
         if missing:
-            raise WorkerError(f"handler {name!r}: the factory returned an object without {', '.join(missing)}")
+            raise WorkerError(
+                f"handler {name!r}: the factory returned an object without {', '.join(missing)}"
+            )
     return handler
 
 

@@ -47,7 +47,9 @@ class TextEmbedHandler(Handler):
     file_suffix = ".npy"
     rows_suffix = ".npy"
 
-    def __init__(self, model: str | None = None, normalize: bool = False, max_length: int | None = None) -> None:
+    def __init__(
+        self, model: str | None = None, normalize: bool = False, max_length: int | None = None
+    ) -> None:
         if not isinstance(normalize, bool):
             raise WorkerError("text-embed: handler_options.normalize must be true or false")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
@@ -62,10 +64,12 @@ class TextEmbedHandler(Handler):
         if self.model_option is None:
             return default_model_path()
         given = Path(os.path.expanduser(self.model_option))
-        for candidate in ([given] if given.is_absolute() else [shared_root / given, given]):
+        for candidate in [given] if given.is_absolute() else [shared_root / given, given]:
             if (candidate / "modules.json").exists() or (candidate / "config.json").exists():
                 return candidate.resolve()
-        raise WorkerError(f"text-embed: model directory {self.model_option!r} not found (nor under {shared_root})")
+        raise WorkerError(
+            f"text-embed: model directory {self.model_option!r} not found (nor under {shared_root})"
+        )
 
     def open(self, context: HandlerContext) -> None:
         self.model_path = self._resolve_model(context.shared_root)
