@@ -37,7 +37,7 @@ from fleet.worker.claims import ChunkQueue, Claim
 from fleet.worker.config import WorkerConfig
 from fleet.worker.handlers import Handler, is_out_of_memory
 from fleet.worker.inputs import Chunk, ChunkList, Segment, is_json_lines, read_segment
-from fleet.worker.layout import JobLayout, dumps, write_atomic
+from fleet.worker.layout import TMP_SUFFIX, JobLayout, dumps, write_atomic
 from fleet.worker.metrics import FailureLog, WorkerMetrics
 
 MEMO_LIMIT = 100_000
@@ -129,7 +129,7 @@ class Pipeline:
         self.max_wait_s = config.max_wait_ms / 1000.0
         capacity = config.prefetch * config.batch_size
         self.want_backlog = config.batch_size
-        bucket = config.bucket_by_length and type(handler).size is not Handler.size
+        bucket = config.bucket_by_length and type(handler).size is not Handler.size  # size() defined
         self.batches: BatchQueue[Item] = BatchQueue(
             capacity, (lambda item: handler.size(item.data)) if bucket else None
         )
@@ -225,7 +225,8 @@ class Pipeline:
             self.on_change()
 
     def _existing_outputs(self, rels: list[str]) -> set[str]:
-        """Inputs whose output exists, from one listing per output directory."""
+        """Inputs whose output exists, from one listing per output directory. Temporary
+        files a dead holder left behind (older than the lease) are removed on the way."""
         suffix = self.handler.file_suffix
         by_dir: dict[str, list[str]] = {}
         for rel in rels:
@@ -239,7 +240,20 @@ class Pipeline:
             except FileNotFoundError:
                 continue
             existing.update(f"{parent}/{n}" if parent else n for n in names if n + suffix in present)
+            outputs = {n + suffix for n in names}
+            for entry in present:
+                if entry.startswith(".") and entry.endswith(TMP_SUFFIX):
+                    final = entry[1:].rsplit(".", 2)[0]
+                    if final in outputs:
+                        self._remove_if_stale(directory / entry)
         return existing
+
+    def _remove_if_stale(self, path: Path) -> None:
+        try:
+            if time.time() - path.stat().st_mtime > self.config.lease_seconds:
+                path.unlink()
+        except OSError:
+            pass
 
     def _read_file(self, run: ChunkRun, position: int, rel: str) -> None:
         if self._stopping.is_set() or run.claim.lost:
@@ -459,6 +473,7 @@ class Pipeline:
                 return
         write_s = 0.0
         if run.claim.lost:
+            self.queue.release(run.claim)  # forgets it; the files belong to the new holder
             run.outcome = "lost"
         elif run.incomplete or self.fatal is not None:
             self.queue.release(run.claim)

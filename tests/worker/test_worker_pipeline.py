@@ -258,3 +258,38 @@ def test_unknown_handler_and_bad_options_are_fatal_errors(shared: Path) -> None:
     )
     with pytest.raises(WorkerError, match="bad handler_options"):
         run_worker(job2, node="n", install_signal_handlers=False)
+
+
+def test_a_plugin_must_return_a_handler(shared: Path) -> None:
+    write_files(shared / "c", 3)
+    job = make_job(
+        shared, "j", {"handler": "worker_plugins:NotAHandler", "inputs": "c/**/*.txt", "outputs": "o"}
+    )
+    with pytest.raises(WorkerError, match="not a fleet.worker.handlers.Handler"):
+        run_worker(job, node="n", install_signal_handlers=False)
+
+
+def test_resumed_chunk_removes_stale_temporaries_of_a_dead_holder(shared: Path) -> None:
+    write_files(shared / "c", 10)
+    job = make_job(shared, "j", {"handler": "checksum", "inputs": "c/**/*.txt", "outputs": "o"})
+    from fleet.worker.inputs import freeze
+    from fleet.worker.layout import JobLayout, load_worker_config
+
+    layout = JobLayout.at(job)
+    layout.make_dirs()
+    freeze(layout, load_worker_config(layout))
+    (layout.claims / ".prev.c000000.deadbeef").write_text("{}")  # an earlier holder released it
+    out = shared / "o" / "d00"
+    out.mkdir(parents=True)
+    stale = out / ".f00001.txt.sha256.0123456789ab.tmp"
+    fresh = out / ".f00002.txt.sha256.ba9876543210.tmp"
+    stale.write_text("partial")
+    fresh.write_text("partial")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    (out / "f00003.txt.sha256").write_text("written before\n")
+    summary = run_worker(job, node="n", install_signal_handlers=False)
+    assert not stale.exists() and fresh.exists()
+    assert summary["items"] == 9  # f00003 was skipped: its output was there
+    chunk = next(r for r in metric_lines(job) if r["kind"] == "chunk")
+    assert chunk["resumed"] and chunk["skipped"] == 1
+    assert (out / "f00003.txt.sha256").read_text() == "written before\n"

@@ -207,3 +207,29 @@ def test_fatal_errors_are_one_line_exit_2(shared: Path, job_yaml: str, message: 
 def test_missing_job_directory(tmp_path: Path) -> None:
     result = run_cli(str(tmp_path / "nope"))
     assert result.returncode == 2 and "no such job directory" in result.stderr
+
+
+def test_fleet_worker_console_script(shared: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "fleet-worker"
+    if not script.exists():
+        script = Path(shutil.which("fleet-worker") or "/nonexistent")
+    if not script.exists():
+        pytest.skip("the package is not installed (no fleet-worker console script)")
+    write_files(shared / "corpus", 5)
+    job = make_job(shared, "script", {"handler": "checksum", "inputs": "corpus/**/*.txt", "outputs": "out"})
+    result = subprocess.run(
+        [str(script), str(job), "--node", "s"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        json.loads(
+            subprocess.run(
+                [str(script), str(job), "--status"], capture_output=True, text=True, timeout=60, check=False
+            ).stdout
+        )["done"]
+        == 5
+    )

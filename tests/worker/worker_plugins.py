@@ -68,3 +68,8 @@ class OomChecksum(ChecksumHandler):
 
 def write_marker(path: str) -> None:
     Path(path).write_text("x")
+
+
+class NotAHandler:
+    def infer(self, batch: list[Any]) -> list[Any]:
+        return batch

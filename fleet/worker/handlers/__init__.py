@@ -112,13 +112,10 @@ def load_handler(name: str, options: dict[str, Any]) -> Handler:
     except Exception as exc:  # noqa: BLE001 - a user plugin's constructor
         raise WorkerError(f"handler {name!r}: {type(exc).__name__}: {exc}") from None
     if not isinstance(handler, Handler):
-        missing = [
-            m for m in ("infer", "serialize", "serialize_rows") if not callable(getattr(handler, m, None))
-        ]
-        if missing:
-            raise WorkerError(
-                f"handler {name!r}: the factory returned an object without {', '.join(missing)}"
-            )
+        raise WorkerError(
+            f"handler {name!r}: the factory returned a {type(handler).__name__}, "
+            "not a fleet.worker.handlers.Handler (subclass it)"
+        )
     return handler
 
 
