@@ -5,7 +5,8 @@ max_wait_s)` waits for a first item, then up to `max_wait_s` (counted from when 
 oldest queued item arrived) for the batch to fill, like Triton's
 `max_queue_delay_microseconds`. With a `size_of` function it buckets by length: when
 more items wait than fit in one batch, it takes the run of similar sizes that pads the
-least; an item passed over for too long (4 windows) is taken first, so none starves.
+least (padding = batch size x longest - total); an item passed over while 16 windows
+of items went by is taken first, so none starves.
 A `capacity` bounds the queue: producers block while it is full (bounded prefetch).
 
 `DynamicBatcher` is the reusable online component built on it: any number of threads
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+STARVATION_WINDOWS = 16  # an item passed over while this many windows went by is taken first
 R = TypeVar("R")
 
 
@@ -132,12 +134,19 @@ class BatchQueue(Generic[T]):
         ordered = sorted(entries, key=lambda entry: entry.size)
         window = max(self.capacity or 0, max_size * 4)
         oldest = entries[0]
-        if oldest.seq < self._seq - 4 * window:
+        if oldest.seq < self._seq - STARVATION_WINDOWS * window:
             position = next(i for i, entry in enumerate(ordered) if entry is oldest)
             lo, hi = max(0, position - max_size + 1), min(position, len(ordered) - max_size)
         else:
             lo, hi = 0, len(ordered) - max_size
-        best = min(range(lo, hi + 1), key=lambda i: ordered[i + max_size - 1].size - ordered[i].size)
+        # Padding wasted by a run of sorted sizes: max * count - sum.
+        prefix = [0]
+        for entry in ordered:
+            prefix.append(prefix[-1] + entry.size)
+        best = min(
+            range(lo, hi + 1),
+            key=lambda i: ordered[i + max_size - 1].size * max_size - (prefix[i + max_size] - prefix[i]),
+        )
         chosen = ordered[best : best + max_size]
         taken = {id(entry) for entry in chosen}
         self._entries = deque(entry for entry in entries if id(entry) not in taken)

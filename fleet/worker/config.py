@@ -111,10 +111,13 @@ class WorkerConfig(BaseModel):
     reader_threads: int = Field(4, ge=1, le=256, description="Threads loading inputs (I/O bound).")
     writer_threads: int = Field(2, ge=1, le=256, description="Threads writing outputs.")
     prefetch: int = Field(
-        4,
+        8,
         ge=1,
         le=1024,
-        description="Batches of loaded items held ahead of the model (bounds memory).",
+        description=(
+            "Batches of loaded items held ahead of the model: bounds memory, and is the window "
+            "in which items are grouped by length."
+        ),
     )
     bucket_by_length: bool = Field(
         True,

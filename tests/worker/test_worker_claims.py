@@ -89,7 +89,7 @@ def test_stale_claim_is_taken_over_by_exactly_one_taker(tmp_path: Path) -> None:
 
 
 def _race_takeover(job_dir: str, n: int, start: float, results: multiprocessing.Queue) -> None:
-    queue = ChunkQueue(JobLayout.at(job_dir), IDS[:1], node=f"p{n}", proc=0, lease_seconds=5)
+    queue = ChunkQueue(JobLayout.at(job_dir), IDS[:1], node=f"p{n}", proc=0, lease_seconds=60)
     while time.time() < start:
         time.sleep(0.001)
     claim = queue.next_claim()
@@ -98,9 +98,10 @@ def _race_takeover(job_dir: str, n: int, start: float, results: multiprocessing.
 
 def test_takeover_race_between_processes(tmp_path: Path) -> None:
     layout = _layout(tmp_path)
-    holder = ChunkQueue(layout, IDS[:1], node="dead", proc=0, lease_seconds=5)
+    holder = ChunkQueue(layout, IDS[:1], node="dead", proc=0, lease_seconds=60)
     claim = holder.next_claim()
-    os.utime(layout.claims / claim.chunk, (time.time() - 60, time.time() - 60))
+    # Stale by far; the winner never heartbeats here, so a long lease keeps its claim live.
+    os.utime(layout.claims / claim.chunk, (time.time() - 600, time.time() - 600))
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     start = time.time() + 1.5

@@ -35,7 +35,7 @@ def test_several_workers_one_output_per_input_no_chunk_done_twice(
         "multi",
         {
             "handler": "worker_plugins:slow_checksum",
-            "handler_options": {"delay_s": 0.02},
+            "handler_options": {"delay_s": 0.05},
             "inputs": "corpus/**/*.txt",
             "outputs": "out",
             "chunk_size": 10,

@@ -40,7 +40,7 @@ def test_two_nodes_over_sshfs_one_output_per_input(shared: Path, sshfs_mount, tm
         "ssh2",
         {
             "handler": "worker_plugins:slow_checksum",
-            "handler_options": {"delay_s": 0.01},
+            "handler_options": {"delay_s": 0.04},
             "inputs": "corpus/**/*.txt",
             "outputs": "out",
             "chunk_size": 10,
@@ -107,15 +107,15 @@ def test_stale_claim_race_across_mounts_has_one_winner(shared: Path, sshfs_mount
     layout_local = JobLayout.at(shared / "jobs" / "race")
     layout_local.make_dirs()
     ids = ["c000000"]
-    dead = ChunkQueue(layout_local, ids, node="dead", proc=0, lease_seconds=5)
+    dead = ChunkQueue(layout_local, ids, node="dead", proc=0, lease_seconds=60)
     claim = dead.next_claim()
-    os.utime(layout_local.claims / claim.chunk, (time.time() - 60, time.time() - 60))
+    os.utime(layout_local.claims / claim.chunk, (time.time() - 600, time.time() - 600))
     mounts = [sshfs_mount(shared, f"r{i}") for i in range(3)]
     winners: list[str] = []
     barrier = threading.Barrier(len(mounts))
 
     def taker(i: int, mount: Path) -> None:
-        queue = ChunkQueue(JobLayout.at(mount / "jobs" / "race"), ids, node=f"r{i}", proc=0, lease_seconds=5)
+        queue = ChunkQueue(JobLayout.at(mount / "jobs" / "race"), ids, node=f"r{i}", proc=0, lease_seconds=60)
         barrier.wait()
         won = queue.next_claim()
         if won is not None:
