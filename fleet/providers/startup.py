@@ -2,7 +2,8 @@
 user data), rendered from `templates/startup/node.sh.j2`.
 
 It installs sshfs where missing, creates the SSH user with the fleet's public key, and
-starts the preemption-notice watcher (`python3 -m fleet.worker.notice`) when present.
+moves sshd to the fleet's port when that is not 22. The preemption-notice watcher is
+not started here: `fleet.jobs` starts it beside each job, with the job's process group.
 Every value is shell-quoted by the template's `shquote` filter.
 """
 

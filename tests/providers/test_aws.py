@@ -142,7 +142,7 @@ def test_spot_options_tags_key_pair_and_group_as_created(tmp_path, fleet_key, mo
         },
     }
     assert [s["ResourceType"] for s in params["TagSpecifications"]] == ["instance", "volume"]
-    assert "python3 -m fleet.worker.notice" in params["UserData"]
+    assert "useradd --create-home" in params["UserData"]
     assert "InstanceMarketOptions" not in provider.run_params(head)
 
 

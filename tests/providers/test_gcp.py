@@ -89,7 +89,7 @@ def test_spot_gpu_fields_labels_and_metadata_as_sent(tmp_path, fleet_key, fake_g
     assert disk["initializeParams"]["sourceImage"].startswith("projects/debian-cloud/")
     metadata = {item["key"]: item["value"] for item in body["metadata"]["items"]}
     assert metadata["ssh-keys"] == f"{USER}:{fleet_key[1]}"
-    assert "python3 -m fleet.worker.notice" in metadata["startup-script"]
+    assert "useradd --create-home" in metadata["startup-script"]
     assert "sshfs" in metadata["startup-script"]
 
 
