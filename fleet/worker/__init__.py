@@ -6,11 +6,14 @@ directory is JOB_DIR on the shared filesystem until no work is left. Modules:
 - `config`   the `worker:` section of a job.yaml (pydantic, no torch)
 - `layout`   paths and file formats under JOB_DIR (chunks, claims, done, failures, metrics)
 - `inputs`   freezing the input set into a stable chunk list; reading items
-- `queue`    claims with leases, takeover of expired claims, skip-if-done scans
+- `claims`   the work queue: claims with leases, takeover of stale claims, done
+             markers, skip-if-done from directory listings, `--status`
 - `batcher`  the reusable thread-safe `DynamicBatcher`
 - `handlers` the handler plugin interface and the bundled `text-embed` / `checksum`
-- `pipeline` reader threads -> batcher -> model -> writer threads for one chunk
+- `pipeline` reader threads -> batcher -> model -> writer threads, chunks flowing together
+- `metrics`  the JSON-lines metrics and failure logs (format in its docstring)
 - `runner`   one worker process: claim, process, mark done, repeat; graceful stop
+- `errors`   WorkerError (fatal, exit 2) and WorkerFailed (exit 1)
 - `__main__` the CLI, with one process per GPU
 
 torch is imported lazily, only by the handlers that need it.
