@@ -385,6 +385,11 @@ ForceCommand {d / 'enter'}
     def kill(self, *, preempted: bool = True) -> None:
         """End the node abruptly: sshd first (no new sessions), then every process that
         carries the node's marker (until none is left), then its FUSE mounts."""
+        if preempted and self.dir.exists():
+            # Recorded first: whoever lists the node while it dies must see PREEMPTED,
+            # never a node that is merely not running (TERMINATED).
+            self.preempted = True
+            self._save()
         for _ in range(20):
             pids = self.processes()
             if not pids:
