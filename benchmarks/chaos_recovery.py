@@ -102,7 +102,7 @@ class Bench:
 
     def fleet(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return subprocess.run([FLEET, args[0], "-f", str(self.spec), *args[1:]], cwd=self.root,
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, check=False)
 
     def must(self, *args: str, timeout: float = 600) -> str:
         result = self.fleet(*args, timeout=timeout)
@@ -116,8 +116,8 @@ class Bench:
             "nodes": "workers",
             "env": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                     "PYTHONPATH": str(HERE)},
-            "prepare": [f'[ -d "$FLEET_SHARED/corpus" ] || "$FLEET_PYTHON" -m fleet.worker.corpus '
-                        f'"$FLEET_SHARED/corpus" --limit {N_TEXTS}'],
+            "prepare": [(f'[ -d "$FLEET_SHARED/corpus" ] || "$FLEET_PYTHON" -m fleet.worker.corpus '
+                         f'"$FLEET_SHARED/corpus" --limit {N_TEXTS}')],
             "worker": {
                 "handler": "chaos_recovery:counted_text_embed",
                 "handler_options": {"count_dir": str(count_dir)},

@@ -24,7 +24,6 @@ from fleet.cli import _open_fleet, err, out
 from fleet.errors import JobError
 from fleet.spec.loader import load_job_spec
 
-
 _STALL_GRACE_S = 15.0
 _SETTLE_S = 15.0
 

@@ -105,7 +105,7 @@ class LocalFleet:
     def cli(self, *args: str, timeout: float = 180, check: bool = False) -> subprocess.CompletedProcess[str]:
         command = [FLEET_BIN, args[0], "-f", str(self.spec_path), *args[1:]]
         result = subprocess.run(command, cwd=self.root, capture_output=True, text=True, timeout=timeout,
-                                env=self.env())
+                                env=self.env(), check=False)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
         return result
@@ -209,8 +209,8 @@ def checksum_job(name: str, items: int, *, chunk_size: int = 20, lease_seconds: 
         "name": name,
         "nodes": "workers",
         "prepare": [
-            f'mkdir -p "$FLEET_SHARED/data-{name}" && cd "$FLEET_SHARED/data-{name}" && '
-            f'for i in $(seq 1 {items}); do echo "item $i of {name}" > "item-$i.txt"; done'
+            (f'mkdir -p "$FLEET_SHARED/data-{name}" && cd "$FLEET_SHARED/data-{name}" && '
+             f'for i in $(seq 1 {items}); do echo "item $i of {name}" > "item-$i.txt"; done')
         ],
         "worker": worker,
         **extra,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import LocalFleet
+
 from fleet.fleetops import Fleet
 from fleet.monitor import Monitor
 from fleet.spec.loader import load_fleet_spec
