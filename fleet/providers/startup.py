@@ -21,9 +21,8 @@ _TEMPLATE = "node.sh.j2"
 
 
 def _template_dirs() -> list[Path]:
-    package = Path(fleet.__file__).resolve().parent
-    # Installed wheels carry fleet/templates; a source checkout has templates/ at the root.
-    return [package / "templates" / "startup", package.parent / "templates" / "startup"]
+    # fleet/templates links to the repository's templates/, so wheels carry them too.
+    return [Path(fleet.__file__).resolve().parent / "templates" / "startup"]
 
 
 @lru_cache(maxsize=1)

@@ -7,9 +7,12 @@
   is SFTP's SSH_FXF_EXCL, atomic on the server).
 - The holder refreshes the claim's mtime every `heartbeat_seconds` (after checking the
   claim still carries its token). A claim older than `lease_seconds` by the observer's
-  clock is stale: its holder died. Exactly one taker breaks it: rename it aside to
-  claims/.prev.<chunk>.<token> (only one rename of the same name can succeed), check that
-  what it moved is really stale (else put it back), then claim anew.
+  clock is stale: its holder died. Exactly one taker breaks it: the takers read the stale
+  claim's token T and race to create claims/.take.<chunk>.<T>.0 exclusively; the one that
+  creates it moves the stale claim aside (claims/.prev.<chunk>.<tag>) and claims anew.
+  Nothing is ever put back, so a chunk is never briefly unclaimed while a live claim
+  exists. A take lock older than the lease means its taker died mid-takeover: the next
+  taker races for .take.<chunk>.<T>.1, and so on.
 - Lease margin: lease_seconds must exceed heartbeat_seconds + the clock skew between
   nodes + the attribute cache of the mount (sshfs `cache_timeout`, 20 s by default).
 - done/<chunk> is written only after every output of the chunk is in place, and only
@@ -35,6 +38,7 @@ from typing import Any
 from fleet.worker.layout import JobLayout, dumps, is_hidden, listdir_visible, write_atomic
 
 PREV_PREFIX = ".prev."
+TAKE_PREFIX = ".take."
 RECHECK_LIMIT = 64  # chunks whose done marker all_done() may look up one by one
 
 
@@ -151,17 +155,8 @@ class ChunkQueue:
     def _create(self, chunk: str, *, resumed: bool) -> Claim | None:
         token = secrets.token_hex(8)
         path = self.layout.claims / chunk
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
+        if not self._create_exclusive(path, self._body(token)):
             return None
-        except PermissionError:
-            # sshfs reports the server's "exists" (a bare SSH_FX_FAILURE) as EPERM.
-            if path.exists():
-                return None
-            raise
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(self._body(token))
         claim = Claim(chunk, token, resumed=resumed)
         if self.is_done(chunk):  # done by another worker after our listing
             with contextlib.suppress(OSError):
@@ -175,58 +170,80 @@ class ChunkQueue:
             self.held[chunk] = claim
         return claim
 
+    @staticmethod
+    def _create_exclusive(path: Path, body: bytes) -> bool:
+        """O_CREAT|O_EXCL: True for the one creator, False when the name exists."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        except PermissionError:
+            # sshfs reports the server's "exists" (a bare SSH_FX_FAILURE) as EPERM.
+            if path.exists():
+                return False
+            raise
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(body)
+        return True
+
     def _take_over_stale(self) -> Claim | None:
-        now = self.clock()
         done = self.last_scan.done
         with self._lock:
             others = list(self.last_scan.claimed - done - self.held.keys())
         random.shuffle(others)
         for chunk in others:
-            try:
-                mtime = os.stat(self.layout.claims / chunk).st_mtime
-            except FileNotFoundError:
-                continue
-            if now - mtime > self.lease_seconds:
-                claim = self.take_over(chunk)
-                if claim is not None:
-                    return claim
+            claim = self.take_over(chunk)
+            if claim is not None:
+                return claim
         return None
+
+    def _stale_token(self, path: Path) -> str | None:
+        """The token of the claim at path if its lease ran out, else None."""
+        try:
+            mtime = os.stat(path).st_mtime
+            if self.clock() - mtime <= self.lease_seconds:
+                return None
+            raw = path.read_bytes()
+        except OSError:
+            return None  # gone: finished, released or taken over meanwhile
+        try:
+            body = json.loads(raw)
+            token = body.get("token") if isinstance(body, dict) else None
+        except ValueError:
+            token = None
+        if isinstance(token, str) and token.isalnum():
+            return token
+        return f"m{int(mtime)}"  # its holder died before writing it: name it by its age
 
     def take_over(self, chunk: str) -> Claim | None:
         """Break a stale claim; exactly one of several racing takers gets the chunk."""
         path = self.layout.claims / chunk
-        aside = self.layout.claims / f"{PREV_PREFIX}{chunk}.{secrets.token_hex(6)}"
+        stale = self._stale_token(path)
+        if stale is None or not self._win_take_lock(chunk, stale):
+            return None
+        # Ours alone to break. Make sure the claim is still the stale one (a fresh-listing
+        # claimer may have replaced it after a release), then move it aside.
+        if self._stale_token(path) != stale:
+            return None
+        aside = self.layout.claims / f"{PREV_PREFIX}{chunk}.{stale}"
         try:
             os.rename(path, aside)
-        except FileNotFoundError:
-            return None  # another taker was first, or the holder finished/released it
         except OSError:
-            if not path.exists():
-                return None
-            raise
-        try:
-            mtime = os.stat(aside).st_mtime
-        except FileNotFoundError:
-            return None
-        if self.clock() - mtime <= self.lease_seconds:
-            # We moved a live claim (renewed or re-created since we looked): put it back.
-            self._restore(aside, path)
             return None
         return self._create(chunk, resumed=True)
 
-    @staticmethod
-    def _restore(aside: Path, path: Path) -> None:
-        try:
-            os.link(aside, path)
-        except FileExistsError:
-            pass
-        except OSError:
-            if not path.exists():
-                with contextlib.suppress(OSError):
-                    os.rename(aside, path)
-                return
-        with contextlib.suppress(OSError):
-            os.unlink(aside)
+    def _win_take_lock(self, chunk: str, stale: str) -> bool:
+        body = self._body(secrets.token_hex(8))
+        for generation in range(64):
+            lock = self.layout.claims / f"{TAKE_PREFIX}{chunk}.{stale}.{generation}"
+            if self._create_exclusive(lock, body):
+                return True
+            try:
+                if self.clock() - os.stat(lock).st_mtime <= self.lease_seconds:
+                    return False  # a live taker is at work
+            except FileNotFoundError:
+                return False  # cleaned up: the chunk was finished meanwhile
+        return False
 
     # -- holding -------------------------------------------------------------------------
     def still_ours(self, claim: Claim) -> bool:
@@ -263,11 +280,12 @@ class ChunkQueue:
         write_atomic(self.layout.done / claim.chunk, dumps({**info, "token": claim.token}))
         with contextlib.suppress(OSError):
             os.unlink(self.layout.claims / claim.chunk)
-        if claim.resumed:
+        if claim.resumed:  # set-aside claims and take locks exist only for these
             with contextlib.suppress(OSError):
                 for name in os.listdir(self.layout.claims):
-                    if name.startswith(f"{PREV_PREFIX}{claim.chunk}."):
-                        os.unlink(self.layout.claims / name)
+                    if name.startswith((f"{PREV_PREFIX}{claim.chunk}.", f"{TAKE_PREFIX}{claim.chunk}.")):
+                        with contextlib.suppress(OSError):
+                            os.unlink(self.layout.claims / name)
         return True
 
     def release(self, claim: Claim) -> None:

@@ -8,6 +8,7 @@
                                    {"node", "proc", "pid", "token", "t"}, mtime = heartbeat
         claims/.prev.<chunk>.<tok> a released or taken-over claim, kept as a hint that the
                                    chunk has partial outputs (the next holder skips them)
+        claims/.take.<chunk>.<tok>.<n>   the lock one taker of a stale claim holds
         done/<chunk>               written after every output of the chunk is in place; body
                                    JSON {"items", "failed", "skipped", "node", "proc", "seconds", "token"}
         failures/<node>.<proc>.jsonl   one line per failed item (one writer per file)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import LocalFleet
+from jobs_fleet import LocalFleet
 
 from fleet.fleetops import Fleet
 from fleet.monitor import Monitor

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import (
+from jobs_fleet import (
     LocalFleet,
     check_outputs,
     computed_items,
@@ -26,7 +26,7 @@ CHUNK = 20
 
 @pytest.fixture(scope="module")
 def chaos_fleet(tmp_path_factory: pytest.TempPathFactory):
-    from conftest import finish_fleet
+    from jobs_fleet import finish_fleet
 
     fleet = LocalFleet(tmp_path_factory.mktemp("chaos"), workers=3, monitor={"interval": 1, "grace": 4})
     try:

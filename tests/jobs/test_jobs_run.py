@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import (
+from jobs_fleet import (
     LocalFleet,
     check_outputs,
     computed_items,

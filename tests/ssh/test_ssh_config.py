@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import SshLab
+from ssh_lab import SshLab
 
 from fleet.errors import UsageError
 from fleet.ssh import Target, include_line, interactive_ssh_argv, write_ssh_config

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import SshLab
+from ssh_lab import SshLab
 
 from fleet.errors import AuthError, CommandTimeout, UsageError
 from fleet.ssh import NodeUnreachable, Target

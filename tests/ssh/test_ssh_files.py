@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import SshLab
+from ssh_lab import SshLab
 
 from fleet.errors import SSHError, UsageError
 from fleet.ssh import Target

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import SshLab
+from ssh_lab import SshLab
 
 from fleet.errors import HostKeyError, UsageError
 from fleet.providers.localnode import generate_ed25519_keypair

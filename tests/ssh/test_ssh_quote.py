@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SshLab
+from ssh_lab import SshLab
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
