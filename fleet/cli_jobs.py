@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from fleet.cli import _open_fleet, err, out
-from fleet.errors import JobError
+from fleet.errors import FleetError, JobError
 from fleet.spec.loader import load_job_spec
 
 _STALL_GRACE_S = 15.0
@@ -280,7 +280,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         events = [e.to_dict() for e in fleet.state.events()]
-        report = build_report(cache, events=events)
+        try:
+            prices = fleet.hourly_prices({e["node"] for e in events if e.get("node")})
+        except FleetError as error:  # no price is no reason to withhold the report
+            err.print(f"no prices: {error}")
+            prices = {}
+        report = build_report(cache, events=events, prices=prices)
         if args.json:
             print(json.dumps(report.to_json()))
         else:

@@ -15,12 +15,13 @@ import os
 import shlex
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from fleet.errors import FleetError, ProviderError, UsageError
-from fleet.model import Node, NodeRequest, NodeState, Role, Accelerator, head_name, worker_name
+from fleet.model import Accelerator, Node, NodeRequest, NodeState, Role, head_name, worker_name
 from fleet.providers import Provider, ProviderContext, get_provider
 from fleet.providers.base import CleanupReport
 from fleet.providers.localnode import generate_ed25519_keypair
@@ -79,8 +80,7 @@ def _home_path(path: str) -> str:
     """A shell word for a path as the node sees it: relative paths are under $HOME."""
     if path.startswith("/"):
         return _q(path)
-    if path.startswith("~/"):
-        path = path[2:]
+    path = path.removeprefix("~/")
     return f'"$HOME"/{_q(path)}'
 
 
@@ -156,7 +156,7 @@ class Fleet:
         if self._state is not None:
             self._state.close()
 
-    def __enter__(self) -> Fleet:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -248,12 +248,7 @@ class Fleet:
             heads = [n for n in observed if n.role == Role.HEAD]
             if not any(n.is_alive for n in heads):
                 removes.extend(heads)
-                creates.append(NodeRequest(
-                    name=head_name(spec.name), role=Role.HEAD, slot=0, generation=1, spot=spec.head.spot,
-                    machine=spec.head.machine, disk_gb=spec.head.disk_gb,
-                    accelerators=Accelerator(spec.head.accelerators.type, spec.head.accelerators.count)
-                    if spec.head.accelerators else None,
-                ))
+                creates.append(self.head_request())
         workers = [n for n in observed if n.role == Role.WORKER]
         for slot in range(1, spec.workers.count + 1):
             in_slot = [n for n in workers if n.slot == slot]
@@ -264,6 +259,27 @@ class Fleet:
             creates.append(self.worker_request(slot, generation))
         removes.extend(n for n in workers if n.slot > spec.workers.count)
         return creates, removes
+
+    def head_request(self) -> NodeRequest:
+        head = self.spec.head
+        return NodeRequest(
+            name=head_name(self.spec.name), role=Role.HEAD, slot=0, generation=1, spot=head.spot,
+            machine=head.machine, disk_gb=head.disk_gb,
+            accelerators=Accelerator(head.accelerators.type, head.accelerators.count) if head.accelerators else None,
+        )
+
+    def hourly_prices(self, names: Iterable[str]) -> dict[str, float]:
+        """USD per hour of each named node of this fleet, estimated as `up --dry-run` does
+        from the spec's head and worker machines; nodes of unknown price are left out."""
+        requests = [self.worker_request(1, 1)] if self.spec.head.host else [self.head_request(), self.worker_request(1, 1)]
+        by_role = {p.role: p.price_per_hour for p in self.provider.plan(requests) if p.price_per_hour is not None}
+        head = head_name(self.spec.name)
+        prices = {}
+        for name in names:
+            price = by_role.get(Role.HEAD.value if name == head else Role.WORKER.value)
+            if price is not None:
+                prices[name] = price
+        return prices
 
     def worker_request(self, slot: int, generation: int) -> NodeRequest:
         workers = self.spec.workers

@@ -188,7 +188,7 @@ class Monitor:
             started = self.clock()
             try:
                 self.reconcile_once()
-            except Exception as error:  # one bad pass must not end the watch
+            except Exception as error:  # noqa: BLE001 -- one bad pass must not end the watch
                 self.fleet.state.add_event("monitor_error", None, f"{type(error).__name__}: {error}")
             remaining = self.spec.monitor.interval - (self.clock() - started)
             if remaining > 0:

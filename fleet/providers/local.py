@@ -18,7 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fleet.errors import FleetError, ProviderError, UsageError
-from fleet.model import LABEL_FLEET, LABEL_GENERATION, LABEL_ROLE, LABEL_SLOT, Node, NodeRequest, NodeState, Role
+from fleet.model import (
+    LABEL_FLEET,
+    LABEL_GENERATION,
+    LABEL_ROLE,
+    LABEL_SLOT,
+    Node,
+    NodeRequest,
+    NodeState,
+    Role,
+)
 from fleet.providers.base import CleanupReport, CreateResult, Provider, ProviderContext
 from fleet.providers.localnode import (
     LocalNode,

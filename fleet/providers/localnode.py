@@ -114,10 +114,9 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     # A zombie is dead for our purposes.
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/stat") as handle:
-            if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as handle:
+        if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
     return True
 
 
@@ -173,7 +172,7 @@ def detach_mount(point: str) -> None:
     for command in (["fusermount3", "-u", "-z", point], ["fusermount", "-u", "-z", point], ["umount", "-l", point]):
         if shutil.which(command[0]) is None:
             continue
-        result = subprocess.run(command, capture_output=True, timeout=10)
+        result = subprocess.run(command, check=False, capture_output=True, timeout=10)
         if result.returncode == 0:
             return
 
@@ -325,7 +324,7 @@ ForceCommand {d / 'enter'}
         result = subprocess.run(
             [sshd, "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")],
             env=env,
-            capture_output=True,
+            check=False, capture_output=True,
             text=True,
             timeout=30,
         )
@@ -361,7 +360,7 @@ ForceCommand {d / 'enter'}
     def processes(self) -> list[int]:
         """Every live process started on this node: the sshd listener, its descendants
         (sessions), and whatever carries the node's marker (daemons that left the tree)."""
-        pids = set(pid for pid in pids_with_env(MARKER, self.id) if _pid_alive(pid))
+        pids = {pid for pid in pids_with_env(MARKER, self.id) if _pid_alive(pid)}
         listener = self.listener_pid()
         if listener:
             pids.add(listener)
@@ -374,8 +373,7 @@ ForceCommand {d / 'enter'}
         signalled = []
         for pid in self.processes():
             cmd = _cmdline_of(pid)
-            if exclude_infrastructure and (cmd.startswith("sshd") or "sshd" in cmd.split(" ")[0]
-                                           or cmd.startswith("sshfs") or "sftp-server" in cmd):
+            if exclude_infrastructure and (cmd.startswith(("sshd", "sshfs")) or "sshd" in cmd.split(" ")[0] or "sftp-server" in cmd):
                 continue
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGTERM)

@@ -23,14 +23,12 @@ reset}` and `GET /_fake/{requests,state}`.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import ipaddress
 import json
 import re
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -43,6 +41,7 @@ from urllib.parse import parse_qs
 
 from fleet.providers.localnode import LocalNode
 from fleet.testing.fake_gce import _port_free
+from fleet.testing.serve import parse_loopback_args, parser_for, serve_until_signalled
 
 _IPV4 = re.compile(r"\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")
 _DNS = re.compile(r"<(dnsName|privateDnsName|publicDnsName)>[^<]*</\1>")
@@ -362,22 +361,9 @@ def _error(start_response: Callable[..., Any], code: str, message: str) -> Itera
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fleet.testing.fake_ec2", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--port", type=int, required=True, help="HTTP port of the fake API")
-    parser.add_argument("--host", default="127.0.0.1", help="loopback address to serve on")
-    parser.add_argument("--nodes-root", type=Path, help="where backing nodes live (default: a temp dir)")
-    parser.add_argument("--ssh-port", type=int, default=22, help="SSH port of every backing node")
-    parser.add_argument("--address-base", default="127.0.2.1", help="first loopback address of the nodes")
+    parser = parser_for("fleet.testing.fake_ec2", __doc__.split("\n")[0], address_base="127.0.2.1")
     parser.add_argument("--region", default="us-east-1", help="region whose instances are backed")
-    parser.add_argument("--no-backing", action="store_true", help="no sshd behind the instances")
-    args = parser.parse_args(argv)
-    if (
-        not ipaddress.ip_address(args.host).is_loopback
-        or not ipaddress.ip_address(args.address_base).is_loopback
-    ):
-        parser.error("the fake serves on loopback addresses only")
+    args = parse_loopback_args(parser, argv)
     fake = FakeEc2(
         nodes_root=args.nodes_root,
         ssh_port=args.ssh_port,
@@ -387,17 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         region=args.region,
     )
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
-    fake.start()
-    print(f"fake EC2 serving on {fake.endpoint}", flush=True)
-    try:
-        stopping.wait()
-    finally:
-        with contextlib.suppress(Exception):
-            fake.stop()
-    return 0
+    return serve_until_signalled(fake, "fake EC2")
 
 
 if __name__ == "__main__":

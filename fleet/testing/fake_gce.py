@@ -20,13 +20,10 @@ or as a process: `python -m fleet.testing.fake_gce --port PORT [--nodes-root DIR
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import ipaddress
 import json
 import re
 import shutil
-import signal
 import socket
 import tempfile
 import threading
@@ -41,6 +38,7 @@ from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from fleet.providers.localnode import LocalNode
+from fleet.testing.serve import parse_loopback_args, parser_for, serve_until_signalled
 
 API_ROOT = "https://www.googleapis.com/compute/v1"
 _P = r"/compute/v1/projects/(?P<project>[^/]+)"
@@ -738,21 +736,8 @@ def _handler_for(fake: FakeGce) -> type[BaseHTTPRequestHandler]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fleet.testing.fake_gce", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--port", type=int, required=True, help="HTTP port of the fake API (0: any)")
-    parser.add_argument("--host", default="127.0.0.1", help="loopback address to serve on")
-    parser.add_argument("--nodes-root", type=Path, help="where backing nodes live (default: a temp dir)")
-    parser.add_argument("--ssh-port", type=int, default=22, help="SSH port of every backing node")
-    parser.add_argument("--address-base", default="127.0.1.1", help="first loopback address of the nodes")
-    parser.add_argument("--no-backing", action="store_true", help="no sshd behind the instances")
-    args = parser.parse_args(argv)
-    if (
-        not ipaddress.ip_address(args.host).is_loopback
-        or not ipaddress.ip_address(args.address_base).is_loopback
-    ):
-        parser.error("the fake serves on loopback addresses only")
+    parser = parser_for("fleet.testing.fake_gce", __doc__.split("\n")[0], address_base="127.0.1.1")
+    args = parse_loopback_args(parser, argv)
     fake = FakeGce(
         nodes_root=args.nodes_root,
         ssh_port=args.ssh_port,
@@ -761,17 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
     )
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
-    fake.start()
-    print(f"fake GCE serving on {fake.endpoint}", flush=True)
-    try:
-        stopping.wait()
-    finally:
-        with contextlib.suppress(Exception):
-            fake.stop()
-    return 0
+    return serve_until_signalled(fake, "fake GCE")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from e2e_helpers import CliFleet, new_fleet
 
 FleetFactory = Callable[..., CliFleet]

@@ -117,7 +117,7 @@ def sweep(root: Path, fleet_name: str | None = None) -> dict[str, list[str]]:
         time.sleep(0.05)
     for point in mounts_under(root):
         for command in (["fusermount3", "-u", "-z", point], ["fusermount", "-u", "-z", point], ["umount", "-l", point]):
-            if shutil.which(command[0]) and subprocess.run(command, capture_output=True, timeout=10).returncode == 0:
+            if shutil.which(command[0]) and subprocess.run(command, check=False, capture_output=True, timeout=10).returncode == 0:
                 break
     return found
 
@@ -154,7 +154,7 @@ class CliFleet:
         env = {**os.environ, "COLUMNS": "200", **self.env}
         if self.run_as:
             env["HOME"] = str(self.dir)
-        result = subprocess.run(argv, cwd=self.dir, env=env, capture_output=True, text=True,
+        result = subprocess.run(argv, cwd=self.dir, env=env, check=False, capture_output=True, text=True,
                                 timeout=timeout, input=input_text, stdin=None if input_text else subprocess.DEVNULL)
         if check and result.returncode != 0:
             raise AssertionError(f"fleet {' '.join(args)} exited {result.returncode}\n"

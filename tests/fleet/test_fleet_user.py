@@ -16,7 +16,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from e2e_helpers import CliFleet, leftovers, new_fleet, sweep
 
 pytestmark = pytest.mark.slow
@@ -30,7 +29,7 @@ def ordinary_user() -> Iterator[str]:
     if not shutil.which("useradd") or not shutil.which("userdel") or not shutil.which("runuser"):
         pytest.skip("useradd/userdel/runuser are not available to create a throwaway user")
     name = f"fleett{uuid.uuid4().hex[:8]}"
-    created = subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], capture_output=True, text=True)
+    created = subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=False, capture_output=True, text=True)
     if created.returncode != 0:
         pytest.skip(f"useradd failed: {created.stderr.strip()}")
     try:
@@ -43,7 +42,7 @@ def ordinary_user() -> Iterator[str]:
                     proc.kill()
                 except psutil.Error:
                     pass
-        subprocess.run(["userdel", "-r", "-f", name], capture_output=True)
+        subprocess.run(["userdel", "-r", "-f", name], check=False, capture_output=True)
 
 
 def cli_for(user: str) -> tuple[list[str] | None, dict[str, str]]:
@@ -51,7 +50,7 @@ def cli_for(user: str) -> tuple[list[str] | None, dict[str, str]]:
     reach it (e.g. under /root/.pyenv); then the same Python version from /usr/bin runs
     the same code and the venv's packages through PYTHONPATH."""
     def usable(path: str) -> bool:
-        return subprocess.run(["runuser", "-u", user, "--", "test", "-x", path], capture_output=True).returncode == 0
+        return subprocess.run(["runuser", "-u", user, "--", "test", "-x", path], check=False, capture_output=True).returncode == 0
 
     if os.geteuid() != 0 or usable(os.path.realpath(sys.executable)):
         return None, {}

@@ -95,6 +95,24 @@ def test_up_exec_preempt_down_through_the_cli(cloud: dict[str, Any]) -> None:
         mounted = fleet(spec, "exec", "--nodes", "workers", "--json", "--", "mount | grep -c fuse.sshfs")
         assert mounted.returncode == 0, mounted.stderr + mounted.stdout
 
+        # A job runs on the cloud fleet, and its report prices the node-hours.
+        job = spec.parent / "job.yaml"
+        job.write_text(yaml.safe_dump({
+            "name": "sums",
+            "python": sys.executable,
+            "prepare": ['mkdir -p "$FLEET_SHARED/data" && for i in $(seq 1 40); do echo "item $i" > "$FLEET_SHARED/data/$i.txt"; done'],
+            "worker": {"handler": "checksum", "inputs": "data/*.txt", "outputs": "sums", "chunk_size": 10},
+        }))
+        ran = fleet(spec, "run", str(job), "--json")
+        assert ran.returncode == 0, ran.stderr + ran.stdout
+        summary = json.loads(ran.stdout.strip().splitlines()[-1])
+        assert (summary["total"], summary["done"], summary["failed"]) == (40, 40, 0)
+        report = fleet(spec, "report", "sums", "--json")
+        assert report.returncode == 0, report.stderr + report.stdout
+        cost = json.loads(report.stdout.strip().splitlines()[-1])["cost"]
+        assert set(cost["per_node_usd"]) == {f"{name}-head", f"{name}-w1-g1", f"{name}-w2-g1"}, cost
+        assert cost["usd"] > 0 and cost["usd_per_1000_items"] > 0 and cost["unpriced_nodes"] == []
+
         victim = f"{name}-w1-g1"
         preempt = fleet(spec, "preempt", victim)
         assert preempt.returncode == 0, preempt.stderr

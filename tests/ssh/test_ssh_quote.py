@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from ssh_lab import SshLab
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ssh_lab import SshLab
 
 from fleet.errors import UsageError
 from fleet.ssh import Target, env_prefix, shell_join
