@@ -17,7 +17,7 @@ from typing import Any
 from fleet.report.load import JobFiles, NodeFiles, Sample, load_job
 from fleet.report.model import STAGES, STAT_NAMES, FleetSummary, NodeReport, Report, Series
 from fleet.report.stats import Stat, mean
-from fleet.report.timeline import Event, NodeTime, account_node, cost_summary, first
+from fleet.report.timeline import END_KINDS, Event, NodeTime, account_node, cost_summary, first
 from fleet.report.verdict import NodeSignals, Thresholds, Verdict, classify_fleet, classify_node
 
 MB = 1e6
@@ -361,6 +361,21 @@ def _job_time_bounds(job: JobFiles, events: Sequence[Event]) -> tuple[float | No
     return (min(times), max(times)) if times else (None, None)
 
 
+def _events_of_the_job(events: Sequence[Event], data_start: float | None, with_data: set[str]) -> list[Event]:
+    """The node events that concern the job: none from before the last `fleet down` that
+    preceded it (a fleet brought up again reuses the head's name, and `down` writes no
+    per-node end), none of nodes whose last event, before the job's first record, ended
+    them (unless they left data in it), and none of the fleet as a whole."""
+    if data_start is None:
+        return [e for e in events if e.node]
+    downs = [e.t for e in events if e.kind == "down" and e.t < data_start]
+    since = max(downs, default=float("-inf"))
+    kept = [e for e in events if e.node and e.t > since]
+    last = {e.node: e for e in kept}
+    ended_before = {node for node, e in last.items() if e.kind in END_KINDS and e.t < data_start}
+    return [e for e in kept if e.node not in ended_before or e.node in with_data]
+
+
 def _status(job: JobFiles) -> str:
     if job.total_chunks:
         return "finished" if len({d.chunk for d in job.done}) >= job.total_chunks else "running"
@@ -383,9 +398,13 @@ def build_report(
     thresholds = thresholds or Thresholds()
     job_dir = Path(job_dir)
     job = load_job(job_dir)
-    parsed = sorted((e for e in (Event.parse(raw) for raw in events) if e is not None), key=lambda e: e.t)
-    job_start, report_t = _job_time_bounds(job, parsed)
     data_start, _ = _job_time_bounds(job, ())
+    parsed = _events_of_the_job(
+        sorted((e for e in (Event.parse(raw) for raw in events) if e is not None), key=lambda e: e.t),
+        data_start,
+        set(job.nodes),
+    )
+    job_start, report_t = _job_time_bounds(job, parsed)
     report_t = report_t if report_t is not None else _time.time()
     events_by_node: dict[str, list[Event]] = defaultdict(list)
     for event in parsed:

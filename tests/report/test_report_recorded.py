@@ -149,3 +149,26 @@ def test_a_node_up_long_before_the_job_is_counted_from_the_job_s_start(recorded)
     # the same events just before the job: provisioning counts
     fresh = build_report(job, events, prices).to_json()["nodes"][0]
     assert fresh["time"]["provisioning"] == pytest.approx(70, abs=1)
+
+
+def test_an_earlier_incarnation_of_the_fleet_is_not_in_the_report(recorded):
+    """`fleet down` then `up` again: the same head name, new worker generations, and the
+    old nodes' events still in the state. The report covers only this job's nodes."""
+    job, events, prices = recorded("mixed")
+    fresh = build_report(job, events, prices).to_json()
+    start = min(float(e["t"]) for e in events)
+    earlier = [
+        {"t": start - 7200, "node": "mix-head", "kind": "requested", "detail": "head"},
+        {"t": start - 7190, "node": "mix-head", "kind": "ssh_ready", "detail": ""},
+        {"t": start - 7200, "node": "mix-w1-g0", "kind": "requested", "detail": "worker"},
+        {"t": start - 7190, "node": "mix-w1-g0", "kind": "ssh_ready", "detail": ""},
+        {"t": start - 5000, "node": "mix-w9-g1", "kind": "requested", "detail": "worker"},
+        {"t": start - 4000, "node": "mix-w9-g1", "kind": "preempted", "detail": ""},
+        {"t": start - 3600, "node": "", "kind": "down", "detail": "deleted 3 resource(s)"},
+    ]
+    again = build_report(job, earlier + list(events), prices).to_json()
+    assert {n["name"] for n in again["nodes"]} == {n["name"] for n in fresh["nodes"]}
+    assert again["time"] == fresh["time"] and again["cost"] == fresh["cost"]
+    # without the `down`, a node that ended before the job is still left out
+    ended = build_report(job, earlier[4:6] + list(events), prices).to_json()
+    assert "mix-w9-g1" not in {n["name"] for n in ended["nodes"]}
