@@ -21,8 +21,10 @@ from rich.table import Table
 from fleet.errors import FleetError, UsageError
 from fleet.spec.loader import load_fleet_spec
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# Piped into a log, rich would squeeze tables into 80 columns; COLUMNS still rules.
+_PIPE_WIDTH = None if "COLUMNS" in os.environ else 160
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _PIPE_WIDTH)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else _PIPE_WIDTH)
 
 
 def _spec_path(args: argparse.Namespace) -> Path:

@@ -178,10 +178,28 @@ class _NodeAnalysis:
         span = (self.worker_window[1] - self.worker_window[0]) if self.worker_window else 0.0
         self.items_s = self.items / span if span > 0 and self.items else (0.0 if runs else None)
         self.preempted_at = first(sorted(events, key=lambda e: e.t), "preempted")
-        self.lost_fraction, lost_note = self._lost_fraction(job, report_t, interval)
+        self.unfinished, self._unfinished_note = self._unfinished_items(job, report_t, interval)
+        self.lost_fraction = 0.0
         self.signals = self._signals()
         self.verdict = classify_node(self.signals, thresholds)
-        self.missing = self._missing(job, report_t, interval, worker_job, lost_note)
+        self.missing = self._missing(job, report_t, interval, worker_job)
+
+    def settle_redone(self, redone_share: float) -> None:
+        """Of the items this node processed but never finished (it was preempted or
+        killed), the share `redone_share` was computed again elsewhere: the rest had
+        their outputs written, and the chunk's next holder kept them."""
+        if self._unfinished_note:
+            self.missing.append(self._unfinished_note)
+        if not self.unfinished or not self.items:
+            return
+        redone = round(self.unfinished * redone_share)
+        self.lost_fraction = redone / self.items
+        kept = self.unfinished - redone
+        self.missing.append(
+            f"{self.unfinished} item(s) processed here were never marked done by this node: "
+            + (f"{redone} redone elsewhere" if redone else "none redone elsewhere")
+            + (f", {kept} kept (their outputs were written before it stopped)" if kept else "")
+        )
 
     def _per_gpu(self, samples: list[Sample], totals: Mapping[int, float]) -> list[dict[str, Any]]:
         by_index: dict[int, list[Any]] = defaultdict(list)
@@ -229,7 +247,9 @@ class _NodeAnalysis:
             return None
         return min(100.0, 100.0 * inside / outside_span)
 
-    def _lost_fraction(self, job: JobFiles, report_t: float, interval: float) -> tuple[float, str | None]:
+    def _unfinished_items(self, job: JobFiles, report_t: float, interval: float) -> tuple[int, str | None]:
+        """Items processed here whose chunks this node never marked done, when it was
+        preempted or its worker stopped uncleanly (0 otherwise)."""
         stopped_unclean = [
             r
             for r in self.files.workers
@@ -237,20 +257,12 @@ class _NodeAnalysis:
             and r.last_t is not None
             and r.last_t < report_t - STOPPED_SLACK_INTERVALS * interval
         ]
-        if self.preempted_at is None and not stopped_unclean:
-            return 0.0, None
-        if not self.items:
-            return 0.0, None
+        if (self.preempted_at is None and not stopped_unclean) or not self.items:
+            return 0, None
         if job.done and all(d.node is None for d in job.done):
-            return 0.0, "cannot tell how much work was redone (done markers carry no node)"
+            return 0, "cannot tell how much work was redone (done markers carry no node)"
         credited = sum(d.items + d.failed for d in job.done if d.node == self.name)
-        redone = max(0, self.items - credited)
-        note = (
-            f"{redone} item(s) processed here were never marked done by this node (redone elsewhere)"
-            if redone
-            else None
-        )
-        return redone / self.items, note
+        return max(0, self.items - credited), None
 
     def _signals(self) -> NodeSignals:
         samples = self.samples
@@ -286,9 +298,7 @@ class _NodeAnalysis:
             write_s=self.stage_sums["write"],
         )
 
-    def _missing(
-        self, job: JobFiles, report_t: float, interval: float, worker_job: bool, lost_note: str | None
-    ) -> list[str]:
+    def _missing(self, job: JobFiles, report_t: float, interval: float, worker_job: bool) -> list[str]:
         files = self.files
         missing: list[str] = []
         if not files.sample_file:
@@ -326,8 +336,6 @@ class _NodeAnalysis:
                 missing.append(
                     f"samples cover {100 * len(self.samples) / expected:.0f}% of the working window (gaps)"
                 )
-        if lost_note:
-            missing.append(lost_note)
         return missing
 
     @property
@@ -359,6 +367,19 @@ def _job_time_bounds(job: JobFiles, events: Sequence[Event]) -> tuple[float | No
         for run in files.workers:
             times += [t for t in (run.first_t, run.end_t) if t is not None]
     return (min(times), max(times)) if times else (None, None)
+
+
+def _redone_share(job: JobFiles, analyses: Sequence[_NodeAnalysis]) -> float:
+    """Which share of the items that stopped nodes processed but never finished was
+    computed again. Computations beyond one per finished item are the redone ones
+    (done markers count the items a chunk's last holder kept as well as those it
+    computed); items in flight on live nodes make this an upper bound while a job runs."""
+    unfinished = sum(a.unfinished for a in analyses)
+    if not unfinished:
+        return 0.0
+    computed = sum(a.items for a in analyses)
+    finished = sum(d.items + d.failed for d in job.done)
+    return min(1.0, max(0.0, computed - finished) / unfinished)
 
 
 def _events_of_the_job(events: Sequence[Event], data_start: float | None, with_data: set[str]) -> list[Event]:
@@ -420,6 +441,9 @@ def build_report(
         _NodeAnalysis(files, events_by_node.get(name, []), job, report_t, thresholds, worker_job)
         for name, files in sorted(job.nodes.items())
     ]
+    share = _redone_share(job, analyses)
+    for analysis in analyses:
+        analysis.settle_redone(share)
     event_only = [name for name in sorted(events_by_node) if name not in job.nodes]
     node_reports: list[NodeReport] = []
     times: dict[str, NodeTime] = {}

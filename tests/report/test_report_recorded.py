@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 
 from fleet.report import build_report
@@ -172,3 +175,23 @@ def test_an_earlier_incarnation_of_the_fleet_is_not_in_the_report(recorded):
     # without the `down`, a node that ended before the job is still left out
     ended = build_report(job, earlier[4:6] + list(events), prices).to_json()
     assert "mix-w9-g1" not in {n["name"] for n in ended["nodes"]}
+
+
+def test_outputs_a_preempted_node_left_and_the_next_holder_kept_are_not_counted_as_redone(recorded, tmp_path):
+    job, events, prices = recorded("mixed")
+    report = build_report(job, events, prices).to_json()
+    before = next(n for n in report["nodes"] if n["name"] == "mix-w5-g1")
+    assert before["time"]["lost_to_preemption"] > 0 and "4096 redone elsewhere" in before["missing"]
+    # Now the chunks it held were finished by nodes that found its outputs written and
+    # kept them (`skipped` in their done markers): the done markers account for every
+    # item computed in the fleet, so nothing was computed twice.
+    computed = sum(n["items"] for n in report["nodes"])
+    finished = sum(json.loads(f.read_text())["items"] for f in (job / "done").iterdir())
+    kept = tmp_path / "mixed"
+    shutil.copytree(job, kept)
+    (kept / "done" / "c00050").write_text(json.dumps(
+        {"items": computed - finished, "failed": 0, "skipped": computed - finished, "node": "mix-w1-g1"}
+    ))
+    after = next(n for n in build_report(kept, events, prices).to_json()["nodes"] if n["name"] == "mix-w5-g1")
+    assert after["time"]["lost_to_preemption"] == 0
+    assert "none redone elsewhere, 4096 kept" in after["missing"]
