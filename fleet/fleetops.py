@@ -328,11 +328,11 @@ class Fleet:
         creates, removes = self.plan_requests(observed)
         if removes:
             result.deleted = self.delete_nodes(removes, "remains of a dead node, replaced by up")
+        # Every time, not only when creating: the firewall follows the caller's address.
+        for item in self.provider.prepare():
+            self.log(f"cloud resources: {item}")
         if creates:
             self.log(f"creating {len(creates)} node(s): {', '.join(r.name for r in creates)}")
-            prepared = self.provider.prepare()
-            for item in prepared:
-                self.log(f"created {item}")
             self.create_nodes(creates, result)
         nodes = [n for n in self.observe() if n.state in (NodeState.RUNNING, NodeState.PENDING)]
         for node in nodes:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -220,15 +220,35 @@ class AwsProvider(Provider):
             )
         return str(vpcs[0]["VpcId"])
 
-    def _find_group(self) -> str | None:
+    def _find_group(self) -> dict[str, Any] | None:
         groups = self._call(
             "describe_security_groups",
             Filters=[{"Name": "group-name", "Values": [self.group_name]}, *self._fleet_filter()],
         )["SecurityGroups"]
-        return str(groups[0]["GroupId"]) if groups else None
+        return groups[0] if groups else None
+
+    def _ssh_permission(self, ranges: Iterable[str]) -> dict[str, Any]:
+        port = self.spec.ssh.port
+        return {
+            "IpProtocol": "tcp",
+            "FromPort": port,
+            "ToPort": port,
+            "IpRanges": [{"CidrIp": r, "Description": "fleet ssh"} for r in sorted(ranges) if ":" not in r],
+            "Ipv6Ranges": [{"CidrIpv6": r, "Description": "fleet ssh"} for r in sorted(ranges) if ":" in r],
+        }
+
+    def _admitted(self, group: dict[str, Any]) -> set[str]:
+        port = self.spec.ssh.port
+        admitted: set[str] = set()
+        for perm in group.get("IpPermissions", []):
+            if perm.get("IpProtocol") == "tcp" and perm.get("FromPort") == port and perm.get("ToPort") == port:
+                admitted |= {r["CidrIp"] for r in perm.get("IpRanges", [])}
+                admitted |= {r["CidrIpv6"] for r in perm.get("Ipv6Ranges", [])}
+        return admitted
 
     def prepare(self) -> list[str]:
-        """Import the key pair and create the security group (idempotent)."""
+        """Import the key pair and create the security group (idempotent). An existing
+        group follows the caller: SSH is admitted from the current source ranges only."""
         created = []
         ranges = resolve_source_ranges(
             self.aws.source_ranges, self._detect_address, field="aws.source_ranges"
@@ -242,35 +262,33 @@ class AwsProvider(Provider):
                 TagSpecifications=[{"ResourceType": "key-pair", "Tags": self._tags({})}],
             )
             created.append(f"key pair {self.key_name}")
-        self._group_id = self._find_group()
-        if self._group_id is None:
-            group = self._call(
+        group = self._find_group()
+        if group is None:
+            made = self._call(
                 "create_security_group",
                 GroupName=self.group_name,
                 VpcId=self._vpc_id(),
                 Description=f"SSH to the nodes of fleet {self.fleet} (created by fleet)",
                 TagSpecifications=[{"ResourceType": "security-group", "Tags": self._tags({})}],
             )
-            self._group_id = str(group["GroupId"])
-            port = self.spec.ssh.port
-            self._call(
-                "authorize_security_group_ingress",
-                GroupId=self._group_id,
-                IpPermissions=[
-                    {
-                        "IpProtocol": "tcp",
-                        "FromPort": port,
-                        "ToPort": port,
-                        "IpRanges": [
-                            {"CidrIp": r, "Description": "fleet ssh"} for r in ranges if ":" not in r
-                        ],
-                        "Ipv6Ranges": [
-                            {"CidrIpv6": r, "Description": "fleet ssh"} for r in ranges if ":" in r
-                        ],
-                    }
-                ],
-            )
-            created.append(f"security group {self.group_name} (tcp:{port} from {', '.join(ranges)})")
+            self._group_id = str(made["GroupId"])
+            self._call("authorize_security_group_ingress", GroupId=self._group_id,
+                       IpPermissions=[self._ssh_permission(ranges)])
+            created.append(f"security group {self.group_name} (tcp:{self.spec.ssh.port} from {', '.join(ranges)})")
+            return created
+        self._group_id = str(group["GroupId"])
+        admitted, wanted = self._admitted(group), set(ranges)
+        if admitted != wanted:
+            # The caller's address changed since the group was made: follow it, so that SSH
+            # stays open to the caller only (and the caller is not locked out).
+            if wanted - admitted:
+                self._call("authorize_security_group_ingress", GroupId=self._group_id,
+                           IpPermissions=[self._ssh_permission(wanted - admitted)])
+            if admitted - wanted:
+                self._call("revoke_security_group_ingress", GroupId=self._group_id,
+                           IpPermissions=[self._ssh_permission(admitted - wanted)])
+            created.append(f"security group {self.group_name} now admits {', '.join(sorted(wanted))} only "
+                           f"(was {', '.join(sorted(admitted)) or 'nothing'})")
         return created
 
     # -- create ------------------------------------------------------------------------
@@ -338,7 +356,8 @@ class AwsProvider(Provider):
         if not requests:
             return []
         if self._group_id is None:
-            self._group_id = self._find_group()
+            group = self._find_group()
+            self._group_id = str(group["GroupId"]) if group else None
         exhausted: set[str] = set()
         stop: list[QuotaError] = []
 
@@ -510,9 +529,10 @@ class AwsProvider(Provider):
     def _delete_group(self, report: CleanupReport) -> None:
         for attempt in range(12):
             try:
-                group_id = self._find_group()
-                if group_id is None:
+                group = self._find_group()
+                if group is None:
                     return
+                group_id = str(group["GroupId"])
                 self._call("delete_security_group", GroupId=group_id)
                 report.deleted.append(f"security group {self.group_name} {group_id}")
                 self._group_id = None

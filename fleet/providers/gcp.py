@@ -231,11 +231,24 @@ class GcpProvider(Provider):
         )
         client = self._client("firewalls")
         try:
-            self._call(lambda: client.get(project=self.gcp.project, firewall=self.firewall_name))
-            return []
+            existing = self._call(lambda: client.get(project=self.gcp.project, firewall=self.firewall_name))
         except ProviderError as exc:
             if not isinstance(exc.__cause__, gexc.NotFound):
                 raise
+        else:
+            if sorted(existing.source_ranges) == sorted(ranges):
+                return []
+            # The caller's address changed since the rule was made: follow it, so that SSH
+            # stays open to the caller only (and the caller is not locked out).
+            patch = compute_v1.Firewall(source_ranges=ranges)
+            operation = self._call(
+                lambda: client.patch_unary(
+                    project=self.gcp.project, firewall=self.firewall_name, firewall_resource=patch
+                )
+            )
+            self._wait_global_op(operation)
+            was = ", ".join(existing.source_ranges)
+            return [f"firewall rule {self.firewall_name} now admits {', '.join(ranges)} only (was {was})"]
         rule = compute_v1.Firewall(
             name=self.firewall_name,
             network=self.gcp.network,

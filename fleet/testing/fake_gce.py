@@ -567,6 +567,14 @@ def _route_table(fake: FakeGce) -> list[tuple[str, re.Pattern[str], Any]]:
             raise ApiError(404, "notFound", f"The resource 'firewalls/{m['name']}' was not found")
         return fake._new_op(None, "delete", resource["selfLink"], done=True).data
 
+    def patch_firewall(m: dict[str, str], q: dict[str, str], b: Any) -> Any:
+        with fake._lock:
+            rule = fake.firewalls.get(m["name"])
+            if rule is None:
+                raise ApiError(404, "notFound", f"The resource 'firewalls/{m['name']}' was not found")
+            rule.update({k: v for k, v in b.items() if k not in ("name", "selfLink", "kind")})
+        return fake._new_op(None, "patch", rule["selfLink"], done=True).data
+
     def list_firewalls(m: dict[str, str], q: dict[str, str], b: Any) -> Any:
         return {"items": [f for f in fake.firewalls.values() if matches_filter(f, q.get("filter"))]}
 
@@ -622,6 +630,7 @@ def _route_table(fake: FakeGce) -> list[tuple[str, re.Pattern[str], Any]]:
         ("GET", re.compile(_P + r"/global/firewalls$"), list_firewalls),
         ("GET", re.compile(_P + r"/global/firewalls/(?P<name>[^/]+)$"), get_firewall),
         ("DELETE", re.compile(_P + r"/global/firewalls/(?P<name>[^/]+)$"), delete_firewall),
+        ("PATCH", re.compile(_P + r"/global/firewalls/(?P<name>[^/]+)$"), patch_firewall),
         (
             "GET",
             re.compile(_P + r"/aggregated/disks$"),

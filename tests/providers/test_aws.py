@@ -81,6 +81,21 @@ def moto_in_process(aws_credentials: None) -> Iterator[None]:
         yield
 
 
+def test_security_group_follows_the_caller_to_a_new_address(tmp_path, fleet_key, moto_in_process):
+    assert make(tmp_path, fleet_key[1], port=2222, source_ranges=["203.0.113.7/32"]).prepare()
+    moved = make(tmp_path, fleet_key[1], port=2222, source_ranges=["203.0.113.99/32", "2001:db8::1/128"])
+    changed = moved.prepare()
+    assert changed == [
+        "security group fleet-ta-ssh now admits 2001:db8::1/128, 203.0.113.99/32 only (was 203.0.113.7/32)"
+    ]
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    group = ec2.describe_security_groups(GroupNames=["fleet-ta-ssh"])["SecurityGroups"][0]
+    ssh = [p for p in group["IpPermissions"] if p["FromPort"] == 2222]
+    assert {r["CidrIp"] for p in ssh for r in p["IpRanges"]} == {"203.0.113.99/32"}  # the old one revoked
+    assert {r["CidrIpv6"] for p in ssh for r in p["Ipv6Ranges"]} == {"2001:db8::1/128"}
+    assert moved.prepare() == []
+
+
 def test_spot_options_tags_key_pair_and_group_as_created(tmp_path, fleet_key, moto_in_process):
     provider = make(
         tmp_path,

@@ -130,6 +130,18 @@ def test_default_source_range_is_the_detected_caller_address(tmp_path, fleet_key
     assert fake_gce.firewalls["fleet-tg-ssh"]["sourceRanges"] == ["198.51.100.23/32"]
 
 
+def test_firewall_follows_the_caller_to_a_new_address(tmp_path, fleet_key, fake_gce, loopback):
+    spec = fleet_spec("tg", "gcp", ssh_port=loopback[1], gcp={**gcp_block(fake_gce), "source_ranges": None})
+    GcpProvider(context(spec, tmp_path, fleet_key[1]), detect_address=lambda: "198.51.100.23").prepare()
+    moved = GcpProvider(context(spec, tmp_path, fleet_key[1]), detect_address=lambda: "198.51.100.99")
+    changed = moved.prepare()
+    assert changed and "198.51.100.99/32 only" in changed[0] and "was 198.51.100.23/32" in changed[0]
+    rule = fake_gce.firewalls["fleet-tg-ssh"]
+    assert rule["sourceRanges"] == ["198.51.100.99/32"]  # the old address no longer admitted
+    assert rule["allowed"] == [{"IPProtocol": "tcp", "ports": [str(loopback[1])]}]  # the rest unchanged
+    assert moved.prepare() == []
+
+
 def test_capacity_error_moves_to_the_next_zone_and_remembers_it(tmp_path, fleet_key, fake_gce, loopback):
     fake_gce.set_no_capacity("us-central1-a")
     provider = make(tmp_path, fleet_key[1], fake_gce, loopback[1], zones=["us-central1-a", "us-central1-b"])
