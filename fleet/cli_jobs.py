@@ -259,6 +259,21 @@ def cmd_watch(args: argparse.Namespace) -> int:
             return 0
 
 
+def _fetch_job_dir(fleet, runner, cache: Path) -> None:
+    """Copy the job's directory from the head into `cache` (replaced whole, atomically)."""
+    head = runner.head(fleet.observe())
+    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=fleet.paths.state_dir))
+    try:
+        remote = f"{fleet.spec.shared.path.rstrip('/')}/{runner.rel_dir}"
+        fleet.executor.get_tree(fleet.target(head), remote, tmp)
+        if cache.exists():
+            shutil.rmtree(cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fleet.jobs import job_from_state
     from fleet.report import build_report, render_terminal, write_html, write_png
@@ -266,19 +281,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     with _open_fleet(args, quiet=True) as fleet:
         job = job_from_state(fleet, args.job)
         runner = _runner(fleet, job)
-        nodes = fleet.observe()
-        head = runner.head(nodes)
         cache = fleet.paths.state_dir / "jobs" / job.name
-        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=fleet.paths.state_dir))
         try:
-            remote = f"{fleet.spec.shared.path.rstrip('/')}/{runner.rel_dir}"
-            fleet.executor.get_tree(fleet.target(head), remote, tmp)
-            if cache.exists():
-                shutil.rmtree(cache)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, cache)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _fetch_job_dir(fleet, runner, cache)
+        except FleetError as error:
+            if not cache.is_dir():
+                raise
+            fetched = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cache.stat().st_mtime))
+            err.print(f"{error}; reporting from the copy fetched at {fetched}")
         events = [e.to_dict() for e in fleet.state.events()]
         try:
             prices = fleet.hourly_prices({e["node"] for e in events if e.get("node")})

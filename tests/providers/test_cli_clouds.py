@@ -121,3 +121,9 @@ def test_up_exec_preempt_down_through_the_cli(cloud: dict[str, Any]) -> None:
         down = fleet(spec, "down", "--yes")
     assert down.returncode == 0, down.stderr + down.stdout
     assert cloud["live"]() == [] and cloud["backing"]() == [] and cloud["leftovers"]() == []
+    # The head is gone with its shared directory; the report still reads the copy it
+    # fetched last time, and says so.
+    after = fleet(spec, "report", "sums", "--json")
+    assert after.returncode == 0, after.stderr + after.stdout
+    assert "reporting from the copy fetched at" in after.stderr
+    assert json.loads(after.stdout.strip().splitlines()[-1])["fleet"]["items"] == 40
