@@ -19,6 +19,7 @@ A terminated instance stays visible in EC2 for a while: `delete()` tags an insta
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -277,7 +278,9 @@ class AwsProvider(Provider):
             created.append(f"security group {self.group_name} (tcp:{self.spec.ssh.port} from {', '.join(ranges)})")
             return created
         self._group_id = str(group["GroupId"])
-        admitted, wanted = self._admitted(group), set(ranges)
+        # Compared in canonical form: an authorize of a range already there is an error.
+        admitted = {str(ipaddress.ip_network(r, strict=False)) for r in self._admitted(group)}
+        wanted = {str(ipaddress.ip_network(r, strict=False)) for r in ranges}
         if admitted != wanted:
             # The caller's address changed since the group was made: follow it, so that SSH
             # stays open to the caller only (and the caller is not locked out).
