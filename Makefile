@@ -34,7 +34,7 @@ demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
 
 bench: install
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b | tail -n 1; done
+	@for b in benchmarks/[a-z]*.py; do echo "== $$b"; $(PY) $$b | tail -n 1; done
 
 lint: install
 	$(VENV)/bin/ruff check fleet tests benchmarks

@@ -14,15 +14,12 @@ Last line: {"scan_s", "per_file_s", "ratio", ...}. Goal: scan_s <= 2 and ratio >
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -30,52 +27,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _sshfs import sshd_head
+
 N_FILES = int(os.environ.get("BENCH_FILES", "100000"))
 PER_DIR = 1000
 CHUNK = 100
-
-
-@contextlib.contextmanager
-def sshd_head() -> Iterator:
-    """A real sshd (fleet's LocalNode) on loopback; yields mount(remote, point)."""
-    from fleet.providers.localnode import LocalNode, generate_ed25519_keypair
-
-    work = Path(tempfile.mkdtemp(prefix="bench-sshd-"))
-    key = work / "key"
-    node = LocalNode.create(
-        work / "nodes",
-        name="head",
-        fleet="benchscan",
-        authorized_keys=[generate_ed25519_keypair(key, "bench")],
-    )
-    known = work / "known_hosts"
-    known.write_text(node.known_hosts_line("bench-head") + "\n")
-    points: list[Path] = []
-
-    def mount(remote: Path, point: Path) -> Path:
-        point.mkdir(parents=True, exist_ok=True)
-        options = (
-            f"IdentityFile={key},UserKnownHostsFile={known},HostKeyAlias=bench-head,port={node.port},"
-            "StrictHostKeyChecking=yes,reconnect,ServerAliveInterval=15,ServerAliveCountMax=3"
-        )
-        subprocess.run(
-            ["sshfs", f"{node.user}@{node.address}:{remote}", str(point), "-o", options],
-            check=True,
-            timeout=60,
-            capture_output=True,
-        )
-        points.append(point)
-        return point
-
-    try:
-        yield mount
-    finally:
-        for point in points:
-            subprocess.run(
-                ["fusermount3", "-u", "-z", str(point)], check=False, capture_output=True, timeout=30
-            )
-        node.destroy()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def build(shared: Path) -> Path:

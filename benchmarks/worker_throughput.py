@@ -27,25 +27,24 @@ Last line: {"ceiling_items_s", "local_items_s", "sshfs_items_s", "ratio_local",
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _sshfs import sshd_head
 
 N_TEXTS = int(os.environ.get("BENCH_TEXTS", "2000"))
 BATCH = 64
@@ -104,37 +103,6 @@ def make_texts(n: int, seed: int = 1) -> list[str]:
         words = max(2, min(60, int(rng.lognormvariate(2.2, 0.6))))
         texts.append(" ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + ".")
     return texts
-
-
-@contextlib.contextmanager
-def sshfs_mount(remote: Path, point: Path) -> Iterator[Path]:
-    """A real sshd (fleet's LocalNode) on loopback serving `remote`, mounted at `point`."""
-    from fleet.providers.localnode import LocalNode, generate_ed25519_keypair
-
-    work = Path(tempfile.mkdtemp(prefix="bench-sshd-"))
-    key = work / "key"
-    node = LocalNode.create(
-        work / "nodes", name="head", fleet="bench", authorized_keys=[generate_ed25519_keypair(key, "bench")]
-    )
-    known = work / "known_hosts"
-    known.write_text(node.known_hosts_line("bench-head") + "\n")
-    point.mkdir(parents=True, exist_ok=True)
-    try:
-        options = (
-            f"IdentityFile={key},UserKnownHostsFile={known},HostKeyAlias=bench-head,port={node.port},"
-            "StrictHostKeyChecking=yes,reconnect,ServerAliveInterval=15,ServerAliveCountMax=3"
-        )
-        subprocess.run(
-            ["sshfs", f"{node.user}@{node.address}:{remote}", str(point), "-o", options],
-            check=True,
-            timeout=60,
-            capture_output=True,
-        )
-        yield point
-    finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(point)], check=False, capture_output=True, timeout=30)
-        node.destroy()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def cpu_seconds() -> float:
@@ -225,7 +193,8 @@ def main() -> None:
         ceilings_cpu: list[float] = []
         runs: dict[str, list[dict]] = {"local": [], "sshfs": []}
         ratios: dict[str, list[float]] = {"local": [], "sshfs": [], "local_cpu": [], "sshfs_cpu": []}
-        with sshfs_mount(shared, root / "mnt") as mounted:
+        with sshd_head() as mount:
+            mounted = mount(shared, root / "mnt")
             for q in range(ROUNDS):
                 for mode, view in (("local", shared), ("sshfs", mounted)):
                     if not ceilings:
