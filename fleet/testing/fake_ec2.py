@@ -41,7 +41,7 @@ from urllib.parse import parse_qs
 
 from fleet.providers.localnode import LocalNode
 from fleet.testing.fake_gce import _port_free
-from fleet.testing.serve import parse_loopback_args, parser_for, serve_until_signalled
+from fleet.testing.serve import backing_options, parse_loopback_args, parser_for, serve_until_signalled
 
 _IPV4 = re.compile(r"\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")
 _DNS = re.compile(r"<(dnsName|privateDnsName|publicDnsName)>[^<]*</\1>")
@@ -364,15 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = parser_for("fleet.testing.fake_ec2", __doc__.split("\n")[0], address_base="127.0.2.1")
     parser.add_argument("--region", default="us-east-1", help="region whose instances are backed")
     args = parse_loopback_args(parser, argv)
-    fake = FakeEc2(
-        nodes_root=args.nodes_root,
-        ssh_port=args.ssh_port,
-        address_base=args.address_base,
-        backing=not args.no_backing,
-        host=args.host,
-        port=args.port,
-        region=args.region,
-    )
+    fake = FakeEc2(**backing_options(args), region=args.region)
     return serve_until_signalled(fake, "fake EC2")
 
 

@@ -38,7 +38,7 @@ from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from fleet.providers.localnode import LocalNode
-from fleet.testing.serve import parse_loopback_args, parser_for, serve_until_signalled
+from fleet.testing.serve import backing_options, parse_loopback_args, parser_for, serve_until_signalled
 
 API_ROOT = "https://www.googleapis.com/compute/v1"
 _P = r"/compute/v1/projects/(?P<project>[^/]+)"
@@ -747,14 +747,7 @@ def _handler_for(fake: FakeGce) -> type[BaseHTTPRequestHandler]:
 def main(argv: list[str] | None = None) -> int:
     parser = parser_for("fleet.testing.fake_gce", __doc__.split("\n")[0], address_base="127.0.1.1")
     args = parse_loopback_args(parser, argv)
-    fake = FakeGce(
-        nodes_root=args.nodes_root,
-        ssh_port=args.ssh_port,
-        address_base=args.address_base,
-        backing=not args.no_backing,
-        host=args.host,
-        port=args.port,
-    )
+    fake = FakeGce(**backing_options(args))
     return serve_until_signalled(fake, "fake GCE")
 
 

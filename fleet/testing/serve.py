@@ -9,7 +9,7 @@ import ipaddress
 import signal
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Fake(Protocol):
@@ -36,6 +36,18 @@ def parse_loopback_args(parser: argparse.ArgumentParser, argv: list[str] | None)
     if not (ipaddress.ip_address(args.host).is_loopback and ipaddress.ip_address(args.address_base).is_loopback):
         parser.error("the fake serves on loopback addresses only")
     return args
+
+
+def backing_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The fake's constructor arguments that `parser_for` options give."""
+    return {
+        "nodes_root": args.nodes_root,
+        "ssh_port": args.ssh_port,
+        "address_base": args.address_base,
+        "backing": not args.no_backing,
+        "host": args.host,
+        "port": args.port,
+    }
 
 
 def serve_until_signalled(fake: Fake, label: str) -> int:
