@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import base64
 import getpass
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,3 +92,43 @@ def ssh_run(address: str, port: int, key: Path, host_key_line: str, command: str
 
 
 SshRun = Callable[[str, int, Path, str, str], str]
+
+
+def kill_up_midway(
+    spec: FleetSpec, provider: str, public_key: str, *, max_parallel: int, started: Callable[[], bool]
+) -> None:
+    """Run `prepare()` and the creation of 6 workers through `provider` ("module:Class")
+    in a child process with no local state, and kill it as soon as `started()` holds;
+    fails if the child finished first (the test would prove nothing)."""
+    module, cls = provider.split(":")
+    script = textwrap.dedent(f"""
+        import json, pathlib, sys
+        from fleet.spec.models import FleetSpec
+        from fleet.providers.base import ProviderContext
+        from fleet.model import NodeRequest, Role
+        from {module} import {cls}
+        spec = FleetSpec.model_validate(json.loads(sys.argv[1]))
+        provider = {cls}(ProviderContext(spec=spec, state_dir=pathlib.Path("."),
+                         public_key={public_key!r}, ssh_user={USER!r}), max_parallel={max_parallel})
+        provider.prepare()
+        provider.create([NodeRequest(name=f"{spec.name}-w{{i}}-g1", role=Role.WORKER, slot=i, generation=1,
+                                     spot=True) for i in range(1, 7)])
+        print("finished", flush=True)
+    """)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, json.dumps(spec.model_dump(mode="json"))],
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not started():
+            assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        child.kill()
+    finally:
+        child.kill()
+        out, _err = child.communicate()
+    assert b"finished" not in out, "the child finished before it was killed: the test proves nothing"

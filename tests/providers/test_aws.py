@@ -4,11 +4,7 @@ failover, limits, throttling, interruptions, dry-run and cleanup after a killed 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +12,7 @@ from typing import Any
 
 import boto3
 import pytest
-from provider_helpers import USER, Sleeps, aws_block, context, fleet_spec
+from provider_helpers import Sleeps, aws_block, context, fleet_spec, kill_up_midway
 
 from fleet.errors import CapacityError, CredentialsError, QuotaError
 from fleet.model import NodeRequest, NodeState, Role, head_name, worker_name
@@ -294,37 +290,10 @@ def test_credentials_never_appear_in_errors_or_output(tmp_path, fleet_key, fake_
 
 def test_destroy_all_after_a_killed_up_leaves_nothing(tmp_path, fleet_key, fake_ec2, loopback):
     spec = fleet_spec("ta", "aws", ssh_port=loopback[1], workers={"count": 6}, aws=aws_block())
-    script = textwrap.dedent(f"""
-        import json, sys, pathlib
-        from fleet.spec.models import FleetSpec
-        from fleet.providers.base import ProviderContext
-        from fleet.providers.aws import AwsProvider
-        from fleet.model import NodeRequest, Role
-        spec = FleetSpec.model_validate(json.loads(sys.argv[1]))
-        provider = AwsProvider(ProviderContext(spec=spec, state_dir=pathlib.Path("."),
-                               public_key={fleet_key[1]!r}, ssh_user={USER!r}), max_parallel=1)
-        provider.prepare()
-        provider.create([NodeRequest(name=f"ta-w{{i}}-g1", role=Role.WORKER, slot=i, generation=1, spot=True)
-                         for i in range(1, 7)])
-        print("finished", flush=True)
-    """)
-    child = subprocess.Popen(
-        [sys.executable, "-c", script, json.dumps(spec.model_dump(mode="json"))],
-        env=dict(os.environ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    kill_up_midway(
+        spec, "fleet.providers.aws:AwsProvider", fleet_key[1], max_parallel=1,
+        started=lambda: len(fake_ec2.actions("RunInstances")) >= 2,
     )
-    try:
-        deadline = time.monotonic() + 60
-        while len(fake_ec2.actions("RunInstances")) < 2:
-            assert child.poll() is None, child.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        child.kill()
-    finally:
-        child.kill()
-        out, _err = child.communicate()
-    assert b"finished" not in out, "the child finished before it was killed: the test proves nothing"
     time.sleep(0.5)  # a RunInstances already received completes at the server
     state = fake_ec2.state()
     assert state["key_pairs"] and state["security_groups"] and state["instances"]

@@ -3,17 +3,12 @@ rate limits, preemption, credentials, dry-run, and cleanup after a killed `up`."
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from provider_helpers import USER, Sleeps, context, fleet_spec, gcp_block
+from provider_helpers import USER, Sleeps, context, fleet_spec, gcp_block, kill_up_midway
 
 from fleet.errors import CapacityError, CredentialsError, QuotaError
 from fleet.model import Accelerator, NodeRequest, NodeState, Role, head_name, worker_name
@@ -308,38 +303,10 @@ def test_destroy_all_removes_instances_in_any_state_leftover_disks_and_the_rule(
 def test_destroy_all_after_a_killed_up_leaves_nothing(tmp_path, fleet_key, fake_gce, loopback):
     """`up` killed in the middle of creating, and no local state: `down` finds it all."""
     spec = fleet_spec("tg", "gcp", ssh_port=loopback[1], workers={"count": 6}, gcp=gcp_block(fake_gce))
-    script = textwrap.dedent(f"""
-        import json, sys
-        from fleet.spec.models import FleetSpec
-        from fleet.providers.base import ProviderContext
-        from fleet.providers.gcp import GcpProvider
-        from fleet.model import NodeRequest, Role
-        spec = FleetSpec.model_validate(json.loads(sys.argv[1]))
-        provider = GcpProvider(ProviderContext(spec=spec, state_dir=__import__("pathlib").Path("."),
-                               public_key={fleet_key[1]!r}, ssh_user={USER!r}), max_parallel=2)
-        provider.prepare()
-        provider.create([NodeRequest(name=f"tg-w{{i}}-g1", role=Role.WORKER, slot=i, generation=1, spot=True)
-                         for i in range(1, 7)])
-        print("finished", flush=True)
-    """)
-    env = dict(os.environ)
-    child = subprocess.Popen(
-        [sys.executable, "-c", script, json.dumps(spec.model_dump(mode="json"))],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    kill_up_midway(
+        spec, "fleet.providers.gcp:GcpProvider", fleet_key[1], max_parallel=2,
+        started=lambda: len(fake_gce.state()["instances"]) >= 2,
     )
-    try:
-        deadline = time.monotonic() + 60
-        while len(fake_gce.state()["instances"]) < 2:
-            assert child.poll() is None, child.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        child.kill()
-    finally:
-        child.kill()
-        out, _err = child.communicate()
-    assert b"finished" not in out, "the child finished before it was killed: the test proves nothing"
     while fake_gce.state()["in_flight"]:
         time.sleep(0.05)
     assert fake_gce.firewalls and fake_gce.instances  # something was left behind
