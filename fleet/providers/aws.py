@@ -19,7 +19,6 @@ A terminated instance stays visible in EC2 for a while: `delete()` tags an insta
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -48,7 +47,7 @@ from fleet.model import (
 )
 from fleet.providers.aws_errors import classify
 from fleet.providers.base import CleanupReport, CreateResult, PlannedNode, Provider, ProviderContext
-from fleet.providers.netaddr import AddressDetector, resolve_source_ranges
+from fleet.providers.netaddr import AddressDetector, canonical_ranges, resolve_source_ranges
 from fleet.providers.prices import estimate
 from fleet.providers.retry import Sleep, with_backoff
 from fleet.providers.startup import render_startup_script
@@ -279,8 +278,7 @@ class AwsProvider(Provider):
             return created
         self._group_id = str(group["GroupId"])
         # Compared in canonical form: an authorize of a range already there is an error.
-        admitted = {str(ipaddress.ip_network(r, strict=False)) for r in self._admitted(group)}
-        wanted = {str(ipaddress.ip_network(r, strict=False)) for r in ranges}
+        admitted, wanted = canonical_ranges(self._admitted(group)), set(ranges)
         if admitted != wanted:
             # The caller's address changed since the group was made: follow it, so that SSH
             # stays open to the caller only (and the caller is not locked out).

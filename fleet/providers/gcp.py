@@ -50,7 +50,7 @@ from fleet.model import (
 )
 from fleet.providers.base import CleanupReport, CreateResult, PlannedNode, Provider, ProviderContext
 from fleet.providers.gcp_errors import classify, operation_error
-from fleet.providers.netaddr import AddressDetector, resolve_source_ranges
+from fleet.providers.netaddr import AddressDetector, canonical_ranges, resolve_source_ranges
 from fleet.providers.prices import estimate
 from fleet.providers.retry import Sleep, with_backoff
 from fleet.providers.startup import render_startup_script
@@ -236,7 +236,7 @@ class GcpProvider(Provider):
             if not isinstance(exc.__cause__, gexc.NotFound):
                 raise
         else:
-            if sorted(existing.source_ranges) == sorted(ranges):
+            if canonical_ranges(existing.source_ranges) == set(ranges):
                 return []
             # The caller's address changed since the rule was made: follow it, so that SSH
             # stays open to the caller only (and the caller is not locked out).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from fleet.errors import ProviderError, SpecError
 
@@ -47,6 +47,12 @@ def validate_ranges(ranges: Sequence[str], *, field: str) -> list[str]:
     if not checked:
         raise SpecError("source_ranges is empty: nobody could reach the nodes", field=field)
     return checked
+
+
+def canonical_ranges(ranges: Iterable[str]) -> set[str]:
+    """Ranges as the cloud may spell them (case, host bits), in the form
+    `resolve_source_ranges` gives, to compare what a rule admits with what it should."""
+    return {str(ipaddress.ip_network(r, strict=False)) for r in ranges}
 
 
 def resolve_source_ranges(
