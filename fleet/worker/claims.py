@@ -302,8 +302,11 @@ class ChunkQueue:
 
 
 def failed_items(layout: JobLayout, chunks: set[str] | frozenset[str] | None = None) -> int:
-    """Distinct failed items recorded in failures/*.jsonl (of the given chunks only)."""
-    seen: dict[tuple[str, str], int] = {}
+    """Distinct failed items recorded in failures/*.jsonl (of the given chunks only), by
+    the claim that marked their chunk done: a holder stopped mid-chunk may have recorded
+    failures of items its successor then computed. Reads the done markers of the chunks
+    with failures only."""
+    rows_by_chunk: dict[str, list[dict[str, Any]]] = {}
     for name in listdir_visible(layout.failures):
         try:
             lines = (layout.failures / name).read_text(errors="replace").splitlines()
@@ -314,9 +317,27 @@ def failed_items(layout: JobLayout, chunks: set[str] | frozenset[str] | None = N
                 row = json.loads(line)
             except ValueError:
                 continue  # a line being written right now
-            if chunks is None or row.get("chunk") in chunks:
-                seen[(str(row.get("chunk")), str(row.get("item")))] = int(row.get("items", 1))
+            chunk = str(row.get("chunk"))
+            if chunks is None or chunk in chunks:
+                rows_by_chunk.setdefault(chunk, []).append(row)
+    seen: dict[tuple[str, str], int] = {}
+    for chunk, rows in rows_by_chunk.items():
+        finisher = _done_token(layout, chunk)
+        for row in rows:
+            if finisher is not None and row.get("token") not in (None, finisher):
+                continue  # recorded by an earlier holder of the chunk
+            seen[(chunk, str(row.get("item")))] = int(row.get("items", 1))
     return sum(seen.values())
+
+
+def _done_token(layout: JobLayout, chunk: str) -> str | None:
+    """The token of the claim that marked the chunk done (None: not done, or unknown)."""
+    try:
+        body = json.loads((layout.done / chunk).read_bytes())
+    except (OSError, ValueError):
+        return None
+    token = body.get("token") if isinstance(body, dict) else None
+    return token if isinstance(token, str) else None
 
 
 def job_status(layout: JobLayout, items_per_chunk: dict[str, int] | None) -> dict[str, Any]:

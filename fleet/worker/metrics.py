@@ -25,8 +25,12 @@ records mode outputs are written per chunk: see "chunk" lines' `write_s`). `item
 
 JOB_DIR/failures/<node>.<proc>.jsonl, one line per item that failed and was skipped:
 
-    {"t": ..., "node": "w1", "proc": 0, "chunk": "c000012", "item": "docs/a.txt",
-     "stage": "load"|"infer"|"write", "error": "UnicodeDecodeError: ..."}
+    {"t": ..., "node": "w1", "proc": 0, "chunk": "c000012", "token": "<claim token>",
+     "item": "docs/a.txt", "stage": "load"|"infer"|"write", "error": "UnicodeDecodeError: ..."}
+
+(`token` is the claim's: a failure counts only if the same claim marked the chunk done.
+A holder stopped mid-chunk may have recorded failures, e.g. reads through a mount that
+vanished under it, of items its successor then computed.)
 
 (records mode, a whole unreadable segment: one line with "items": N standing for its N
 records, "item" naming its first line.)
@@ -178,7 +182,7 @@ class FailureLog:
         self.proc = proc
 
     def record(
-        self, *, chunk: str, item: str, stage: str, error: BaseException | str, items: int = 1
+        self, *, chunk: str, token: str, item: str, stage: str, error: BaseException | str, items: int = 1
     ) -> None:
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         row = {
@@ -186,6 +190,7 @@ class FailureLog:
             "node": self.node,
             "proc": self.proc,
             "chunk": chunk,
+            "token": token,
             "item": item,
             "stage": stage,
             "error": text[:2000],

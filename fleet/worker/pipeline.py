@@ -290,7 +290,12 @@ class Pipeline:
             self._check_mount(exc)
             # The whole segment is unreadable: one failure line standing for its items.
             self.failures.record(
-                chunk=run.chunk.id, item=f"{rel}:{segment.line}", stage="load", error=exc, items=segment.items
+                chunk=run.chunk.id,
+                token=run.claim.token,
+                item=f"{rel}:{segment.line}",
+                stage="load",
+                error=exc,
+                items=segment.items,
             )
             with run.lock:
                 run.failed += segment.items
@@ -457,7 +462,7 @@ class Pipeline:
                 self._settle(run)
 
     def _item_failed(self, run: ChunkRun, key: str, stage: str, error: BaseException) -> None:
-        self.failures.record(chunk=run.chunk.id, item=key, stage=stage, error=error)
+        self.failures.record(chunk=run.chunk.id, token=run.claim.token, item=key, stage=stage, error=error)
         with run.lock:
             run.failed += 1
         self._resolve(run)

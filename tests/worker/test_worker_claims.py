@@ -201,6 +201,29 @@ def test_a_chunk_done_after_our_listing_is_not_claimed(tmp_path: Path) -> None:
     assert os.listdir(layout.claims) == []
 
 
+def test_failures_of_an_earlier_holder_do_not_count_once_another_claim_finishes(tmp_path: Path) -> None:
+    """A holder stopped mid-chunk (preempted: its mount vanished under a read) recorded a
+    failure; its successor computed that item and finished the chunk."""
+    layout = _layout(tmp_path)
+    per_chunk = {c: 10 for c in IDS}
+    stopped = ChunkQueue(layout, IDS[:1], node="a", proc=0, lease_seconds=10)
+    first = stopped.next_claim()
+    stopped.release(first)
+    successor = ChunkQueue(layout, IDS[:1], node="b", proc=0, lease_seconds=10)
+    second = successor.next_claim()
+    assert successor.mark_done(second, {"items": 10, "failed": 1})
+    (layout.failures / "a.0.jsonl").write_text(
+        json.dumps({"chunk": IDS[0], "token": first.token, "item": "x"}) + "\n"
+    )
+    assert job_status(layout, per_chunk)["failed"] == 0
+    # the finisher's own failure counts
+    (layout.failures / "b.0.jsonl").write_text(
+        json.dumps({"chunk": IDS[0], "token": second.token, "item": "y"}) + "\n"
+    )
+    status = job_status(layout, per_chunk)
+    assert (status["failed"], status["done"]) == (1, 9)
+
+
 def test_status_counts_from_listings(tmp_path: Path) -> None:
     layout = _layout(tmp_path)
     per_chunk = {c: 10 for c in IDS}
