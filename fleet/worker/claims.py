@@ -39,6 +39,7 @@ from fleet.worker.layout import JobLayout, dumps, is_hidden, listdir_visible, wr
 
 PREV_PREFIX = ".prev."
 TAKE_PREFIX = ".take."
+PROBE_PREFIX = ".probe."
 RECHECK_LIMIT = 64  # chunks whose done marker all_done() may look up one by one
 
 
@@ -197,10 +198,11 @@ class ChunkQueue:
                 return claim
         return None
 
-    def _stale_token(self, path: Path) -> str | None:
-        """The token of the claim at path if its lease ran out, else None."""
+    def _stale_token(self, path: Path, *, fresh: bool = False) -> str | None:
+        """The token of the claim at path if its lease ran out, else None. `fresh`: look
+        past the mount's attribute cache (see `_fresh_mtime`)."""
         try:
-            mtime = os.stat(path).st_mtime
+            mtime = self._fresh_mtime(path) if fresh else os.stat(path).st_mtime
             if self.clock() - mtime <= self.lease_seconds:
                 return None
             raw = path.read_bytes()
@@ -215,15 +217,38 @@ class ChunkQueue:
             return token
         return f"m{int(mtime)}"  # its holder died before writing it: name it by its age
 
+    def _fresh_mtime(self, path: Path) -> float:
+        """The claim's mtime as the file server has it now. sshfs answers stat from its
+        directory cache (filled by our listings, up to 20 s old), which can make a live
+        claim look stale; a new name for the same file (a hard link) is not in any cache."""
+        probe = self.layout.claims / f"{PROBE_PREFIX}{path.name}.{secrets.token_hex(6)}"
+        try:
+            os.link(path, probe)
+        except FileNotFoundError:
+            raise
+        except OSError:  # no hard links on this file system: trust stat
+            return os.stat(path).st_mtime
+        try:
+            return os.stat(probe).st_mtime
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+
     def take_over(self, chunk: str) -> Claim | None:
         """Break a stale claim; exactly one of several racing takers gets the chunk."""
         path = self.layout.claims / chunk
         stale = self._stale_token(path)
-        if stale is None or not self._win_take_lock(chunk, stale):
+        if stale is None:
             return None
-        # Ours alone to break. Make sure the claim is still the stale one (a fresh-listing
-        # claimer may have replaced it after a release), then move it aside.
-        if self._stale_token(path) != stale:
+        lock = self._win_take_lock(chunk, stale)
+        if lock is None:
+            return None
+        # Ours alone to break. Make sure the claim is still the stale one, by the server's
+        # clock of it (a fresh-listing claimer may have replaced it after a release, or
+        # the cache showed an old heartbeat), then move it aside.
+        if self._stale_token(path, fresh=True) != stale:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)  # backed off: the next look starts from a clean slate
             return None
         aside = self.layout.claims / f"{PREV_PREFIX}{chunk}.{stale}"
         try:
@@ -232,18 +257,19 @@ class ChunkQueue:
             return None
         return self._create(chunk, resumed=True)
 
-    def _win_take_lock(self, chunk: str, stale: str) -> bool:
+    def _win_take_lock(self, chunk: str, stale: str) -> Path | None:
+        """The take lock this taker created, or None when another taker has it."""
         body = self._body(secrets.token_hex(8))
         for generation in range(64):
             lock = self.layout.claims / f"{TAKE_PREFIX}{chunk}.{stale}.{generation}"
             if self._create_exclusive(lock, body):
-                return True
+                return lock
             try:
                 if self.clock() - os.stat(lock).st_mtime <= self.lease_seconds:
-                    return False  # a live taker is at work
+                    return None  # a live taker is at work
             except FileNotFoundError:
-                return False  # cleaned up: the chunk was finished meanwhile
-        return False
+                return None  # cleaned up: the chunk was finished, or its taker backed off
+        return None
 
     # -- holding -------------------------------------------------------------------------
     def still_ours(self, claim: Claim) -> bool:

@@ -128,3 +128,22 @@ def test_stale_claim_race_across_mounts_has_one_winner(shared: Path, sshfs_mount
         t.join(60)
     assert len(winners) == 1
     assert f'"node":"{winners[0]}"' in (layout_local.claims / "c000000").read_text()
+
+
+def test_a_live_claim_that_the_mount_cache_shows_stale_is_not_taken(shared: Path, sshfs_mount) -> None:
+    """sshfs answers stat from its directory cache (up to 20 s old): a heartbeat the
+    cache has not seen yet must not let another node take a live claim."""
+    layout_local = JobLayout.at(shared / "jobs" / "cached")
+    layout_local.make_dirs()
+    ids = ["c000000"]
+    holder = ChunkQueue(layout_local, ids, node="holder", proc=0, lease_seconds=10)
+    claim = holder.next_claim()
+    os.utime(layout_local.claims / claim.chunk, (time.time() - 600, time.time() - 600))
+    mount = sshfs_mount(shared, "observer")
+    observer = ChunkQueue(JobLayout.at(mount / "jobs" / "cached"), ids, node="observer", proc=0, lease_seconds=10)
+    observer.refresh()  # the listing puts the old mtime in the mount's cache
+    assert time.time() - os.stat(mount / "jobs" / "cached" / "claims" / claim.chunk).st_mtime > 500
+    assert holder.heartbeat() == []  # the holder is alive: its lease is fresh on the server
+    assert observer.next_claim() is None
+    assert holder.still_ours(claim)
+    assert os.listdir(layout_local.claims) == [claim.chunk]  # no probe or lock left behind
