@@ -19,6 +19,11 @@ system-packages:
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+	@# No udev here (containers, fresh VMs): apply the fuse package's rule (MODE 0666) by hand, so
+	@# that ordinary users can mount with sshfs.
+	@if [ -c /dev/fuse ] && [ "$$(stat -c %a /dev/fuse)" != 666 ]; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; echo "chmod 0666 /dev/fuse"; $$SUDO chmod 0666 /dev/fuse; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -57,6 +57,9 @@ exec "${SHELL:-/bin/sh}" -l
 """
 
 
+FUSE_DEVICE = "/dev/fuse"
+
+
 def find_sshd() -> str:
     path = shutil.which("sshd") or (SSHD if os.path.exists(SSHD) else None)
     if not path:
@@ -80,6 +83,13 @@ def require_sshfs() -> None:
     if not shutil.which("sshfs"):
         raise DependencyError(
             "sshfs is not installed on this machine", hint="install it with: apt-get install sshfs fuse3"
+        )
+    if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        # Without udev (containers, fresh VMs) the fuse package's 0666 rule is never applied.
+        raise DependencyError(
+            f"{FUSE_DEVICE} is not readable and writable by this user, so sshfs cannot mount",
+            hint=f"as root: chmod 0666 {FUSE_DEVICE} (what the fuse package's udev rule does; "
+            "`make install` does it)",
         )
 
 
