@@ -278,6 +278,9 @@ def _add_job_commands(add: Callable[[str, Handler, str], argparse.ArgumentParser
     except ImportError:  # the jobs layer is optional while it is being built
         return
     cli_jobs.register(add)
+    from fleet import cli_serve
+
+    cli_serve.register(add)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

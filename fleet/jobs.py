@@ -33,6 +33,9 @@ from fleet.model import Node
 from fleet.spec.job import JobSpec
 from fleet.ssh import GroupResult
 
+# What the launcher runs for a `serve:` job (as a `run:` command: restarts, stop on signal).
+SERVE_COMMAND = 'exec "$FLEET_PYTHON" -m fleet.worker.serve "$(pwd)" --node "$FLEET_NODE_NAME"'
+
 _LAUNCHER = r"""#!/bin/sh
 # fleet job launcher: started by `fleet run` on every selected node (setsid, nohup).
 # Environment from the caller: FLEET_NODE_NAME FLEET_NODE_RANK FLEET_NUM_NODES FLEET_SHARED
@@ -209,9 +212,9 @@ class JobRunner:
         env = {
             **self._job_env(),
             "FLEET_PROCESSES": str(processes),
-            "FLEET_RETRIES": str(self.job.retries if self.job.run else 0),
+            "FLEET_RETRIES": str(self.job.retries if self.job.run or self.job.serve else 0),
             "FLEET_NOTICE": self.notice_kind(),
-            "FLEET_RUN": self.job.run or "",
+            "FLEET_RUN": self.job.run or (SERVE_COMMAND if self.job.serve else ""),
         }
         results = self._start_on(targets, env, ranks, len(ranked))
         for name, result in results.results.items():

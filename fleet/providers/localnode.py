@@ -310,7 +310,9 @@ UsePAM no
 PermitRootLogin prohibit-password
 # Our own files (0600, created by us) live outside the user's home, e.g. under /tmp.
 StrictModes no
-AllowTcpForwarding no
+# `fleet.connect` reaches the servers of `fleet serve` on the node's loopback, nothing else.
+AllowTcpForwarding local
+PermitOpen 127.0.0.1:*
 X11Forwarding no
 PrintMotd no
 PrintLastLog no

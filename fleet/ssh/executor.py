@@ -239,6 +239,14 @@ class Executor:
                     ) from None
         raise AssertionError("unreachable")
 
+    def forward(self, target: Target, port: int, *, host: str = "127.0.0.1",
+                timeout: float | None = None) -> paramiko.Channel:
+        """A direct-tcpip channel to `host:port` as the node sees it, over the node's
+        cached connection (pinned host key; no port is opened anywhere)."""
+        wait = timeout or self.connect_timeout
+        return self._open(target, 0, lambda t: t.open_channel(
+            "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=wait))
+
     def _session(self, target: Target, retries: int) -> paramiko.Channel:
         return self._open(target, retries, lambda t: t.open_session(timeout=self.connect_timeout))
 
