@@ -373,7 +373,7 @@ class Serving:
                 pool.release(server, len(values))
             if status == 503:
                 pool.failed(server, draining=True)
-                self._count("resent")
+                self._count("redirected")
                 continue
             if status != 200:
                 raise ServingError(f"{self.name}: the server on {server.node} answered {status}: "
@@ -416,11 +416,13 @@ class Serving:
                      "usable": s.usable(time.monotonic())} for s in self._pool.servers.values()]
 
     def stats(self) -> dict[str, Any]:
-        """Counts since the start: requests, items, resent (attempts sent again), and
-        requests answered per node."""
+        """Counts since the start: requests and items answered, `resent` (attempts lost with
+        their channel and sent again), `redirected` (turned away by a draining server
+        before it took them), and requests answered per node."""
         with self._lock:
             return {"requests": self._stats["requests"], "items": self._stats["items"],
-                    "resent": self._stats["resent"], "answered_by": dict(self._answered_by)}
+                    "resent": self._stats["resent"], "redirected": self._stats["redirected"],
+                    "answered_by": dict(self._answered_by)}
 
     def close(self) -> None:
         self._pool.close()
