@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from jobs_fleet import wait_for
+from jobs_fleet import node_processes_matching, wait_for
 
 import fleet
 from fleet.serve import ServingError, ServingTimeout
@@ -25,7 +25,7 @@ from fleet.serve import ServingError, ServingTimeout
 pytestmark = pytest.mark.slow
 
 TEXTS = [f"text {i}: {'a fleet of cheap machines serves one model to many callers ' * (1 + i % 5)}"
-         for i in range(256)]
+         for i in range(128)]
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +159,22 @@ def test_a_drained_server_finishes_what_it_holds(served_fleet) -> None:
         more = [f"after {i}".encode() for i in range(4)]
         assert slow.batched_run(more) == [hashlib.sha256(item).hexdigest() for item in more]
         assert slow.stats()["answered_by"].get(w2, 0) == before + 1
+
+
+def test_jobs_logs_report_and_cancel_work_on_a_serving(served_fleet) -> None:
+    lf = served_fleet.fleet
+    jobs = {job["name"]: job["status"] for job in json.loads(lf.cli("jobs", "--json", check=True).stdout)}
+    assert jobs == {"embed": "serving", "slow": "serving"}
+    logs = lf.cli("logs", "embed", check=True).stdout
+    assert f"{lf.worker(2)} | fleet-serve: {lf.worker(2)} proc 0: serving text-embed" in logs
+    report = json.loads(lf.cli("report", "embed", "--json", check=True).stdout)
+    assert report, "an empty report"
+    assert lf.worker(1) in json.dumps(report) and lf.worker(2) in json.dumps(report)
+    lf.cli("cancel", "slow", check=True)
+    wait_for(lambda: not served_fleet.registry("slow"), 30, "the slow servers to stop")
+    assert not [cmd for cmd in node_processes_matching(lf.name, "fleet.worker.serve") if "/jobs/slow" in cmd]
+    with fleet.connect(lf.spec_path) as f, pytest.raises(ServingTimeout, match="no server of 'slow'"):
+        f.serving("slow", timeout=2).batched_run(b"x")
 
 
 def test_a_worker_preempted_under_load_loses_nothing(served_fleet, reference) -> None:
