@@ -197,8 +197,11 @@ class _Pool:
 
     def channel(self, server: _Server, deadline: float) -> _Channel:
         with self.cond:
-            if server.idle:
+            while server.idle:
                 channel = server.idle.pop()
+                if channel.channel.closed or channel.channel.eof_received:
+                    channel.close()  # the server closed it while idle (keep-alive timeout)
+                    continue
                 server.busy.add(channel)
                 return channel
         wait = max(0.5, min(self.fleet.spec.ssh.connect_timeout, deadline - time.monotonic()))
