@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from jobs_fleet import node_processes_matching, wait_for
+from serve_fleet import NODE_ENV
 
 import fleet
 from fleet.serve import ServingError, ServingTimeout
@@ -175,6 +176,18 @@ def test_jobs_logs_report_and_cancel_work_on_a_serving(served_fleet) -> None:
     assert not [cmd for cmd in node_processes_matching(lf.name, "fleet.worker.serve") if "/jobs/slow" in cmd]
     with fleet.connect(lf.spec_path) as f, pytest.raises(ServingTimeout, match="no server of 'slow'"):
         f.serving("slow", timeout=2).batched_run(b"x")
+
+
+def test_a_server_that_cannot_start_is_a_clear_error(served_fleet) -> None:
+    lf = served_fleet.fleet
+    job = lf.write_job({"name": "broken", "env": NODE_ENV,
+                        "serve": {"handler": "no_such_module:factory"}})
+    started = time.monotonic()
+    result = lf.cli("serve", str(job), timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the server of broken failed on" in result.stderr and "fleet logs broken" in result.stderr
+    assert "Traceback" not in result.stderr and time.monotonic() - started < 60
+    assert "cannot import no_such_module" in lf.cli("logs", "broken", check=True).stdout
 
 
 def test_a_worker_preempted_under_load_loses_nothing(served_fleet, reference) -> None:
