@@ -32,6 +32,7 @@ from fleet.fleetops import Fleet, _home_path
 from fleet.model import Node
 from fleet.spec.job import JobSpec
 from fleet.ssh import GroupResult
+from fleet.worker.yamlbound import safe_load_bounded
 
 _LAUNCHER = r"""#!/bin/sh
 # fleet job launcher: started by `fleet run` on every selected node (setsid, nohup).
@@ -151,7 +152,11 @@ class JobRunner:
         check = self._on_head(head, f"cat {job_dir}/job.yaml 2>/dev/null || true")
         existing = check.stdout
         if existing.strip():
-            if yaml.safe_load(existing) != yaml.safe_load(self.spec_text):
+            try:
+                same = safe_load_bounded(existing) == yaml.safe_load(self.spec_text)
+            except (yaml.YAMLError, ValueError):
+                same = False  # unreadable (or an alias bomb planted there): not our job
+            if not same:
                 raise UsageError(
                     f"a different job named {self.job.name!r} already exists on the shared directory",
                     hint="give the job a new name, or remove jobs/<name> on the head to start over",
