@@ -27,7 +27,7 @@ from fleet.providers.base import CleanupReport
 from fleet.providers.localnode import generate_ed25519_keypair
 from fleet.spec.models import FleetSpec
 from fleet.ssh import CommandResult, Executor, GroupResult, HostKeyStore, Target, write_ssh_config
-from fleet.state import State
+from fleet.state import State, make_private_dir
 
 Log = Callable[[str], None]
 SSHFS_KEX = "curve25519-sha256"  # one name: sshfs splits -o values at commas
@@ -121,7 +121,7 @@ class Fleet:
         if self.paths.generated_key or not self.paths.key.exists():
             if not self.paths.generated_key:
                 raise UsageError(f"ssh.key {self.paths.key} does not exist")
-            self.paths.state_dir.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.paths.state_dir)
             return generate_ed25519_keypair(self.paths.key, f"fleet-{self.spec.name}")
         raise UsageError(f"the public key {pub} of ssh.key is missing", hint=f"ssh-keygen -y -f {self.paths.key} > {pub}")
 
@@ -460,7 +460,7 @@ class Fleet:
             return []
         targets = [self.target(n) for n in workers]
         private = self.paths.mount_key.read_bytes()
-        puts = [self.executor.put(targets, private, ".fleet/mount_key", mode=0o600)]
+        puts = [self.executor.put(targets, private, ".fleet/mount_key", mode=0o600, dir_mode=0o700)]
         ok_workers = []
         for node in workers:
             failed = [p.results[node.name] for p in puts if not p.results[node.name].ok]

@@ -424,11 +424,13 @@ class Executor:
                 sftp.close()
 
     def put(
-        self, targets: Sequence[Target], data: bytes | Path, remote_path: str, *, mode: int = 0o644
+        self, targets: Sequence[Target], data: bytes | Path, remote_path: str, *, mode: int = 0o644,
+        dir_mode: int | None = None,
     ) -> GroupResult:
         """Upload bytes or a local file to `remote_path` on every target: parents are
-        created, the file is written beside it and renamed over it (atomic), then has
-        `mode`. Relative paths are relative to the login directory."""
+        created (with `dir_mode`, when given, also set on the file's own directory), the
+        file is written beside it and renamed over it (atomic), then has `mode`. Relative
+        paths are relative to the login directory."""
         if not remote_path or remote_path.endswith("/"):
             raise UsageError(f"upload needs a file path, not {remote_path!r}")
         if isinstance(data, Path) and not data.is_file():
@@ -439,7 +441,7 @@ class Executor:
             label = f"put {remote_path}"
             try:
                 with self._sftp(target) as sftp:
-                    _sftp_put(sftp, data, remote_path, mode)
+                    _sftp_put(sftp, data, remote_path, mode, dir_mode)
             except FleetError as exc:
                 return CommandResult(target.name, label, None, "", "", time.monotonic() - started, exc)
             except (OSError, paramiko.SSHException, EOFError) as exc:
@@ -468,7 +470,7 @@ class Executor:
 
 
 # -- sftp helpers ------------------------------------------------------------------------
-def _sftp_mkdir_p(sftp: paramiko.SFTPClient, directory: str) -> None:
+def _sftp_mkdir_p(sftp: paramiko.SFTPClient, directory: str, mode: int = 0o777) -> None:
     if directory in ("", ".", "/"):
         return
     path = PurePosixPath(directory)
@@ -478,7 +480,7 @@ def _sftp_mkdir_p(sftp: paramiko.SFTPClient, directory: str) -> None:
             attrs = sftp.stat(part)
         except FileNotFoundError:
             try:
-                sftp.mkdir(part)
+                sftp.mkdir(part, mode)
             except OSError:
                 attrs = sftp.stat(part)  # another uploader made it meanwhile
                 if not stat.S_ISDIR(attrs.st_mode or 0):
@@ -488,9 +490,13 @@ def _sftp_mkdir_p(sftp: paramiko.SFTPClient, directory: str) -> None:
             raise SSHError(f"{part} exists and is not a directory")
 
 
-def _sftp_put(sftp: paramiko.SFTPClient, data: bytes | Path, remote_path: str, mode: int) -> None:
+def _sftp_put(
+    sftp: paramiko.SFTPClient, data: bytes | Path, remote_path: str, mode: int, dir_mode: int | None = None
+) -> None:
     path = PurePosixPath(remote_path)
-    _sftp_mkdir_p(sftp, str(path.parent))
+    _sftp_mkdir_p(sftp, str(path.parent), 0o777 if dir_mode is None else dir_mode)
+    if dir_mode is not None and str(path.parent) not in ("", ".", "/"):
+        sftp.chmod(str(path.parent), dir_mode)  # also when it existed before
     tmp = str(path.parent / f".{path.name}.fleet-tmp-{uuid.uuid4().hex[:12]}")
     try:
         with sftp.open(tmp, "wb") as handle:
