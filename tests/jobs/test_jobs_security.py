@@ -1,0 +1,168 @@
+"""What a job hands to its nodes stays theirs, and nothing on the shared directory is
+trusted (real local fleet, head + 2 workers): remote output is printed as text, a job's
+env never reaches job.yaml, events or messages, nothing planted in the job directory is
+imported or run, a forged pid file signals no stranger, and the temporary-file sweep
+stays inside the job's own directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from jobs_fleet import LocalFleet, check_outputs, finish_fleet, plain_job, summary_of
+
+from fleet.fleetops import Fleet
+from fleet.jobs import JobRunner, sweep_root
+from fleet.spec.loader import load_fleet_spec, parse_job_spec
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
+    root = tmp_path_factory.mktemp("secfleet")
+    local = LocalFleet(root, workers=2)
+    try:
+        local.up()
+        yield local
+    finally:
+        finish_fleet(local)
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.slow
+def test_remote_output_is_printed_as_text_without_control_characters(fleet: LocalFleet) -> None:
+    shown = fleet.cli("exec", "--nodes", "head", "--",
+                      r"printf '[/usr/lib] [bold]x[/bold] \033]0;pwned\007\033[31mred\033[0m\n'")
+    assert shown.returncode == 0, shown.stderr
+    assert "[/usr/lib] [bold]x[/bold] red" in shown.stdout
+    assert "\x1b" not in shown.stdout + shown.stderr and "\x07" not in shown.stdout
+    failed = fleet.cli("exec", "--nodes", "head", "--", r"printf '[/oops] \033[2J\n' >&2; exit 3")
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert "[/oops]" in failed.stderr and "\x1b" not in failed.stderr
+
+
+@pytest.mark.slow
+def test_a_jobs_env_reaches_its_processes_and_nothing_else(fleet: LocalFleet) -> None:
+    secret = f"hf_{uuid.uuid4().hex}"
+    failing = {"name": "leaky", "nodes": "workers", "env": {"HF_TOKEN": secret},
+               "setup": ['echo "token is $HF_TOKEN" >&2', "exit 3"], "run": "true"}
+    started = fleet.cli("run", str(fleet.write_job(failing)), "--detach")
+    assert started.returncode == 0, started.stderr
+    assert secret not in started.stdout + started.stderr
+    events = fleet.cli("events", "--json", check=True).stdout
+    setup_failures = [e for e in json.loads(events) if e["kind"] == "job_setup_failed"]
+    assert len(setup_failures) == 2 and all("token is ***" in e["detail"] for e in setup_failures)
+    assert secret not in events
+    # The env still reaches the job's processes, from a file only the node's user reads.
+    job = {"name": "tokened", "nodes": "workers", "env": {"HF_TOKEN": secret, "QUOTED": "it's $HOME"},
+           "run": 'printf "%s|%s" "$HF_TOKEN" "$QUOTED" > "$FLEET_SHARED/seen-$FLEET_NODE_NAME"'}
+    result = fleet.cli("run", str(fleet.write_job(job)), "--json", "--timeout", "60")
+    assert result.returncode == 0, result.stderr
+    for worker in (fleet.worker(1), fleet.worker(2)):
+        assert (fleet.shared / f"seen-{worker}").read_text() == f"{secret}|it's $HOME"
+        node_dir = fleet.node_home(worker) / ".fleet" / "jobs" / "tokened"
+        assert mode_of(node_dir) == 0o700 and mode_of(node_dir / "env.sh") == 0o600
+        assert mode_of(node_dir / "launch.sh") == 0o700
+    shared_yaml = (fleet.job_dir("tokened") / "job.yaml").read_text()
+    assert secret not in shared_yaml and "env" not in yaml.safe_load(shared_yaml)
+    assert secret not in fleet.cli("events", "--json", check=True).stdout
+    state_dir = fleet.root / ".fleet" / fleet.name
+    assert mode_of(fleet.root / ".fleet") == 0o700 and mode_of(state_dir) == 0o700
+    assert mode_of(state_dir / "state.db") == 0o600
+
+
+@pytest.mark.slow
+def test_nothing_planted_in_the_job_directory_is_imported_or_run(fleet: LocalFleet, tmp_path: Path) -> None:
+    job = plain_job("planted", 40, chunk_size=10)
+    marker = tmp_path / "planted-code-ran"
+    job_dir = fleet.job_dir("planted")
+    payload = f"open({str(marker)!r}, 'a').write('ran\\n')\n"
+    # What any worker can write there through its mount, before or during the job.
+    for module in ("fleet/__init__.py", "fleet/worker/__init__.py", "fleet/worker/__main__.py",
+                   "fleet/worker/sampler.py"):
+        (job_dir / module).parent.mkdir(parents=True, exist_ok=True)
+        (job_dir / module).write_text(payload)
+    (job_dir / "launch.sh").write_text(f"#!/bin/sh\necho ran >> {marker}\n")
+    result = fleet.cli("run", str(fleet.write_job(job)), "--json", "--timeout", "120")
+    assert result.returncode == 0, result.stderr
+    assert summary_of(result)["done"] == 40
+    check_outputs(fleet, job)
+    assert not marker.exists(), "code planted in the shared job directory ran"
+    assert "#!/bin/sh\necho ran" in (job_dir / "launch.sh").read_text()  # never rewritten, never used
+    head_launcher = fleet.node_home(f"{fleet.name}-head") / ".fleet" / "jobs" / "planted" / "launch.sh"
+    assert head_launcher.exists() and mode_of(head_launcher) == 0o700
+
+
+@pytest.mark.slow
+def test_a_forged_pid_file_signals_no_stranger(fleet: LocalFleet) -> None:
+    job = {"name": "sleeper", "nodes": "workers", "run": "sleep 60"}
+    started = fleet.cli("run", str(fleet.write_job(job)), "--detach")
+    assert started.returncode == 0, started.stderr
+    pids = fleet.job_dir("sleeper") / "pids"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(pids.glob("*.pid"))) < 2:
+        time.sleep(0.2)
+    # A process group of someone else on the same machine, named by a forged pid file.
+    stranger = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        real = int((pids / f"{fleet.worker(2)}.pid").read_text())
+        (pids / f"{fleet.worker(1)}.pid").write_text(f"{stranger.pid}\n")
+        cancelled = fleet.cli("cancel", "sleeper")
+        assert cancelled.returncode == 0, cancelled.stderr
+        time.sleep(0.5)
+        assert stranger.poll() is None, "cancel signalled a process group that is not the job's"
+        with pytest.raises(ProcessLookupError):  # the genuine launcher was stopped
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                os.killpg(real, 0)
+                time.sleep(0.2)
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+@pytest.mark.slow
+def test_the_temporary_sweep_stays_in_the_jobs_own_directories(fleet: LocalFleet) -> None:
+    head_home = fleet.node_home(f"{fleet.name}-head")
+    old = time.time() - 3600
+    strays = [head_home / ".precious.tmp", fleet.shared / ".other-job.tmp"]
+    own = [fleet.shared / "out-sweep" / ".half.npy.tmp", fleet.job_dir("sweepy") / "claims" / ".c.tmp"]
+    for path in [*strays, *own]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+        os.utime(path, (old, old))
+    spec = load_fleet_spec(fleet.spec_path)
+    with Fleet(spec, fleet.spec_path) as handle:
+        nodes = handle.observe()
+        for outputs in ("..", "~", ".", "jobs"):
+            runner = JobRunner(handle, parse_job_spec(
+                f"name: sweepy\nworker: {{handler: checksum, inputs: 'x/*.txt', outputs: {outputs!r}}}\n",
+                file="sweepy.yaml", env={}))
+            runner.sweep_temporaries(nodes)
+            assert all(p.exists() for p in strays), f"outputs {outputs!r} swept beyond the job"
+        runner = JobRunner(handle, parse_job_spec(
+            "name: sweepy\nworker: {handler: checksum, inputs: 'x/*.txt', outputs: out-sweep}\n",
+            file="sweepy.yaml", env={}))
+        assert runner.sweep_temporaries(nodes) == 2
+    assert not any(p.exists() for p in own)
+    assert all(p.exists() for p in strays)
+
+
+@pytest.mark.parametrize(("shared", "outputs", "root"), [
+    ("shared", "/", None), ("shared", "~", None), ("shared", "~/", None), ("shared", "..", None),
+    ("shared", ".", None), ("shared", "jobs", None), ("shared", "a/../..", None), ("/srv/x", "/srv", None),
+    ("/srv/x", "/", None), ("shared", "out", "shared/out"), ("shared", "/data/out", "/data/out"),
+    ("shared", "~/elsewhere/out", "elsewhere/out"), ("/srv/x", "out/", "/srv/x/out"),
+])
+def test_the_sweep_root_of_an_outputs_setting(shared: str, outputs: str, root: str | None) -> None:
+    assert sweep_root(shared, outputs) == root
