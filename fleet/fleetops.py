@@ -499,10 +499,16 @@ class Fleet:
         head = self.existing_head()
         if head is not None:
             try:
-                self.executor.run([self.target(head)], self.existing_head_cleanup(), timeout=60)
-                report.deleted.append(f"the fleet's mount key and processes on existing head {head.address}")
+                outcome = self.executor.run([self.target(head)], self.existing_head_cleanup(), timeout=90)[head.name]
             except FleetError as error:
                 report.errors.append(f"existing head {head.address}: {error}")
+            else:
+                if outcome.ok:
+                    stopped = outcome.stdout.count("STOPPED ")
+                    report.deleted.append(f"the fleet's mount key and {stopped} job process group(s) on "
+                                          f"existing head {head.address}")
+                else:
+                    report.errors.append(f"existing head {head.address}: cleanup failed: {outcome.describe()}")
         if self._executor is not None:
             self._executor.close()
             self._executor = None
@@ -518,14 +524,31 @@ class Fleet:
         return report
 
     def existing_head_cleanup(self) -> str:
+        """Shell for an existing head (a machine fleet does not own): remove the mount
+        key, and stop the job process groups the head's launchers recorded, each checked
+        to be led by that job's launcher (never a pattern over command lines). Prints
+        `STOPPED <pg>` per group; exits non-zero if one is still alive."""
+        from fleet.jobs import NODE_JOBS, valid_group_check
+
         mount_pub = Path(f"{self.paths.mount_key}.pub")
-        script = "true"
+        script = "set -u; "
         if mount_pub.exists():
             line = f"restrict {mount_pub.read_text().strip()}"
-            script = (f"if [ -f \"$HOME/.ssh/authorized_keys\" ]; then grep -vxF {_q(line)} \"$HOME/.ssh/authorized_keys\" "
-                      f"> \"$HOME/.ssh/authorized_keys.fleet-tmp\"; mv \"$HOME/.ssh/authorized_keys.fleet-tmp\" "
-                      f"\"$HOME/.ssh/authorized_keys\"; fi")
-        return script + f"; pkill -f -- {_q('FLEET_FLEET=' + self.spec.name)} || true"
+            keys = '"$HOME/.ssh/authorized_keys"'
+            script += (f"if [ -f {keys} ]; then (umask 077 && grep -vxF {_q(line)} {keys} > {keys}.fleet-tmp); "
+                       f"[ $? -le 1 ] || exit 1; mv {keys}.fleet-tmp {keys} || exit 1; fi; ")
+        pid_name = _q(f"{head_name(self.spec.name)}.pid")
+        script += (
+            f"left=0; for f in {_home_path(self.spec.shared.path)}/jobs/*/pids/{pid_name}; do "
+            '[ -f "$f" ] || continue; j=${f%/pids/*}; j=${j##*/}; '
+            + valid_group_check('"$f"', f'"$HOME"/{NODE_JOBS}/"$j"/launch.sh') +
+            '[ -n "$pg" ] || continue; kill -TERM -- -"$pg" 2>/dev/null; i=0; '
+            'while kill -0 -- -"$pg" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done; '
+            'kill -KILL -- -"$pg" 2>/dev/null; sleep 0.1; '
+            'if kill -0 -- -"$pg" 2>/dev/null; then echo "ALIVE $pg"; left=1; else echo "STOPPED $pg"; fi; '
+            'done; exit $left'
+        )
+        return script
 
 
 def remove_state_dir(paths: FleetPaths) -> None:

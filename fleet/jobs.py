@@ -111,6 +111,7 @@ def q(value: str) -> str:
 
 
 REDACTED = "***"
+NODE_JOBS = ".fleet/jobs"  # under the node's home: what each node keeps of its jobs (0700)
 
 
 def redact(text: str, secrets: Sequence[str]) -> str:
@@ -152,7 +153,7 @@ class JobRunner:
     @property
     def node_dir(self) -> str:
         """Shell word of ~/.fleet/jobs/<job> on a node (0700)."""
-        return f'"$HOME"/.fleet/jobs/{q(self.job.name)}'
+        return f'"$HOME"/{NODE_JOBS}/{q(self.job.name)}'
 
     @property
     def launcher(self) -> str:
@@ -171,7 +172,7 @@ class JobRunner:
         if not nodes:
             return {}
         targets = [self.fleet.target(n) for n in nodes]
-        base = f".fleet/jobs/{self.job.name}"
+        base = f"{NODE_JOBS}/{self.job.name}"
         failures: dict[str, str] = {}
         for data, name, mode in ((_LAUNCHER.encode(), "launch.sh", 0o700), (self.env_text().encode(), "env.sh", 0o600)):
             results = self.fleet.executor.put(targets, data, f"{base}/{name}", mode=mode, dir_mode=0o700)

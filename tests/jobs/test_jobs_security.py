@@ -21,6 +21,7 @@ from jobs_fleet import LocalFleet, check_outputs, finish_fleet, plain_job, summa
 
 from fleet.fleetops import Fleet
 from fleet.jobs import JobRunner, sweep_root
+from fleet.providers.localnode import LocalNode, generate_ed25519_keypair
 from fleet.spec.loader import load_fleet_spec, parse_job_spec
 
 
@@ -166,3 +167,44 @@ def test_the_temporary_sweep_stays_in_the_jobs_own_directories(fleet: LocalFleet
 ])
 def test_the_sweep_root_of_an_outputs_setting(shared: str, outputs: str, root: str | None) -> None:
     assert sweep_root(shared, outputs) == root
+
+
+@pytest.mark.slow
+def test_down_on_an_existing_head_stops_the_recorded_groups_and_nothing_else(tmp_path: Path) -> None:
+    key = tmp_path / "id_existing"
+    public = generate_ed25519_keypair(key, "existing-head-test")
+    machine = LocalNode.create(tmp_path / "machine", name="existing", fleet="existing-machine",
+                               authorized_keys=[public])
+    local = LocalFleet(tmp_path / "f", workers=1, extra={
+        "head": {"host": machine.address, "port": machine.port, "user": machine.user},
+        "ssh": {"key": str(key)},
+    })
+    decoy = None
+    try:
+        local.up()
+        started = local.cli("run", str(local.write_job({"name": "onhead", "nodes": "head", "run": "sleep 120"})),
+                            "--detach")
+        assert started.returncode == 0, started.stderr
+        pid_file = machine.home / "shared" / "jobs" / "onhead" / "pids" / f"{local.name}-head.pid"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not pid_file.exists():
+            time.sleep(0.1)
+        group = int(pid_file.read_text())
+        # Another fleet's process on the same machine whose command line starts like ours.
+        decoy = subprocess.Popen(["sh", "-c", "sleep 120; :", f"FLEET_FLEET={local.name}-2"])
+        down = local.down()
+        assert down.returncode == 0, down.stderr
+        time.sleep(0.3)
+        assert decoy.poll() is None, "down killed a process of another fleet"
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)
+        assert "1 job process group(s) on existing head" in down.stdout, down.stdout
+        assert machine.is_running(), "down must leave the existing machine itself alone"
+        keys = (machine.home / ".ssh" / "authorized_keys").read_text()
+        assert "mount" not in keys
+    finally:
+        if decoy is not None:
+            decoy.kill()
+            decoy.wait()
+        finish_fleet(local)
+        machine.destroy()
