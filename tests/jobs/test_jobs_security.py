@@ -10,6 +10,7 @@ import json
 import os
 import stat
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from jobs_fleet import LocalFleet, check_outputs, finish_fleet, plain_job, summa
 
 from fleet.fleetops import Fleet
 from fleet.jobs import JobRunner, sweep_root
+from fleet.monitor import Monitor
 from fleet.providers.localnode import LocalNode, generate_ed25519_keypair
 from fleet.spec.loader import load_fleet_spec, parse_job_spec
 
@@ -208,3 +210,35 @@ def test_down_on_an_existing_head_stops_the_recorded_groups_and_nothing_else(tmp
             decoy.wait()
         finish_fleet(local)
         machine.destroy()
+
+
+@pytest.mark.slow
+def test_two_monitors_give_a_lost_slot_one_next_generation(fleet: LocalFleet) -> None:
+    """`fleet run` and `fleet watch` side by side (run last in this module: it preempts)."""
+    victim = fleet.worker(2)
+    assert fleet.cli("preempt", victim).returncode == 0
+    spec = load_fleet_spec(fleet.spec_path)
+    handles = [Fleet(spec, fleet.spec_path), Fleet(spec, fleet.spec_path)]
+    try:
+        monitors = [Monitor(handle) for handle in handles]
+        barrier = threading.Barrier(2)
+        reports: list[object] = []
+
+        def one_pass(monitor: Monitor) -> None:
+            barrier.wait()
+            reports.append(monitor.reconcile_once())
+
+        threads = [threading.Thread(target=one_pass, args=(m,)) for m in monitors]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=180)
+        assert len(reports) == 2
+        events = handles[0].state.events()
+        assert [e.node for e in events if e.kind == "replace_failed"] == []
+        assert [e.node for e in events if e.kind == "replaced"] == [fleet.worker(2, 2)]
+        slot_two = [n["name"] for n in fleet.status() if n["labels"].get("fleet-slot") == "2"]
+        assert slot_two == [fleet.worker(2, 2)], slot_two
+    finally:
+        for handle in handles:
+            handle.close()
