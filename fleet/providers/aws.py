@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -380,7 +381,9 @@ class AwsProvider(Provider):
             if where in exhausted:
                 continue
             try:
-                reply = self._call("run_instances", **base, **placement)
+                # One token per attempt: a retried request (throttled, or its reply lost)
+                # returns the instance the first one made instead of a second one.
+                reply = self._call("run_instances", **base, **placement, ClientToken=uuid.uuid4().hex)
             except CapacityError as exc:
                 exhausted.add(where)
                 last = exc

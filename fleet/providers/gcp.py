@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -361,9 +362,12 @@ class GcpProvider(Provider):
             if zone in exhausted:
                 continue
             body = self.instance_body(request, zone)
+            request_id = str(uuid.uuid4())
             try:
                 operation = self._call(
-                    lambda: client.insert_unary(project=self.gcp.project, zone=zone, instance_resource=body)  # noqa: B023
+                    # A request id per attempt: a retried insert is the same insert.
+                    lambda: client.insert_unary(project=self.gcp.project, zone=zone, instance_resource=body,  # noqa: B023
+                                                request_id=request_id)  # noqa: B023
                 )
                 self._wait_zone_op(zone, operation)
             except CapacityError as exc:

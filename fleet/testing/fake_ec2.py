@@ -58,6 +58,7 @@ class Fault:
     subnet: str | None = None
     times: int | None = None  # None: until cleared
     message: str = ""
+    after: bool = False  # answer the error only after moto did the work (a lost reply)
 
 
 def _tags_of(instance: Any) -> dict[str, str]:
@@ -104,6 +105,7 @@ class FakeEc2:
         self.addresses: dict[str, str] = {}  # instance id -> loopback address
         self.rewrite: dict[str, str] = {}  # moto address -> loopback address
         self.nodes: dict[str, LocalNode] = {}
+        self.client_tokens: dict[str, bytes] = {}  # RunInstances ClientToken -> its reply
         self._lock = threading.RLock()
         self._host, self._port = host, port
         self._server: Any = None
@@ -221,8 +223,14 @@ class FakeEc2:
             region = region_match.group(1) if region_match else self.region
             with self._lock:
                 self.requests.append({"action": action, "params": params, "time": time.time()})
+            token = params.get("ClientToken") if action == "RunInstances" else None
+            with self._lock:
+                earlier = self.client_tokens.get(token) if token else None
+            if earlier is not None:  # EC2's idempotency: the same token, the same instances
+                start_response("200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(earlier)))])
+                return [earlier]
             fault = self._fault_for(action, params, region)
-            if fault is not None:
+            if fault is not None and not fault.after:
                 return _error(start_response, fault.code, fault.message or f"injected {fault.code}")
             environ["wsgi.input"] = io.BytesIO(raw)
             captured: dict[str, Any] = {}
@@ -234,6 +242,11 @@ class FakeEc2:
             body = b"".join(app(environ, capture))
             if captured.get("status", "").startswith("200"):
                 body = self._after(action, params, region, body)
+                if token:
+                    with self._lock:
+                        self.client_tokens[token] = body
+            if fault is not None:
+                return _error(start_response, fault.code, fault.message or f"injected {fault.code}")
             headers = [(k, v) for k, v in captured.get("headers", []) if k.lower() != "content-length"]
             headers.append(("Content-Length", str(len(body))))
             start_response(captured.get("status", "500 Internal Server Error"), headers)

@@ -1,0 +1,36 @@
+"""Provider-side security and idempotency on the fake clouds: creates carry an
+idempotency token (a retried RunInstances whose reply was lost makes no second
+instance), and every cloud node's host key reaches fleet through a channel the cloud
+vouches for (GCE guest attributes, EC2 console output) before the first connection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from provider_helpers import Sleeps, aws_block, context, fleet_spec
+
+from fleet.model import NodeRequest, Role, worker_name
+from fleet.providers.aws import AwsProvider
+from fleet.testing.fake_ec2 import Fault
+
+
+def _request(fleet: str, slot: int = 1) -> NodeRequest:
+    return NodeRequest(name=worker_name(fleet, slot, 1), role=Role.WORKER, slot=slot, generation=1, spot=True,
+                       machine="g4dn.xlarge", disk_gb=60)
+
+
+def test_a_run_instances_retried_after_a_lost_reply_makes_one_instance(
+    tmp_path: Path, fleet_key: tuple[Path, str], fake_ec2: Any, loopback: tuple[str, int], sleeps: Sleeps
+) -> None:
+    spec = fleet_spec("tk", "aws", ssh_port=loopback[1], aws=aws_block())
+    provider = AwsProvider(context(spec, tmp_path / "state", fleet_key[1]), sleep=sleeps)
+    # EC2 did the work, then the reply was lost to throttling: the client retries.
+    fake_ec2.add_fault(Fault(action="RunInstances", code="RequestLimitExceeded", times=1, after=True))
+    [result] = provider.create([_request("tk")])
+    assert result.error is None and len(sleeps) == 1
+    calls = fake_ec2.actions("RunInstances")
+    assert len(calls) == 2 and calls[0]["params"]["ClientToken"] == calls[1]["params"]["ClientToken"]
+    live = [i for i in fake_ec2.state()["instances"] if i["state"] != "terminated"]
+    assert [i["tags"]["Name"] for i in live] == ["tk-w1-g1"]
+    provider.destroy_all()
