@@ -366,8 +366,7 @@ class GcpProvider(Provider):
             try:
                 operation = self._call(
                     # A request id per attempt: a retried insert is the same insert.
-                    lambda: client.insert_unary(project=self.gcp.project, zone=zone, instance_resource=body,  # noqa: B023
-                                                request_id=request_id)  # noqa: B023
+                    lambda: client.insert_unary(request=insert_request(self.gcp.project, zone, body, request_id))  # noqa: B023
                 )
                 self._wait_zone_op(zone, operation)
             except CapacityError as exc:
@@ -579,3 +578,10 @@ class GcpProvider(Provider):
             transport = getattr(client, "transport", None)
             if transport is not None and hasattr(transport, "close"):
                 transport.close()
+
+
+def insert_request(project: str, zone: str, body: Any, request_id: str) -> Any:
+    """An InsertInstanceRequest carrying a request id (the server dedupes on it)."""
+    from google.cloud import compute_v1
+
+    return compute_v1.InsertInstanceRequest(project=project, zone=zone, instance_resource=body, request_id=request_id)

@@ -134,6 +134,7 @@ class FakeGce:
         self.faults = Faults()
         self.instances: dict[tuple[str, str], dict[str, Any]] = {}  # (zone, name) -> resource
         self.nodes: dict[tuple[str, str], LocalNode] = {}
+        self.request_ops: dict[str, dict[str, Any]] = {}  # insert requestId -> its operation
         self.disks: dict[tuple[str, str], dict[str, Any]] = {}
         self.firewalls: dict[str, dict[str, Any]] = {}
         self.operations: dict[str, _Op] = {}
@@ -320,7 +321,19 @@ class FakeGce:
                 if not self.backing or _port_free(address, self.ssh_port):
                     return address
 
-    def insert_instance(self, project: str, zone: str, body: dict[str, Any]) -> dict[str, Any]:
+    def insert_instance(
+        self, project: str, zone: str, body: dict[str, Any], request_id: str | None = None
+    ) -> dict[str, Any]:
+        with self._lock:
+            if request_id and request_id in self.request_ops:  # Compute Engine dedupes on requestId
+                return self.request_ops[request_id]
+        data = self._insert_instance(project, zone, body)
+        if request_id:
+            with self._lock:
+                self.request_ops[request_id] = data
+        return data
+
+    def _insert_instance(self, project: str, zone: str, body: dict[str, Any]) -> dict[str, Any]:
         name = body.get("name") or ""
         if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
             raise ApiError(400, "invalid", f"Invalid value for field 'resource.name': '{name}'.")
@@ -608,7 +621,7 @@ def _route_table(fake: FakeGce) -> list[tuple[str, re.Pattern[str], Any]]:
         (
             "POST",
             re.compile(zone + r"/instances$"),
-            lambda m, q, b: fake.insert_instance(m["project"], m["zone"], b),
+            lambda m, q, b: fake.insert_instance(m["project"], m["zone"], b, q.get("requestId")),
         ),
         ("GET", re.compile(zone + r"/instances/(?P<name>[^/]+)$"), get_instance),
         (

@@ -8,10 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from provider_helpers import Sleeps, aws_block, context, fleet_spec
+from provider_helpers import Sleeps, aws_block, context, fleet_spec, gcp_block
 
 from fleet.model import NodeRequest, Role, worker_name
 from fleet.providers.aws import AwsProvider
+from fleet.providers.gcp import GcpProvider
 from fleet.testing.fake_ec2 import Fault
 
 
@@ -34,3 +35,24 @@ def test_a_run_instances_retried_after_a_lost_reply_makes_one_instance(
     live = [i for i in fake_ec2.state()["instances"] if i["state"] != "terminated"]
     assert [i["tags"]["Name"] for i in live] == ["tk-w1-g1"]
     provider.destroy_all()
+
+
+def test_every_gce_insert_carries_a_request_id_that_the_server_dedupes(
+    tmp_path: Path, fleet_key: tuple[Path, str], fake_gce: Any, loopback: tuple[str, int]
+) -> None:
+    spec = fleet_spec("tg", "gcp", ssh_port=loopback[1], gcp=gcp_block(fake_gce))
+    provider = GcpProvider(context(spec, tmp_path / "state", fleet_key[1]), sleep=lambda s: None)
+    try:
+        [first, second] = provider.create([_request("tg", 1), _request("tg", 2)])
+        assert first.error is None and second.error is None
+        inserts = fake_gce.requests_matching("POST", r"/instances$")
+        ids = [r["query"].get("requestId") for r in inserts]
+        assert len(ids) == 2 and all(ids) and ids[0] != ids[1]
+        # The same request id again (a retry whose reply was lost): the same operation,
+        # not a second instance nor an "already exists" error.
+        body = dict(inserts[0]["body"])
+        again = fake_gce.insert_instance("test-project", "us-central1-a", body, ids[0])
+        assert again["targetLink"].endswith("/" + body["name"])
+        assert sorted(i["name"] for i in fake_gce.state()["instances"]) == ["tg-w1-g1", "tg-w2-g1"]
+    finally:
+        provider.destroy_all()
