@@ -106,6 +106,8 @@ class Fleet:
         self._executor: Executor | None = None
         self._state: State | None = None
         self.user = spec.ssh_user(getpass.getuser())
+        self._vouched: dict[str, str] = {}  # node -> host key the provider vouched for
+        self._warned_tofu: set[str] = set()
 
     # -- lazily built parts --------------------------------------------------------------
     @property
@@ -187,11 +189,31 @@ class Fleet:
         return next((n for n in self.alive(nodes) if n.role == Role.HEAD), None)
 
     def target(self, node: Node) -> Target:
-        user = self.spec.head.user if node.role == Role.HEAD and self.spec.head.host and self.spec.head.user else self.user
+        """How to reach `node`. Its host key is the one the provider vouched for (or the
+        spec's `head.host_key` for an existing head); a node with none is only trusted on
+        first use when the spec lists its name in `ssh.trust_on_first_use`."""
+        existing = node.role == Role.HEAD and bool(self.spec.head.host)
+        user = self.spec.head.user if existing and self.spec.head.user else self.user
+        host_key = node.host_key or self._vouched.get(node.name) or (self.spec.head.host_key if existing else None)
+        tofu = node.name in self.spec.ssh.trust_on_first_use and host_key is None
+        if tofu and node.name not in self._warned_tofu and self.executor.known_hosts.get(node.name) is None:
+            self._warned_tofu.add(node.name)
+            self.log(f"warning: {node.name}: trusting the host key it shows on first contact "
+                     "(ssh.trust_on_first_use); an attacker on the path could answer instead")
         return Target(
             name=node.name, address=node.address or "", port=node.port, user=user,
-            host_key=node.host_key, trust_on_first_use=True,
+            host_key=host_key, trust_on_first_use=tofu,
         )
+
+    def fetch_vouched_host_keys(self, nodes: Sequence[Node]) -> None:
+        """Ask the provider for the host keys of the nodes not pinned yet (new nodes, or
+        known_hosts was lost), before the first connection to them."""
+        missing = [n for n in nodes if not n.host_key and n.name not in self._vouched
+                   and self.executor.known_hosts.get(n.name) is None
+                   and not (n.role == Role.HEAD and self.spec.head.host)]
+        if missing:
+            self.log(f"reading the host keys the provider vouches for of {len(missing)} node(s)")
+            self._vouched.update(self.provider.vouched_host_keys(missing, timeout=self.spec.ssh.ready_timeout))
 
     def select(self, nodes: Sequence[Node], selector: str) -> list[Node]:
         """`all`, `head`, `workers`, or a comma-separated list of node names."""
@@ -347,6 +369,7 @@ class Fleet:
         """SSH ready -> setup -> head export -> worker mounts, each node as far as it gets."""
         if not nodes:
             return []
+        self.fetch_vouched_host_keys(nodes)
         self.log(f"waiting for SSH on {len(nodes)} node(s)")
         ready_results = self.executor.wait_ready([self.target(n) for n in nodes], timeout=self.spec.ssh.ready_timeout)
         ready = self._keep_ok(nodes, ready_results, result, "ssh_ready", "SSH answers")

@@ -55,6 +55,7 @@ from fleet.providers.netaddr import AddressDetector, canonical_ranges, resolve_s
 from fleet.providers.prices import estimate
 from fleet.providers.retry import Sleep, with_backoff
 from fleet.providers.startup import render_startup_script
+from fleet.providers.vouched import poll_host_keys
 from fleet.spec.models import GcpNodeOptions
 
 _SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
@@ -320,6 +321,8 @@ class GcpProvider(Provider):
                         key="ssh-keys", value=f"{self.context.ssh_user}:{self.context.public_key.strip()}"
                     ),
                     compute_v1.Items(key="startup-script", value=script),
+                    # The guest agent publishes the host keys there: how fleet learns them.
+                    compute_v1.Items(key="enable-guest-attributes", value="TRUE"),
                 ]
             ),
         )
@@ -476,6 +479,24 @@ class GcpProvider(Provider):
                 self._zone_of[node.name] = node.zone
         return nodes
 
+    def vouched_host_keys(self, nodes: Sequence[Node], *, timeout: float) -> dict[str, str]:
+        """Each node's host key from its guest attributes `hostkeys/` (see fleet.providers.vouched)."""
+        client = self._client("instances")
+        zones = self._zones_for([n.name for n in nodes])
+
+        def fetch(node: Node) -> list[str]:
+            zone = node.zone or zones.get(node.name)
+            if zone is None:
+                return []
+            # Not published yet is a 404: poll_host_keys asks again.
+            attributes = self._call(lambda: client.get_guest_attributes(request=guest_attributes_request(
+                self.gcp.project, zone, node.name, "hostkeys/")))
+            items = attributes.query_value.items if attributes.query_value else []
+            return [item.value if " " in item.value else f"{item.key} {item.value}"
+                    for item in items if item.namespace == "hostkeys"]
+
+        return poll_host_keys(nodes, fetch, timeout=timeout)
+
     # -- delete / preempt / destroy ----------------------------------------------------
     def _zones_for(self, names: Sequence[str]) -> dict[str, str]:
         if any(name not in self._zone_of for name in names):
@@ -585,3 +606,11 @@ def insert_request(project: str, zone: str, body: Any, request_id: str) -> Any:
     from google.cloud import compute_v1
 
     return compute_v1.InsertInstanceRequest(project=project, zone=zone, instance_resource=body, request_id=request_id)
+
+
+def guest_attributes_request(project: str, zone: str, instance: str, query_path: str) -> Any:
+    from google.cloud import compute_v1
+
+    return compute_v1.GetGuestAttributesInstanceRequest(
+        project=project, zone=zone, instance=instance, query_path=query_path
+    )

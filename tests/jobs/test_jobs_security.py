@@ -25,6 +25,7 @@ from fleet.jobs import JobRunner, sweep_root
 from fleet.monitor import Monitor
 from fleet.providers.localnode import LocalNode, generate_ed25519_keypair
 from fleet.spec.loader import load_fleet_spec, parse_job_spec
+from fleet.spec.models import FleetSpec
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +184,22 @@ def test_down_on_an_existing_head_stops_the_recorded_groups_and_nothing_else(tmp
     })
     decoy = None
     try:
-        local.up()
+        # A machine fleet did not create: its host key comes from the user, or first use
+        # is trusted only when asked for by name.
+        unvouched = local.cli("up")
+        assert unvouched.returncode == 1 and "ssh.trust_on_first_use" in unvouched.stderr, unvouched.stderr
+        local.spec["ssh"]["trust_on_first_use"] = [f"{local.name}-head"]
+        local.spec_path.write_text(yaml.safe_dump(local.spec, sort_keys=False))
+        trusted = local.cli("up")
+        assert trusted.returncode == 0, trusted.stderr
+        assert f"warning: {local.name}-head: trusting the host key" in trusted.stderr
+        pinned = (local.root / ".fleet" / local.name / "known_hosts").read_text()
+        assert f"{local.name}-head {machine.host_key_line}" in pinned
+        # With the key given in the spec, it is the vouched one.
+        local.spec["head"]["host_key"] = machine.host_key_line
+        with Fleet(FleetSpec.model_validate(local.spec), local.spec_path) as handle:
+            target = handle.target(handle.existing_head())
+            assert target.host_key == machine.host_key_line and not target.trust_on_first_use
         started = local.cli("run", str(local.write_job({"name": "onhead", "nodes": "head", "run": "sleep 120"})),
                             "--detach")
         assert started.returncode == 0, started.stderr

@@ -8,11 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from provider_helpers import Sleeps, aws_block, context, fleet_spec, gcp_block
+import pytest
+import yaml
+from provider_helpers import USER, Sleeps, aws_block, context, fleet_spec, gcp_block
 
+from fleet.fleetops import Fleet
 from fleet.model import NodeRequest, Role, worker_name
 from fleet.providers.aws import AwsProvider
 from fleet.providers.gcp import GcpProvider
+from fleet.spec.loader import load_fleet_spec
 from fleet.testing.fake_ec2 import Fault
 
 
@@ -56,3 +60,38 @@ def test_every_gce_insert_carries_a_request_id_that_the_server_dedupes(
         assert sorted(i["name"] for i in fake_gce.state()["instances"]) == ["tg-w1-g1", "tg-w2-g1"]
     finally:
         provider.destroy_all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cloud", ["gcp", "aws"])
+def test_a_node_answering_with_another_key_than_the_vouched_one_is_refused_on_first_contact(
+    cloud: str, request: pytest.FixtureRequest, tmp_path: Path, loopback: tuple[str, int]
+) -> None:
+    fake = request.getfixturevalue("fake_gce" if cloud == "gcp" else "fake_ec2")
+    name = f"hk{cloud[0]}"
+    block = {"gcp": gcp_block(fake)} if cloud == "gcp" else {"aws": aws_block()}
+    spec_path = tmp_path / "fleet.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": name, "provider": cloud, "workers": {"count": 2},
+        "ssh": {"user": USER, "port": loopback[1], "ready_timeout": 60}, **block,
+    }))
+    impostor = worker_name(name, 2, 1)
+    fake.vouch_false_host_key(impostor)
+    with Fleet(load_fleet_spec(spec_path), spec_path) as fleet:
+        try:
+            result = fleet.up()
+            assert sorted(n.name for n in result.nodes) == [f"{name}-head", worker_name(name, 1, 1)]
+            assert list(result.failures) == [impostor]
+            assert "not the one its provider vouches for" in result.failures[impostor]
+            # Nothing was pinned for it, and the others are pinned to the vouched keys.
+            store = fleet.executor.known_hosts
+            assert store.get(impostor) is None
+            backing = fake.backing_node if cloud == "gcp" else (lambda n: fake.nodes[fake.instance_id_of(n)])
+            for node in result.nodes:
+                assert store.get(node.name) == backing(node.name).host_key_line
+            # The impostor never got past the key exchange: no login, no command, no mount key.
+            log = (backing(impostor).sshd_dir / "sshd.log").read_text()
+            assert "Accepted publickey" not in log
+            assert not (backing(impostor).home / ".fleet" / "mount_key").exists()
+        finally:
+            fleet.down()
