@@ -25,6 +25,7 @@ from fleet.model import Accelerator, Node, NodeRequest, NodeState, Role, head_na
 from fleet.providers import Provider, ProviderContext, get_provider
 from fleet.providers.base import CleanupReport
 from fleet.providers.localnode import generate_ed25519_keypair
+from fleet.share import SHARE_FILE, ShareEndpoint, as_root, confine_script, fallback_key_line, parse_share
 from fleet.spec.models import FleetSpec
 from fleet.ssh import CommandResult, Executor, GroupResult, HostKeyStore, Target, write_ssh_config
 from fleet.state import State, make_private_dir
@@ -107,6 +108,7 @@ class Fleet:
         self._state: State | None = None
         self.user = spec.ssh_user(getpass.getuser())
         self._vouched: dict[str, str] = {}  # node -> host key the provider vouched for
+        self.share: ShareEndpoint | None = None  # set by export_shared
         self._warned_tofu: set[str] = set()
 
     # -- lazily built parts --------------------------------------------------------------
@@ -244,9 +246,10 @@ class Fleet:
             f"FLEET_FLEET={_q(self.spec.name)}",
             f"FLEET_SHARED={_home_path(self.shared_path_for(node))}",
         ]
+        # umask 002: the head user and the share account share the shared dir by group.
         for key, value in (extra or {}).items():
             words.append(f"{key}={_q(value)}")
-        return "export " + " ".join(words) + "; "
+        return "umask 002; export " + " ".join(words) + "; "
 
     # -- exec ----------------------------------------------------------------------------
     def exec(self, nodes: Sequence[Node], command: str, *, timeout: float | None = None,
@@ -422,10 +425,30 @@ class Fleet:
         return generate_ed25519_keypair(self.paths.mount_key, f"fleet-{self.spec.name}-mount")
 
     def export_shared(self, head: Node, result: UpResult) -> bool:
-        """Create the shared directory on the head and let the workers' mount key in."""
-        line = f"restrict {self.mount_public_key()}"
+        """Create the shared directory on the head and let the workers' mount key in:
+        confined to a share account (see fleet.share) where the head can be root and fleet
+        created it; else on the head user's account with forced SFTP."""
+        shared = _home_path(self.spec.shared.path)
+        if not self.spec.head.host:
+            confine = as_root(confine_script(shared_path=shared, head_user_word='"$(id -un)"',
+                                             mount_public_key=self.mount_public_key()))
+            outcome = self.executor.run([self.target(head)], confine).results[head.name]
+            if not outcome.ok:
+                result.failures[head.name] = f"could not confine the share account: {outcome.describe()}"
+                return False
+            found = parse_share(outcome.stdout)
+            if found is not None:
+                if self.share is None or self.share.user != found[0]:
+                    # The head user joined the share group: its next login must see it.
+                    self.executor.drop(head.name)
+                self.share = ShareEndpoint(user=found[0], path=found[1], confined=True)
+                return True
+            reason = outcome.stdout.strip().removeprefix("UNCONFINED ") or "no root on the head"
+            self.log(f"warning: {head.name}: the mount key is not confined to a share account ({reason}); "
+                     "it gets forced SFTP on the head user's account")
+        line = self.mount_key_line()
         script = (
-            f"set -e; mkdir -p {_home_path(self.spec.shared.path)}; umask 077; mkdir -p \"$HOME/.ssh\"; "
+            f"set -e; mkdir -p {shared}; umask 077; mkdir -p \"$HOME/.ssh\"; "
             f"touch \"$HOME/.ssh/authorized_keys\"; "
             f"grep -qxF {_q(line)} \"$HOME/.ssh/authorized_keys\" || echo {_q(line)} >> \"$HOME/.ssh/authorized_keys\""
         )
@@ -433,14 +456,22 @@ class Fleet:
         if not outcome.ok:
             result.failures[head.name] = f"could not export the shared directory: {outcome.describe()}"
             return False
+        self.share = ShareEndpoint(user=self.target(head).user, path=self.spec.shared.path, confined=False)
         return True
+
+    def mount_key_line(self) -> str:
+        """The mount key's line in the head user's authorized_keys (unconfined heads)."""
+        shared = self.spec.shared.path
+        if not shared.startswith("/"):
+            shared = shared.removeprefix("~/")  # internal-sftp starts in the home: relative works
+        return fallback_key_line(self.mount_public_key(), shared)
 
     def mount_command(self, head: Node, head_key: str | None = None) -> str:
         """The shell command that mounts the head's shared directory on a worker. With
         `head_key`, it first pins the head's (public) host key in the worker's
         known_hosts, which saves an upload per worker."""
         shared = self.spec.shared
-        head_user = self.target(head).user
+        share = self.share or ShareEndpoint(user=self.target(head).user, path=shared.path, confined=False)
         address = head.internal_address or head.address
         options = [
             'IdentityFile="$HOME/.fleet/mount_key"',
@@ -458,7 +489,7 @@ class Fleet:
             options.append(f"KexAlgorithms={SSHFS_KEX}")
         if shared.max_conns > 1:
             options.append(f"max_conns={shared.max_conns}")
-        remote = _q(f"{head_user}@{address}:{shared.path}")
+        remote = _q(f"{share.user}@{address}:{share.path}")
         mount = _home_path(shared.mount)
         pin = ""
         if head_key is not None:
@@ -483,7 +514,12 @@ class Fleet:
             return []
         targets = [self.target(n) for n in workers]
         private = self.paths.mount_key.read_bytes()
-        puts = [self.executor.put(targets, private, ".fleet/mount_key", mode=0o600, dir_mode=0o700)]
+        share = self.share or ShareEndpoint(user=self.target(head).user, path=self.spec.shared.path, confined=False)
+        described = share.describe(host=head.internal_address or head.address or "", port=head.port,
+                                   identity_file="~/.fleet/mount_key", known_hosts="~/.fleet/known_hosts",
+                                   alias=head.name)
+        puts = [self.executor.put(targets, private, ".fleet/mount_key", mode=0o600, dir_mode=0o700),
+                self.executor.put(targets, described.encode(), SHARE_FILE, mode=0o600, dir_mode=0o700)]
         ok_workers = []
         for node in workers:
             failed = [p.results[node.name] for p in puts if not p.results[node.name].ok]
@@ -556,7 +592,7 @@ class Fleet:
         mount_pub = Path(f"{self.paths.mount_key}.pub")
         script = "set -u; "
         if mount_pub.exists():
-            line = f"restrict {mount_pub.read_text().strip()}"
+            line = self.mount_key_line()
             keys = '"$HOME/.ssh/authorized_keys"'
             script += (f"if [ -f {keys} ]; then (umask 077 && grep -vxF {_q(line)} {keys} > {keys}.fleet-tmp); "
                        f"[ $? -le 1 ] || exit 1; mv {keys}.fleet-tmp {keys} || exit 1; fi; ")

@@ -241,7 +241,8 @@ class JobRunner:
         else:
             state = "new"
         put = self.fleet.executor.put([self.fleet.target(head)], self.shared_text.encode(),
-                                      f"{self.fleet.spec.shared.path.rstrip('/')}/{self.rel_dir}/job.yaml")
+                                      f"{self.fleet.spec.shared.path.rstrip('/')}/{self.rel_dir}/job.yaml",
+                                      dir_mode=0o2775)  # workers (the share account) write in it
         if not put.ok:
             raise JobError(f"could not write the job to the head: {put.summary()}")
         failed = self.install([head])

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleet.errors import DependencyError, ProviderError
+from fleet.share import release_orphan_share_accounts, release_share_accounts
 
 SSHD = "/usr/sbin/sshd"
 MARKER = "FLEET_LOCAL_NODE_ID"
@@ -272,6 +273,9 @@ class LocalNode:
             FLEET_MARKER: fleet,
             ROOT_MARKER: str(Path(root).resolve()),
             "FLEET_LOCAL_NODE_NAME": name,
+            # Where this node's own sshd reads its config (the share account's Match block).
+            "FLEET_SSHD_CONFIG": str(node.sshd_dir / "sshd_config"),
+            "FLEET_SSHD_PID": str(node.sshd_dir / "sshd.pid"),
             **(env or {}),
         }
         last_error = ""
@@ -414,8 +418,9 @@ ForceCommand {d / 'enter'}
             self._save()
 
     def destroy(self) -> None:
-        """Kill the node and delete its directory."""
+        """Kill the node, remove the share account it served, delete its directory."""
         self.kill(preempted=False)
+        release_share_accounts(self.sshd_dir / "sshd_config")
         # A mount still attached would make rmtree walk into the head's shared files.
         if not fuse_mounts_under(self.dir):
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -503,6 +508,7 @@ def kill_fleet_orphans(root: Path, fleet: str, known_ids: Iterable[str]) -> int:
     for pid in victims:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+    release_orphan_share_accounts(prefix)
     # SIGKILL is asynchronous: wait (briefly) so that the ports are closed on return.
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(_pid_alive(pid) for pid in victims):

@@ -258,3 +258,60 @@ def test_two_monitors_give_a_lost_slot_one_next_generation(fleet: LocalFleet) ->
     finally:
         for handle in handles:
             handle.close()
+
+
+def _with_mount_key(worker_home: Path, share: dict[str, object], program: str, *flags: str,
+                    command: str | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ssh or sftp with a worker's mount key and files, as its share.json says."""
+    options = ["-F", "/dev/null", "-i", str(worker_home / ".fleet" / "mount_key"), "-o", "IdentitiesOnly=yes",
+               "-o", f"UserKnownHostsFile={worker_home / '.fleet' / 'known_hosts'}",
+               "-o", f"HostKeyAlias={share['host_key_alias']}", "-o", "StrictHostKeyChecking=yes",
+               "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-P" if program == "sftp" else "-p",
+               str(share["port"])]
+    argv = [program, *options, *flags, f"{share['user']}@{share['host']}", *([command] if command else [])]
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="a share account needs root on the head; as an ordinary user "
+                    "loopback nodes fall back to forced SFTP on the head user's account (README, Security)")
+def test_the_mount_key_opens_only_sftp_inside_the_shared_directory(fleet: LocalFleet, tmp_path: Path) -> None:
+    worker_home = fleet.node_home(fleet.worker(1))
+    share_file = worker_home / ".fleet" / "share.json"
+    assert mode_of(share_file) == 0o600
+    share = json.loads(share_file.read_text())
+    assert share["confined"] is True and share["path"] == "/shared" and str(share["user"]).startswith("fs-")
+    assert share["host_key_alias"] == f"{fleet.name}-head" and share["protocol"] == "sftp"
+    head_home = fleet.node_home(f"{fleet.name}-head")
+    guarded = [head_home / ".ssh" / "authorized_keys", head_home.parent / "sshd" / "authorized_keys"]
+    before = {p: p.read_bytes() if p.exists() else None for p in guarded}
+    # A command, with and without a PTY: no shell, whatever is asked.
+    command = _with_mount_key(worker_home, share, "ssh", command="id; echo SHELL-REACHED")
+    assert "SHELL-REACHED" not in command.stdout and "uid=" not in command.stdout
+    pty = _with_mount_key(worker_home, share, "ssh", "-tt", command="echo SHELL-REACHED")
+    assert "SHELL-REACHED" not in pty.stdout and "PTY allocation request failed" in pty.stderr
+    # Port forwarding, both ways.
+    forward = _with_mount_key(worker_home, share, "ssh", "-W", f"127.0.0.1:{share['port']}")
+    assert forward.returncode != 0 and "prohibited" in forward.stderr, forward.stderr
+    remote = _with_mount_key(worker_home, share, "ssh", "-N", "-o", "ExitOnForwardFailure=yes",
+                             "-R", "0:127.0.0.1:22")
+    assert remote.returncode != 0 and "forwarding failed" in remote.stderr, remote.stderr
+    # SFTP sees the shared directory and nothing else: no /etc, no way up, no keys.
+    outside = tmp_path / "got"
+    for path in ("/etc/passwd", "../../etc/passwd", "/shared/../../etc/passwd", str(head_home / ".ssh" / "id")):
+        got = _with_mount_key(worker_home, share, "sftp", "-b", "-", stdin=f"get {path} {outside}\n")
+        assert got.returncode != 0 and not outside.exists(), f"read {path} outside the shared directory"
+    payload = tmp_path / "key.pub"
+    payload.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFakeFake x\n")
+    for target in ("/.ssh/authorized_keys", "/shared/../.ssh/authorized_keys", *map(str, guarded)):
+        put = _with_mount_key(worker_home, share, "sftp", "-b", "-",
+                              stdin=f"-mkdir {Path(target).parent}\nput {payload} {target}\n")
+        assert put.returncode != 0, f"wrote {target}"
+    assert {p: p.read_bytes() if p.exists() else None for p in guarded} == before
+    listing = _with_mount_key(worker_home, share, "sftp", "-b", "-", stdin="ls -1 /\n")
+    assert listing.returncode == 0 and listing.stdout.split()[-1:] == ["/shared"], listing.stdout
+    # ...and sshfs through it works both ways.
+    (fleet.shared / "from-head.txt").write_text("hello workers\n")
+    assert (worker_home / "shared" / "from-head.txt").read_text() == "hello workers\n"
+    (worker_home / "shared" / "from-worker.txt").write_text("hello head\n")
+    assert (fleet.shared / "from-worker.txt").read_text() == "hello head\n"
