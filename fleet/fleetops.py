@@ -463,7 +463,7 @@ class Fleet:
         """The mount key's line in the head user's authorized_keys (unconfined heads)."""
         shared = self.spec.shared.path
         if not shared.startswith("/"):
-            shared = shared.removeprefix("~/")  # internal-sftp starts in the home: relative works
+            shared = "%d/" + shared.removeprefix("~/")  # %d: sshd's token for the home directory
         return fallback_key_line(self.mount_public_key(), shared)
 
     def mount_command(self, head: Node, head_key: str | None = None) -> str:
