@@ -429,9 +429,14 @@ class Fleet:
         confined to a share account (see fleet.share) where the head can be root and fleet
         created it; else on the head user's account with forced SFTP."""
         shared = _home_path(self.spec.shared.path)
+        keys = '"$HOME/.ssh/authorized_keys"'
+        # Earlier versions authorised the mount key with `restrict` alone: drop that line.
+        legacy = _q(f"restrict {self.mount_public_key()}")
+        drop_legacy = (f"if [ -f {keys} ] && grep -qxF {legacy} {keys}; then (umask 077 && grep -vxF {legacy} {keys} "
+                       f"> {keys}.fleet-tmp) ; mv {keys}.fleet-tmp {keys}; fi; ")
         if not self.spec.head.host:
-            confine = as_root(confine_script(shared_path=shared, head_user_word='"$(id -un)"',
-                                             mount_public_key=self.mount_public_key()))
+            confine = drop_legacy + as_root(confine_script(shared_path=shared, head_user_word='"$(id -un)"',
+                                                           mount_public_key=self.mount_public_key()))
             outcome = self.executor.run([self.target(head)], confine).results[head.name]
             if not outcome.ok:
                 result.failures[head.name] = f"could not confine the share account: {outcome.describe()}"
@@ -447,7 +452,7 @@ class Fleet:
             self.log(f"warning: {head.name}: the mount key is not confined to a share account ({reason}); "
                      "it gets forced SFTP on the head user's account")
         line = self.mount_key_line()
-        script = (
+        script = drop_legacy + (
             f"set -e; mkdir -p {shared}; umask 077; mkdir -p \"$HOME/.ssh\"; "
             f"touch \"$HOME/.ssh/authorized_keys\"; "
             f"grep -qxF {_q(line)} \"$HOME/.ssh/authorized_keys\" || echo {_q(line)} >> \"$HOME/.ssh/authorized_keys\""
@@ -456,8 +461,12 @@ class Fleet:
         if not outcome.ok:
             result.failures[head.name] = f"could not export the shared directory: {outcome.describe()}"
             return False
-        self.share = ShareEndpoint(user=self.target(head).user, path=self.spec.shared.path, confined=False)
+        self.share = self._unconfined_share(head)
         return True
+
+    def _unconfined_share(self, head: Node) -> ShareEndpoint:
+        # The key's forced `internal-sftp -d <shared>` starts there: paths are relative to it.
+        return ShareEndpoint(user=self.target(head).user, path=".", confined=False)
 
     def mount_key_line(self) -> str:
         """The mount key's line in the head user's authorized_keys (unconfined heads)."""
@@ -471,7 +480,7 @@ class Fleet:
         `head_key`, it first pins the head's (public) host key in the worker's
         known_hosts, which saves an upload per worker."""
         shared = self.spec.shared
-        share = self.share or ShareEndpoint(user=self.target(head).user, path=shared.path, confined=False)
+        share = self.share or self._unconfined_share(head)
         address = head.internal_address or head.address
         options = [
             'IdentityFile="$HOME/.fleet/mount_key"',
@@ -514,7 +523,7 @@ class Fleet:
             return []
         targets = [self.target(n) for n in workers]
         private = self.paths.mount_key.read_bytes()
-        share = self.share or ShareEndpoint(user=self.target(head).user, path=self.spec.shared.path, confined=False)
+        share = self.share or self._unconfined_share(head)
         described = share.describe(host=head.internal_address or head.address or "", port=head.port,
                                    identity_file="~/.fleet/mount_key", known_hosts="~/.fleet/known_hosts",
                                    alias=head.name)

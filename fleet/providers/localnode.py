@@ -22,6 +22,7 @@ import contextlib
 import getpass
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -51,6 +52,17 @@ _SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-serv
 _LOGIN_WRAPPER = """#!/bin/sh
 # Forced command of a fleet local node: run in the node's home, like a login would.
 cd "$HOME" || exit 1
+# This ForceCommand hides a key's own command="internal-sftp -d DIR" (the mount key where
+# no share account exists): honour it for the key that logged in (ExposeAuthInfo).
+if [ -n "${SSH_USER_AUTH:-}" ] && [ -r "$SSH_USER_AUTH" ]; then
+  key=$(sed -n 's/^publickey [^ ]* \\([^ ]*\\).*/\\1/p' "$SSH_USER_AUTH" | head -n 1)
+  if [ -n "$key" ]; then
+    dir=$(cat {keys} 2>/dev/null | grep -F " $key" | sed -n 's/^restrict,command="internal-sftp -d \\([^"]*\\)" .*/\\1/p' | head -n 1)
+    if [ -n "$dir" ]; then
+      exec {sftp_server} -d "$(printf %s "$dir" | sed "s|%d|$HOME|")"
+    fi
+  fi
+fi
 if [ -n "$SSH_ORIGINAL_COMMAND" ]; then
   exec "${SHELL:-/bin/sh}" -c "$SSH_ORIGINAL_COMMAND"
 fi
@@ -260,7 +272,8 @@ class LocalNode:
         generate_ed25519_keypair(node.sshd_dir / "host_key", f"{name}-host")
         node.set_authorized_keys(authorized_keys)
         wrapper = node.sshd_dir / "enter"
-        wrapper.write_text(_LOGIN_WRAPPER)
+        keys = " ".join(shlex.quote(str(p)) for p in (node.sshd_dir / "authorized_keys", node.home / ".ssh" / "authorized_keys"))
+        wrapper.write_text(_LOGIN_WRAPPER.replace("{keys}", keys).replace("{sftp_server}", shlex.quote(sftp_server)))
         os.chmod(wrapper, 0o755)
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
@@ -321,6 +334,7 @@ PrintLastLog no
 # Many workers mount the head at once: do not drop their unauthenticated connections.
 MaxStartups 200:30:400
 MaxSessions 64
+ExposeAuthInfo yes
 ClientAliveInterval 15
 ClientAliveCountMax 3
 SetEnv {setenv}
