@@ -20,6 +20,7 @@ from rich.table import Table
 
 from fleet.errors import FleetError, UsageError
 from fleet.spec.loader import load_fleet_spec
+from fleet.textsafe import labelled, plain
 
 # Piped into a log, rich would squeeze tables into 80 columns; COLUMNS still rules.
 _PIPE_WIDTH = None if "COLUMNS" in os.environ else 160
@@ -38,10 +39,10 @@ def _open_fleet(args: argparse.Namespace, *, quiet: bool = False, stream: bool =
 
     def log(message: str) -> None:
         if not quiet:
-            err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {message}", markup=True)
+            err.print(labelled(time.strftime('%H:%M:%S'), message, label_style="dim", separator=" "))
 
     def on_line(node: str, stream_name: str, line: str) -> None:
-        (err if stream_name == "stderr" else out).print(f"[bold]{node}[/] | {line}", markup=True, soft_wrap=True)
+        (err if stream_name == "stderr" else out).print(labelled(node, line), soft_wrap=True)
 
     return Fleet(spec, _spec_path(args), log=log, on_line=on_line if stream else None)
 
@@ -74,7 +75,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         else:
             _print_nodes(fleet, result.nodes)
             for name, message in result.failures.items():
-                err.print(f"[red]{name}[/]: {message}", markup=True)
+                err.print(labelled(name, message, label_style="red", separator=": "))
             err.print(f"up: {len(result.nodes)} node(s) ready, {len(result.created)} created, "
                       f"{len(result.failures)} failed, in {elapsed:.1f} s; ssh config: {fleet.paths.ssh_config}")
         return 0 if result.ok else 1
@@ -158,7 +159,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         else:
             for r in results.results.values():
                 if not r.ok:
-                    err.print(f"[red]{r.node}[/]: {r.describe()}", markup=True)
+                    err.print(labelled(r.node, r.describe(), label_style="red", separator=": "))
             err.print(results.summary())
         return 0 if results.ok else 1
 
@@ -201,7 +202,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         for item in report.deleted:
             out.print(f"deleted {item}")
         for item in report.errors:
-            err.print(f"[red]error[/]: {item}", markup=True)
+            err.print(labelled("error", item, label_style="red", separator=": "))
         out.print(f"down: {len(report.deleted)} resource(s) deleted" + (", nothing left" if not report.errors else ""))
         return 0 if not report.errors else 1
 
@@ -216,7 +217,8 @@ def cmd_events(args: argparse.Namespace) -> int:
         for column in ("time", "node", "event", "why"):
             table.add_column(column)
         for e in events:
-            table.add_row(time.strftime("%H:%M:%S", time.localtime(e.t)), e.node or "-", e.kind, e.detail)
+            table.add_row(time.strftime("%H:%M:%S", time.localtime(e.t)), plain(e.node or "-"), plain(e.kind),
+                          plain(e.detail))
         out.print(table)
         return 0
 
@@ -293,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.handler(args))
     except FleetError as error:
-        err.print(f"error: {error}", style="red", markup=False, soft_wrap=True)
+        err.print(plain(f"error: {error}", style="red"), soft_wrap=True)
         return error.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")

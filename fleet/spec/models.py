@@ -14,12 +14,13 @@ readable errors) lives in `fleet.spec.loader`.
 from __future__ import annotations
 
 import types
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,28}[a-z0-9]$"
+HOST_KEY_PATTERN = r"^(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa) [A-Za-z0-9+/]+={0,3}( [^\n]*)?$"
 DEFAULT_SSHFS_OPTIONS = ["reconnect", "ServerAliveInterval=15", "ServerAliveCountMax=3"]
 
 
@@ -109,6 +110,12 @@ class HeadSpec(Strict):
     host: str | None = Field(None, description="address of an existing machine to use as head")
     user: str | None = Field(None, description="SSH user on the existing head (default ssh.user)")
     port: int = Field(22, ge=1, le=65535, description="SSH port of the existing head")
+    host_key: str | None = Field(
+        None,
+        pattern=HOST_KEY_PATTERN,
+        description="the existing head's public host key ('ssh-ed25519 AAAA...', e.g. from its "
+        "/etc/ssh/ssh_host_ed25519_key.pub); without it the head must be listed in ssh.trust_on_first_use",
+    )
     gcp: GcpNodeOptions = Field(GcpNodeOptions(), description="GCP options for the head")
     aws: AwsNodeOptions = Field(AwsNodeOptions(), description="AWS options for the head")
 
@@ -131,6 +138,12 @@ class SshSpec(Strict):
     command_timeout: float = Field(600.0, gt=0, description="default limit in seconds for one remote command")
     ready_timeout: float = Field(300.0, gt=0, description="how long `up` waits for a new node's SSH")
     parallelism: int = Field(32, ge=1, le=1024, description="bound on concurrent SSH connections")
+    trust_on_first_use: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]] = Field(
+        [],
+        description="node names whose host key may be trusted the first time it is seen, when the "
+        "provider vouches for none (e.g. an existing head); with a warning. Never needed on local, "
+        "gcp (guest attributes) or aws (console output)",
+    )
 
 
 class SharedSpec(Strict):
