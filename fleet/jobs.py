@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ import yaml
 from fleet.errors import JobError, UsageError
 from fleet.fleetops import Fleet, _home_path
 from fleet.model import Node
+from fleet.runtime import missing_runtime_check
 from fleet.spec.job import JobSpec
 from fleet.ssh import GroupResult
 
@@ -42,6 +42,19 @@ NODE="$FLEET_NODE_NAME"
 mkdir -p pids status logs metrics
 echo $$ > "pids/.$NODE.pid.tmp" && mv "pids/.$NODE.pid.tmp" "pids/$NODE.pid"
 rm -f "status/$NODE.exit"
+# The node runtime (fleet's virtualenv, installed by `fleet up`) must be there, and be this control plane's.
+rc=""
+if [ -n "$FLEET_RUNTIME" ]; then
+  found=$(cat "$(dirname "$(dirname "$FLEET_PYTHON")")/fleet-runtime.id" 2>/dev/null)
+  if [ ! -x "$FLEET_PYTHON" ] || [ -z "$found" ]; then
+    echo "fleet: the node runtime $FLEET_RUNTIME is not installed on this node ($FLEET_PYTHON is missing); run \`fleet up\` to install it" >&2
+    rc=127
+  elif [ "$found" != "$FLEET_RUNTIME" ]; then
+    echo "fleet: this node's runtime is '$found', the control plane needs '$FLEET_RUNTIME'; run \`fleet up\` to upgrade it" >&2
+    rc=126
+  fi
+  if [ -n "$rc" ]; then echo "$rc" > "status/.$NODE.exit.tmp" && mv "status/.$NODE.exit.tmp" "status/$NODE.exit"; exit "$rc"; fi
+fi
 "$FLEET_PYTHON" -m fleet.worker.sampler --out "metrics/$NODE.jsonl" --node "$NODE" --pid $$ >/dev/null 2>&1 &
 watcher=""
 if [ -n "$FLEET_NOTICE" ] && [ "$FLEET_NOTICE" != local ]; then
@@ -118,10 +131,16 @@ class JobRunner:
         base = self.fleet.shared_path_for(node).rstrip("/")
         return _home_path(f"{base}/{self.rel_dir}")
 
-    def python_for(self) -> str:
+    def python_word(self) -> str:
+        """The interpreter of the job's processes as a shell word: the job's `python:`,
+        else the node runtime's (FLEET_PYTHON), else python3 (runtime.install: false)."""
         if self.job.python:
-            return self.job.python
-        return sys.executable if self.fleet.spec.provider == "local" else "python3"
+            return q(self.job.python)
+        return '"$FLEET_PYTHON"' if self.fleet.runtime.enabled else "python3"
+
+    def runtime_check(self) -> str:
+        """Shell that stops with an error naming the runtime when a node lacks it."""
+        return missing_runtime_check() + "; " if self.fleet.runtime.enabled and not self.job.python else ""
 
     def notice_kind(self) -> str:
         return {"gcp": "gcp", "aws": "aws"}.get(self.fleet.spec.provider, "local")
@@ -182,12 +201,19 @@ class JobRunner:
                 raise JobError(f"prepare failed on the head: {result.describe()}")
             self.fleet.state.add_event("prepared", head.name, f"job {self.job.name}")
         if self.job.worker is not None:
-            init = self._on_head(head, f"cd {job_dir} && {q(self.python_for())} -m fleet.worker . --init")
+            init = self._on_head(head, f"{self.runtime_check()}cd {job_dir} && {self.python_word()} -m fleet.worker . --init")
             if not init.ok:
                 raise JobError(f"the worker could not freeze the job's inputs: {init.describe()}")
 
     def _job_env(self) -> dict[str, str]:
-        return {"FLEET_JOB": self.job.name, "FLEET_PYTHON": self.python_for(), **self.job.env}
+        env = {"FLEET_JOB": self.job.name, **self.job.env}
+        if self.job.python:
+            env["FLEET_PYTHON"] = self.job.python
+        elif self.fleet.runtime.enabled:
+            env["FLEET_RUNTIME"] = self.fleet.runtime.stamp()
+        else:
+            env["FLEET_PYTHON"] = "python3"
+        return env
 
     # -- start / restart ------------------------------------------------------------------
     def start(self, nodes: Sequence[Node], *, all_nodes: Sequence[Node] | None = None) -> GroupResult:
@@ -250,7 +276,7 @@ class JobRunner:
             f"if [ -f cancelled ]; then echo CANCELLED; fi; true"
         )
         if self.job.worker is not None:
-            status_script += f"; echo STATUS; {q(self.python_for())} -m fleet.worker . --status"
+            status_script += f"; echo STATUS; {self.runtime_check()}{self.python_word()} -m fleet.worker . --status"
         result = self._on_head(head, status_script, timeout=60)
         if not result.ok:
             raise JobError(f"cannot read the job's progress on the head: {result.describe()}")
