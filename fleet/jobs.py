@@ -255,7 +255,7 @@ class JobRunner:
             job_dir = self.job_dir_for(node)
             prefix = self.fleet.node_env_prefix(node, ranks[node.name], count, env)
             return (
-                prefix + f"cd {job_dir} || exit 1; "
+                prefix + self.runtime_check() + f"cd {job_dir} || exit 1; "
                 f"if [ -f cancelled ]; then echo cancelled; exit 0; fi; "
                 f"if [ -f status/{q(node.name)}.exit ] && [ \"$(cat status/{q(node.name)}.exit)\" = 0 ]; then echo finished; exit 0; fi; "
                 f"if [ -f pids/{q(node.name)}.pid ] && kill -0 \"$(cat pids/{q(node.name)}.pid)\" 2>/dev/null; then echo running; exit 0; fi; "

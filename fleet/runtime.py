@@ -399,7 +399,12 @@ class Runtime:
         shared = self.fleet.spec.shared
         house = f"{shared.path.rstrip('/')}/{WHEELHOUSE}/{key}"
         head_target = self.fleet.target(head)
+        # What is there already stays (nodes check every file's hash, whoever wrote it).
+        listed = self.fleet.executor.run([head_target], f"ls {_home_word(house)} 2>/dev/null; true", timeout=60)
+        present = set(listed[head.name].stdout.split()) if listed[head.name].ok else set()
         for path, _pin in files:
+            if path.name in present:
+                continue
             put = self.fleet.executor.put([head_target], path, f"{house}/{path.name}")
             if not put[head.name].ok:
                 for node in pending.nodes:
@@ -414,6 +419,11 @@ class Runtime:
         for directory, nodes in by_dir.items():
             self._install(nodes, result, self.stamp(),
                           wheelhouse={"dir": directory, "pins": [pin for _, pin in files]})
+
+
+def _home_word(path: str) -> str:
+    """A shell word for a path on a node: relative paths are under $HOME."""
+    return _quote(path) if path.startswith("/") else f'"$HOME"/{_quote(path)}'
 
 
 def _last_json(outcome: CommandResult) -> dict:
@@ -456,6 +466,14 @@ def fill_wheelhouse(report: dict, index_options: Sequence[str], cache: Path) -> 
     markers = dict(environment.get("markers", {}))
     provided = {canonicalize_name(pin.split("==", 1)[0]) for pin in report.get("provided", [])}
     cache.mkdir(parents=True, exist_ok=True)
+    # Filled once: the same needs on the same platform reuse the files already downloaded.
+    need = json.dumps([sorted(report.get("missing", [])), sorted(provided), environment, list(index_options)],
+                      sort_keys=True)
+    manifest = cache / f"{hashlib.sha256(need.encode()).hexdigest()[:16]}.json"
+    if manifest.is_file():
+        known = [(cache / name, pin) for name, pin in json.loads(manifest.read_text())]
+        if all(path.is_file() and pin.endswith(_sha256(path)) for path, pin in known):
+            return known
     queue = list(report.get("missing", []))
     chosen: dict[str, Path] = {}
     options = _download_options(environment)
@@ -489,4 +507,5 @@ def fill_wheelhouse(report: dict, index_options: Sequence[str], cache: Path) -> 
     for path in chosen.values():
         name, version, _build, _tags = parse_wheel_filename(path.name)
         files.append((path, f"{name}=={version} --hash=sha256:{_sha256(path)}"))
+    manifest.write_text(json.dumps([(path.name, pin) for path, pin in files]))
     return files

@@ -15,6 +15,9 @@ import pytest
 import yaml
 from provider_helpers import USER, aws_block, gcp_block
 
+from fleet import __version__
+from fleet.runtime import LOCAL_IMAGE
+
 pytestmark = pytest.mark.slow
 
 MUTATING_GCE = ("POST", "DELETE", "PATCH", "PUT")
@@ -57,6 +60,8 @@ def cloud(request: pytest.FixtureRequest, tmp_path: Path, loopback: tuple[str, i
         "provider": request.param,
         "workers": {"count": 2},
         "ssh": {"user": USER, "port": loopback[1], "ready_timeout": 60},
+        # What a Deep Learning image gives a cloud node: torch and the model, here the local image.
+        "runtime": {"image": [LOCAL_IMAGE]},
         **block,
     }
     path = tmp_path / "fleet.yaml"
@@ -73,6 +78,8 @@ def cloud(request: pytest.FixtureRequest, tmp_path: Path, loopback: tuple[str, i
     }
 
 
+@pytest.mark.skipif(not Path(LOCAL_IMAGE, "bin", "python").exists(),
+                    reason=f"the local nodes' image {LOCAL_IMAGE} is not built (`make image`)")
 def test_up_exec_preempt_down_through_the_cli(cloud: dict[str, Any]) -> None:
     spec, name = cloud["spec"], cloud["name"]
     try:
@@ -95,13 +102,22 @@ def test_up_exec_preempt_down_through_the_cli(cloud: dict[str, Any]) -> None:
         mounted = fleet(spec, "exec", "--nodes", "workers", "--json", "--", "mount | grep -c fuse.sshfs")
         assert mounted.returncode == 0, mounted.stderr + mounted.stdout
 
-        # A job runs on the cloud fleet, and its report prices the node-hours.
+        # Every node got fleet's runtime, and the real text-embed job runs with it: the
+        # worker's interpreter is the runtime's, its torch the image's.
+        where = fleet(spec, "exec", "--json", "--", '"$FLEET_PYTHON" -c "import sys, fleet, torch; '
+                      'print(sys.prefix, fleet.__file__, torch.__file__)"')
+        assert where.returncode == 0, where.stderr + where.stdout
+        for r in json.loads(where.stdout.strip().splitlines()[-1])["results"]:
+            prefix, fleet_file, torch_file = r["stdout"].split()
+            assert prefix.endswith(f"/.fleet/runtime/{__version__}") and fleet_file.startswith(prefix), r
+            assert torch_file.startswith(LOCAL_IMAGE + "/"), r
         job = spec.parent / "job.yaml"
         job.write_text(yaml.safe_dump({
             "name": "sums",
-            "python": sys.executable,
-            "prepare": ['mkdir -p "$FLEET_SHARED/data" && for i in $(seq 1 40); do echo "item $i" > "$FLEET_SHARED/data/$i.txt"; done'],
-            "worker": {"handler": "checksum", "inputs": "data/*.txt", "outputs": "sums", "chunk_size": 10},
+            "env": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+            "prepare": ['"$FLEET_PYTHON" -m fleet.worker.corpus "$FLEET_SHARED/corpus" --limit 40'],
+            "worker": {"handler": "text-embed", "inputs": "corpus/**/*.txt", "outputs": "embeddings",
+                       "chunk_size": 10, "device": "cpu"},
         }))
         ran = fleet(spec, "run", str(job), "--json")
         assert ran.returncode == 0, ran.stderr + ran.stdout
