@@ -2,8 +2,8 @@
 
 `fleet up` (and every replacement, before `setup:`) makes sure each node has
 `~/.fleet/runtime/<version>/`: fleet's own wheel, built once per source digest on the
-control plane and cached under `.fleet/runtime/`, uploaded over SSH with pypa's `installer`
-and pip (zipped from the control plane's own) and `fleet/runtime_node.py`, which does the node's part. One SSH round trip
+control plane and cached under `.fleet/runtime/`, uploaded over SSH in one zip with pypa's
+`installer` and `fleet/runtime_node.py`, which does the node's part. One SSH round trip
 checks the runtime's stamp first: a complete runtime is left alone, pip never runs.
 
 Nodes get only what the chosen extras need (never the control plane's cloud SDKs),
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING
 from fleet import __version__
 from fleet.errors import FleetError, UsageError
 from fleet.model import Node, Role
-from fleet.ssh import CommandResult
+from fleet.ssh import CommandResult, GroupResult
 
 if TYPE_CHECKING:
     from fleet.fleetops import Fleet, UpResult
@@ -188,32 +189,53 @@ def _urlsafe_sha(data: bytes) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
-def package_zip(name: str, cache: Path) -> Path:
-    """One of the control plane's pure-Python packages (pip, installer) as a zip that runs
-    on the node from sys.path, so that the node's interpreter needs neither of its own."""
+def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
         raise RuntimeInstallError(f"the control plane has no {name} to put on the nodes", hint=f"pip install {name}")
-    package = Path(spec.origin).parent
-    version = metadata.version(name)
-    target = cache / f"{name}-{version}.zip"
+    return Path(spec.origin).parent
+
+
+def _add_package(archive: zipfile.ZipFile, package: Path) -> None:
+    for path in sorted(package.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            archive.write(path, str(path.relative_to(package.parent)))
+
+
+def pip_zip(cache: Path) -> Path:
+    """The control plane's pip as a zip that runs on the node (`python pip.zip/pip`), so
+    that the node's interpreter needs no pip of its own. Uploaded only to nodes that lack
+    something their image does not provide."""
+    version = metadata.version("pip")
+    target = cache / f"pip-{version}.zip"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{name}-{version}.{os.getpid()}.zip"
+    tmp = cache / f".pip-{version}.{os.getpid()}.zip"
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(package.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts:
-                archive.write(path, str(path.relative_to(package.parent)))
+        _add_package(archive, _package_dir("pip"))
     os.replace(tmp, target)
     return target
+
+
+def node_bundle(wheel: Path, config: dict) -> bytes:
+    """What one upload puts on a node: a zip that Python runs (`python runtime.pyz`),
+    with the node's side of the runtime as __main__, its config, fleet's wheel, and
+    pypa's `installer` and `packaging` (pure Python) to import from the zip."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(_NODE_SCRIPT, "__main__.py")
+        archive.writestr("config.json", json.dumps(config))
+        archive.write(wheel, wheel.name, compress_type=zipfile.ZIP_STORED)
+        for name in ("installer", "packaging"):
+            _add_package(archive, _package_dir(name))
+    return buffer.getvalue()
 
 
 @dataclass(frozen=True)
 class Artifacts:
     wheel: Path
     pip: Path
-    installer: Path
     requirements: list[str]  # Requires-Dist lines of the chosen extras (markers kept) + packages
 
 
@@ -268,8 +290,7 @@ class Runtime:
         if self._artifacts is None:
             wheel = build_wheel(self.cache)
             requirements = extra_requirements(wheel, self.spec.extras) + list(self.spec.packages)
-            self._artifacts = Artifacts(wheel=wheel, pip=package_zip("pip", self.cache),
-                                        installer=package_zip("installer", self.cache), requirements=requirements)
+            self._artifacts = Artifacts(wheel=wheel, pip=pip_zip(self.cache), requirements=requirements)
         return self._artifacts
 
     def stamp(self) -> str:
@@ -277,6 +298,17 @@ class Runtime:
         settings = json.dumps([self.spec.model_dump(mode="json"), self.image(), art.requirements], sort_keys=True)
         return (f"{DIST} {__version__} wheel={_sha256(art.wheel)[:12]} "
                 f"settings={hashlib.sha256(settings.encode()).hexdigest()[:12]}")
+
+    def describe(self) -> str:
+        """One line for `up --dry-run`: what every node will get."""
+        if not self.enabled:
+            return "not installed (runtime.install: false): jobs need `python:`"
+        image = ", ".join(self.image()) or "none (everything from the index)"
+        source = "the head's wheelhouse (filled by this machine)" if self.spec.wheelhouse else "the nodes' index"
+        extras = ",".join(self.spec.extras)
+        packages = f" + {', '.join(self.spec.packages)}" if self.spec.packages else ""
+        return (f"{DIST} {__version__}[{extras}]{packages} in ~/{runtime_dir()}, on the image's {image}; "
+                f"what the image lacks from {source}")
 
     def index_options(self) -> list[str]:
         options: list[str] = []
@@ -333,30 +365,21 @@ class Runtime:
         incoming = f"{NODE_ROOT}/.incoming-{__version__}"
         config = {
             "root": runtime_dir(), "stamp": stamp, "image": self.image(), "wheel": art.wheel.name,
-            "pip": art.pip.name, "installer": art.installer.name, "requirements": art.requirements, "extras": list(self.spec.extras),
+            "pip": art.pip.name, "requirements": art.requirements, "extras": list(self.spec.extras),
             "index_options": self.index_options(), "need_wheelhouse": self.spec.wheelhouse,
             "wheelhouse": wheelhouse,
         }
-        targets = [self.fleet.target(n) for n in nodes]
         self.fleet.log(f"installing the node runtime {DIST} {__version__} on {len(nodes)} node(s)")
-        uploads: list[tuple[bytes | Path, str, int]] = [
-            (art.wheel, art.wheel.name, 0o644), (art.pip, art.pip.name, 0o644),
-            (art.installer, art.installer.name, 0o644),
-            (_NODE_SCRIPT.read_bytes(), "runtime_node.py", 0o644),
-            (json.dumps(config).encode(), "config.json", 0o600),
-        ]
-        alive = list(nodes)
-        for data, name, mode in uploads:
-            put = self.fleet.executor.put([t for t in targets if any(n.name == t.name for n in alive)],
-                                          data, f"{incoming}/{name}", mode=mode)
-            for node in list(alive):
-                if node.name in put.results and not put.results[node.name].ok:
-                    self._failed(node, result, f"upload of {name}: {put.results[node.name].describe()}")
-                    alive.remove(node)
-        if not alive:
-            return []
-        command = f'cd "$HOME"/{incoming} && {self._python_expression()} runtime_node.py config.json'
+        alive = self._upload(nodes, result, node_bundle(art.wheel, config), f"{incoming}/runtime.pyz", 0o600)
+        command = f'cd "$HOME"/{incoming} && {self._python_expression()} runtime.pyz'
         ran = self.fleet.executor.run([self.fleet.target(n) for n in alive], command, timeout=1800)
+        # Nodes that lack something the image does not have get the control plane's pip, once.
+        need_pip = [n for n in alive if ran[n.name].exit_code == 4]
+        if need_pip:
+            again = self._upload(need_pip, result, art.pip, f"{incoming}/{art.pip.name}", 0o644)
+            rerun = self.fleet.executor.run([self.fleet.target(n) for n in again], command, timeout=1800)
+            ran = GroupResult({**ran.results, **rerun.results})
+            alive = [n for n in alive if n not in need_pip or n in again]
         ok: list[Node] = []
         waiting: list[Node] = []
         report: dict = {}
@@ -377,6 +400,16 @@ class Runtime:
         if waiting:
             known = self.pending.nodes if self.pending else []
             self.pending = Pending(nodes=[*known, *waiting], report=self.pending.report if self.pending else report)
+        return ok
+
+    def _upload(self, nodes: Sequence[Node], result: UpResult, data: bytes | Path, path: str, mode: int) -> list[Node]:
+        put = self.fleet.executor.put([self.fleet.target(n) for n in nodes], data, path, mode=mode)
+        ok = []
+        for node in nodes:
+            if put[node.name].ok:
+                ok.append(node)
+            else:
+                self._failed(node, result, f"upload of {PurePosixPath(path).name}: {put[node.name].describe()}")
         return ok
 
     def finish(self, head: Node | None, result: UpResult) -> None:

@@ -1,10 +1,11 @@
 """The node side of fleet's runtime: makes `~/.fleet/runtime/<version>/` on a node.
 
-Uploaded by `fleet.runtime` over SSH (never through the shared directory) and run with
-the node's interpreter; it imports only the standard library, and pip's vendored
-`packaging` from the pip it is given. Never imported by the control plane.
+Uploaded by `fleet.runtime` over SSH (never through the shared directory) as the
+`__main__.py` of a zip bundle that also holds its config, fleet's wheel, pypa's
+`installer` and `packaging`, and run with the node's interpreter; it imports only the
+standard library and those two. Never imported by the control plane.
 
-    python3 runtime_node.py CONFIG.json
+    python3 runtime.pyz [--inside]
 
 1. Unless the stamp `fleet-runtime.id` says the runtime is complete, the virtualenv is
    made anew (`venv --without-pip`) with the image's interpreter, and a `.pth` file
@@ -17,8 +18,9 @@ the node's interpreter; it imports only the standard library, and pip's vendored
    torch). From the index, or from the head's wheelhouse: `--no-index --find-links`
    and `--require-hashes` against pins the control plane sent over SSH.
 4. The stamp is written last. The last line printed is one JSON object.
-Exit codes: 0 done, 3 requirements missing and no way given to install them (the
-control plane fills the wheelhouse and calls again), 1 anything else.
+Exit codes: 0 done, 3 requirements missing and no wheelhouse given yet (the control
+plane fills it and calls again), 4 requirements missing and no pip here yet (the control
+plane uploads its own, zipped, and calls again), 1 anything else.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 STAMP = "fleet-runtime.id"
@@ -63,7 +66,7 @@ def _pip_tail(result: subprocess.CompletedProcess[str]) -> str:
     return "\n".join(lines[-TAIL_LINES:])
 
 
-def outside(config: dict, config_path: Path) -> None:
+def outside(config: dict, bundle: Path) -> None:
     """Run by the node's interpreter: (re)make the virtualenv, then continue inside it."""
     root = _expand(config["root"])
     stamp = root / STAMP
@@ -85,7 +88,9 @@ def outside(config: dict, config_path: Path) -> None:
         site_dirs.extend(_site_packages_of(entry))
     if site_dirs:
         Path(purelib, PTH).write_text("".join(f"{d}\n" for d in site_dirs))
-    os.execv(str(python), [str(python), str(Path(__file__).resolve()), str(config_path), "--inside"])
+    with zipfile.ZipFile(bundle) as archive:
+        archive.extract(config["wheel"], bundle.parent)
+    os.execv(str(python), [str(python), str(bundle), "--inside"])
 
 
 def _missing(requirements: list[str], extras: list[str]) -> list[str]:
@@ -93,7 +98,7 @@ def _missing(requirements: list[str], extras: list[str]) -> list[str]:
     runtime sees satisfies, as pip arguments (markers evaluated here, then dropped)."""
     from importlib import metadata
 
-    from pip._vendor.packaging.requirements import Requirement
+    from packaging.requirements import Requirement
 
     missing = []
     for line in requirements:
@@ -129,27 +134,27 @@ def _image_pins(root: Path) -> list[str]:
 def _environment() -> dict:
     import sysconfig
 
-    from pip._internal.utils.compatibility_tags import get_supported
-    from pip._vendor.packaging.markers import default_environment
+    from packaging.markers import default_environment
+    from packaging.tags import sys_tags
 
-    tags = [str(tag) for tag in get_supported()[:400]]
+    tags = [str(tag) for tag in list(sys_tags())[:400]]
     return {"markers": default_environment(), "tags": tags, "platform": sysconfig.get_platform()}
 
 
-def inside(config: dict, config_path: Path) -> None:
+def inside(config: dict, bundle: Path) -> None:
     """Run by the runtime's interpreter: fleet's wheel, what is missing, the stamp."""
     root = _expand(config["root"])
-    incoming = config_path.parent
-    sys.path.insert(0, str(incoming / config["pip"]))
-    pip = [sys.executable, str(incoming / config["pip"] / "pip"), "install", "--no-compile",
-           "--disable-pip-version-check", "--no-input", "--no-warn-script-location"]
+    incoming = bundle.parent
     # fleet's own wheel has no dependencies to resolve: `installer` unpacks it (a tenth of pip's time).
-    env = {**os.environ, "PYTHONPATH": str(incoming / config["installer"])}
+    env = {**os.environ, "PYTHONPATH": str(bundle)}
     wheel = subprocess.run([sys.executable, "-m", "installer", "--no-compile-bytecode", str(incoming / config["wheel"])],
                            capture_output=True, text=True, check=False, env=env)
     if wheel.returncode != 0:
         _fail("could not install fleet's wheel", tail=_pip_tail(wheel))
     missing = _missing(config.get("requirements", []), config.get("extras", []))
+    pip_zip = incoming / config["pip"]
+    pip = [sys.executable, str(pip_zip / "pip"), "install", "--no-compile",
+           "--disable-pip-version-check", "--no-input", "--no-warn-script-location"]
     if missing:
         house = config.get("wheelhouse")
         constraints = incoming / "image-constraints.txt"
@@ -158,6 +163,9 @@ def inside(config: dict, config_path: Path) -> None:
             print(json.dumps({"status": "missing", "missing": missing, "environment": _environment(),
                               "provided": _image_pins(root)}))
             sys.exit(3)
+        if not pip_zip.is_file():
+            print(json.dumps({"status": "need-pip", "missing": missing}))
+            sys.exit(4)
         if house is not None:
             pinned = incoming / "wheelhouse-requirements.txt"
             pinned.write_text("".join(f"{line}\n" for line in house["pins"]))
@@ -176,13 +184,14 @@ def inside(config: dict, config_path: Path) -> None:
 
 
 def main() -> None:
-    config_path = Path(sys.argv[1]).resolve()
-    config = json.loads(config_path.read_text())
+    bundle = Path(sys.argv[0]).resolve()
+    with zipfile.ZipFile(bundle) as archive:
+        config = json.loads(archive.read("config.json"))
     try:
-        if "--inside" in sys.argv[2:]:
-            inside(config, config_path)
+        if "--inside" in sys.argv[1:]:
+            inside(config, bundle)
         else:
-            outside(config, config_path)
+            outside(config, bundle)
     except subprocess.CalledProcessError as error:
         _fail(f"{' '.join(map(str, error.cmd))[:200]} failed", tail=(error.stdout or "") + (error.stderr or ""))
     except OSError as error:

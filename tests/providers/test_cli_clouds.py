@@ -143,3 +143,45 @@ def test_up_exec_preempt_down_through_the_cli(cloud: dict[str, Any]) -> None:
     assert after.returncode == 0, after.stderr + after.stdout
     assert "reporting from the copy fetched at" in after.stderr
     assert json.loads(after.stdout.strip().splitlines()[-1])["fleet"]["items"] == 40
+
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "fleets"
+
+
+@pytest.mark.parametrize(("kind", "template"), [("gcp", "gcp-l4.yaml"), ("aws", "aws-g5.yaml")])
+def test_cloud_templates_validate_and_plan_against_the_fakes(kind: str, template: str, tmp_path: Path,
+                                                             request: pytest.FixtureRequest) -> None:
+    """The README's cloud specs as written: valid, and `up --dry-run` plans them (GPU spot
+    workers, an on-demand head, the runtime on the image's torch) without one mutating call."""
+    env = {"GCP_PROJECT": "test-project", "FLEET_AMI": "ami-03cf127a"}
+    source = TEMPLATES / template
+    checked = subprocess.run([sys.executable, "-m", "fleet", "validate", "-f", str(source)], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, **env}, check=False)
+    assert checked.returncode == 0 and "valid" in checked.stdout, checked.stderr
+    spec = yaml.safe_load(source.read_text())
+    fake = request.getfixturevalue("fake_gce" if kind == "gcp" else "fake_ec2")
+    # Only what points the spec at the fake (and keeps SSH rules on loopback) changes.
+    if kind == "gcp":
+        spec["gcp"] = {**spec["gcp"], "project": env["GCP_PROJECT"], "api_endpoint": fake.endpoint,
+                       "source_ranges": ["127.0.0.0/8"]}
+    else:
+        spec["aws"] = {**spec["aws"], "ami": env["FLEET_AMI"], "source_ranges": ["127.0.0.0/8"]}
+    path = tmp_path / template
+    path.write_text(yaml.safe_dump(spec))
+    dry = fleet(path, "up", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr + dry.stdout
+    plan = json.loads(dry.stdout.strip().splitlines()[-1])
+    workers = [p for p in plan["create"] if p["role"] == "worker"]
+    head = [p for p in plan["create"] if p["role"] == "head"]
+    assert len(workers) == spec["workers"]["count"] and len(head) == 1
+    assert all(p["spot"] and p["machine"] == spec["workers"]["machine"] for p in workers)
+    assert not head[0]["spot"] and head[0]["machine"] == spec["head"]["machine"]
+    assert plan["price_per_hour"] > 0
+    assert spec["runtime"]["image"][0] in plan["runtime"] and "wheelhouse" in plan["runtime"]
+    text = fleet(path, "up", "--dry-run")
+    assert text.returncode == 0 and "nothing was created" in text.stdout, text.stderr
+    if kind == "gcp":
+        assert [r for r in fake.requests if r["method"] in MUTATING_GCE] == []
+        assert all(p["accelerators"] == "1x nvidia-l4" for p in workers)
+    else:
+        assert [r for r in fake.actions() if r["action"].startswith(MUTATING_EC2)] == []
