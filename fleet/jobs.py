@@ -194,7 +194,7 @@ class JobRunner:
         head = self.head(nodes)
         job_dir = self.job_dir_for(head)
         if self.job.prepare:
-            script = (f"if [ -f {job_dir}/.prepared ]; then exit 0; fi; set -e; "
+            script = (f"if [ -f {job_dir}/.prepared ]; then exit 0; fi; {self.runtime_check()}set -e; "
                       + "\n".join(self.job.prepare) + f"\ntouch {job_dir}/.prepared")
             result = self._on_head(head, script, env=self._job_env())
             if not result.ok:
