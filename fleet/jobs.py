@@ -29,7 +29,7 @@ import yaml
 from fleet.errors import JobError, UsageError
 from fleet.fleetops import Fleet, _home_path
 from fleet.model import Node
-from fleet.runtime import missing_runtime_check
+from fleet.runtime import runtime_check
 from fleet.spec.job import JobSpec
 from fleet.ssh import GroupResult
 
@@ -43,17 +43,10 @@ mkdir -p pids status logs metrics
 echo $$ > "pids/.$NODE.pid.tmp" && mv "pids/.$NODE.pid.tmp" "pids/$NODE.pid"
 rm -f "status/$NODE.exit"
 # The node runtime (fleet's virtualenv, installed by `fleet up`) must be there, and be this control plane's.
-rc=""
 if [ -n "$FLEET_RUNTIME" ]; then
-  found=$(cat "$(dirname "$(dirname "$FLEET_PYTHON")")/fleet-runtime.id" 2>/dev/null)
-  if [ ! -x "$FLEET_PYTHON" ] || [ -z "$found" ]; then
-    echo "fleet: the node runtime $FLEET_RUNTIME is not installed on this node ($FLEET_PYTHON is missing); run \`fleet up\` to install it" >&2
-    rc=127
-  elif [ "$found" != "$FLEET_RUNTIME" ]; then
-    echo "fleet: this node's runtime is '$found', the control plane needs '$FLEET_RUNTIME'; run \`fleet up\` to upgrade it" >&2
-    rc=126
-  fi
-  if [ -n "$rc" ]; then echo "$rc" > "status/.$NODE.exit.tmp" && mv "status/.$NODE.exit.tmp" "status/$NODE.exit"; exit "$rc"; fi
+  rc=0
+  ( @RUNTIME_CHECK@ ) || rc=$?
+  if [ "$rc" != 0 ]; then echo "$rc" > "status/.$NODE.exit.tmp" && mv "status/.$NODE.exit.tmp" "status/$NODE.exit"; exit "$rc"; fi
 fi
 "$FLEET_PYTHON" -m fleet.worker.sampler --out "metrics/$NODE.jsonl" --node "$NODE" --pid $$ >/dev/null 2>&1 &
 watcher=""
@@ -89,7 +82,7 @@ done
 [ -n "$watcher" ] && kill -TERM "$watcher" 2>/dev/null
 echo "$rc" > "status/.$NODE.exit.tmp" && mv "status/.$NODE.exit.tmp" "status/$NODE.exit"
 exit "$rc"
-"""
+""".replace("@RUNTIME_CHECK@", runtime_check())
 
 
 @dataclass(frozen=True)
@@ -140,7 +133,7 @@ class JobRunner:
 
     def runtime_check(self) -> str:
         """Shell that stops with an error naming the runtime when a node lacks it."""
-        return missing_runtime_check() + "; " if self.fleet.runtime.enabled and not self.job.python else ""
+        return runtime_check() + "; " if self.fleet.runtime.enabled and not self.job.python else ""
 
     def notice_kind(self) -> str:
         return {"gcp": "gcp", "aws": "aws"}.get(self.fleet.spec.provider, "local")

@@ -68,11 +68,17 @@ def env_assignments(version: str = __version__) -> list[str]:
     return [f"FLEET_PYTHON={python_word(version)}", f'PATH="$HOME"/{runtime_dir(version)}/bin:"$PATH"']
 
 
-def missing_runtime_check(version: str = __version__) -> str:
-    """Shell that stops with a clear error when the runtime is not on the node."""
-    message = (f"fleet: the node runtime {DIST} {version} is not installed on this node "
-               f"(~/{runtime_dir(version)}/bin/python is missing); run `fleet up` to install it")
-    return f'[ -x "$FLEET_PYTHON" ] || {{ echo {_quote(message)} >&2; exit 127; }}'
+def runtime_check(version: str = __version__) -> str:
+    """Shell that stops with an error naming the runtime when FLEET_PYTHON's runtime is
+    not on the node (exit 127), or is not the one in $FLEET_RUNTIME, the stamp this
+    control plane installs (exit 126). Used before anything of a job runs on a node."""
+    missing = (f"fleet: the node runtime {DIST} {version} is not installed on this node "
+               f"(~/{runtime_dir(version)}/bin/python is missing); run \\`fleet up\\` to install it")
+    other = ("fleet: this node's runtime is '$found', the control plane needs '$FLEET_RUNTIME'; "
+             "run \\`fleet up\\` to upgrade it")
+    return (f'found=$(cat "$(dirname "$(dirname "$FLEET_PYTHON")")"/{STAMP} 2>/dev/null); '
+            f'if [ ! -x "$FLEET_PYTHON" ] || [ -z "$found" ]; then echo "{missing}" >&2; exit 127; fi; '
+            f'if [ -n "$FLEET_RUNTIME" ] && [ "$found" != "$FLEET_RUNTIME" ]; then echo "{other}" >&2; exit 126; fi')
 
 
 def _quote(value: str) -> str:

@@ -88,11 +88,18 @@ def test_jobs_need_the_runtime_up_restores_it_and_replacements_get_it(make_fleet
     assert f"the node runtime {DIST} {__version__} is not installed" in failed.stderr, failed.stderr
     assert "fleet up" in failed.stderr
 
-    # `up` reinstalls it on that node only; the complete nodes are left alone.
+    # A runtime of another build (its stamp differs from what this control plane installs)
+    # is refused as well.
+    (fleet.node_home(w2) / runtime_dir() / STAMP).write_text(f"{DIST} {__version__} wheel=0ld settings=0ld\n")
+    other = fleet.cli("run", str(fleet.write_job(plain_job("other-runtime", 10, nodes=[w2]))), timeout=120)
+    assert other.returncode == 1, other.stdout + other.stderr
+    assert "wheel=0ld" in other.stderr and "run `fleet up` to upgrade it" in other.stderr, other.stderr
+
+    # `up` reinstalls (upgrades) it on those nodes only; the complete ones are left alone.
     before = len(runtime_events(fleet))
     code, summary = up_json(fleet)
     assert code == 0 and summary["failures"] == {}, summary
-    assert runtime_events(fleet)[before:] == [w1]
+    assert sorted(runtime_events(fleet)[before:]) == [w1, w2]
     ran = fleet.cli("run", str(fleet.write_job(job)), "--json", timeout=180)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert json.loads(ran.stdout.strip().splitlines()[-1])["done"] == 20
