@@ -85,9 +85,10 @@ def _dry_run(fleet, args: argparse.Namespace) -> int:
     creates, removes = fleet.plan_requests(fleet.observe())
     plan = fleet.provider.plan(creates)
     total = sum(p.price_per_hour or 0.0 for p in plan)
+    runtime = fleet.runtime.describe()
     if args.json:
         print(json.dumps({"create": [p.__dict__ for p in plan], "delete": [n.name for n in removes],
-                          "price_per_hour": round(total, 4)}))
+                          "price_per_hour": round(total, 4), "runtime": runtime}))
         return 0
     table = Table(title=f"fleet up --dry-run: {fleet.spec.name} ({fleet.spec.provider})")
     for column in ("node", "role", "zone", "machine", "accelerators", "spot", "$/hour", "price source"):
@@ -98,6 +99,7 @@ def _dry_run(fleet, args: argparse.Namespace) -> int:
     out.print(table)
     if removes:
         out.print("would delete: " + ", ".join(n.name for n in removes))
+    out.print(f"node runtime: {runtime}", markup=False)
     out.print(f"estimated cost: ${total:.4f}/hour (nothing was created)")
     return 0
 

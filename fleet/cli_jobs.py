@@ -73,6 +73,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         for result in first.results.values():
             if not result.ok:
                 err.print(plain(f"{result.node}: could not start: {runner.redact(result.describe())}", style="red"))
+        if first.results and not any(result.ok for result in first.results.values()):
+            # Nothing runs anywhere (e.g. no node has the runtime): following would only stall.
+            fleet.state.set_job_status(job.name, "failed")
+            err.print(plain(f"job {job.name}: no node could start it", style="red"))
+            return 1
         fleet.state.set_job_status(job.name, "running")
         if args.detach:
             out.print(f"job {job.name} started ({state}); follow it with `fleet logs {job.name} --follow`")

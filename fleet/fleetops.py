@@ -25,6 +25,7 @@ from fleet.model import Accelerator, Node, NodeRequest, NodeState, Role, head_na
 from fleet.providers import Provider, ProviderContext, get_provider
 from fleet.providers.base import CleanupReport
 from fleet.providers.localnode import generate_ed25519_keypair
+from fleet.runtime import Runtime, env_assignments
 from fleet.share import SHARE_FILE, ShareEndpoint, as_root, confine_script, fallback_key_line, parse_share
 from fleet.spec.models import FleetSpec
 from fleet.ssh import CommandResult, Executor, GroupResult, HostKeyStore, Target, write_ssh_config
@@ -110,6 +111,7 @@ class Fleet:
         self._vouched: dict[str, str] = {}  # node -> host key the provider vouched for
         self.share: ShareEndpoint | None = None  # set by export_shared
         self._warned_tofu: set[str] = set()
+        self.runtime = Runtime(self)
 
     # -- lazily built parts --------------------------------------------------------------
     @property
@@ -247,6 +249,8 @@ class Fleet:
             f"FLEET_SHARED={_home_path(self.shared_path_for(node))}",
         ]
         # umask 002: the head user and the share account share the shared dir by group.
+        if self.runtime.enabled:
+            words.extend(env_assignments())
         for key, value in (extra or {}).items():
             words.append(f"{key}={_q(value)}")
         return "umask 002; export " + " ".join(words) + "; "
@@ -376,6 +380,7 @@ class Fleet:
         self.log(f"waiting for SSH on {len(nodes)} node(s)")
         ready_results = self.executor.wait_ready([self.target(n) for n in nodes], timeout=self.spec.ssh.ready_timeout)
         ready = self._keep_ok(nodes, ready_results, result, "ssh_ready", "SSH answers")
+        ready = self.runtime.ensure(ready, result)
         needs_setup = [n for n in ready if not self._flag(n.name, "setup_done")]
         if needs_setup and self.spec.setup:
             self.log(f"running setup on {len(needs_setup)} node(s)")
@@ -394,11 +399,16 @@ class Fleet:
         if head is None:
             for node in workers:
                 result.failures.setdefault(node.name, "no head node is up: the shared directory cannot be mounted")
-            return ready
+            self.runtime.finish(None, result)
+            return [n for n in ready if n.name not in result.failures]
         if not self.export_shared(head, result):
             return [n for n in ready if n.role != Role.WORKER]
         mounted = self.mount_shared(head, workers, result) if workers else []
-        return [n for n in ready if n.role == Role.HEAD] + mounted
+        # The wheelhouse lives on the shared directory: workers install from it once mounted.
+        before = set(result.failures)
+        self.runtime.finish(head, result)
+        failed = set(result.failures) - before
+        return [n for n in [*[n for n in ready if n.role == Role.HEAD], *mounted] if n.name not in failed]
 
     def _flag(self, name: str, flag: str) -> bool:
         record = self.state.node(name)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import posixpath
 import shlex
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,12 +37,13 @@ import yaml
 from fleet.errors import JobError, UsageError
 from fleet.fleetops import Fleet, _home_path
 from fleet.model import Node
+from fleet.runtime import runtime_check
 from fleet.spec.job import JobSpec
 from fleet.ssh import GroupResult
 from fleet.worker.yamlbound import safe_load_bounded
 
 # What the launcher runs for a `serve:` job (as a `run:` command: restarts, stop on signal).
-SERVE_COMMAND = 'exec "$FLEET_PYTHON" -m fleet.worker.serve "$(pwd)" --node "$FLEET_NODE_NAME"'
+SERVE_COMMAND = 'exec "$FLEET_PYTHON" -P -m fleet.worker.serve "$(pwd)" --node "$FLEET_NODE_NAME"'
 
 _LAUNCHER = r"""#!/bin/sh
 # fleet job launcher: started by `fleet run` on every selected node (setsid, nohup),
@@ -55,6 +55,12 @@ NODE="$FLEET_NODE_NAME"
 mkdir -p pids status logs metrics
 echo $$ > "pids/.$NODE.pid.tmp" && mv "pids/.$NODE.pid.tmp" "pids/$NODE.pid"
 rm -f "status/$NODE.exit"
+# The node runtime (fleet's virtualenv, installed by `fleet up`) must be there, and be this control plane's.
+if [ -n "$FLEET_RUNTIME" ]; then
+  rc=0
+  ( @RUNTIME_CHECK@ ) || rc=$?
+  if [ "$rc" != 0 ]; then echo "$rc" > "status/.$NODE.exit.tmp" && mv "status/.$NODE.exit.tmp" "status/$NODE.exit"; exit "$rc"; fi
+fi
 "$FLEET_PYTHON" -P -m fleet.worker.sampler --out "metrics/$NODE.jsonl" --node "$NODE" --pid $$ >/dev/null 2>&1 &
 watcher=""
 if [ -n "$FLEET_NOTICE" ] && [ "$FLEET_NOTICE" != local ]; then
@@ -89,7 +95,7 @@ done
 [ -n "$watcher" ] && kill -TERM "$watcher" 2>/dev/null
 echo "$rc" > "status/.$NODE.exit.tmp" && mv "status/.$NODE.exit.tmp" "status/$NODE.exit"
 exit "$rc"
-"""
+""".replace("@RUNTIME_CHECK@", runtime_check())
 
 
 @dataclass(frozen=True)
@@ -198,10 +204,16 @@ class JobRunner:
         base = self.fleet.shared_path_for(node).rstrip("/")
         return _home_path(f"{base}/{self.rel_dir}")
 
-    def python_for(self) -> str:
+    def python_word(self) -> str:
+        """The interpreter of the job's processes as a shell word: the job's `python:`,
+        else the node runtime's (FLEET_PYTHON), else python3 (runtime.install: false)."""
         if self.job.python:
-            return self.job.python
-        return sys.executable if self.fleet.spec.provider == "local" else "python3"
+            return q(self.job.python)
+        return '"$FLEET_PYTHON"' if self.fleet.runtime.enabled else "python3"
+
+    def runtime_check(self) -> str:
+        """Shell that stops with an error naming the runtime when a node lacks it."""
+        return runtime_check() + "; " if self.fleet.runtime.enabled and not self.job.python else ""
 
     def notice_kind(self) -> str:
         return {"gcp": "gcp", "aws": "aws"}.get(self.fleet.spec.provider, "local")
@@ -259,20 +271,28 @@ class JobRunner:
         head = self.head(nodes)
         job_dir = self.job_dir_for(head)
         if self.job.prepare:
-            script = (f"if [ -f {job_dir}/.prepared ]; then exit 0; fi; set -e; "
+            script = (f"if [ -f {job_dir}/.prepared ]; then exit 0; fi; {self.runtime_check()}set -e; "
                       + "\n".join(self.job.prepare) + f"\ntouch {job_dir}/.prepared")
             result = self._on_head(head, self._sourced(script), env=self._job_env())
             if not result.ok:
                 raise JobError(f"prepare failed on the head: {self.redact(result.describe())}")
             self.fleet.state.add_event("prepared", head.name, f"job {self.job.name}")
         if self.job.worker is not None:
-            init = self._on_head(head, self._sourced(f"cd {job_dir} && {q(self.python_for())} -P -m fleet.worker . --init"))
+            init = self._on_head(head, self._sourced(
+                f"{self.runtime_check()}cd {job_dir} && {self.python_word()} -P -m fleet.worker . --init"))
             if not init.ok:
                 raise JobError(f"the worker could not freeze the job's inputs: {self.redact(init.describe())}")
 
     def _job_env(self) -> dict[str, str]:
         """FLEET_* variables of the job's commands (the job's own env comes from env.sh)."""
-        return {"FLEET_JOB": self.job.name, "FLEET_PYTHON": self.python_for()}
+        env = {"FLEET_JOB": self.job.name}
+        if self.job.python:
+            env["FLEET_PYTHON"] = self.job.python
+        elif self.fleet.runtime.enabled:
+            env["FLEET_RUNTIME"] = self.fleet.runtime.stamp()
+        else:
+            env["FLEET_PYTHON"] = "python3"
+        return env
 
     # -- start / restart ------------------------------------------------------------------
     def start(self, nodes: Sequence[Node], *, all_nodes: Sequence[Node] | None = None) -> GroupResult:
@@ -318,7 +338,7 @@ class JobRunner:
             job_dir = self.job_dir_for(node)
             prefix = self.fleet.node_env_prefix(node, ranks[node.name], count, env)
             return prefix + self._sourced(
-                f"cd {job_dir} || exit 1; "
+                self.runtime_check() + f"cd {job_dir} || exit 1; "
                 f"if [ -f cancelled ]; then echo cancelled; exit 0; fi; "
                 f"if [ -f status/{q(node.name)}.exit ] && [ \"$(cat status/{q(node.name)}.exit)\" = 0 ]; then echo finished; exit 0; fi; "
                 + valid_group_check(f"pids/{q(node.name)}.pid", self.launcher) +
@@ -340,7 +360,7 @@ class JobRunner:
             f"if [ -f cancelled ]; then echo CANCELLED; fi; true"
         )
         if self.job.worker is not None:
-            status_script += f"; echo STATUS; {q(self.python_for())} -P -m fleet.worker . --status"
+            status_script += f"; echo STATUS; {self.runtime_check()}{self.python_word()} -P -m fleet.worker . --status"
         result = self._on_head(head, status_script, timeout=60)
         if not result.ok:
             raise JobError(f"cannot read the job's progress on the head: {self.redact(result.describe())}")

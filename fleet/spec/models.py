@@ -200,6 +200,36 @@ class AwsSpec(Strict):
     )
 
 
+class RuntimeSpec(Strict):
+    """fleet's own runtime on every node: a virtualenv `~/.fleet/runtime/<version>/` that
+    `fleet up` makes from fleet's wheel (built on the control plane, uploaded over SSH),
+    layered on what the image already has. Jobs run with its interpreter."""
+
+    install: bool = Field(True, description="install fleet's runtime on every node (false: jobs need `python:`)")
+    python: str | None = Field(
+        None, description="interpreter the runtime's virtualenv is made from (default: the first image's, "
+        "else python3)"
+    )
+    extras: list[str] = Field(
+        default_factory=lambda: ["worker"], description="fleet's extras the nodes need, e.g. [worker]"
+    )
+    packages: list[str] = Field(default_factory=list, description="more requirements for the nodes (pip syntax)")
+    image: list[str] | None = Field(
+        None, description="what the node image provides: virtualenvs/prefixes (with bin/python) or site-packages "
+        "directories layered under the runtime, e.g. [/opt/conda]; their packages are used, never reinstalled "
+        "(default: local: [/opt/fleet-image], clouds: none)"
+    )
+    index_url: str | None = Field(None, description="package index for what the image lacks (pip --index-url)")
+    extra_index_urls: list[str] = Field(default_factory=list, description="more indexes (pip --extra-index-url)")
+    find_links: list[str] = Field(
+        default_factory=list, description="wheel directories or pages (pip --find-links), as the installer sees them"
+    )
+    wheelhouse: bool = Field(
+        False, description="the control plane downloads what the image lacks once, puts it on the head, and the "
+        "nodes install it from there (hash-checked, no index needed on the nodes)"
+    )
+
+
 class FleetSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="labels every resource; lowercase, digits, '-'")
     provider: Literal["local", "gcp", "aws"] = Field(description="where the nodes run")
@@ -208,6 +238,7 @@ class FleetSpec(Strict):
     ssh: SshSpec = Field(SshSpec(), description="how `fleet` reaches the nodes")
     shared: SharedSpec = Field(SharedSpec(), description="the head's directory that every worker mounts")
     setup: list[str] = Field(default_factory=list, description="commands run on every node before mounting")
+    runtime: RuntimeSpec = Field(RuntimeSpec(), description="fleet's own runtime on the nodes (a versioned virtualenv)")
     monitor: MonitorSpec = Field(MonitorSpec(), description="the reconcile loop that replaces lost nodes")
     local: LocalSpec = Field(LocalSpec(), description="options of the local provider")
     gcp: GcpSpec | None = Field(None, description="Google Cloud settings (needed with provider: gcp)")
