@@ -201,6 +201,7 @@ class LocalNode:
     labels: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0
     preempted: bool = False
+    isolation: str = "loopback"  # or "namespaces" (fleet.providers.localns.IsolatedNode)
 
     # -- paths -------------------------------------------------------------------------
     @property
@@ -212,9 +213,13 @@ class LocalNode:
         return self.dir / "sshd"
 
     @property
+    def host_key_path(self) -> Path:
+        return self.sshd_dir / "host_key.pub"
+
+    @property
     def host_key_line(self) -> str:
         """The node's public host key, "ssh-ed25519 AAAA..." (no comment)."""
-        parts = (self.sshd_dir / "host_key.pub").read_text().split()
+        parts = self.host_key_path.read_text().split()
         return f"{parts[0]} {parts[1]}"
 
     def known_hosts_line(self, alias: str | None = None) -> str:
@@ -421,8 +426,8 @@ ForceCommand {d / 'enter'}
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- persistence -------------------------------------------------------------------
-    def _save(self) -> None:
-        data = {
+    def _record(self) -> dict[str, object]:
+        return {
             "name": self.name,
             "fleet": self.fleet,
             "id": self.id,
@@ -432,7 +437,11 @@ ForceCommand {d / 'enter'}
             "labels": self.labels,
             "created_at": self.created_at,
             "preempted": self.preempted,
+            "isolation": self.isolation,
         }
+
+    def _save(self) -> None:
+        data = self._record()
         tmp = self.dir / "node.json.tmp"
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.dir / "node.json")
@@ -443,6 +452,10 @@ ForceCommand {d / 'enter'}
             data = json.loads((node_dir / "node.json").read_text())
         except (OSError, ValueError):
             return None
+        if data.get("isolation") == "namespaces":
+            from fleet.providers.localns import IsolatedNode
+
+            return IsolatedNode(dir=node_dir, **data)
         return cls(dir=node_dir, **data)
 
     @classmethod
