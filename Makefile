@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; on a CUDA machine use e.g. TORCH_SPEC=torch (a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
-SYSTEM_PACKAGES := openssh-server openssh-client sshfs fuse3 rsync chromium
+SYSTEM_PACKAGES := openssh-server openssh-client sshfs fuse3 rsync chromium iproute2 nftables
 PYTEST_ARGS ?=
 
 .PHONY: install system-packages test demo bench lint clean

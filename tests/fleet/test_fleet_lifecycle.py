@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from e2e_helpers import CliFleet, leftovers, mounts_under
+from e2e_helpers import CliFleet, leftovers, mounts_under, nothing_left
 
 from fleet.providers.localnode import LocalNode, find_sshd, generate_ed25519_keypair
 
@@ -101,7 +101,7 @@ def test_down_leaves_nothing(make_fleet) -> None:
     assert leftovers(fleet.root, fleet.name)["mounts"], "the workers' mounts exist before down"
     result = fleet.cli("down", "--yes")
     assert result.returncode == 0, result.stderr
-    assert leftovers(fleet.root, fleet.name) == {"processes": [], "mounts": []}
+    assert nothing_left(leftovers(fleet.root, fleet.name)), leftovers(fleet.root, fleet.name)
     assert all(_port_closed(port) for port in ports)
     assert not set(ports) & _listening_ports()
     assert not (fleet.root / fleet.name).exists() or not any((fleet.root / fleet.name).iterdir())
@@ -123,7 +123,7 @@ def test_down_after_losing_the_local_state(make_fleet) -> None:
     shutil.rmtree(fleet.dir / ".fleet")
     result = fleet.cli("down", "--yes")
     assert result.returncode == 0, result.stderr
-    assert leftovers(fleet.root, fleet.name) == {"processes": [], "mounts": []}
+    assert nothing_left(leftovers(fleet.root, fleet.name)), leftovers(fleet.root, fleet.name)
     assert all(_port_closed(port) for port in ports)
 
 
@@ -137,7 +137,7 @@ def test_down_finds_nodes_whose_directories_were_deleted(make_fleet) -> None:
     shutil.rmtree(fleet.node_dir(worker))
     result = fleet.cli("down", "--yes")
     assert result.returncode == 0, result.stderr
-    assert leftovers(fleet.root, fleet.name) == {"processes": [], "mounts": []}
+    assert nothing_left(leftovers(fleet.root, fleet.name)), leftovers(fleet.root, fleet.name)
     assert all(_port_closed(port) for port in ports)
 
 
