@@ -75,6 +75,11 @@ class Provider(ABC):
         (the local provider: "namespaces" or "loopback"); None for real clouds."""
         return None
 
+    def intra_fleet_rule(self) -> str | None:
+        """The network rule that lets the fleet's nodes reach each other (the workers'
+        mounts of the head), named for errors when they cannot; None where there is none."""
+        return None
+
     def check(self) -> None:
         """Fail early and clearly (credentials, local programs) without mutating anything."""
 

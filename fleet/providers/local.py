@@ -157,7 +157,8 @@ class LocalProvider(Provider):
             if local is None:
                 continue
             local.destroy()
-            deleted.append(f"local node {name} ({local.isolation}, sshd on {local.address}:{local.port})")
+            where = "isolated node, " if local.isolation == "namespaces" else ""
+            deleted.append(f"local node {name} ({where}sshd on {local.address}:{local.port})")
         return deleted
 
     def preempt(self, name: str, *, notice_s: float = 0.0) -> None:

@@ -372,7 +372,7 @@ cp /etc/ssh/ssh_host_ed25519_key.pub "$CONSOLE/host_key.pub.tmp"
 mv "$CONSOLE/host_key.pub.tmp" "$CONSOLE/host_key.pub"
 mkdir -p /run/sshd
 chmod 0755 /run/sshd
-/usr/sbin/sshd -E "$CONSOLE/sshd.log" -o Port=22 -o ListenAddress=0.0.0.0 \
+/usr/sbin/sshd -E "$CONSOLE/sshd.log" \
   -o HostKey=/etc/ssh/ssh_host_ed25519_key -o PidFile=/run/sshd.pid -o UsePAM=no \
   -o PasswordAuthentication=no -o KbdInteractiveAuthentication=no -o PermitRootLogin=prohibit-password \
   -o MaxStartups=200:30:400 -o MaxSessions=64 -o ClientAliveInterval=15 -o ClientAliveCountMax=3 \
@@ -438,10 +438,17 @@ class IsolatedNode(LocalNode):
         boot_timeout: float = BOOT_TIMEOUT_S,
     ) -> IsolatedNode:
         """Create the node, boot it and wait until its sshd answers (or the boot fails)."""
+        node = cls.reserve(root, name=name, fleet=fleet, user=user, labels=labels)
+        node.start(startup_script, hidden=hidden, boot_timeout=boot_timeout)
+        return node
+
+    @classmethod
+    def reserve(cls, root: Path, *, name: str, fleet: str, user: str,
+                labels: dict[str, str] | None = None) -> IsolatedNode:
+        """The node's record and address, before it boots (a cloud's pending instance)."""
         require_namespaces()
         root = Path(root).resolve()
-        fleet_dir = root / fleet
-        node_dir = fleet_dir / name
+        node_dir = root / fleet / name
         network = FleetNetwork.of(root, fleet)
         with _locked(network.lock):
             if (node_dir / "node.json").exists():
@@ -458,16 +465,21 @@ class IsolatedNode(LocalNode):
                 (node_dir / sub).mkdir(parents=True, exist_ok=True)
             os.chmod(node_dir, 0o700)
             node._save()
-        try:
-            network.add_port(nid, address)
-            (node.console / "startup.sh").write_text(startup_script)
-            boot = node_dir / "boot.sh"
-            boot.write_text(render_boot_script(node_dir, name, hidden_paths([root, *hidden])))
-            node._boot(boot, boot_timeout)
-        except BaseException:
-            node.destroy()
-            raise
         return node
+
+    def start(self, startup_script: str, *, hidden: Iterable[str | Path] = (),
+              boot_timeout: float = BOOT_TIMEOUT_S, ssh_port: int = 22) -> None:
+        """Plug the node into the bridge and boot it; destroy it when the boot fails."""
+        try:
+            self.network.add_port(self.nid, self.address)
+            (self.console / "startup.sh").write_text(startup_script)
+            boot = self.dir / "boot.sh"
+            boot.write_text(render_boot_script(self.dir, self.name, hidden_paths([self.dir.parent.parent, *hidden])))
+            self.port = ssh_port
+            self._boot(boot, boot_timeout)
+        except BaseException:
+            self.destroy()
+            raise
 
     def _boot(self, boot: Path, timeout: float) -> None:
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", MARKER: self.id, FLEET_MARKER: self.fleet,

@@ -241,6 +241,7 @@ def test_interruption_detected_through_the_server(tmp_path, fleet_key, fake_ec2,
     provider = make(tmp_path, fleet_key[1], port=loopback[1])
     provider.prepare()
     provider.create([worker(1), worker(2)])
+    fake_ec2.wait_booted()
     node = next(n for n in provider.list() if n.name == "ta-w1-g1")
     assert node.address.startswith("127.") and node.internal_address.startswith("127.")
     fake_ec2.interrupt("ta-w1-g1")
@@ -255,6 +256,7 @@ def test_no_made_up_address_leaves_the_fake(tmp_path, fleet_key, fake_ec2, loopb
     provider = make(tmp_path, fleet_key[1], port=loopback[1])
     provider.prepare()
     provider.create([worker(1)])
+    fake_ec2.wait_booted()
     raw = boto3.client("ec2", region_name="us-east-1").describe_instances()
     assert raw["Reservations"]
     for reservation in raw["Reservations"]:
@@ -302,3 +304,33 @@ def test_destroy_all_after_a_killed_up_leaves_nothing(tmp_path, fleet_key, fake_
     state = fake_ec2.state()
     assert [i for i in state["instances"] if i["state"] != "terminated"] == []
     assert state["security_groups"] == [] and state["key_pairs"] == [] and state["backing_nodes"] == []
+
+
+def test_up_copes_with_pending_instances_without_an_address(tmp_path, fleet_key, fake_ec2, loopback):
+    """EC2 answers run_instances with pending instances that have no public address yet;
+    `up` lists again until they have one, then sets them up and mounts."""
+    from fleet.fleetops import Fleet
+
+    fake_ec2.boot_delay = 1.5
+    spec = fleet_spec("tp", "aws", ssh_port=loopback[1], workers={"count": 1}, aws=aws_block())
+    spec = spec.model_copy(update={"ssh": spec.ssh.model_copy(update={"ready_timeout": 60, "key": str(fleet_key[0])})})
+    created = []
+    with Fleet(spec, tmp_path / "fleet.yaml") as fleet:
+        original = fleet.provider.create
+
+        def create(requests):
+            results = original(requests)
+            created.extend(r.node for r in results)
+            return results
+
+        fleet.provider.create = create  # type: ignore[method-assign]
+        try:
+            result = fleet.up()
+            assert result.ok, result.failures
+            assert created and all(n.state is NodeState.PENDING and not n.address for n in created), created
+            assert sorted(n.name for n in result.nodes) == ["tp-head", "tp-w1-g1"]
+            assert all(n.address and n.address.startswith("127.") for n in result.nodes)
+            mounted = fleet.exec([n for n in result.nodes if n.role is Role.WORKER], 'mountpoint -q "$FLEET_SHARED"')
+            assert mounted.ok, mounted.results
+        finally:
+            fleet.down()
