@@ -304,8 +304,9 @@ class AwsProvider(Provider):
             )
             self._group_id = str(made["GroupId"])
             self._call("authorize_security_group_ingress", GroupId=self._group_id,
-                       IpPermissions=[self._ssh_permission(ranges)])
-            created.append(f"security group {self.group_name} (tcp:{self.spec.ssh.port} from {', '.join(ranges)})")
+                       IpPermissions=[self._ssh_permission(ranges), self._intra_fleet_permission()])
+            created.append(f"security group {self.group_name} (tcp:{self.spec.ssh.port} from {', '.join(ranges)}; "
+                           "tcp from its own members)")
             return created
         self._group_id = str(group["GroupId"])
         # Compared in canonical form: an authorize of a range already there is an error.

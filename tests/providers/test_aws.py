@@ -102,7 +102,8 @@ def test_spot_options_tags_key_pair_and_group_as_created(tmp_path, fleet_key, mo
         source_ranges=["203.0.113.7/32"],
     )
     created = provider.prepare()
-    assert created == ["key pair fleet-ta", "security group fleet-ta-ssh (tcp:2222 from 203.0.113.7/32)"]
+    assert created == ["key pair fleet-ta",
+                       "security group fleet-ta-ssh (tcp:2222 from 203.0.113.7/32; tcp from its own members)"]
     head = NodeRequest(
         name=head_name("ta"), role=Role.HEAD, slot=0, generation=1, spot=False, machine="m5.large"
     )
@@ -130,7 +131,10 @@ def test_spot_options_tags_key_pair_and_group_as_created(tmp_path, fleet_key, mo
     volumes = ec2.describe_volumes(Filters=[{"Name": "tag:fleet", "Values": ["ta"]}])["Volumes"]
     assert len(volumes) == 2 and {v["Size"] for v in volumes} == {60, 100}
     group = ec2.describe_security_groups(GroupNames=["fleet-ta-ssh"])["SecurityGroups"][0]
-    assert group["IpPermissions"] == [
+    internal = [p for p in group["IpPermissions"] if p["UserIdGroupPairs"]]
+    assert [(p["IpProtocol"], p["FromPort"], p["ToPort"], [g["GroupId"] for g in p["UserIdGroupPairs"]])
+            for p in internal] == [("tcp", 0, 65535, [group["GroupId"]])]  # the members reach each other
+    assert [p for p in group["IpPermissions"] if not p["UserIdGroupPairs"]] == [
         {
             "IpProtocol": "tcp",
             "FromPort": 2222,

@@ -294,6 +294,7 @@ def test_destroy_all_removes_instances_in_any_state_leftover_disks_and_the_rule(
         "instance tg-w2-g1",
         "disk tg-orphan",
         "firewall rule fleet-tg-ssh",
+        "firewall rule fleet-tg-internal",
     }
     state = fake_gce.state()
     assert state["instances"] == [] and state["disks"] == [] and state["firewalls"] == []
