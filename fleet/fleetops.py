@@ -463,7 +463,9 @@ class Fleet:
             f"HostKeyAlias={_q(head.name)}",
             "StrictHostKeyChecking=yes",
             "BatchMode=yes",
-            f"ConnectTimeout={max(1, round(self.spec.ssh.connect_timeout))}",
+            # The spec's connect timeout (a dropped mount fails in that time, not a hang), but
+            # at least 5 s: the head's sshd answers many mounting workers at once.
+            f"ConnectTimeout={max(5, round(self.spec.ssh.connect_timeout))}",
             f"port={head.port}",
             *[_q(option) for option in shared.options],
         ]

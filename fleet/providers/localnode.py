@@ -13,7 +13,9 @@ the environment variable `FLEET_LOCAL_NODE_ID=<id>` (set by sshd's `SetEnv`), wh
 how `kill()` finds "every process started on it" the way a cloud preemption would end
 them: the sshd, the sessions, daemons started with setsid/nohup, the sshfs mount
 process; then the node's FUSE mounts are detached. Works as root and as an ordinary
-user (unprivileged ports, `UsePAM no`).
+user (unprivileged ports, `UsePAM no`). This is the `loopback` isolation; the
+`namespaces` one (`fleet.providers.localns.IsolatedNode`) keeps the same record and
+verbs, and `LocalNode.load` returns whichever a node.json describes.
 """
 
 from __future__ import annotations

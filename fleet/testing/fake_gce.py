@@ -128,8 +128,10 @@ class FakeGce:
         page_size: int = 500,
         isolation: str = "loopback",
         caller_address: str = "127.0.0.1",
+        boot_delay: float = 0.0,
     ) -> None:
         self.backing = backing
+        self.boot_delay = boot_delay  # seconds an instance stays STAGING before its node boots
         self.isolated = backing and (isolation == "namespaces"
                                      or (isolation == "auto" and missing_for_namespaces() is None))
         self.caller_address = caller_address
@@ -402,6 +404,7 @@ class FakeGce:
                     interfaces[0]["networkIP"] = address  # never a made-up address
                     if resource["status"] == "PROVISIONING":
                         resource["status"] = "STAGING"
+                time.sleep(self.boot_delay)
                 if isolated is not None:
                     self._boot_isolated(key, resource, isolated)
                 elif self.backing:
