@@ -213,12 +213,13 @@ class FleetNetwork:
 
     def apply_policy(self, rules_text: str) -> None:
         """Replace the fleet's nftables tables with `rules_text` (rendered by netpolicy),
-        atomically: one `nft -f` transaction."""
-        script = ""
-        for family in ("bridge", "inet"):
-            if _run("nft", "list", "table", family, self.table, check=False).returncode == 0:
-                script += f"delete table {family} {self.table}\n"
-        _run("nft", "-f", "-", input_text=script + rules_text)
+        atomically: one `nft -f` transaction, one writer at a time."""
+        with _locked(LOCK_DIR / f"{self.key}.policy.lock"):
+            script = ""
+            for family in ("bridge", "inet"):
+                if _run("nft", "list", "table", family, self.table, check=False).returncode == 0:
+                    script += f"delete table {family} {self.table}\n"
+            _run("nft", "-f", "-", input_text=script + rules_text)
 
     def allocate_address(self, taken: Iterable[str]) -> str:
         subnet = self.ensure()
@@ -287,6 +288,7 @@ class FleetNetwork:
             if _run("nft", "delete", "table", *table.split()[1:], check=False).returncode == 0:
                 removed.append(f"nftables {table}")
         self.lock.unlink(missing_ok=True)
+        (LOCK_DIR / f"{self.key}.policy.lock").unlink(missing_ok=True)
         return removed
 
 
