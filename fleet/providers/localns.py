@@ -361,14 +361,23 @@ umount -l /.fleet-oldroot
 rmdir /.fleet-oldroot
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 CONSOLE=/run/fleet-console
+# A fresh machine's own host key, never the image's (the host's): gone before anything runs.
+rm -f /etc/ssh/ssh_host_*
+# This init manages sshd, as systemd does on a cloud image: it starts it after the
+# startup script, with the config the script left. A script's `systemctl restart ssh`
+# or `service ssh restart` is answered here instead of starting a second sshd.
+mkdir -p /run/fleet-init/bin
+for manager in systemctl service; do
+  printf '#!/bin/sh\necho "fleet node init: $0 $*: sshd starts after the startup script" >&2\nexit 0\n' \
+    > "/run/fleet-init/bin/$manager"
+  chmod 755 "/run/fleet-init/bin/$manager"
+done
 echo "$(date -u +%FT%TZ) startup script begins" >> "$CONSOLE/boot.log"
 set +e
-/bin/bash "$CONSOLE/startup.sh" >> "$CONSOLE/startup.log" 2>&1
+PATH="/run/fleet-init/bin:$PATH" /bin/bash "$CONSOLE/startup.sh" >> "$CONSOLE/startup.log" 2>&1
 echo $? > "$CONSOLE/startup.rc"
 set -e
 echo "$(date -u +%FT%TZ) startup script ended with $(cat "$CONSOLE/startup.rc")" >> "$CONSOLE/boot.log"
-# A fresh machine's own host key; never the image's (the host's).
-rm -f /etc/ssh/ssh_host_*
 ssh-keygen -q -t ed25519 -N '' -C {name} -f /etc/ssh/ssh_host_ed25519_key
 cp /etc/ssh/ssh_host_ed25519_key.pub "$CONSOLE/host_key.pub.tmp"
 mv "$CONSOLE/host_key.pub.tmp" "$CONSOLE/host_key.pub"
