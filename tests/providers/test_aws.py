@@ -12,7 +12,7 @@ from typing import Any
 
 import boto3
 import pytest
-from provider_helpers import Sleeps, aws_block, context, fleet_spec, kill_up_midway
+from provider_helpers import Sleeps, aws_block, context, fleet_spec, is_test_local, kill_up_midway
 
 from fleet.errors import CapacityError, CredentialsError, QuotaError
 from fleet.model import NodeRequest, NodeState, Role, head_name, worker_name
@@ -247,7 +247,7 @@ def test_interruption_detected_through_the_server(tmp_path, fleet_key, fake_ec2,
     provider.create([worker(1), worker(2)])
     fake_ec2.wait_booted()
     node = next(n for n in provider.list() if n.name == "ta-w1-g1")
-    assert node.address.startswith("127.") and node.internal_address.startswith("127.")
+    assert is_test_local(node.address) and is_test_local(node.internal_address)
     fake_ec2.interrupt("ta-w1-g1")
     nodes = {n.name: n for n in provider.list()}
     assert nodes["ta-w1-g1"].state is NodeState.PREEMPTED
@@ -265,9 +265,7 @@ def test_no_made_up_address_leaves_the_fake(tmp_path, fleet_key, fake_ec2, loopb
     assert raw["Reservations"]
     for reservation in raw["Reservations"]:
         for instance in reservation["Instances"]:
-            assert instance["PublicIpAddress"].startswith("127.") and instance["PrivateIpAddress"].startswith(
-                "127."
-            )
+            assert is_test_local(instance["PublicIpAddress"]) and is_test_local(instance["PrivateIpAddress"])
 
 
 def test_dry_run_plan_makes_no_mutating_call(tmp_path, fleet_key, fake_ec2, loopback):
@@ -333,7 +331,7 @@ def test_up_copes_with_pending_instances_without_an_address(tmp_path, fleet_key,
             assert result.ok, result.failures
             assert created and all(n.state is NodeState.PENDING and not n.address for n in created), created
             assert sorted(n.name for n in result.nodes) == ["tp-head", "tp-w1-g1"]
-            assert all(n.address and n.address.startswith("127.") for n in result.nodes)
+            assert all(is_test_local(n.address) for n in result.nodes)
             mounted = fleet.exec([n for n in result.nodes if n.role is Role.WORKER], 'mountpoint -q "$FLEET_SHARED"')
             assert mounted.ok, mounted.results
         finally:
