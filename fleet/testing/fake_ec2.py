@@ -128,6 +128,7 @@ class FakeEc2:
         self.rewrite: dict[str, str] = {}  # moto address -> loopback address
         self.nodes: dict[str, LocalNode] = {}
         self._lock = threading.RLock()
+        self._policy_lock = threading.Lock()
         self._host, self._port = host, port
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -433,6 +434,11 @@ class FakeEc2:
         """Enforce the security groups on each fleet's bridge (isolated backing only)."""
         if not self.isolated:
             return
+        # Snapshot and write as one step: a stale snapshot written last would drop a node.
+        with self._policy_lock:
+            self._apply_policy_locked(region)
+
+    def _apply_policy_locked(self, region: str | None) -> None:
         backend = _moto_backend(region or self.region)
         with self._lock:
             nodes = {**self.pending_nodes, **self.nodes}

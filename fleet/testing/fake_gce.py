@@ -152,6 +152,7 @@ class FakeGce:
         self.in_flight = 0
         self._ready: dict[tuple[str, str], threading.Event] = {}
         self._lock = threading.RLock()
+        self._policy_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fake-gce-op")
         self._server = ThreadingHTTPServer((host, port), _handler_for(self))
         self._server.daemon_threads = True
@@ -459,6 +460,11 @@ class FakeGce:
         """Enforce the firewall rules on each fleet's bridge (isolated backing only)."""
         if not self.isolated:
             return
+        # Snapshot and write as one step: a stale snapshot written last would drop a node.
+        with self._policy_lock:
+            self._apply_policy_locked()
+
+    def _apply_policy_locked(self) -> None:
         with self._lock:
             nodes = {**self.pending_nodes, **self.nodes}
             resources = {key: self.instances.get(key) for key in nodes}
