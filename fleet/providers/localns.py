@@ -378,7 +378,8 @@ PATH="/run/fleet-init/bin:$PATH" /bin/bash "$CONSOLE/startup.sh" >> "$CONSOLE/st
 echo $? > "$CONSOLE/startup.rc"
 set -e
 echo "$(date -u +%FT%TZ) startup script ended with $(cat "$CONSOLE/startup.rc")" >> "$CONSOLE/boot.log"
-ssh-keygen -q -t ed25519 -N '' -C {name} -f /etc/ssh/ssh_host_ed25519_key
+# A key the startup script installed (a host key the cloud vouches for) is kept.
+[ -f /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -q -t ed25519 -N '' -C {name} -f /etc/ssh/ssh_host_ed25519_key
 cp /etc/ssh/ssh_host_ed25519_key.pub "$CONSOLE/host_key.pub.tmp"
 mv "$CONSOLE/host_key.pub.tmp" "$CONSOLE/host_key.pub"
 mkdir -p /run/sshd
