@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; on a CUDA machine use e.g. TORCH_SPEC=torch (a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
-SYSTEM_PACKAGES := openssh-server openssh-client sshfs fuse3 rsync chromium python3-venv
+SYSTEM_PACKAGES := openssh-server openssh-client sshfs fuse3 rsync chromium python3-venv iproute2 nftables
 PYTEST_ARGS ?=
 # The local nodes' image: a read-only virtualenv with the worker's heavy dependencies, which
 # local nodes use the way a cloud node uses its image's torch (fleet's own wheel is not in it:

@@ -95,7 +95,8 @@ class Bench:
         self.spec = root / "fleet.yaml"
         self.spec.write_text(json.dumps({
             "name": self.name, "provider": "local", "workers": {"count": WORKERS},
-            "local": {"root": str(root / "nodes")},
+            # loopback until the node runtime (issue 10) lands
+            "local": {"root": str(root / "nodes"), "isolation": "loopback"},
             "monitor": {"interval": INTERVAL, "grace": 15},
         }))
         self.shared = root / "nodes" / self.name / f"{self.name}-head" / "home" / "shared"

@@ -105,7 +105,8 @@ def _dry_run(fleet, args: argparse.Namespace) -> int:
 
 
 def _print_nodes(fleet, nodes) -> None:
-    table = Table(title=f"fleet {fleet.spec.name} ({fleet.spec.provider})")
+    mode = fleet.provider.isolation
+    table = Table(title=f"fleet {fleet.spec.name} ({fleet.spec.provider}{', ' + mode + ' isolation' if mode else ''})")
     for column in ("node", "role", "state", "address", "zone", "spot", "gen"):
         table.add_column(column)
     for n in nodes:
@@ -129,7 +130,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             ]
         if args.json:
             print(json.dumps({
-                "name": fleet.spec.name, "provider": fleet.spec.provider,
+                "name": fleet.spec.name, "provider": fleet.spec.provider, "isolation": fleet.provider.isolation,
                 "nodes": [{"name": n.name, "role": n.role.value, "state": n.state.value, "address": n.address,
                            "port": n.port, "zone": n.zone, "spot": n.spot, "generation": n.generation} for n in nodes],
             }))

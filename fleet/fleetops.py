@@ -374,6 +374,7 @@ class Fleet:
 
     def bring_up(self, nodes: Sequence[Node], result: UpResult) -> list[Node]:
         """SSH ready -> setup -> head export -> worker mounts, each node as far as it gets."""
+        nodes = self.await_addresses(nodes, result)
         if not nodes:
             return []
         self.fetch_vouched_host_keys(nodes)
@@ -409,6 +410,43 @@ class Fleet:
         self.runtime.finish(head, result)
         failed = set(result.failures) - before
         return [n for n in [*[n for n in ready if n.role == Role.HEAD], *mounted] if n.name not in failed]
+
+    def await_addresses(self, nodes: Sequence[Node], result: UpResult) -> list[Node]:
+        """Nodes as the provider lists them once each is RUNNING with an address. A cloud
+        answers a create with pending instances that have no public address yet (EC2's
+        run_instances, GCE while PROVISIONING): list again, with backoff, until they have
+        one or `ssh.ready_timeout` passes (then that node fails alone)."""
+        waiting = {n.name for n in nodes if n.state == NodeState.PENDING or not n.address}
+        if not waiting:
+            return list(nodes)
+        self.log(f"waiting for {len(waiting)} pending node(s) to get an address")
+        current = {n.name: n for n in nodes}
+        deadline = time.monotonic() + self.spec.ssh.ready_timeout
+        delay = 0.5
+        while waiting:
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 5.0)
+            for listed in self.provider.list():
+                if listed.name in waiting and listed.name in current:
+                    current[listed.name] = listed
+                    if listed.state == NodeState.RUNNING and listed.address:
+                        waiting.discard(listed.name)
+                        self.state.upsert_node(listed)
+                    elif not listed.is_alive:
+                        waiting.discard(listed.name)
+            if waiting and time.monotonic() >= deadline:
+                break
+        ready = []
+        for name, node in current.items():
+            if node.state == NodeState.RUNNING and node.address:
+                ready.append(node)
+                continue
+            message = (f"still {node.state.value} without an address after {self.spec.ssh.ready_timeout:g}s"
+                       if node.is_alive else f"{node.state.value} before it got an address")
+            result.failures[name] = message
+            self.state.add_event("ssh_ready_failed", name, message)
+            self.log(f"{name}: {message}")
+        return ready
 
     def _flag(self, name: str, flag: str) -> bool:
         record = self.state.node(name)
@@ -498,7 +536,9 @@ class Fleet:
             f"HostKeyAlias={_q(head.name)}",
             "StrictHostKeyChecking=yes",
             "BatchMode=yes",
-            "ConnectTimeout=15",
+            # The spec's connect timeout (a dropped mount fails in that time, not a hang), but
+            # at least 5 s: the head's sshd answers many mounting workers at once.
+            f"ConnectTimeout={max(5, round(self.spec.ssh.connect_timeout))}",
             f"port={head.port}",
             *[_q(option) for option in shared.options],
         ]
@@ -549,9 +589,31 @@ class Fleet:
         self.log(f"mounting the shared directory on {len(ok_workers)} worker(s)")
         mounts = self.exec(ok_workers, self.mount_command(head, head_key))
         mounted = self._keep_ok(ok_workers, mounts, result, "mounted", f"{head.name}:{self.spec.shared.path}")
+        self._name_missing_rule(head, ok_workers, mounts, result)
         for node in mounted:
             self.state.set_node_flags(node.name, mounted=True)
         return mounted
+
+    def _name_missing_rule(self, head: Node, workers: Sequence[Node], mounts: GroupResult,
+                           result: UpResult) -> None:
+        """Workers whose mount failed: when they cannot even open a TCP connection to the
+        head (sshfs only says "read: Connection reset by peer"), the network dropped it:
+        name the rule the provider needs, in that worker's error."""
+        rule = self.provider.intra_fleet_rule()
+        failed = [n for n in workers if n.name in mounts.results and not mounts.results[n.name].ok]
+        if not rule or not failed:
+            return
+        address, port = head.internal_address or head.address, head.port
+        seconds = max(1, round(self.spec.ssh.connect_timeout))
+        probe = self.exec(failed, f"timeout {seconds} bash -c {_q(f'exec 3<>/dev/tcp/{address}/{port}')}",
+                          timeout=seconds + 30)
+        for node in failed:
+            outcome = probe.results.get(node.name)
+            if outcome is not None and outcome.exit_code not in (0, None):
+                result.failures[node.name] = (
+                    f"cannot connect to the head {head.name} at {address}:{port} within {seconds}s, so the "
+                    f"shared directory cannot be mounted: {rule}")
+                self.state.add_event("mounted_failed", node.name, result.failures[node.name])
 
     def write_ssh_config(self, nodes: Sequence[Node]) -> None:
         alive = [n for n in nodes if n.address]

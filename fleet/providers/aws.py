@@ -248,9 +248,40 @@ class AwsProvider(Provider):
                 admitted |= {r["CidrIpv6"] for r in perm.get("Ipv6Ranges", [])}
         return admitted
 
+    def _intra_fleet_permission(self) -> dict[str, Any]:
+        """The group admits TCP from itself: workers mount the head at its private
+        address, which the caller's SSH rule does not cover."""
+        return {"IpProtocol": "tcp", "FromPort": 0, "ToPort": 65535,
+                "UserIdGroupPairs": [{"GroupId": self._group_id, "Description": "fleet internal"}]}
+
+    def _has_intra_fleet_rule(self, group: dict[str, Any]) -> bool:
+        port = self.spec.ssh.port
+        for perm in group.get("IpPermissions", []):
+            if perm.get("IpProtocol") not in ("tcp", "-1"):
+                continue
+            if perm.get("IpProtocol") == "tcp" and not (perm.get("FromPort", 0) <= port <= perm.get("ToPort", -1)):
+                continue
+            if any(pair.get("GroupId") == group["GroupId"] for pair in perm.get("UserIdGroupPairs", [])):
+                return True
+        return False
+
+    def intra_fleet_rule(self) -> str:
+        return (f"security group {self.group_name} must admit tcp:{self.spec.ssh.port} from itself "
+                "(its self-referencing ingress rule, which `fleet up` adds)")
+
     def prepare(self) -> list[str]:
         """Import the key pair and create the security group (idempotent). An existing
-        group follows the caller: SSH is admitted from the current source ranges only."""
+        group follows the caller: SSH is admitted from the current source ranges only.
+        The group also admits TCP from itself (the workers' mounts of the head)."""
+        created = self._prepare_group()
+        group = self._find_group()
+        if group is not None and not self._has_intra_fleet_rule(group):
+            self._call("authorize_security_group_ingress", GroupId=self._group_id,
+                       IpPermissions=[self._intra_fleet_permission()])
+            created.append(f"security group {self.group_name} admits tcp from its own members")
+        return created
+
+    def _prepare_group(self) -> list[str]:
         created = []
         ranges = resolve_source_ranges(
             self.aws.source_ranges, self._detect_address, field="aws.source_ranges"
@@ -275,8 +306,9 @@ class AwsProvider(Provider):
             )
             self._group_id = str(made["GroupId"])
             self._call("authorize_security_group_ingress", GroupId=self._group_id,
-                       IpPermissions=[self._ssh_permission(ranges)])
-            created.append(f"security group {self.group_name} (tcp:{self.spec.ssh.port} from {', '.join(ranges)})")
+                       IpPermissions=[self._ssh_permission(ranges), self._intra_fleet_permission()])
+            created.append(f"security group {self.group_name} (tcp:{self.spec.ssh.port} from {', '.join(ranges)}; "
+                           "tcp from its own members)")
             return created
         self._group_id = str(group["GroupId"])
         # Compared in canonical form: an authorize of a range already there is an error.

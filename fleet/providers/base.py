@@ -69,6 +69,17 @@ class Provider(ABC):
         self.context = context
         self.spec = context.spec
 
+    @property
+    def isolation(self) -> str | None:
+        """How this provider's nodes are isolated from the caller, where it is a choice
+        (the local provider: "namespaces" or "loopback"); None for real clouds."""
+        return None
+
+    def intra_fleet_rule(self) -> str | None:
+        """The network rule that lets the fleet's nodes reach each other (the workers'
+        mounts of the head), named for errors when they cannot; None where there is none."""
+        return None
+
     def check(self) -> None:
         """Fail early and clearly (credentials, local programs) without mutating anything."""
 

@@ -121,6 +121,7 @@ class GcpProvider(Provider):
         self.fleet = self.spec.name
         self.network_tag = f"fleet-{self.fleet}"
         self.firewall_name = f"fleet-{self.fleet}-ssh"
+        self.internal_firewall_name = f"fleet-{self.fleet}-internal"
         self._detect_address = detect_address
         self._sleep = sleep
         self._max_parallel = max_parallel
@@ -223,8 +224,40 @@ class GcpProvider(Provider):
             )
         return planned
 
+    def intra_fleet_rule(self) -> str:
+        return (f"firewall rule {self.internal_firewall_name} must admit tcp from tag {self.network_tag} "
+                f"to tag {self.network_tag} (which `fleet up` adds; a network without allow-internal has none)")
+
     def prepare(self) -> list[str]:
-        """The firewall rule opening tcp:<ssh.port> to the fleet's tag from source_ranges."""
+        """The firewall rules: tcp:<ssh.port> to the fleet's tag from source_ranges, and
+        tcp from the fleet's tag to the fleet's tag (the workers' mounts of the head)."""
+        return self._prepare_ssh_rule() + self._prepare_internal_rule()
+
+    def _prepare_internal_rule(self) -> list[str]:
+        from google.api_core import exceptions as gexc
+        from google.cloud import compute_v1
+
+        client = self._client("firewalls")
+        try:
+            self._call(lambda: client.get(project=self.gcp.project, firewall=self.internal_firewall_name))
+            return []
+        except ProviderError as exc:
+            if not isinstance(exc.__cause__, gexc.NotFound):
+                raise
+        rule = compute_v1.Firewall(
+            name=self.internal_firewall_name,
+            network=self.gcp.network,
+            direction="INGRESS",
+            source_tags=[self.network_tag],
+            target_tags=[self.network_tag],
+            allowed=[compute_v1.Allowed(I_p_protocol="tcp")],
+            description=f"the nodes of fleet {self.fleet} reach each other (created by fleet)",
+        )
+        operation = self._call(lambda: client.insert_unary(project=self.gcp.project, firewall_resource=rule))
+        self._wait_global_op(operation)
+        return [f"firewall rule {self.internal_firewall_name} (tcp from {self.network_tag} to {self.network_tag})"]
+
+    def _prepare_ssh_rule(self) -> list[str]:
         from google.api_core import exceptions as gexc
         from google.cloud import compute_v1
 
@@ -579,17 +612,18 @@ class GcpProvider(Provider):
                 report.deleted.append(f"disk {disk.name} ({zone})")
         except FleetError as exc:
             report.errors.append(f"disks: {exc.message}")
-        try:
-            operation = self._call(
-                lambda: self._client("firewalls").delete_unary(
-                    project=self.gcp.project, firewall=self.firewall_name
+        for firewall in (self.firewall_name, self.internal_firewall_name):
+            try:
+                operation = self._call(
+                    lambda firewall=firewall: self._client("firewalls").delete_unary(
+                        project=self.gcp.project, firewall=firewall
+                    )
                 )
-            )
-            self._wait_global_op(operation)
-            report.deleted.append(f"firewall rule {self.firewall_name}")
-        except ProviderError as exc:
-            if not isinstance(exc.__cause__, gexc.NotFound):
-                report.errors.append(f"firewall rule {self.firewall_name}: {exc.message}")
+                self._wait_global_op(operation)
+                report.deleted.append(f"firewall rule {firewall}")
+            except ProviderError as exc:
+                if not isinstance(exc.__cause__, gexc.NotFound):
+                    report.errors.append(f"firewall rule {firewall}: {exc.message}")
         return report
 
     def close(self) -> None:

@@ -6,6 +6,11 @@ of the cloud's inventory: `list()` reads it (plus a scan for processes of the fl
 whose directory is gone), never the fleet's local state database. A preemption kills
 the node's sshd, every process started on it and its mounts at once; with a notice it
 first sends SIGTERM to the node's programs, the way a cloud's ACPI soft-off does.
+
+Two isolations (`local.isolation`): `namespaces` makes every node a machine of its own
+(`fleet.providers.localns`: network, mount and PID namespaces on a per-fleet bridge,
+booted by the same startup script a cloud node runs); `loopback` runs every node as an
+sshd of the caller's on 127.0.0.1 (no root needed). `auto` picks namespaces when it can.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from fleet.providers.localnode import (
     kill_fleet_orphans,
     require_sshfs,
 )
+from fleet.providers.localns import FleetNetwork, IsolatedNode, missing_for_namespaces, require_namespaces
+from fleet.providers.startup import render_startup_script
 
 
 def default_root() -> Path:
@@ -50,31 +57,55 @@ class LocalProvider(Provider):
         super().__init__(context)
         configured = self.spec.local.root
         self.root = Path(os.path.expanduser(configured)).resolve() if configured else default_root()
+        wanted = self.spec.local.isolation
+        self._isolation = wanted if wanted != "auto" else ("namespaces" if missing_for_namespaces() is None
+                                                           else "loopback")
+
+    @property
+    def isolation(self) -> str:
+        return self._isolation
 
     def check(self) -> None:
         find_sshd()
         find_sftp_server()
         require_sshfs()
+        if self.isolation == "namespaces":
+            require_namespaces()
+
+    def _create_isolated(self, request: NodeRequest, labels: dict[str, str]) -> LocalNode:
+        script = render_startup_script(
+            provider="local", fleet_name=self.spec.name, node=request.name, role=request.role.value,
+            user=self.context.ssh_user, public_key=self.context.public_key, ssh_port=22,
+        )
+        return IsolatedNode.create_isolated(
+            self.root, name=request.name, fleet=self.spec.name, user=self.context.ssh_user,
+            startup_script=script, labels=labels, hidden=[self.context.state_dir.parent],
+            boot_timeout=self.spec.ssh.ready_timeout,
+        )
 
     def create(self, requests: Sequence[NodeRequest]) -> list[CreateResult]:
         self.root.mkdir(parents=True, exist_ok=True)
 
         def one(request: NodeRequest) -> CreateResult:
+            labels = {
+                LABEL_FLEET: self.spec.name,
+                LABEL_ROLE: request.role.value,
+                LABEL_SLOT: str(request.slot),
+                LABEL_GENERATION: str(request.generation),
+                "spot": "true" if request.spot else "false",
+            }
             try:
-                node = LocalNode.create(
-                    self.root,
-                    name=request.name,
-                    fleet=self.spec.name,
-                    authorized_keys=[self.context.public_key],
-                    address=self.spec.local.address,
-                    labels={
-                        LABEL_FLEET: self.spec.name,
-                        LABEL_ROLE: request.role.value,
-                        LABEL_SLOT: str(request.slot),
-                        LABEL_GENERATION: str(request.generation),
-                        "spot": "true" if request.spot else "false",
-                    },
-                )
+                if self.isolation == "namespaces":
+                    node = self._create_isolated(request, labels)
+                else:
+                    node = LocalNode.create(
+                        self.root,
+                        name=request.name,
+                        fleet=self.spec.name,
+                        authorized_keys=[self.context.public_key],
+                        address=self.spec.local.address,
+                        labels=labels,
+                    )
             except FleetError as error:
                 return CreateResult(request, error=error)
             except OSError as error:
@@ -107,7 +138,7 @@ class LocalProvider(Provider):
             spot=labels.get("spot") == "true",
             machine="local",
             provider_id=local.id,
-            host_key=local.host_key_line if (local.sshd_dir / "host_key.pub").exists() else None,
+            host_key=local.host_key_line if local.host_key_path.exists() else None,
             reason="killed by fleet preempt" if local.preempted else None,
             created_at=local.created_at,
             labels=dict(labels),
@@ -126,7 +157,8 @@ class LocalProvider(Provider):
             if local is None:
                 continue
             local.destroy()
-            deleted.append(f"local node {name} (sshd on {local.address}:{local.port})")
+            where = "isolated node, " if local.isolation == "namespaces" else ""
+            deleted.append(f"local node {name} ({where}sshd on {local.address}:{local.port})")
         return deleted
 
     def preempt(self, name: str, *, notice_s: float = 0.0) -> None:
@@ -145,6 +177,9 @@ class LocalProvider(Provider):
         orphans = kill_fleet_orphans(self.root, self.spec.name, [local.id for local in locals_])
         if orphans:
             report.deleted.append(f"{orphans} orphaned processes of fleet {self.spec.name}")
+        if os.geteuid() == 0 and missing_for_namespaces() is None:
+            # Whatever the mode now: the fleet may have run isolated before, or lost its nodes' records.
+            report.deleted.extend(FleetNetwork.of(self.root, self.spec.name).remove())
         fleet_dir = self.root / self.spec.name
         if fleet_dir.is_dir() and not any(fleet_dir.iterdir()):
             shutil.rmtree(fleet_dir, ignore_errors=True)

@@ -13,7 +13,9 @@ the environment variable `FLEET_LOCAL_NODE_ID=<id>` (set by sshd's `SetEnv`), wh
 how `kill()` finds "every process started on it" the way a cloud preemption would end
 them: the sshd, the sessions, daemons started with setsid/nohup, the sshfs mount
 process; then the node's FUSE mounts are detached. Works as root and as an ordinary
-user (unprivileged ports, `UsePAM no`).
+user (unprivileged ports, `UsePAM no`). This is the `loopback` isolation; the
+`namespaces` one (`fleet.providers.localns.IsolatedNode`) keeps the same record and
+verbs, and `LocalNode.load` returns whichever a node.json describes.
 """
 
 from __future__ import annotations
@@ -214,6 +216,7 @@ class LocalNode:
     labels: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0
     preempted: bool = False
+    isolation: str = "loopback"  # or "namespaces" (fleet.providers.localns.IsolatedNode)
 
     # -- paths -------------------------------------------------------------------------
     @property
@@ -225,9 +228,13 @@ class LocalNode:
         return self.dir / "sshd"
 
     @property
+    def host_key_path(self) -> Path:
+        return self.sshd_dir / "host_key.pub"
+
+    @property
     def host_key_line(self) -> str:
         """The node's public host key, "ssh-ed25519 AAAA..." (no comment)."""
-        parts = (self.sshd_dir / "host_key.pub").read_text().split()
+        parts = self.host_key_path.read_text().split()
         return f"{parts[0]} {parts[1]}"
 
     def known_hosts_line(self, alias: str | None = None) -> str:
@@ -442,8 +449,8 @@ ForceCommand {d / 'enter'}
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- persistence -------------------------------------------------------------------
-    def _save(self) -> None:
-        data = {
+    def _record(self) -> dict[str, object]:
+        return {
             "name": self.name,
             "fleet": self.fleet,
             "id": self.id,
@@ -453,7 +460,11 @@ ForceCommand {d / 'enter'}
             "labels": self.labels,
             "created_at": self.created_at,
             "preempted": self.preempted,
+            "isolation": self.isolation,
         }
+
+    def _save(self) -> None:
+        data = self._record()
         tmp = self.dir / "node.json.tmp"
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.dir / "node.json")
@@ -464,6 +475,10 @@ ForceCommand {d / 'enter'}
             data = json.loads((node_dir / "node.json").read_text())
         except (OSError, ValueError):
             return None
+        if data.get("isolation") == "namespaces":
+            from fleet.providers.localns import IsolatedNode
+
+            return IsolatedNode(dir=node_dir, **data)
         return cls(dir=node_dir, **data)
 
     @classmethod

@@ -165,7 +165,13 @@ class MonitorSpec(Strict):
 
 class LocalSpec(Strict):
     root: str | None = Field(None, description="where local nodes live (default ~/.local/state/fleet/local)")
-    address: str = Field("127.0.0.1", description="loopback address the nodes' sshd listen on")
+    address: str = Field("127.0.0.1", description="loopback address the nodes' sshd listen on (loopback isolation)")
+    isolation: Literal["auto", "namespaces", "loopback"] = Field(
+        "auto",
+        description="namespaces: every node a machine of its own (network, mount and PID namespaces, "
+        "copy-on-write root; needs root); loopback: every node an sshd of yours on 127.0.0.1; "
+        "auto: namespaces when running as root with the tools installed, else loopback",
+    )
 
 
 class GcpSpec(Strict):

@@ -7,11 +7,20 @@ middleware in front of it
   own loopback address on the fleet's SSH port, with the imported key pair's public key,
   and rewrites moto's made-up addresses (54.x public, 10.x private) to that loopback
   address in every response, so that nothing ever tries to reach moto's addresses;
+- reports each instance `pending` with no public address until its backing node has
+  booted (the node starts in the background, after `boot_delay` seconds), as EC2's
+  `RunInstances` does: its reply never carries a `PublicIpAddress`;
 - kills the node when the instance is stopped or terminated;
 - injects the errors moto never raises (capacity, limits, throttling), per action and
   zone/subnet, a number of times or until cleared;
 - records every request (action and parameters) so that tests can check what was sent
   and count the calls.
+
+With `isolation="namespaces"` every backing node is an isolated local node
+(`fleet.providers.localns`): it boots with the instance's user data (the fleet's
+rendered startup script) as a cloud instance would, gets an address on a bridge of the
+fleet's, and the security groups are enforced on that bridge (`cloudpolicy`): the
+caller counts as `caller_address` (what the cloud would see as its public address).
 
 `interrupt(instance)` simulates a spot interruption: the instance is terminated in
 moto's backend with state reason `Server.SpotInstanceTermination`, and its node is
@@ -39,9 +48,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qs
+from xml.etree import ElementTree
 
+from fleet.errors import FleetError
 from fleet.providers.localnode import LocalNode
+from fleet.providers.localns import FleetNetwork, IsolatedNode, missing_for_namespaces
+from fleet.providers.netpolicy import render_tables
 from fleet.providers.vouched import CONSOLE_BEGIN, CONSOLE_END
+from fleet.testing.cloudpolicy import Caller, ec2_rules
 from fleet.testing.fake_gce import _port_free, _random_host_key
 from fleet.testing.serve import backing_options, parse_loopback_args, parser_for, serve_until_signalled
 
@@ -95,8 +109,17 @@ class FakeEc2:
         host: str = "127.0.0.1",
         port: int = 0,
         region: str = "us-east-1",
+        boot_delay: float = 0.0,
+        isolation: str = "loopback",
+        caller_address: str = "127.0.0.1",
     ) -> None:
         self.backing = backing
+        self.isolated = isolation == "namespaces" or (isolation == "auto" and missing_for_namespaces() is None)
+        self.caller_address = caller_address
+        self.boot_delay = boot_delay
+        self.booting: set[str] = set()  # instance ids whose backing node is not up yet
+        self.pending_nodes: dict[str, IsolatedNode] = {}  # isolated backing nodes reserved, booting
+        self._boots: list[threading.Thread] = []
         self.ssh_port = ssh_port
         self.region = region
         self._own_root = nodes_root is None
@@ -110,6 +133,7 @@ class FakeEc2:
         self.client_tokens: dict[str, bytes] = {}  # RunInstances ClientToken -> its reply
         self.false_host_keys: set[str] = set()  # instance names whose console output lies
         self._lock = threading.RLock()
+        self._policy_lock = threading.Lock()
         self._host, self._port = host, port
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -138,11 +162,16 @@ class FakeEc2:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+        for boot in list(self._boots):
+            boot.join(timeout=120)
         with self._lock:
             nodes = list(self.nodes.values())
             self.nodes.clear()
         for node in nodes:
             node.destroy()
+        if self.isolated:
+            for fleet in {node.fleet for node in nodes} | set(_fleets_under(self.nodes_root)):
+                FleetNetwork.of(self.nodes_root, fleet).remove()
         self.reset_moto()
         if self._own_root:
             shutil.rmtree(self.nodes_root, ignore_errors=True)
@@ -188,6 +217,7 @@ class FakeEc2:
             raise KeyError(f"no live instance {instance}")
         with self._lock:
             node = self.nodes.pop(instance_id, None)
+            self.booting.discard(instance_id)
         if node is not None:
             node.kill(preempted=True)
         moto_instance = _moto_backend(self.region).get_instance(instance_id)
@@ -196,6 +226,17 @@ class FakeEc2:
             "Server.SpotInstanceTermination: Spot instance termination", "Server.SpotInstanceTermination"
         )
         return instance_id
+
+    def wait_booted(self, timeout: float = 60.0) -> None:
+        """Until every backing node that is booting has booted (for tests that look at
+        addresses right after a create)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self.booting:
+                    return
+            time.sleep(0.02)
+        raise TimeoutError(f"backing nodes still booting after {timeout:g}s: {sorted(self.booting)}")
 
     def state(self) -> dict[str, Any]:
         backend = _moto_backend(self.region)
@@ -210,6 +251,7 @@ class FakeEc2:
                 ],
                 "key_pairs": list(backend.key_pairs),
                 "backing_nodes": [n.name for n in self.nodes.values() if n.is_running()],
+                "booting": sorted(self.booting),
             }
 
     # -- the middleware ----------------------------------------------------------------
@@ -293,8 +335,14 @@ class FakeEc2:
                 if key.startswith("InstanceId."):
                     with self._lock:
                         node = self.nodes.pop(value, None)
+                        self.booting.discard(value)
                     if node is not None:
                         node.destroy() if action == "TerminateInstances" else node.kill(preempted=False)
+        if action in ("TerminateInstances", "StopInstances", "AuthorizeSecurityGroupIngress",
+                      "RevokeSecurityGroupIngress", "DeleteSecurityGroup"):
+            self.apply_policy(region)
+        if action in ("RunInstances", "DescribeInstances"):
+            body = self._show_pending(body)
         if action in ("RunInstances", "DescribeInstances", "DescribeNetworkInterfaces", "DescribeAddresses"):
             text = body.decode()
             with self._lock:
@@ -317,6 +365,9 @@ class FakeEc2:
     def _back(self, instance_id: str, params: dict[str, str], region: str) -> None:
         backend = _moto_backend(region)
         instance = backend.get_instance(instance_id)
+        if self.isolated and self.backing:
+            self._back_isolated(instance_id, instance, params, region)
+            return
         address = self._allocate_address()
         with self._lock:
             self.addresses[instance_id] = address
@@ -331,17 +382,121 @@ class FakeEc2:
             material = pair.material_public
             keys.append(material.decode() if isinstance(material, bytes) else str(material))
         tags = _tags_of(instance)
-        node = LocalNode.create(
-            self.nodes_root,
-            name=tags.get("Name", instance_id),
-            fleet=tags.get("fleet", "nofleet"),
-            authorized_keys=keys,
-            address=address,
-            port=self.ssh_port,
-            labels=tags,
-        )
         with self._lock:
-            self.nodes[instance_id] = node
+            self.booting.add(instance_id)
+
+        def boot() -> None:
+            time.sleep(self.boot_delay)
+            with self._lock:
+                if instance_id not in self.booting:  # terminated while it booted
+                    return
+            node = LocalNode.create(
+                self.nodes_root,
+                name=tags.get("Name", instance_id),
+                fleet=tags.get("fleet", "nofleet"),
+                authorized_keys=keys,
+                address=address,
+                port=self.ssh_port,
+                labels=tags,
+            )
+            with self._lock:
+                if instance_id in self.booting:
+                    self.booting.discard(instance_id)
+                    self.nodes[instance_id] = node
+                    return
+            node.destroy()
+
+        thread = threading.Thread(target=boot, name=f"boot-{instance_id}", daemon=True)
+        self._boots.append(thread)
+        thread.start()
+
+    def _back_isolated(self, instance_id: str, instance: Any, params: dict[str, str], region: str) -> None:
+        import base64
+
+        tags = _tags_of(instance)
+        node = IsolatedNode.reserve(self.nodes_root, name=tags.get("Name", instance_id),
+                                    fleet=tags.get("fleet", "nofleet"), user="", labels=tags)
+        user_data = base64.b64decode(params.get("UserData", "")).decode() if params.get("UserData") else "exit 0\n"
+        with self._lock:
+            self.addresses[instance_id] = node.address
+            for moto_address in (instance.public_ip, instance.private_ip):
+                if moto_address:
+                    self.rewrite[moto_address] = node.address
+            self.booting.add(instance_id)
+            self.pending_nodes[instance_id] = node
+
+        def boot() -> None:
+            time.sleep(self.boot_delay)
+            with self._lock:
+                if instance_id not in self.booting:
+                    node.destroy()
+                    return
+            self.apply_policy(region)
+            try:
+                node.start(user_data, ssh_port=self.ssh_port)
+            except (FleetError, OSError):  # the instance stays pending without an address, as a broken image would
+                return
+            with self._lock:
+                self.pending_nodes.pop(instance_id, None)
+                if instance_id in self.booting:
+                    self.booting.discard(instance_id)
+                    self.nodes[instance_id] = node
+                    return
+            node.destroy()
+
+        thread = threading.Thread(target=boot, name=f"boot-{instance_id}", daemon=True)
+        self._boots.append(thread)
+        thread.start()
+
+    def apply_policy(self, region: str | None = None) -> None:
+        """Enforce the security groups on each fleet's bridge (isolated backing only)."""
+        if not self.isolated:
+            return
+        # Snapshot and write as one step: a stale snapshot written last would drop a node.
+        with self._policy_lock:
+            self._apply_policy_locked(region)
+
+    def _apply_policy_locked(self, region: str | None) -> None:
+        backend = _moto_backend(region or self.region)
+        with self._lock:
+            nodes = {**self.pending_nodes, **self.nodes}
+        groups = {g.id: [r for r in g.ingress_rules] for g in backend.describe_security_groups()}
+        by_fleet: dict[str, dict[str, tuple[str, list[str]]]] = {}
+        instances = {i.id: i for i in backend.all_instances()}
+        for instance_id, node in nodes.items():
+            if instance_id not in instances:
+                continue
+            group_ids = [g.id for g in instances[instance_id].security_groups]
+            by_fleet.setdefault(node.fleet, {})[instance_id] = (node.address, group_ids)
+        for fleet, instances in by_fleet.items():
+            network = FleetNetwork.of(self.nodes_root, fleet)
+            if network.subnet() is None:
+                continue
+            caller = Caller(public=self.caller_address, bridge=network.host_address())
+            network.apply_policy(render_tables(network, ec2_rules(instances, groups, caller)))
+
+    def _show_pending(self, body: bytes) -> bytes:
+        """Instances still booting: state pending (code 0), no public address."""
+        with self._lock:
+            booting = set(self.booting)
+        if not booting or not any(i.encode() in body for i in booting):
+            return body
+        root = ElementTree.fromstring(body)
+        namespace = root.tag.split("}")[0] + "}" if root.tag.startswith("{") else ""
+        ElementTree.register_namespace("", namespace.strip("{}"))
+        for item in root.iter(f"{namespace}item"):
+            instance_id = item.findtext(f"{namespace}instanceId")
+            if instance_id not in booting or item.find(f"{namespace}instanceState") is None:
+                continue
+            state = item.find(f"{namespace}instanceState")
+            state.find(f"{namespace}code").text = "0"  # type: ignore[union-attr]
+            state.find(f"{namespace}name").text = "pending"  # type: ignore[union-attr]
+            for public in item.findall(f"{namespace}ipAddress"):
+                item.remove(public)
+            for interface in item.iter(f"{namespace}item"):
+                for association in interface.findall(f"{namespace}association"):
+                    interface.remove(association)
+        return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
 
     def vouch_false_host_key(self, name: str) -> None:
         """From now on, instance `name` (its Name tag) prints a host key on its console
@@ -394,6 +549,10 @@ class FakeEc2:
         data = json.dumps(result, default=str).encode()
         start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
         return [data]
+
+
+def _fleets_under(root: Path) -> list[str]:
+    return [entry.name for entry in root.iterdir() if entry.is_dir()] if root.is_dir() else []
 
 
 def _error(start_response: Callable[..., Any], code: str, message: str) -> Iterable[bytes]:

@@ -38,6 +38,9 @@ from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from fleet.providers.localnode import LocalNode
+from fleet.providers.localns import FleetNetwork, IsolatedNode, missing_for_namespaces
+from fleet.providers.netpolicy import render_tables
+from fleet.testing.cloudpolicy import Caller, gce_rules
 from fleet.testing.serve import backing_options, parse_loopback_args, parser_for, serve_until_signalled
 
 API_ROOT = "https://www.googleapis.com/compute/v1"
@@ -124,8 +127,15 @@ class FakeGce:
         host: str = "127.0.0.1",
         port: int = 0,
         page_size: int = 500,
+        isolation: str = "loopback",
+        caller_address: str = "127.0.0.1",
+        boot_delay: float = 0.0,
     ) -> None:
         self.backing = backing
+        self.boot_delay = boot_delay  # seconds an instance stays STAGING before its node boots
+        self.isolated = backing and (isolation == "namespaces"
+                                     or (isolation == "auto" and missing_for_namespaces() is None))
+        self.caller_address = caller_address
         self.ssh_port = ssh_port
         self.page_size = page_size
         self._own_root = nodes_root is None
@@ -136,6 +146,7 @@ class FakeGce:
         self.instances: dict[tuple[str, str], dict[str, Any]] = {}  # (zone, name) -> resource
         self.nodes: dict[tuple[str, str], LocalNode] = {}
         self.request_ops: dict[str, dict[str, Any]] = {}  # insert requestId -> its operation
+        self.pending_nodes: dict[tuple[str, str], IsolatedNode] = {}  # isolated, reserved, booting
         self.disks: dict[tuple[str, str], dict[str, Any]] = {}
         self.firewalls: dict[str, dict[str, Any]] = {}
         self.operations: dict[str, _Op] = {}
@@ -143,6 +154,7 @@ class FakeGce:
         self.in_flight = 0
         self._ready: dict[tuple[str, str], threading.Event] = {}
         self._lock = threading.RLock()
+        self._policy_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fake-gce-op")
         self._server = ThreadingHTTPServer((host, port), _handler_for(self))
         self._server.daemon_threads = True
@@ -165,10 +177,17 @@ class FakeGce:
         self._server.server_close()
         self._pool.shutdown(wait=True, cancel_futures=False)
         with self._lock:
-            nodes = list(self.nodes.values())
+            nodes = [*self.nodes.values(), *self.pending_nodes.values()]
             self.nodes.clear()
+            self.pending_nodes.clear()
         for node in nodes:
             node.destroy()
+        if self.isolated:
+            fleets = {node.fleet for node in nodes}
+            if self.nodes_root.is_dir():
+                fleets |= {entry.name for entry in self.nodes_root.iterdir() if entry.is_dir()}
+            for fleet in fleets:
+                FleetNetwork.of(self.nodes_root, fleet).remove()
         if self._own_root:
             shutil.rmtree(self.nodes_root, ignore_errors=True)
 
@@ -415,16 +434,24 @@ class FakeGce:
             op = self._new_op(zone, "insert", link, done=False)
 
         def boot() -> None:
+            # PROVISIONING -> STAGING (an internal address) -> RUNNING (booted, natIP).
             try:
-                address = self._allocate_address()
+                isolated = self._reserve_isolated(key, resource) if self.isolated else None
+                address = isolated.address if isolated is not None else self._allocate_address()
                 interfaces = resource.setdefault("networkInterfaces", [{}])
-                interfaces[0]["networkIP"] = address  # never a made-up address
-                for config in interfaces[0].get("accessConfigs", []):
-                    config["natIP"] = address
-                if self.backing:
+                with self._lock:
+                    interfaces[0]["networkIP"] = address  # never a made-up address
+                    if resource["status"] == "PROVISIONING":
+                        resource["status"] = "STAGING"
+                time.sleep(self.boot_delay)
+                if isolated is not None:
+                    self._boot_isolated(key, resource, isolated)
+                elif self.backing:
                     self._start_node(key, resource, address)
                 with self._lock:
-                    if key in self.instances and resource["status"] == "PROVISIONING":
+                    for config in interfaces[0].get("accessConfigs", []):
+                        config["natIP"] = address
+                    if key in self.instances and resource["status"] == "STAGING":
                         resource["status"] = "RUNNING"
             finally:
                 ready.set()
@@ -449,6 +476,50 @@ class FakeGce:
         with self._lock:
             self.nodes[key] = node
 
+    def _reserve_isolated(self, key: tuple[str, str], resource: dict[str, Any]) -> IsolatedNode:
+        node = IsolatedNode.reserve(self.nodes_root, name=key[1], fleet=resource.get("labels", {}).get("fleet", "nofleet"),
+                                    user="", labels=resource.get("labels", {}))
+        with self._lock:
+            self.pending_nodes[key] = node
+        return node
+
+    def _boot_isolated(self, key: tuple[str, str], resource: dict[str, Any], node: IsolatedNode) -> None:
+        """Boot the node with the instance's startup-script metadata, as the guest agent would."""
+        items = resource.get("metadata", {}).get("items", [])
+        script = next((i.get("value", "") for i in items if i.get("key") == "startup-script"), "") or "exit 0\n"
+        self.apply_policy()
+        node.start(script, ssh_port=self.ssh_port)
+        with self._lock:
+            self.pending_nodes.pop(key, None)
+            self.nodes[key] = node
+        self.apply_policy()
+
+    def apply_policy(self) -> None:
+        """Enforce the firewall rules on each fleet's bridge (isolated backing only)."""
+        if not self.isolated:
+            return
+        # Snapshot and write as one step: a stale snapshot written last would drop a node.
+        with self._policy_lock:
+            self._apply_policy_locked()
+
+    def _apply_policy_locked(self) -> None:
+        with self._lock:
+            nodes = {**self.pending_nodes, **self.nodes}
+            resources = {key: self.instances.get(key) for key in nodes}
+            firewalls = [dict(f) for f in self.firewalls.values()]
+        by_fleet: dict[str, dict[str, tuple[str, list[str], str]]] = {}
+        for key, node in nodes.items():
+            resource = resources.get(key) or {}
+            tags = list(resource.get("tags", {}).get("items", []))
+            network = (resource.get("networkInterfaces") or [{}])[0].get("network", "default")
+            by_fleet.setdefault(node.fleet, {})[key[1]] = (node.address, tags, network)
+        for fleet, instances in by_fleet.items():
+            net = FleetNetwork.of(self.nodes_root, fleet)
+            if net.subnet() is None:
+                continue
+            caller = Caller(public=self.caller_address, bridge=net.host_address())
+            net.apply_policy(render_tables(net, gce_rules(instances, firewalls, caller)))
+
     def _remove_instance(self, key: tuple[str, str]) -> None:
         ready = self._ready.get(key)
         if ready is not None:
@@ -467,7 +538,9 @@ class FakeGce:
             address = node.address
             node.destroy()
             with self._lock:
-                self._free_addresses.append(address)
+                if not self.isolated:
+                    self._free_addresses.append(address)
+            self.apply_policy()
 
     def delete_instance(self, project: str, zone: str, name: str) -> dict[str, Any]:
         key = (zone, name)
@@ -603,6 +676,7 @@ def _route_table(fake: FakeGce) -> list[tuple[str, re.Pattern[str], Any]]:
                 )
             link = f"{API_ROOT}/projects/{m['project']}/global/firewalls/{name}"
             fake.firewalls[name] = dict(b, selfLink=link, kind="compute#firewall")
+        fake.apply_policy()
         return fake._new_op(None, "insert", link, done=True).data
 
     def get_firewall(m: dict[str, str], q: dict[str, str], b: Any) -> Any:
@@ -615,6 +689,7 @@ def _route_table(fake: FakeGce) -> list[tuple[str, re.Pattern[str], Any]]:
             resource = fake.firewalls.pop(m["name"], None)
         if resource is None:
             raise ApiError(404, "notFound", f"The resource 'firewalls/{m['name']}' was not found")
+        fake.apply_policy()
         return fake._new_op(None, "delete", resource["selfLink"], done=True).data
 
     def patch_firewall(m: dict[str, str], q: dict[str, str], b: Any) -> Any:
@@ -623,6 +698,7 @@ def _route_table(fake: FakeGce) -> list[tuple[str, re.Pattern[str], Any]]:
             if rule is None:
                 raise ApiError(404, "notFound", f"The resource 'firewalls/{m['name']}' was not found")
             rule.update({k: v for k, v in b.items() if k not in ("name", "selfLink", "kind")})
+        fake.apply_policy()
         return fake._new_op(None, "patch", rule["selfLink"], done=True).data
 
     def list_firewalls(m: dict[str, str], q: dict[str, str], b: Any) -> Any:

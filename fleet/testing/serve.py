@@ -28,6 +28,10 @@ def parser_for(module: str, description: str, *, address_base: str) -> argparse.
     parser.add_argument("--ssh-port", type=int, default=22, help="SSH port of every backing node")
     parser.add_argument("--address-base", default=address_base, help="first loopback address of the nodes")
     parser.add_argument("--no-backing", action="store_true", help="no sshd behind the instances")
+    parser.add_argument("--isolation", choices=("loopback", "namespaces", "auto"), default="loopback",
+                        help="backing nodes on loopback, or isolated nodes with the firewall enforced (root)")
+    parser.add_argument("--caller-address", default="127.0.0.1",
+                        help="the public address the fake pretends the caller has (isolated backing)")
     return parser
 
 
@@ -45,6 +49,8 @@ def backing_options(args: argparse.Namespace) -> dict[str, Any]:
         "ssh_port": args.ssh_port,
         "address_base": args.address_base,
         "backing": not args.no_backing,
+        "isolation": args.isolation,
+        "caller_address": args.caller_address,
         "host": args.host,
         "port": args.port,
     }

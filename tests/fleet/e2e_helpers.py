@@ -12,6 +12,7 @@ the killing, for tests that check that `down` left nothing.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -88,12 +89,73 @@ def mounts_under(root: Path) -> list[str]:
     return points
 
 
+def network_key(root: Path, fleet_name: str) -> str:
+    return hashlib.sha256(f"{Path(root).resolve()}\0{fleet_name}".encode()).hexdigest()[:8]
+
+
+def _tool(*argv: str) -> str:
+    tool = shutil.which(argv[0]) or f"/usr/sbin/{argv[0]}"
+    if not os.path.exists(tool) or os.geteuid() != 0:
+        return ""
+    return subprocess.run([tool, *argv[1:]], check=False, capture_output=True, text=True, timeout=30).stdout
+
+
+def network_leftovers(root: Path, fleet_name: str) -> dict[str, list[str]]:
+    """The fleet's network namespaces, links (bridge, veths) and nftables tables."""
+    key = network_key(root, fleet_name)
+    netns = sorted(e for e in (os.listdir("/run/netns") if os.path.isdir("/run/netns") else [])
+                   if e.startswith(f"fleet-{key}-"))
+    links = sorted(link["ifname"] for link in json.loads(_tool("ip", "-j", "link") or "[]")
+                   if link.get("ifname", "")[2:10] == key and link["ifname"][:2] in ("fb", "fv", "fp"))
+    tables = [line.strip() for line in _tool("nft", "list", "tables").splitlines()
+              if line.strip().endswith(f" fleet_{key}")]
+    return {"namespaces": netns, "links": links, "nft_tables": tables}
+
+
+def namespace_mounts(root: Path, fleet_name: str | None = None) -> list[str]:
+    """FUSE mounts inside the mount namespaces of the fleet's (isolated) nodes."""
+    points = set()
+    for proc in processes_under(root, fleet_name):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{proc.pid}/mounts").read_text().splitlines():
+                parts = line.split()
+                if len(parts) >= 3 and parts[2].startswith("fuse"):
+                    points.add(f"{proc.pid}:{parts[1]}")
+    return sorted(points)
+
+
 def leftovers(root: Path, fleet_name: str | None = None) -> dict[str, list[str]]:
-    return {
+    found = {
         "processes": [f"{p.pid} {' '.join(p.cmdline()[:6])}" for p in processes_under(root, fleet_name)
                       if _alive(p)],
         "mounts": mounts_under(root),
     }
+    if fleet_name is not None and os.geteuid() == 0:
+        found.update(network_leftovers(root, fleet_name))
+    return found
+
+
+def nothing_left(found: dict[str, list[str]]) -> bool:
+    return not any(found.values())
+
+
+def sweep_network(root: Path, fleet_name: str) -> None:
+    """Kill what runs in the fleet's namespaces; delete them, its links and tables."""
+    found = network_leftovers(root, fleet_name)
+    for netns in found["namespaces"]:
+        for _ in range(20):
+            pids = [int(p) for p in _tool("ip", "netns", "pids", netns).split() if p.isdigit()]
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        _tool("ip", "netns", "del", netns)
+    for link in found["links"]:
+        _tool("ip", "link", "del", link)
+    for table in found["nft_tables"]:
+        _tool("nft", "delete", "table", *table.split()[1:])
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -106,6 +168,8 @@ def _alive(proc: psutil.Process) -> bool:
 def sweep(root: Path, fleet_name: str | None = None) -> dict[str, list[str]]:
     """Kill and detach whatever is left under `root`; return what was found."""
     found = leftovers(root, fleet_name)
+    if fleet_name is not None:
+        sweep_network(root, fleet_name)
     for _ in range(20):
         procs = [p for p in processes_under(root, fleet_name) if _alive(p)]
         if not procs:
@@ -195,8 +259,35 @@ class CliFleet:
     def node_dir(self, node: str) -> Path:
         return self.root / self.name / node
 
+    @property
+    def isolated(self) -> bool:
+        """Whether the fleet's nodes run in namespaces (read from their records)."""
+        for record in (self.root / self.name).glob("*/node.json"):
+            return json.loads(record.read_text()).get("isolation") == "namespaces"
+        return False
+
     def home(self, node: str) -> Path:
+        """The node's home directory, as this machine (the provider's disk) sees it."""
+        if self.isolated:
+            return self.node_dir(node) / "disk" / "root"  # the tests run isolated fleets as root
         return self.node_dir(node) / "home"
+
+    def node_home(self, node: str) -> Path:
+        """The node's home directory, as the node itself sees it."""
+        return Path("/root") if self.isolated else self.home(node)
+
+    def node_mounts(self, node: str) -> list[str]:
+        """The FUSE mount points the node sees (its own mount namespace when isolated)."""
+        if self.isolated:
+            init = json.loads((self.node_dir(node) / "node.json").read_text()).get("init_pid")
+            source = Path(f"/proc/{init}/mounts")
+        else:
+            source = Path("/proc/mounts")
+        with contextlib.suppress(OSError):
+            return [line.split()[1] for line in source.read_text().splitlines()
+                    if line.split()[2].startswith("fuse")
+                    and (self.isolated or line.split()[1].startswith(str(self.node_dir(node))))]
+        return []
 
     def teardown(self) -> dict[str, list[str]]:
         with contextlib.suppress(Exception):

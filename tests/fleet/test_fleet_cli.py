@@ -4,12 +4,12 @@ both directions, `fleet ssh`, the key and ssh_config files, quoting, convergence
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import stat
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from e2e_helpers import CliFleet
@@ -17,18 +17,24 @@ from e2e_helpers import CliFleet
 pytestmark = pytest.mark.slow
 
 NODE_KEYS = {"name", "role", "state", "address", "zone", "spot", "generation"}
+# Which node answers: a loopback node's sshd says so in the environment, an isolated node is a host of its own.
+IDENTITY = '"${FLEET_LOCAL_NODE_NAME:-$(hostname)}"'
 
 
 def test_status_json_shape(shared_fleet: CliFleet) -> None:
     data = shared_fleet.status()
     assert data["name"] == shared_fleet.name
     assert data["provider"] == "local"
+    assert data["isolation"] == ("namespaces" if os.geteuid() == 0 else "loopback")
     nodes = data["nodes"]
     assert [n["name"] for n in nodes] == [shared_fleet.head] + [f"{shared_fleet.name}-w{i}-g1" for i in (1, 2, 3)]
     for node in nodes:
         assert NODE_KEYS <= set(node), node
         assert node["state"] == "RUNNING"
-        assert node["address"] == "127.0.0.1"
+        if shared_fleet.isolated:
+            assert ipaddress.ip_address(node["address"]) in ipaddress.ip_network("10.250.0.0/16")
+        else:
+            assert node["address"] == "127.0.0.1"
         assert node["zone"] == "local"
         assert node["generation"] == 1
         assert isinstance(node["spot"], bool)
@@ -58,7 +64,7 @@ def test_exec_on_all_nodes_with_fleet_variables(shared_fleet: CliFleet) -> None:
         assert node_name == name
         ranks.add(int(rank))
         assert count == "4"
-        home = shared_fleet.home(name)
+        home = shared_fleet.node_home(name)
         assert cwd == str(home)
         assert shared == str(home / "shared")
     assert ranks == {0, 1, 2, 3}
@@ -119,9 +125,8 @@ def test_shared_directory_is_shared_both_ways(shared_fleet: CliFleet) -> None:
     for worker in shared_fleet.workers():
         assert (head_shared / f"from-{worker}.txt").read_text().split() == [worker, token]
         # the worker's mount point is a real sshfs mount, not a directory of its own
-        mount = str(shared_fleet.home(worker) / "shared")
-        assert any(line.split()[1] == mount and line.split()[2] == "fuse.sshfs"
-                   for line in Path("/proc/mounts").read_text().splitlines()), mount
+        mount = str(shared_fleet.node_home(worker) / "shared")
+        assert mount in shared_fleet.node_mounts(worker), mount
     lines = (head_shared / "from-head.txt").read_text().split("\n")
     assert lines[0] == token and sorted(lines[1:-1]) == [f"rw {w}" for w in shared_fleet.workers()]
     # The reverse: what one worker wrote, the head and the other workers read.
@@ -148,9 +153,9 @@ def test_second_up_changes_nothing(shared_fleet: CliFleet) -> None:
 
 def test_fleet_ssh_non_interactive(shared_fleet: CliFleet) -> None:
     worker = shared_fleet.workers()[0]
-    result = shared_fleet.cli("ssh", worker, "--", 'echo "$FLEET_LOCAL_NODE_NAME"; pwd; exit 5')
+    result = shared_fleet.cli("ssh", worker, "--", f'echo {IDENTITY}; pwd; exit 5')
     assert result.returncode == 5, result.stderr
-    assert result.stdout.split() == [worker, str(shared_fleet.home(worker))]
+    assert result.stdout.split() == [worker, str(shared_fleet.node_home(worker))]
     unknown = shared_fleet.cli("ssh", "no-such-node", "--", "true")
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
 
@@ -164,7 +169,7 @@ def test_generated_keys_are_private(shared_fleet: CliFleet) -> None:
 def test_ssh_config_works_with_plain_openssh(shared_fleet: CliFleet) -> None:
     config = shared_fleet.state_dir / "ssh_config"
     for name in [shared_fleet.head, shared_fleet.workers()[-1]]:
-        result = subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", name, "echo $FLEET_LOCAL_NODE_NAME"],
+        result = subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", name, f"echo {IDENTITY}"],
                                 check=False, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == name

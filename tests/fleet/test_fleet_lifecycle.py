@@ -1,6 +1,10 @@
 """Destructive end-to-end checks, each on a fleet of its own: preemption and recovery,
 `down` (also with the local state lost), a changed host key, unreachable nodes, and
-injection attempts through the shared paths."""
+injection attempts through the shared paths.
+
+These run loopback nodes on purpose: they reach into the loopback machinery (sshd pids,
+ports, host key files, the node marker). The same verbs on isolated nodes are checked
+in test_fleet_isolated.py."""
 
 from __future__ import annotations
 
@@ -15,11 +19,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from e2e_helpers import CliFleet, leftovers, mounts_under
+from e2e_helpers import CliFleet, leftovers, mounts_under, nothing_left
 
 from fleet.providers.localnode import LocalNode, find_sshd, generate_ed25519_keypair
 
 pytestmark = pytest.mark.slow
+LOOPBACK = {"isolation": "loopback"}
 
 
 def _port_closed(port: int) -> bool:
@@ -38,7 +43,7 @@ def _sleepers(token: str) -> list[int]:
 
 
 def test_preempt_then_up_restores_the_slot(make_fleet) -> None:
-    fleet: CliFleet = make_fleet(3)
+    fleet: CliFleet = make_fleet(3, local=LOOPBACK)
     fleet.up()
     before = fleet.nodes()
     victim = f"{fleet.name}-w2-g1"
@@ -90,13 +95,13 @@ def test_preempt_then_up_restores_the_slot(make_fleet) -> None:
 
 
 def test_down_leaves_nothing(make_fleet) -> None:
-    fleet: CliFleet = make_fleet(3)
+    fleet: CliFleet = make_fleet(3, local=LOOPBACK)
     fleet.up()
     ports = [n["port"] for n in fleet.nodes().values()]
     assert leftovers(fleet.root, fleet.name)["mounts"], "the workers' mounts exist before down"
     result = fleet.cli("down", "--yes")
     assert result.returncode == 0, result.stderr
-    assert leftovers(fleet.root, fleet.name) == {"processes": [], "mounts": []}
+    assert nothing_left(leftovers(fleet.root, fleet.name)), leftovers(fleet.root, fleet.name)
     assert all(_port_closed(port) for port in ports)
     assert not set(ports) & _listening_ports()
     assert not (fleet.root / fleet.name).exists() or not any((fleet.root / fleet.name).iterdir())
@@ -112,18 +117,18 @@ def test_down_leaves_nothing(make_fleet) -> None:
 
 
 def test_down_after_losing_the_local_state(make_fleet) -> None:
-    fleet: CliFleet = make_fleet(2)
+    fleet: CliFleet = make_fleet(2, local=LOOPBACK)
     fleet.up()
     ports = [n["port"] for n in fleet.nodes().values()]
     shutil.rmtree(fleet.dir / ".fleet")
     result = fleet.cli("down", "--yes")
     assert result.returncode == 0, result.stderr
-    assert leftovers(fleet.root, fleet.name) == {"processes": [], "mounts": []}
+    assert nothing_left(leftovers(fleet.root, fleet.name)), leftovers(fleet.root, fleet.name)
     assert all(_port_closed(port) for port in ports)
 
 
 def test_down_finds_nodes_whose_directories_were_deleted(make_fleet) -> None:
-    fleet: CliFleet = make_fleet(1)
+    fleet: CliFleet = make_fleet(1, local=LOOPBACK)
     fleet.up()
     ports = [n["port"] for n in fleet.nodes().values()]
     worker = fleet.workers()[0]
@@ -132,7 +137,7 @@ def test_down_finds_nodes_whose_directories_were_deleted(make_fleet) -> None:
     shutil.rmtree(fleet.node_dir(worker))
     result = fleet.cli("down", "--yes")
     assert result.returncode == 0, result.stderr
-    assert leftovers(fleet.root, fleet.name) == {"processes": [], "mounts": []}
+    assert nothing_left(leftovers(fleet.root, fleet.name)), leftovers(fleet.root, fleet.name)
     assert all(_port_closed(port) for port in ports)
 
 
@@ -153,7 +158,7 @@ def _restart_with_new_host_key(node_dir: Path) -> None:
 
 
 def test_changed_host_key_is_refused(make_fleet) -> None:
-    fleet: CliFleet = make_fleet(2)
+    fleet: CliFleet = make_fleet(2, local=LOOPBACK)
     fleet.up()
     victim = f"{fleet.name}-w1-g1"
     port = fleet.nodes()[victim]["port"]
@@ -174,7 +179,7 @@ def test_changed_host_key_is_refused(make_fleet) -> None:
 
 
 def test_unreachable_nodes_fail_alone_within_the_timeout(make_fleet) -> None:
-    fleet: CliFleet = make_fleet(3, ssh={"connect_timeout": 3})
+    fleet: CliFleet = make_fleet(3, ssh={"connect_timeout": 3}, local=LOOPBACK)
     fleet.up()
     stopped, killed = f"{fleet.name}-w1-g1", f"{fleet.name}-w3-g1"
     stopped_sshd = LocalNode.load(fleet.node_dir(stopped)).listener_pid()
@@ -208,6 +213,7 @@ def test_injection_through_shared_paths_and_setup_environment(make_fleet, tmp_pa
     nasty = f"my shared $(touch {marker}) `touch {marker}`; touch {marker}"
     fleet: CliFleet = make_fleet(
         2,
+        local=LOOPBACK,
         shared={"path": f"{nasty} head", "mount": f"{nasty} mnt"},
         setup=['printf "%s" "$FLEET_SHARED" > fleet-shared.txt', "printf '%s' \"$FLEET_NODE_NAME\" > name.txt"],
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from e2e_helpers import CliFleet, leftovers, new_fleet, sweep
+from e2e_helpers import CliFleet, leftovers, new_fleet, nothing_left, sweep
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,7 @@ def test_local_fleet_as_an_ordinary_user(ordinary_user: str) -> None:
         assert_mount_key_is_forced_sftp(fleet, fleet.workers()[0])
         down = fleet.cli("down", "--yes")
         assert down.returncode == 0, down.stderr
-        assert leftovers(fleet.root, fleet.name) == {"processes": [], "mounts": []}
+        assert nothing_left(leftovers(fleet.root, fleet.name)), leftovers(fleet.root, fleet.name)
     finally:
         if fleet is not None:
             fleet.teardown()

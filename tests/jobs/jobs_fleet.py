@@ -94,7 +94,8 @@ class LocalFleet:
             "name": self.name,
             "provider": "local",
             "workers": {"count": workers},
-            "local": {"root": str(root / "nodes")},
+            # loopback until the node runtime (issue 10) lands
+            "local": {"root": str(root / "nodes"), "isolation": "loopback"},
             "monitor": {"interval": 1, "grace": 4, **(monitor or {})},
         }
         spec.update(extra or {})

@@ -22,6 +22,11 @@ from fleet.spec.models import FleetSpec
 USER = getpass.getuser()
 
 
+def is_test_local(address: str | None) -> bool:
+    """An address of this machine's tests: loopback, or an isolated node's bridge."""
+    return bool(address) and address.startswith(("127.", "10.250."))  # type: ignore[union-attr]
+
+
 def fleet_spec(
     name: str, provider: str, *, ssh_port: int = 22, workers: dict[str, Any] | None = None, **blocks: Any
 ) -> FleetSpec:

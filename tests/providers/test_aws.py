@@ -12,7 +12,7 @@ from typing import Any
 
 import boto3
 import pytest
-from provider_helpers import Sleeps, aws_block, context, fleet_spec, kill_up_midway
+from provider_helpers import Sleeps, aws_block, context, fleet_spec, is_test_local, kill_up_midway
 
 from fleet.errors import CapacityError, CredentialsError, QuotaError
 from fleet.model import NodeRequest, NodeState, Role, head_name, worker_name
@@ -102,7 +102,8 @@ def test_spot_options_tags_key_pair_and_group_as_created(tmp_path, fleet_key, mo
         source_ranges=["203.0.113.7/32"],
     )
     created = provider.prepare()
-    assert created == ["key pair fleet-ta", "security group fleet-ta-ssh (tcp:2222 from 203.0.113.7/32)"]
+    assert created == ["key pair fleet-ta",
+                       "security group fleet-ta-ssh (tcp:2222 from 203.0.113.7/32; tcp from its own members)"]
     head = NodeRequest(
         name=head_name("ta"), role=Role.HEAD, slot=0, generation=1, spot=False, machine="m5.large"
     )
@@ -130,7 +131,10 @@ def test_spot_options_tags_key_pair_and_group_as_created(tmp_path, fleet_key, mo
     volumes = ec2.describe_volumes(Filters=[{"Name": "tag:fleet", "Values": ["ta"]}])["Volumes"]
     assert len(volumes) == 2 and {v["Size"] for v in volumes} == {60, 100}
     group = ec2.describe_security_groups(GroupNames=["fleet-ta-ssh"])["SecurityGroups"][0]
-    assert group["IpPermissions"] == [
+    internal = [p for p in group["IpPermissions"] if p["UserIdGroupPairs"]]
+    assert [(p["IpProtocol"], p["FromPort"], p["ToPort"], [g["GroupId"] for g in p["UserIdGroupPairs"]])
+            for p in internal] == [("tcp", 0, 65535, [group["GroupId"]])]  # the members reach each other
+    assert [p for p in group["IpPermissions"] if not p["UserIdGroupPairs"]] == [
         {
             "IpProtocol": "tcp",
             "FromPort": 2222,
@@ -241,8 +245,9 @@ def test_interruption_detected_through_the_server(tmp_path, fleet_key, fake_ec2,
     provider = make(tmp_path, fleet_key[1], port=loopback[1])
     provider.prepare()
     provider.create([worker(1), worker(2)])
+    fake_ec2.wait_booted()
     node = next(n for n in provider.list() if n.name == "ta-w1-g1")
-    assert node.address.startswith("127.") and node.internal_address.startswith("127.")
+    assert is_test_local(node.address) and is_test_local(node.internal_address)
     fake_ec2.interrupt("ta-w1-g1")
     nodes = {n.name: n for n in provider.list()}
     assert nodes["ta-w1-g1"].state is NodeState.PREEMPTED
@@ -255,13 +260,12 @@ def test_no_made_up_address_leaves_the_fake(tmp_path, fleet_key, fake_ec2, loopb
     provider = make(tmp_path, fleet_key[1], port=loopback[1])
     provider.prepare()
     provider.create([worker(1)])
+    fake_ec2.wait_booted()
     raw = boto3.client("ec2", region_name="us-east-1").describe_instances()
     assert raw["Reservations"]
     for reservation in raw["Reservations"]:
         for instance in reservation["Instances"]:
-            assert instance["PublicIpAddress"].startswith("127.") and instance["PrivateIpAddress"].startswith(
-                "127."
-            )
+            assert is_test_local(instance["PublicIpAddress"]) and is_test_local(instance["PrivateIpAddress"])
 
 
 def test_dry_run_plan_makes_no_mutating_call(tmp_path, fleet_key, fake_ec2, loopback):
@@ -302,3 +306,33 @@ def test_destroy_all_after_a_killed_up_leaves_nothing(tmp_path, fleet_key, fake_
     state = fake_ec2.state()
     assert [i for i in state["instances"] if i["state"] != "terminated"] == []
     assert state["security_groups"] == [] and state["key_pairs"] == [] and state["backing_nodes"] == []
+
+
+def test_up_copes_with_pending_instances_without_an_address(tmp_path, fleet_key, fake_ec2, loopback):
+    """EC2 answers run_instances with pending instances that have no public address yet;
+    `up` lists again until they have one, then sets them up and mounts."""
+    from fleet.fleetops import Fleet
+
+    fake_ec2.boot_delay = 1.5
+    spec = fleet_spec("tp", "aws", ssh_port=loopback[1], workers={"count": 1}, aws=aws_block())
+    spec = spec.model_copy(update={"ssh": spec.ssh.model_copy(update={"ready_timeout": 60, "key": str(fleet_key[0])})})
+    created = []
+    with Fleet(spec, tmp_path / "fleet.yaml") as fleet:
+        original = fleet.provider.create
+
+        def create(requests):
+            results = original(requests)
+            created.extend(r.node for r in results)
+            return results
+
+        fleet.provider.create = create  # type: ignore[method-assign]
+        try:
+            result = fleet.up()
+            assert result.ok, result.failures
+            assert created and all(n.state is NodeState.PENDING and not n.address for n in created), created
+            assert sorted(n.name for n in result.nodes) == ["tp-head", "tp-w1-g1"]
+            assert all(is_test_local(n.address) for n in result.nodes)
+            mounted = fleet.exec([n for n in result.nodes if n.role is Role.WORKER], 'mountpoint -q "$FLEET_SHARED"')
+            assert mounted.ok, mounted.results
+        finally:
+            fleet.down()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from provider_helpers import aws_block, context, fleet_spec, gcp_block, ssh_run
+from provider_helpers import aws_block, context, fleet_spec, gcp_block, is_test_local, ssh_run
 
 from fleet.model import NodeRequest, NodeState, Role, worker_name
 from fleet.providers.base import Provider
@@ -135,7 +135,7 @@ def test_lifecycle(harness: Harness, fleet_key: tuple[Path, str]) -> None:
 
     for request in requests:
         node = _wait_state(provider, request.name, {NodeState.RUNNING})
-        assert node.address and node.address.startswith("127."), node
+        assert is_test_local(node.address), node
         assert node.role is Role.WORKER and node.generation == 1 and node.spot
         out = ssh_run(node.address, node.port, fleet_key[0], harness.host_key(node.name), "echo reached")
         assert out.strip() == "reached"

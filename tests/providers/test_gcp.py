@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from provider_helpers import USER, Sleeps, context, fleet_spec, gcp_block, kill_up_midway
+from provider_helpers import USER, Sleeps, context, fleet_spec, gcp_block, is_test_local, kill_up_midway
 
 from fleet.errors import CapacityError, CredentialsError, QuotaError
 from fleet.model import Accelerator, NodeRequest, NodeState, Role, head_name, worker_name
@@ -294,6 +294,7 @@ def test_destroy_all_removes_instances_in_any_state_leftover_disks_and_the_rule(
         "instance tg-w2-g1",
         "disk tg-orphan",
         "firewall rule fleet-tg-ssh",
+        "firewall rule fleet-tg-internal",
     }
     state = fake_gce.state()
     assert state["instances"] == [] and state["disks"] == [] and state["firewalls"] == []
@@ -315,3 +316,32 @@ def test_destroy_all_after_a_killed_up_leaves_nothing(tmp_path, fleet_key, fake_
     state = fake_gce.state()
     assert state["instances"] == [] and state["firewalls"] == [] and state["disks"] == []
     assert state["backing_nodes"] == []
+
+
+def test_an_instance_stages_before_it_runs_and_gets_its_external_address_once_booted(
+    tmp_path, fleet_key, fake_gce, loopback
+):
+    import threading
+
+    fake_gce.boot_delay = 1.0
+    provider = make(tmp_path, fleet_key[1], fake_gce, loopback[1], workers={"count": 1})
+    provider.prepare()
+    seen: list[tuple[str, str | None]] = []
+    creating = threading.Thread(target=lambda: provider.create([worker(1, gpu=False)]))
+    creating.start()
+    deadline = time.monotonic() + 60
+    while creating.is_alive() or (time.monotonic() < deadline and (not seen or seen[-1][0] != "RUNNING")):
+        resource = fake_gce.instance("tg-w1-g1")
+        if resource is not None:
+            configs = resource.get("networkInterfaces", [{}])[0].get("accessConfigs", [{}])
+            state = (resource["status"], configs[0].get("natIP") if configs else None)
+            if not seen or seen[-1] != state:
+                seen.append(state)
+        time.sleep(0.02)
+    creating.join()
+    statuses = [status for status, _ in seen]
+    assert "STAGING" in statuses and statuses[-1] == "RUNNING", seen
+    assert all(nat is None for status, nat in seen if status != "RUNNING"), seen
+    assert is_test_local(seen[-1][1]), seen
+    node = next(n for n in provider.list() if n.name == "tg-w1-g1")
+    assert node.state is NodeState.RUNNING and node.address == seen[-1][1]

@@ -43,7 +43,8 @@ class Lab:
             name=name,
             provider="local",
             workers={"count": 1},
-            local={"root": str(root or self.base / "nodes")},
+            # The loopback machinery (markers, ports, orphans); isolated nodes: test_localns.py.
+            local={"root": str(root or self.base / "nodes"), "isolation": "loopback"},
         )
         provider = LocalProvider(
             ProviderContext(
