@@ -95,7 +95,9 @@ class Bench:
         self.spec = root / "fleet.yaml"
         self.spec.write_text(json.dumps({
             "name": self.name, "provider": "local", "workers": {"count": WORKERS},
-            # loopback until the node runtime (issue 10) lands
+            # Loopback on purpose: the handler's count files (the exact number of items
+            # computed twice) must survive the SIGKILL of the node that writes them, so they
+            # live in a directory of this machine's, which isolated nodes cannot reach.
             "local": {"root": str(root / "nodes"), "isolation": "loopback"},
             "monitor": {"interval": INTERVAL, "grace": 15},
         }))

@@ -15,7 +15,7 @@ trap cleanup EXIT
 step "fleet validate"
 fleet validate -f "$SPEC"
 
-step "fleet up (head + workers, each a real sshd on 127.0.0.1; workers mount the head over sshfs)"
+step "fleet up (head + workers, each a real sshd: isolated nodes as root, else on 127.0.0.1; workers mount the head over sshfs)"
 fleet up -f "$SPEC"
 
 step "fleet exec: a command on every node, in parallel"

@@ -27,9 +27,19 @@ import pytest
 import yaml
 
 from fleet.providers.localnode import FLEET_MARKER, detach_mount, fuse_mounts_under
+from fleet.providers.localns import FleetNetwork, missing_for_namespaces
 
 FLEET_BIN = str(Path(sys.executable).with_name("fleet"))
 HERE = Path(__file__).resolve().parent
+PLUGINS_ON_NODE = "/root/.fleet-test-plugins"  # isolated nodes' home is /root (the tests run as root)
+
+
+def ship_plugins_command() -> str:
+    """A `setup:` command that writes jobs_plugins.py into PLUGINS_ON_NODE."""
+    source = (HERE / "jobs_plugins.py").read_text()
+    assert "FLEET_PLUGINS_EOF" not in source
+    return (f"mkdir -p {PLUGINS_ON_NODE} && cat > {PLUGINS_ON_NODE}/jobs_plugins.py <<'FLEET_PLUGINS_EOF'\n"
+            f"{source}FLEET_PLUGINS_EOF")
 
 
 def _environ(proc: psutil.Process) -> dict[str, str]:
@@ -47,20 +57,28 @@ def _cmdline(proc: psutil.Process) -> str:
 
 
 def fleet_processes(fleet_name: str, root: Path | None = None) -> list[psutil.Process]:
-    """Processes started on the fleet's nodes (or serving a config under `root`)."""
+    """Processes started on the fleet's nodes (or serving a config under `root`): on
+    loopback nodes they carry the fleet's marker; on isolated ones (`root` given) they
+    are whatever runs in the fleet's network namespaces."""
     found = []
+    pids: set[int] = set()
+    if root is not None:
+        for netns in FleetNetwork.of(root / "nodes", fleet_name).namespaces():
+            listed = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=False)
+            pids.update(int(p) for p in listed.stdout.split() if p.isdigit())
     for proc in psutil.process_iter():
         if proc.pid == os.getpid():
             continue
-        if _environ(proc).get(FLEET_MARKER) == fleet_name or (root is not None and str(root) in _cmdline(proc)):
+        if (proc.pid in pids or _environ(proc).get(FLEET_MARKER) == fleet_name
+                or (root is not None and str(root) in _cmdline(proc))):
             found.append(proc)
     return found
 
 
-def node_processes_matching(fleet_name: str, text: str) -> list[str]:
+def node_processes_matching(fleet_name: str, text: str, root: Path | None = None) -> list[str]:
     """Command lines of the fleet's node processes that contain `text` (like
-    `pgrep -f TEXT`, limited to the nodes' processes)."""
-    return [cmd for proc in fleet_processes(fleet_name) if text in (cmd := _cmdline(proc))]
+    `pgrep -f TEXT`, limited to the nodes' processes; give `root` for isolated nodes)."""
+    return [cmd for proc in fleet_processes(fleet_name, root) if text in (cmd := _cmdline(proc))]
 
 
 def sweep(fleet_name: str, root: Path) -> list[str]:
@@ -78,27 +96,59 @@ def sweep(fleet_name: str, root: Path) -> list[str]:
     for point in fuse_mounts_under(root):
         left.append(f"mount {point}")
         detach_mount(point)
+    if missing_for_namespaces() is None:  # this fleet's bridge, namespaces and tables, if any are left
+        left.extend(FleetNetwork.of(root / "nodes", fleet_name).remove())
     return left
+
+
+def resolve_inside(root: Path, path: str) -> Path:
+    """`path` of the machine whose root directory is `root` (a /proc/<pid>/root), with
+    its symlinks resolved there: an absolute link target means the node's /, not ours."""
+    parts = [p for p in path.split("/") if p]
+    resolved: list[str] = []
+    for _ in range(40):
+        if not parts:
+            return root.joinpath(*resolved)
+        part = parts.pop(0)
+        if part == "..":
+            resolved = resolved[:-1]
+            continue
+        candidate = root.joinpath(*resolved, part)
+        if candidate.is_symlink():
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p] + parts
+        else:
+            resolved.append(part)
+    raise AssertionError(f"too many symlinks resolving {path} under {root}")
 
 
 class LocalFleet:
     """A fleet of real local nodes, driven through the `fleet` command line."""
 
     def __init__(self, root: Path, *, workers: int = 3, monitor: dict[str, Any] | None = None,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, isolation: str = "auto") -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.name = f"jt{uuid.uuid4().hex[:6]}"
         self.spec_path = root / "fleet.yaml"
+        # `auto`: isolated nodes as root (the jobs run with the runtime installed from the
+        # image, the test tree out of sight); tests name `loopback` where they need it.
+        self.isolation = isolation
         spec: dict[str, Any] = {
             "name": self.name,
             "provider": "local",
             "workers": {"count": workers},
-            # loopback until the node runtime (issue 10) lands
-            "local": {"root": str(root / "nodes"), "isolation": "loopback"},
+            "local": {"root": str(root / "nodes"), "isolation": isolation},
             "monitor": {"interval": 1, "grace": 4, **(monitor or {})},
         }
-        spec.update(extra or {})
+        extra = dict(extra or {})
+        if self.isolated:
+            # The test plug-ins reach isolated nodes the way a user's own code does: `setup:`
+            # writes them on every node (replacements too); the test tree stays invisible.
+            extra["setup"] = [ship_plugins_command(), *extra.get("setup", [])]
+        spec.update(extra)
         self.spec = spec
         self.spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
 
@@ -138,14 +188,61 @@ class LocalFleet:
 
     # -- paths ----------------------------------------------------------------------------
     @property
+    def isolated(self) -> bool:
+        """Whether the fleet's nodes run in namespaces of their own (`auto` as root)."""
+        if self.isolation == "auto":
+            return missing_for_namespaces() is None
+        return self.isolation == "namespaces"
+
+    def node_dir(self, node: str) -> Path:
+        return self.root / "nodes" / self.name / node
+
+    def node_view(self, node: str) -> Path:
+        """The running node's filesystem as the node sees it: its own root (through its
+        init's /proc entry, so that its symlinks resolve inside it) when isolated."""
+        if not self.isolated:
+            return Path("/")
+        record = json.loads((self.node_dir(node) / "node.json").read_text())
+        return Path(f"/proc/{record['init_pid']}/root")
+
+    @property
     def shared(self) -> Path:
-        return self.root / "nodes" / self.name / f"{self.name}-head" / "home" / "shared"
+        head = f"{self.name}-head"
+        if self.isolated:  # a symlink into the head's share chroot (fleet.share), resolved inside the head
+            return resolve_inside(self.node_view(head), "/root/shared")
+        return self.node_home(head) / "shared"
 
     def job_dir(self, job: str) -> Path:
         return self.shared / "jobs" / job
 
     def node_home(self, node: str) -> Path:
-        return self.root / "nodes" / self.name / node / "home"
+        """The node's home, as this machine reaches it (isolated fleets run as root)."""
+        if self.isolated:
+            return self.node_view(node) / "root"
+        return self.node_dir(node) / "home"
+
+    def netns(self, node: str) -> str:
+        """The isolated node's network namespace."""
+        nid = json.loads((self.node_dir(node) / "node.json").read_text())["nid"]
+        return FleetNetwork.of(self.root / "nodes", self.name).netns(nid)
+
+    def sshd_pid(self, node: str) -> int:
+        """The host pid of the node's listening sshd."""
+        if not self.isolated:
+            return int((self.node_dir(node) / "sshd" / "sshd.pid").read_text())
+        init = json.loads((self.node_dir(node) / "node.json").read_text())["init_pid"]
+        listeners = [child.pid for child in psutil.Process(init).children() if child.name() == "sshd"]
+        assert len(listeners) == 1, f"{node}: sshd listeners {listeners}"
+        return listeners[0]
+
+    def home_on_node(self, node: str) -> str:
+        """The node's home as the node itself sees it."""
+        return "/root" if self.isolated else str(self.node_home(node))
+
+    def plugin_env(self) -> dict[str, str]:
+        """The job env that puts the test plug-ins on the worker's path: this directory on
+        loopback nodes, the copy `setup:` wrote on isolated ones."""
+        return {"PYTHONPATH": PLUGINS_ON_NODE if self.isolated else str(HERE)}
 
     def worker(self, slot: int, generation: int = 1) -> str:
         return f"{self.name}-w{slot}-g{generation}"
@@ -219,11 +316,13 @@ def checksum_job(name: str, items: int, *, chunk_size: int = 20, lease_seconds: 
     return job
 
 
-def counted_job(name: str, items: int, count_dir: Path, *, delay_s: float, **kwargs: Any) -> dict[str, Any]:
+def counted_job(name: str, items: int, count_dir: Path | str, *, delay_s: float,
+                plugin_env: dict[str, str] | None = None, **kwargs: Any) -> dict[str, Any]:
     """The test plugin's slow checksum (same outputs, `delay_s` per item), which counts
-    every item it computes in `count_dir` (one file per process, flushed per batch)."""
+    every item it computes in `count_dir` (one file per process, flushed per batch; a
+    path the nodes see). `plugin_env`: the fleet's `plugin_env()` (default: loopback's)."""
     job = checksum_job(name, items, **kwargs)
-    job["env"] = {"PYTHONPATH": str(HERE)}
+    job["env"] = dict(plugin_env or {"PYTHONPATH": str(HERE)})
     job["worker"]["handler"] = "jobs_plugins:slow_checksum"
     job["worker"]["handler_options"] = {"delay_s": delay_s, "count_dir": str(count_dir)}
     return job

@@ -28,6 +28,7 @@ class SlowChecksum(ChecksumHandler):
         if self.count_dir:
             if self._fd is None:
                 node = os.environ.get("FLEET_NODE_NAME", "node")
+                os.makedirs(self.count_dir, exist_ok=True)
                 path = os.path.join(self.count_dir, f"{node}.{os.getpid()}.count")
                 self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.write(self._fd, "".join(d[:12] + "\n" for d in digests).encode())

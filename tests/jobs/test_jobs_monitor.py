@@ -58,7 +58,7 @@ def test_an_unreachable_worker_is_replaced_only_after_the_grace_period(make_flee
     monitor = Monitor(fleet, clock=clock)
     assert monitor.reconcile_once().replaced == {}
     victim = local.worker(1)
-    sshd_pid = int((local.root / "nodes" / local.name / victim / "sshd" / "sshd.pid").read_text())
+    sshd_pid = local.sshd_pid(victim)
     # The node's sshd and its sessions (the monitor's pooled connection among them) stop
     # answering; for the provider the node still runs.
     frozen = [sshd_pid, *(p.pid for p in psutil.Process(sshd_pid).children(recursive=True))]
@@ -112,7 +112,10 @@ def test_replacements_stop_at_max_replacements_with_one_event(make_fleet, open_f
 
 def test_a_failing_replacement_backs_off_doubling(make_fleet, open_fleet, tmp_path: Path) -> None:
     switch = tmp_path / "replacements-fail"
-    local = make_fleet(workers=1, monitor={"backoff": 5}, extra={"setup": [f"test ! -e {switch}"]})
+    # Loopback on purpose: the setup of new nodes reads a switch file of this machine's,
+    # which an isolated node cannot see; the back-off is the monitor's, whatever the nodes.
+    local = make_fleet(workers=1, monitor={"backoff": 5}, extra={"setup": [f"test ! -e {switch}"]},
+                       isolation="loopback")
     fleet = open_fleet(local)
     clock = FakeClock()
     monitor = Monitor(fleet, clock=clock)

@@ -28,7 +28,12 @@ CHUNK = 20
 def chaos_fleet(tmp_path_factory: pytest.TempPathFactory):
     from jobs_fleet import finish_fleet
 
-    fleet = LocalFleet(tmp_path_factory.mktemp("chaos"), workers=3, monitor={"interval": 1, "grace": 4})
+    # Loopback on purpose: the plug-in's count files must survive the SIGKILL of the node
+    # that writes them, so they live in a directory of this machine's, which an isolated
+    # node cannot reach (by design). The isolated preemption itself (every process and
+    # mount of the node gone at once) is tested in tests/fleet/test_fleet_isolated.py.
+    fleet = LocalFleet(tmp_path_factory.mktemp("chaos"), workers=3, monitor={"interval": 1, "grace": 4},
+                       isolation="loopback")
     try:
         fleet.up()
         yield fleet

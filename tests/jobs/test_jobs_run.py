@@ -5,6 +5,7 @@ resume."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from jobs_fleet import (
@@ -85,7 +86,7 @@ def test_a_run_job_sees_its_fleet_variables(module_fleet: LocalFleet) -> None:
         assert words[0] == name and words[2] == "3" and words[4] == "envs", words
         # FLEET_SHARED is where this node sees the shared dir: the file written through
         # it is the one on the head.
-        assert words[3].startswith(str(module_fleet.node_home(name))), words
+        assert words[3].startswith(module_fleet.home_on_node(name)), words
         seen[int(words[1])] = name
     assert sorted(seen) == [0, 1, 2]
 
@@ -121,9 +122,13 @@ def test_a_failing_run_job_without_retries_reports_failure(module_fleet: LocalFl
 
 
 def test_cancel_stops_every_process_and_a_later_run_resumes(module_fleet: LocalFleet, tmp_path: Path) -> None:
+    # The plug-in counts on each worker's own disk (nothing is preempted here, so every
+    # count file stays readable): in this machine's directory on loopback nodes, in each
+    # node's home when isolated.
     counts = tmp_path / "counts"
     counts.mkdir()
-    job = counted_job("stoppable", 600, counts, delay_s=0.05, chunk_size=20)
+    on_node = "/root/counts-stoppable" if module_fleet.isolated else str(counts)
+    job = counted_job("stoppable", 600, on_node, delay_s=0.05, chunk_size=20, plugin_env=module_fleet.plugin_env())
     path = module_fleet.write_job(job)
     started = module_fleet.cli("run", str(path), "--detach")
     assert started.returncode == 0, started.stderr
@@ -131,9 +136,9 @@ def test_cancel_stops_every_process_and_a_later_run_resumes(module_fleet: LocalF
         wait_for(lambda: done_chunks(module_fleet, "stoppable") >= 3, 60, "3 chunks done")
         cancelled = module_fleet.cli("cancel", "stoppable")
         assert cancelled.returncode == 0, cancelled.stderr
-        left = node_processes_matching(module_fleet.name, "fleet.worker")
+        left = node_processes_matching(module_fleet.name, "fleet.worker", module_fleet.root)
         assert not left, f"worker processes left after cancel: {left}"
-        assert not node_processes_matching(module_fleet.name, "launch.sh")
+        assert not node_processes_matching(module_fleet.name, "launch.sh", module_fleet.root)
         written = check_outputs(module_fleet, job, complete=False)
         assert 0 < written < 600, written
         # Nothing restarts by itself; the job is recorded as cancelled.
@@ -146,4 +151,8 @@ def test_cancel_stops_every_process_and_a_later_run_resumes(module_fleet: LocalF
     assert summary_of(resumed)["done"] == 600
     assert check_outputs(module_fleet, job) == 600
     # The stop was graceful: chunks in hand were finished or released, nothing computed twice.
+    if module_fleet.isolated:
+        for slot in (1, 2, 3):
+            for path in (module_fleet.node_home(module_fleet.worker(slot)) / "counts-stoppable").glob("*.count"):
+                shutil.copy(path, counts / f"{slot}-{path.name}")
     assert computed_items(counts) == 600

@@ -19,6 +19,7 @@ import pytest
 from jobs_fleet import LocalFleet, plain_job
 
 from fleet import __version__
+from fleet.providers.localns import missing_for_namespaces
 from fleet.runtime import DIST, LOCAL_IMAGE, STAMP, WHEELHOUSE, runtime_dir
 
 pytestmark = [
@@ -72,7 +73,7 @@ def test_jobs_need_the_runtime_up_restores_it_and_replacements_get_it(make_fleet
     for name, result in where.items():
         prefix, fleet_file, torch_file, worker_bin = result["stdout"].split()
         home = fleet.node_home(name)
-        assert prefix == str(home / runtime_dir()), result
+        assert prefix == f"{fleet.home_on_node(name)}/{runtime_dir()}", result
         assert fleet_file.startswith(prefix + "/lib/") and torch_file.startswith(LOCAL_IMAGE + "/"), result
         assert worker_bin == f"{prefix}/bin/fleet-worker"
         assert (home / runtime_dir() / STAMP).read_text().startswith(f"{DIST} {__version__} ")
@@ -119,10 +120,15 @@ def test_jobs_need_the_runtime_up_restores_it_and_replacements_get_it(make_fleet
 def test_a_pip_failure_is_that_nodes_error_and_the_others_come_up(make_fleet, tmp_path: Path) -> None:
     links = tmp_path / "links"
     tiny_wheel(links)
-    fleet = make_fleet(workers=2, extra={"runtime": {"packages": ["fleettinypkg==1.0"], "find_links": [str(links)]}})
+    # Isolated nodes cannot see this machine's `links` (nor any index): they get the
+    # package through the head's wheelhouse, loopback nodes straight from `links`.
+    runtime = {"packages": ["fleettinypkg==1.0"], "find_links": [str(links)],
+               "wheelhouse": missing_for_namespaces() is None}
+    fleet = make_fleet(workers=2, extra={"runtime": runtime})
     w1, w2 = fleet.worker(1), fleet.worker(2)
     got = exec_json(fleet, '"$FLEET_PYTHON" -c "import fleettinypkg; print(fleettinypkg.__file__)"')
-    assert all(r["stdout"].strip().startswith(str(fleet.node_home(n) / runtime_dir())) for n, r in got.items()), got
+    assert all(r["stdout"].strip().startswith(f"{fleet.home_on_node(n)}/{runtime_dir()}")
+               for n, r in got.items()), got
 
     # One node's pip is broken (its pip configuration names a constraints file that is not
     # there); its runtime is gone. `up` reports that node with pip's own words, the rest is up.

@@ -178,10 +178,12 @@ def test_down_on_an_existing_head_stops_the_recorded_groups_and_nothing_else(tmp
     public = generate_ed25519_keypair(key, "existing-head-test")
     machine = LocalNode.create(tmp_path / "machine", name="existing", fleet="existing-machine",
                                authorized_keys=[public])
+    # Loopback workers on purpose: the existing head is an sshd on this machine's
+    # 127.0.0.1, which isolated workers (they see only their bridge) cannot reach.
     local = LocalFleet(tmp_path / "f", workers=1, extra={
         "head": {"host": machine.address, "port": machine.port, "user": machine.user},
         "ssh": {"key": str(key)},
-    })
+    }, isolation="loopback")
     decoy = None
     try:
         # A machine fleet did not create: its host key comes from the user, or first use

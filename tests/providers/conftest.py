@@ -65,19 +65,17 @@ def loopback() -> tuple[str, int]:
     return base, free_port(base)
 
 
-def backing_isolation(request: pytest.FixtureRequest) -> str:
-    """The fakes' instances are isolated nodes (as root with the tools), as strict as the
-    clouds, unless the test is marked `loopback_backing`."""
-    return "loopback" if request.node.get_closest_marker("loopback_backing") else "auto"
+# The fakes' instances are isolated nodes (as root with the tools), as strict as the clouds.
+BACKING_ISOLATION = "auto"
 
 
 @pytest.fixture
-def fake_gce(tmp_path: Path, loopback: tuple[str, int], request: pytest.FixtureRequest) -> Iterator[Any]:
+def fake_gce(tmp_path: Path, loopback: tuple[str, int]) -> Iterator[Any]:
     from fleet.testing.fake_gce import FakeGce
 
     base, port = loopback
     fake = FakeGce(nodes_root=tmp_path / "gce-nodes", ssh_port=port, address_base=base,
-                   isolation=backing_isolation(request)).start()
+                   isolation=BACKING_ISOLATION).start()
     try:
         yield fake
     finally:
@@ -88,13 +86,12 @@ def fake_gce(tmp_path: Path, loopback: tuple[str, int], request: pytest.FixtureR
 @pytest.fixture
 def fake_ec2(
     tmp_path: Path, loopback: tuple[str, int], aws_credentials: None, monkeypatch: pytest.MonkeyPatch,
-    request: pytest.FixtureRequest,
 ) -> Iterator[Any]:
     from fleet.testing.fake_ec2 import FakeEc2
 
     base, port = loopback
     fake = FakeEc2(nodes_root=tmp_path / "ec2-nodes", ssh_port=port, address_base=base,
-                   isolation=backing_isolation(request)).start()
+                   isolation=BACKING_ISOLATION).start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", fake.endpoint)
     try:
         yield fake

@@ -29,8 +29,6 @@ from jobs_fleet import LocalFleet, finish_fleet, wait_for
 
 from fleet.serve.registry import ready_nodes
 
-# The nodes import the package under test (and the test plugins) from this checkout.
-NODE_ENV = {"PYTHONPATH": f"{REPO}:{JOBS_TESTS}"}
 SLOW_DELAY_S = 0.4
 
 
@@ -75,9 +73,11 @@ def served_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedFle
     process = None
     try:
         fleet.up()
-        embed = fleet.write_job({"name": "embed", "env": NODE_ENV,
+        # The nodes run fleet from their runtime; the test plug-ins come from the test tree
+        # (loopback nodes) or from the copy `setup:` wrote on each node (isolated ones).
+        embed = fleet.write_job({"name": "embed",
                                  "serve": {"handler": "text-embed", "batch_size": 64, "max_wait_ms": 10}})
-        slow = fleet.write_job({"name": "slow", "env": NODE_ENV,
+        slow = fleet.write_job({"name": "slow", "env": fleet.plugin_env(),
                                 "serve": {"handler": "jobs_plugins:slow_checksum", "batch_size": 4,
                                           "max_wait_ms": 20, "handler_options": {"delay_s": SLOW_DELAY_S}}})
         fleet.cli("serve", str(slow), "--detach", check=True)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -18,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from jobs_fleet import node_processes_matching, wait_for
-from serve_fleet import NODE_ENV
 
 import fleet
 from fleet.serve import ServingError, ServingTimeout
@@ -44,16 +46,33 @@ def _batches(served, job: str) -> tuple[int, int]:
     """(items, batches) the job's model processes ran, summed over the nodes."""
     items = batches = 0
     for record in served.registry(job):
-        health = _health(record)
+        health = _health(served, record)
         items += health["items"]
         batches += health["batches"]
     return items, batches
 
 
-def _health(record: dict) -> dict:
-    # The local nodes share this machine's loopback: the test looks at the server directly.
-    with urllib.request.urlopen(f"http://127.0.0.1:{record['port']}/health", timeout=5) as answer:
+def _health(served, record: dict) -> dict:
+    """The server's /health, seen from its node: loopback nodes share this machine's
+    127.0.0.1; an isolated node's servers are reached inside its network namespace (the
+    bridge lets only SSH in from this machine)."""
+    url = f"http://127.0.0.1:{record['port']}/health"
+    if served.fleet.isolated:
+        fetch = f"import sys, urllib.request; sys.stdout.write(urllib.request.urlopen({url!r}, timeout=5).read().decode())"
+        done = subprocess.run(["ip", "netns", "exec", served.fleet.netns(record["node"]), sys.executable, "-c", fetch],
+                              capture_output=True, text=True, timeout=30, check=True)
+        return json.loads(done.stdout)
+    with urllib.request.urlopen(url, timeout=5) as answer:
         return json.loads(answer.read())
+
+
+def _terminate(served, record: dict) -> None:
+    """SIGTERM the server process, what a preemption notice or `fleet cancel` sends (its
+    pid is the node's: an isolated node has a PID namespace of its own)."""
+    if served.fleet.isolated:
+        served.fleet.cli("exec", "--nodes", record["node"], "--", f"kill -TERM {int(record['pid'])}", check=True)
+    else:
+        os.kill(record["pid"], signal.SIGTERM)
 
 
 def test_unknown_serving_is_a_clear_error(served_fleet) -> None:
@@ -138,14 +157,14 @@ def test_a_drained_server_finishes_what_it_holds(served_fleet) -> None:
     w1, w2 = served_fleet.fleet.worker(1), served_fleet.fleet.worker(2)
     record = next(r for r in served_fleet.registry("slow") if r["node"] == w1)
     items = [f"drain {i}".encode() for i in range(8)]
-    wait_for(lambda: _health(record)["held"] == 0, 20, f"the server on {w1} to finish earlier work")
-    accepted = _health(record)["requests"]
+    wait_for(lambda: _health(served_fleet, record)["held"] == 0, 20, f"the server on {w1} to finish earlier work")
+    accepted = _health(served_fleet, record)["requests"]
     with fleet.connect(served_fleet.fleet.spec_path) as f, ThreadPoolExecutor(8) as pool:
         slow = f.serving("slow", timeout=60)
         futures = [pool.submit(slow.batched_run, item) for item in items]
-        wait_for(lambda: (h := _health(record))["requests"] > accepted and h["held"] > 0, 20,
+        wait_for(lambda: (h := _health(served_fleet, record))["requests"] > accepted and h["held"] > 0, 20,
                  f"requests held by the server on {w1}")
-        os.kill(record["pid"], 15)  # what a preemption notice or `fleet cancel` sends
+        _terminate(served_fleet, record)
         results = [future.result(timeout=60) for future in futures]
         assert results == [hashlib.sha256(item).hexdigest() for item in items]
         stats = slow.stats()
@@ -173,14 +192,14 @@ def test_jobs_logs_report_and_cancel_work_on_a_serving(served_fleet) -> None:
     assert lf.worker(1) in json.dumps(report) and lf.worker(2) in json.dumps(report)
     lf.cli("cancel", "slow", check=True)
     wait_for(lambda: not served_fleet.registry("slow"), 30, "the slow servers to stop")
-    assert not [cmd for cmd in node_processes_matching(lf.name, "fleet.worker.serve") if "/jobs/slow" in cmd]
+    assert not [cmd for cmd in node_processes_matching(lf.name, "fleet.worker.serve", lf.root) if "/jobs/slow" in cmd]
     with fleet.connect(lf.spec_path) as f, pytest.raises(ServingTimeout, match="no server of 'slow'"):
         f.serving("slow", timeout=2).batched_run(b"x")
 
 
 def test_a_server_that_cannot_start_is_a_clear_error(served_fleet) -> None:
     lf = served_fleet.fleet
-    job = lf.write_job({"name": "broken", "env": NODE_ENV,
+    job = lf.write_job({"name": "broken", "env": lf.plugin_env(),
                         "serve": {"handler": "no_such_module:factory"}})
     started = time.monotonic()
     result = lf.cli("serve", str(job), timeout=120)
