@@ -228,6 +228,10 @@ class LocalNode:
         return self.dir / "sshd"
 
     @property
+    def sshd_log(self) -> Path:
+        return self.sshd_dir / "sshd.log"
+
+    @property
     def host_key_path(self) -> Path:
         return self.sshd_dir / "host_key.pub"
 

@@ -443,6 +443,39 @@ class IsolatedNode(LocalNode):
     def host_key_path(self) -> Path:
         return self.console / "host_key.pub"
 
+    @property
+    def sshd_log(self) -> Path:
+        return self.console / "sshd.log"
+
+    @property
+    def home(self) -> Path:
+        """The SSH user's home on the node's own disk, as this machine sees it (/root for
+        root, else /home/<user>, where the startup script's useradd makes it)."""
+        return self.dir / "disk" / ("root" if self.user == "root" else f"home/{self.user}")
+
+    def host_path(self, path: str) -> Path:
+        """`path` of the running node as this machine reaches it: under its init's root,
+        with the node's symlinks resolved inside the node (an absolute link target is the
+        node's /, not ours; e.g. a head's `shared`, a link into its share chroot)."""
+        root = Path(f"/proc/{self.init_pid}/root")
+        parts = [p for p in path.split("/") if p]
+        resolved: list[str] = []
+        for _ in range(64):
+            if not parts:
+                return root.joinpath(*resolved)
+            part = parts.pop(0)
+            if part in (".", ".."):
+                resolved = resolved[:-1] if part == ".." else resolved
+                continue
+            candidate = root.joinpath(*resolved, part)
+            if candidate.is_symlink():
+                target = os.readlink(candidate)
+                resolved = [] if target.startswith("/") else resolved
+                parts = [p for p in target.split("/") if p] + parts
+            else:
+                resolved.append(part)
+        raise ProviderError(f"local node {self.name}: too many symlinks in {path}")
+
     @classmethod
     def create_isolated(
         cls, root: Path, *, name: str, fleet: str, user: str, startup_script: str,

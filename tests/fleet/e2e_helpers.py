@@ -272,6 +272,17 @@ class CliFleet:
             return self.node_dir(node) / "disk" / "root"  # the tests run isolated fleets as root
         return self.node_dir(node) / "home"
 
+    def shared_dir(self) -> Path:
+        """The head's shared directory, as this machine reaches it: on an isolated head
+        `~/shared` links into its share chroot (fleet.share), resolved inside the head."""
+        if self.isolated:
+            from fleet.providers.localns import IsolatedNode
+
+            head = IsolatedNode.load(self.node_dir(self.head))
+            assert isinstance(head, IsolatedNode)
+            return head.host_path("/root/shared")
+        return self.home(self.head) / "shared"
+
     def node_home(self, node: str) -> Path:
         """The node's home directory, as the node itself sees it."""
         return Path("/root") if self.isolated else self.home(node)

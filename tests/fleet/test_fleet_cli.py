@@ -121,7 +121,7 @@ def test_shared_directory_is_shared_both_ways(shared_fleet: CliFleet) -> None:
         nodes="workers")
     assert code == 0, results
     assert all(r["stdout"].strip() == token for r in results.values())
-    head_shared = shared_fleet.home(shared_fleet.head) / "shared"
+    head_shared = shared_fleet.shared_dir()
     for worker in shared_fleet.workers():
         assert (head_shared / f"from-{worker}.txt").read_text().split() == [worker, token]
         # the worker's mount point is a real sshfs mount, not a directory of its own

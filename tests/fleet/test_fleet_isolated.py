@@ -100,6 +100,27 @@ def test_the_startup_script_ran_on_every_node_before_sshd(isolated: CliFleet) ->
     assert len(keys) == 3
 
 
+def test_the_share_account_is_the_isolated_heads_own(isolated: CliFleet) -> None:
+    """issue 11's confinement on an isolated head: the share account, its chroot and its
+    Match block live in the head's own /etc and /srv (its sshd reads the drop-in), never
+    on this machine; the workers mount through it."""
+    head = isolated.node_dir(isolated.head)
+    code, results = isolated.exec_json("cat ~/.fleet/share.json", nodes=isolated.workers()[0])
+    assert code == 0, results
+    share = json.loads(results[isolated.workers()[0]]["stdout"])
+    account = share["user"]
+    assert share["confined"] and account.startswith("fs-"), share
+    assert f"\n{account}:" in "\n" + (head / "upper" / "etc" / "passwd").read_text()
+    assert f"\n{account}:" not in "\n" + Path("/etc/passwd").read_text(), "the share account was made on the host"
+    drop_in = head / "upper" / "etc" / "ssh" / "sshd_config.d" / f"fleet-share-{account}.conf"
+    block = drop_in.read_text()
+    assert f"Match User {account}" in block and "ChrootDirectory" in block and "ForceCommand internal-sftp" in block
+    assert not Path(f"/etc/ssh/sshd_config.d/fleet-share-{account}.conf").exists()
+    assert (head / "upper" / "srv" / "fleet-share" / account / "shared").is_dir()
+    assert isolated.shared_dir() == Path(f"/proc/{json.loads((head / 'node.json').read_text())['init_pid']}/root"
+                                         f"/srv/fleet-share/{account}/shared")
+
+
 def test_two_nodes_serve_on_the_same_port(isolated: CliFleet) -> None:
     workers = isolated.workers()
     serve = ('mkdir -p www && echo "$FLEET_NODE_NAME" > www/who && cd www || exit 1; '
@@ -154,7 +175,7 @@ def test_preempt_leaves_nothing_of_the_node(isolated: CliFleet) -> None:
     assert "/root/shared" in isolated.node_mounts(replacement)
     code, results = isolated.exec_json('echo "$FLEET_NODE_NAME" > "$FLEET_SHARED/probe"', nodes=replacement)
     assert code == 0, results
-    assert (isolated.home(isolated.head) / "shared" / "probe").read_text().strip() == replacement
+    assert (isolated.shared_dir() / "probe").read_text().strip() == replacement
 
 
 def test_down_leaves_no_namespace_link_table_process_or_mount(isolated: CliFleet) -> None:

@@ -26,8 +26,8 @@ import psutil
 import pytest
 import yaml
 
-from fleet.providers.localnode import FLEET_MARKER, detach_mount, fuse_mounts_under
-from fleet.providers.localns import FleetNetwork, missing_for_namespaces
+from fleet.providers.localnode import FLEET_MARKER, LocalNode, detach_mount, fuse_mounts_under
+from fleet.providers.localns import FleetNetwork, IsolatedNode, missing_for_namespaces
 
 FLEET_BIN = str(Path(sys.executable).with_name("fleet"))
 HERE = Path(__file__).resolve().parent
@@ -99,29 +99,6 @@ def sweep(fleet_name: str, root: Path) -> list[str]:
     if missing_for_namespaces() is None:  # this fleet's bridge, namespaces and tables, if any are left
         left.extend(FleetNetwork.of(root / "nodes", fleet_name).remove())
     return left
-
-
-def resolve_inside(root: Path, path: str) -> Path:
-    """`path` of the machine whose root directory is `root` (a /proc/<pid>/root), with
-    its symlinks resolved there: an absolute link target means the node's /, not ours."""
-    parts = [p for p in path.split("/") if p]
-    resolved: list[str] = []
-    for _ in range(40):
-        if not parts:
-            return root.joinpath(*resolved)
-        part = parts.pop(0)
-        if part == "..":
-            resolved = resolved[:-1]
-            continue
-        candidate = root.joinpath(*resolved, part)
-        if candidate.is_symlink():
-            target = os.readlink(candidate)
-            if target.startswith("/"):
-                resolved = []
-            parts = [p for p in target.split("/") if p] + parts
-        else:
-            resolved.append(part)
-    raise AssertionError(f"too many symlinks resolving {path} under {root}")
 
 
 class LocalFleet:
@@ -197,19 +174,18 @@ class LocalFleet:
     def node_dir(self, node: str) -> Path:
         return self.root / "nodes" / self.name / node
 
-    def node_view(self, node: str) -> Path:
-        """The running node's filesystem as the node sees it: its own root (through its
-        init's /proc entry, so that its symlinks resolve inside it) when isolated."""
-        if not self.isolated:
-            return Path("/")
-        record = json.loads((self.node_dir(node) / "node.json").read_text())
-        return Path(f"/proc/{record['init_pid']}/root")
+    def on_node(self, node: str, path: str) -> Path:
+        """A path of the running isolated node as this machine reaches it (resolved
+        inside the node: IsolatedNode.host_path)."""
+        isolated = LocalNode.load(self.node_dir(node))
+        assert isinstance(isolated, IsolatedNode), f"{node} is not an isolated node"
+        return isolated.host_path(path)
 
     @property
     def shared(self) -> Path:
         head = f"{self.name}-head"
-        if self.isolated:  # a symlink into the head's share chroot (fleet.share), resolved inside the head
-            return resolve_inside(self.node_view(head), "/root/shared")
+        if self.isolated:  # a symlink into the head's share chroot (fleet.share)
+            return self.on_node(head, "/root/shared")
         return self.node_home(head) / "shared"
 
     def job_dir(self, job: str) -> Path:
@@ -218,7 +194,7 @@ class LocalFleet:
     def node_home(self, node: str) -> Path:
         """The node's home, as this machine reaches it (isolated fleets run as root)."""
         if self.isolated:
-            return self.node_view(node) / "root"
+            return self.on_node(node, "/root")
         return self.node_dir(node) / "home"
 
     def netns(self, node: str) -> str:

@@ -17,9 +17,13 @@ from typing import Any
 import paramiko
 
 from fleet.providers.base import ProviderContext
+from fleet.runtime import LOCAL_IMAGE
 from fleet.spec.models import FleetSpec
 
 USER = getpass.getuser()
+# The fakes' backing nodes see this machine's image, as a cloud node sees its Deep
+# Learning image: fleet's runtime is layered on it (an isolated node has no index).
+CLOUD_RUNTIME: dict[str, Any] = {"image": [LOCAL_IMAGE]}
 
 
 def is_test_local(address: str | None) -> bool:
@@ -35,6 +39,7 @@ def fleet_spec(
         "provider": provider,
         "workers": workers or {"count": 2},
         "ssh": {"user": USER, "port": ssh_port},
+        "runtime": CLOUD_RUNTIME,
         **blocks,
     }
     return FleetSpec.model_validate(data)
@@ -110,6 +115,7 @@ def kill_up_midway(
         import json, pathlib, sys
         from fleet.spec.models import FleetSpec
         from fleet.providers.base import ProviderContext
+from fleet.runtime import LOCAL_IMAGE
         from fleet.model import NodeRequest, Role
         from {module} import {cls}
         spec = FleetSpec.model_validate(json.loads(sys.argv[1]))

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from provider_helpers import USER, aws_block, gcp_block
+from provider_helpers import CLOUD_RUNTIME, USER, aws_block, gcp_block
 
 from fleet import __version__
 from fleet.runtime import LOCAL_IMAGE
@@ -61,7 +61,7 @@ def cloud(request: pytest.FixtureRequest, tmp_path: Path, loopback: tuple[str, i
         "workers": {"count": 2},
         "ssh": {"user": USER, "port": loopback[1], "ready_timeout": 60},
         # What a Deep Learning image gives a cloud node: torch and the model, here the local image.
-        "runtime": {"image": [LOCAL_IMAGE]},
+        "runtime": CLOUD_RUNTIME,
         **block,
     }
     path = tmp_path / "fleet.yaml"
@@ -93,9 +93,10 @@ def test_up_exec_preempt_down_through_the_cli(cloud: dict[str, Any]) -> None:
             [f"{name}-head", f"{name}-w1-g1", f"{name}-w2-g1"]
         )
 
-        # Every node answers as itself (the fakes' sshd carry the node's name) and the
-        # workers see the head's shared directory through sshfs.
-        done = fleet(spec, "exec", "--json", "--", "echo $FLEET_LOCAL_NODE_NAME")
+        # Every node answers as itself (a loopback node's sshd carries the node's name, an
+        # isolated node's hostname is it) and the workers see the head's shared directory
+        # through sshfs.
+        done = fleet(spec, "exec", "--json", "--", 'echo "${FLEET_LOCAL_NODE_NAME:-$(hostname)}"')
         assert done.returncode == 0, done.stderr
         results = json.loads(done.stdout.strip().splitlines()[-1])["results"]
         assert {r["node"]: r["stdout"].strip() for r in results} == {r["node"]: r["node"] for r in results}

@@ -17,7 +17,7 @@ from typing import Any
 
 import boto3
 import pytest
-from provider_helpers import USER, aws_block, gcp_block
+from provider_helpers import CLOUD_RUNTIME, USER, aws_block, gcp_block
 
 from fleet.fleetops import Fleet, UpResult
 from fleet.model import Role
@@ -63,6 +63,7 @@ def _fleet(tmp_path: Path, key: tuple[Path, str], provider: str, block: dict[str
         "name": f"iso{provider[0]}", "provider": provider, "workers": {"count": 1},
         "ssh": {"user": USER, "port": 22, "key": str(key[0]), "connect_timeout": CONNECT_TIMEOUT,
                 "ready_timeout": 60},
+        "runtime": CLOUD_RUNTIME,
         provider: block,
     })
     return Fleet(spec, tmp_path / "fleet.yaml")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from provider_helpers import USER, Sleeps, aws_block, context, fleet_spec, gcp_block
+from provider_helpers import CLOUD_RUNTIME, USER, Sleeps, aws_block, context, fleet_spec, gcp_block
 
 from fleet.fleetops import Fleet
 from fleet.model import NodeRequest, Role, worker_name
@@ -73,7 +73,7 @@ def test_a_node_answering_with_another_key_than_the_vouched_one_is_refused_on_fi
     spec_path = tmp_path / "fleet.yaml"
     spec_path.write_text(yaml.safe_dump({
         "name": name, "provider": cloud, "workers": {"count": 2},
-        "ssh": {"user": USER, "port": loopback[1], "ready_timeout": 60}, **block,
+        "ssh": {"user": USER, "port": loopback[1], "ready_timeout": 60}, "runtime": CLOUD_RUNTIME, **block,
     }))
     impostor = worker_name(name, 2, 1)
     fake.vouch_false_host_key(impostor)
@@ -90,7 +90,7 @@ def test_a_node_answering_with_another_key_than_the_vouched_one_is_refused_on_fi
             for node in result.nodes:
                 assert store.get(node.name) == backing(node.name).host_key_line
             # The impostor never got past the key exchange: no login, no command, no mount key.
-            log = (backing(impostor).sshd_dir / "sshd.log").read_text()
+            log = backing(impostor).sshd_log.read_text()
             assert "Accepted publickey" not in log
             assert not (backing(impostor).home / ".fleet" / "mount_key").exists()
         finally:
