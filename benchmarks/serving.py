@@ -35,7 +35,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,7 +52,6 @@ MAX_WAIT_MS = float(os.environ.get("BENCH_MAX_WAIT_MS", "20"))
 CALLERS = 64
 STATIC_BATCH = 64
 INTERVAL = 2.0
-NODE_ENV = {"PYTHONPATH": str(REPO)}
 SENTENCE = "a fleet of cheap preemptible machines serves one model to many callers at once"
 
 
@@ -78,12 +76,11 @@ def registry(fleet_: LocalFleet, job: str) -> list[dict]:
 
 
 def mean_batch(lf: LocalFleet, job: str, before: tuple[int, int] = (0, 0)) -> tuple[tuple[int, int], float]:
-    """(items, batches) the job's servers ran so far (their /health: the local nodes share
-    this machine's loopback), and the mean batch size since `before`."""
+    """(items, batches) the job's servers ran so far (their /health, seen from their
+    nodes), and the mean batch size since `before`."""
     items = batches = 0
     for record in registry(lf, job):
-        with urllib.request.urlopen(f"http://127.0.0.1:{record['port']}/health", timeout=10) as answer:
-            health = json.loads(answer.read())
+        health = lf.server_health(record)
         items, batches = items + health["items"], batches + health["batches"]
     ran = batches - before[1]
     return (items, batches), round((items - before[0]) / ran, 1) if ran else 0.0
@@ -205,10 +202,10 @@ def main() -> int:
     figures: dict = {"items": N_ITEMS, "callers": CALLERS, "workers": 2, "monitor_interval_s": INTERVAL}
     try:
         lf.up()
-        embed_job = lf.write_job({"name": "embed", "env": NODE_ENV,
+        embed_job = lf.write_job({"name": "embed",
                                   "serve": {"handler": "text-embed", "batch_size": 64,
                                             "max_wait_ms": MAX_WAIT_MS}})
-        noop_job = lf.write_job({"name": "noop", "env": NODE_ENV,
+        noop_job = lf.write_job({"name": "noop",
                                  "serve": {"handler": "checksum", "batch_size": 64, "max_wait_ms": 0}})
         lf.cli("serve", str(noop_job), "--detach", check=True)
         process = lf.popen("serve", str(embed_job))

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -201,6 +202,19 @@ class LocalFleet:
         """The isolated node's network namespace."""
         nid = json.loads((self.node_dir(node) / "node.json").read_text())["nid"]
         return FleetNetwork.of(self.root / "nodes", self.name).netns(nid)
+
+    def server_health(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The /health of a server of `fleet serve` (its registry record), seen from its
+        node: loopback nodes share this machine's 127.0.0.1; an isolated node's servers
+        are reached inside its network namespace (the bridge lets only SSH in from here)."""
+        url = f"http://127.0.0.1:{int(record['port'])}/health"
+        if not self.isolated:
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                return json.loads(answer.read())
+        fetch = f"import sys, urllib.request; sys.stdout.write(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
+        done = subprocess.run(["ip", "netns", "exec", self.netns(record["node"]), sys.executable, "-c", fetch],
+                              capture_output=True, text=True, timeout=30, check=True)
+        return json.loads(done.stdout)
 
     def sshd_pid(self, node: str) -> int:
         """The host pid of the node's listening sshd."""

@@ -115,7 +115,6 @@ def kill_up_midway(
         import json, pathlib, sys
         from fleet.spec.models import FleetSpec
         from fleet.providers.base import ProviderContext
-from fleet.runtime import LOCAL_IMAGE
         from fleet.model import NodeRequest, Role
         from {module} import {cls}
         spec = FleetSpec.model_validate(json.loads(sys.argv[1]))

@@ -11,11 +11,8 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -53,17 +50,7 @@ def _batches(served, job: str) -> tuple[int, int]:
 
 
 def _health(served, record: dict) -> dict:
-    """The server's /health, seen from its node: loopback nodes share this machine's
-    127.0.0.1; an isolated node's servers are reached inside its network namespace (the
-    bridge lets only SSH in from this machine)."""
-    url = f"http://127.0.0.1:{record['port']}/health"
-    if served.fleet.isolated:
-        fetch = f"import sys, urllib.request; sys.stdout.write(urllib.request.urlopen({url!r}, timeout=5).read().decode())"
-        done = subprocess.run(["ip", "netns", "exec", served.fleet.netns(record["node"]), sys.executable, "-c", fetch],
-                              capture_output=True, text=True, timeout=30, check=True)
-        return json.loads(done.stdout)
-    with urllib.request.urlopen(url, timeout=5) as answer:
-        return json.loads(answer.read())
+    return served.fleet.server_health(record)
 
 
 def _terminate(served, record: dict) -> None:
