@@ -122,7 +122,7 @@ def test_a_pip_failure_is_that_nodes_error_and_the_others_come_up(make_fleet, tm
     tiny_wheel(links)
     # Isolated nodes cannot see this machine's `links` (nor any index): they get the
     # package through the head's wheelhouse, loopback nodes straight from `links`.
-    runtime = {"packages": ["fleettinypkg==1.0"], "find_links": [str(links)],
+    runtime = {"packages": ["fleettinypkg==1.0"], "find_links": [str(links)], "index_url": links.as_uri(),
                "wheelhouse": missing_for_namespaces() is None}
     fleet = make_fleet(workers=2, extra={"runtime": runtime})
     w1, w2 = fleet.worker(1), fleet.worker(2)
@@ -148,8 +148,10 @@ def test_a_pip_failure_is_that_nodes_error_and_the_others_come_up(make_fleet, tm
 def test_workers_without_an_index_install_from_the_heads_wheelhouse(make_fleet, tmp_path: Path) -> None:
     links = tmp_path / "links"
     tiny_wheel(links)
+    # The index is the local directory too: the control plane's `pip download` asks no
+    # index on the network for the test's made-up package.
     fleet = make_fleet(workers=2, extra={"runtime": {"packages": ["fleettinypkg==1.0"], "find_links": [str(links)],
-                                                     "wheelhouse": True}})
+                                                     "index_url": links.as_uri(), "wheelhouse": True}})
     w1 = fleet.worker(1)
     houses = list((fleet.shared / WHEELHOUSE).iterdir())
     assert len(houses) == 1 and [p.name for p in houses[0].iterdir()] == ["fleettinypkg-1.0-py3-none-any.whl"]
