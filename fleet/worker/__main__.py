@@ -38,7 +38,7 @@ from fleet.worker.runner import run_child
 
 PROG = "fleet-worker"
 MAX_RESTARTS = 3  # per process slot
-RESTART_PAUSE_S = 1.0  # doubled at each restart of the same slot
+RESTART_PAUSE_S = 1.0  # doubled at each restart of the same slot ($FLEET_WORKER_RESTART_PAUSE_S)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,6 +77,13 @@ def _process_plan(processes: str, device: str, uses_device: bool) -> tuple[int, 
         return 1, []
     gpus = _visible_gpus()
     return max(1, len(gpus)), gpus
+
+
+def _restart_pause_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get("FLEET_WORKER_RESTART_PAUSE_S", RESTART_PAUSE_S)))
+    except ValueError:
+        return RESTART_PAUSE_S
 
 
 def _run_processes(job_dir: str, node: str, device: str | None, count: int, gpus: list[str]) -> int:
@@ -141,7 +148,7 @@ def _run_processes(job_dir: str, node: str, device: str | None, count: int, gpus
                     )
                     continue
                 restarts[proc] += 1
-                pause = RESTART_PAUSE_S * 2 ** (restarts[proc] - 1)
+                pause = _restart_pause_s() * 2 ** (restarts[proc] - 1)
                 print(
                     f"{PROG}: process {proc}{where} exited {code}; restarting it in {pause:g} s "
                     f"({restarts[proc]}/{MAX_RESTARTS})",
