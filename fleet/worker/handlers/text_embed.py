@@ -97,12 +97,20 @@ class TextEmbedHandler(Handler):
         import torch
         from sentence_transformers import SentenceTransformer
 
-        self.device = context.device
-        self.dtype = resolve_dtype(context.dtype, context.device)
-        if self.device.startswith("cuda"):
+        if context.device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.model = SentenceTransformer(str(self.model_path), device=context.device, local_files_only=True)
+        model = SentenceTransformer(str(self.model_path), device=context.device, local_files_only=True)
+        self.attach(model, context)
+
+    def attach(self, model: Any, context: HandlerContext) -> None:
+        """Use an already loaded SentenceTransformer (a server or a benchmark that holds
+        one): applies max_length and the dtype, and sets up tokenising ahead."""
+        import torch
+
+        self.model = model
+        self.device = context.device
+        self.dtype = resolve_dtype(context.dtype, context.device)
         if self.max_length is not None:
             self.model.max_seq_length = self.max_length
         if self.dtype != "float32":
