@@ -514,7 +514,12 @@ class Pipeline:
                 self.writers.submit(self._guarded(self._write_files), ok[p::parts], tracker)
 
     def _infer(self, data: list[Any]) -> list[Any]:
-        """The model on `data`, synchronously, with failure isolation (split retries)."""
+        """The model on `data`, synchronously, with failure isolation (split retries).
+        A retry still over a limit lowered meanwhile is split before it is tried."""
+        over_tokens = self.max_tokens is not None and self._cost(data) > self.max_tokens
+        if len(data) > 1 and (over_tokens or len(data) > self.max_batch):
+            middle = len(data) // 2
+            return self._infer(data[:middle]) + self._infer(data[middle:])
         error: BaseException | None = None
         try:
             pending = self.handler.infer_async(data)
@@ -555,12 +560,14 @@ class Pipeline:
 
     def _shrink(self, data: list[Any]) -> None:
         """Out of memory: halve the token budget below this batch's cost (or the count,
-        when items have no size)."""
+        when items have no size), unless the batch was over the budget already (a split
+        half of a batch formed before an earlier cut)."""
         cost = self._cost(data)
         if cost > 0:
-            self.max_tokens = max(1, min(self.max_tokens or cost, cost) // 2)
-        else:
-            self.max_batch = max(1, min(self.max_batch, len(data) // 2))
+            if self.max_tokens is None or cost <= self.max_tokens:  # not a batch formed before a cut
+                self.max_tokens = max(1, cost // 2)
+        elif len(data) <= self.max_batch:
+            self.max_batch = max(1, len(data) // 2)
         self._clean_batches = 0
 
     def _note_clean(self, data: list[Any]) -> None:
