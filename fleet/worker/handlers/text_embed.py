@@ -211,7 +211,7 @@ class TextEmbedHandler(Handler):
             vectors = self._forward(features)
         end.record()
         out = torch.empty(vectors.shape, dtype=torch.float32, pin_memory=True)
-        out.copy_(vectors, non_blocking=True)  # casts to float32 on the way
+        out.copy_(vectors.float(), non_blocking=True)  # cast on the GPU, then one async copy
         copied = torch.cuda.Event()
         copied.record()
         return _CudaPending(out, copied, begin, end)
