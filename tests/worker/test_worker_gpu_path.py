@@ -5,6 +5,7 @@ and GPU binding / GPM through an NVML shim (NVML itself needs a GPU)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import threading
@@ -384,3 +385,29 @@ def test_report_prefers_sm_activity_over_nvml_utilisation() -> None:
         NodeSignals(**{**busy_by_nvml.__dict__, "gpu_sm_active": None, "gpu_sm_each": ()}), Thresholds()
     )
     assert "raise batch_size" not in without_gpm.recommendation
+
+
+def test_prepare_runs_in_the_reader_threads_and_a_failing_item_is_isolated(shared: Path) -> None:
+    (shared / "r").mkdir()
+    lines = [f"line {i}" if i != 7 else "POISON 7" for i in range(30)]
+    (shared / "r" / "a.txt").write_text("\n".join(lines) + "\n")
+    job = make_job(
+        shared,
+        "prep",
+        {
+            "handler": "worker_plugins:PreparingChecksum",
+            "mode": "records",
+            "inputs": "r/*.txt",
+            "outputs": "o",
+            "chunk_size": 30,
+        },
+    )
+    summary = run_worker(job, node="n", install_signal_handlers=False)
+    assert summary["items"] == 29 and summary["failed"] == 1
+    failure = json.loads((job / "failures" / "n.0.jsonl").read_text())
+    assert failure["item"] == "a.txt:8" and failure["stage"] == "prepare"
+    (chunk,) = chunk_ids(job)
+    digests = (shared / "o" / f"{chunk}.sha256").read_text().split()
+    expected = [hashlib.sha256(line.upper().encode()).hexdigest() for line in lines if "POISON" not in line]
+    assert digests == expected
+    assert all(name.startswith("fleet-reader") for name in worker_plugins.CALLS["prepare_threads"])

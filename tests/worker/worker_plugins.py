@@ -131,3 +131,16 @@ class FailOnceChecksum(ChecksumHandler):
         except FileExistsError:
             return super().infer(batch)
         raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+class PreparingChecksum(ChecksumHandler):
+    """checksum of a prepare()d form (upper-cased, in the reader threads); prepare fails
+    for an item holding b'POISON'; notes which threads prepared."""
+
+    def prepare(self, items: list[bytes]) -> list[bytes]:
+        import threading
+
+        CALLS.setdefault("prepare_threads", []).append(threading.current_thread().name)
+        if any(b"POISON" in item for item in items):
+            raise ValueError("cannot prepare a poisoned item")
+        return [item.upper() for item in items]
