@@ -83,11 +83,13 @@ class WorkerConfig(BaseModel):
             "e.g. batch_size: 1024 and max_batch_tokens: 65536."
         ),
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto",
+    # None (not "auto") by default: job.yaml is written without None fields, so a job that
+    # does not set it also runs on nodes whose worker predates the field.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None,
         description=(
-            "Compute dtype of the model: 'auto' is bfloat16 on a CUDA GPU that supports it, else "
-            "float32 (CPU). Outputs stay float32. TF32 matmuls are on for float32 on CUDA."
+            "Compute dtype of the model: 'auto' (the default) is bfloat16 on a CUDA GPU that "
+            "supports it, else float32 (CPU). Outputs stay float32. TF32 matmuls are on on CUDA."
         ),
     )
     max_wait_ms: float = Field(

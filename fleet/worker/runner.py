@@ -131,7 +131,7 @@ def run_worker(
             JsonLinesLog(layout.metrics_file(node, proc)), node=node, proc=proc, device=resolved
         )
         failures = FailureLog(layout.failures_file(node, proc), node=node, proc=proc)
-        dtype = resolve_dtype(config.dtype, resolved) if handler.uses_device else "float32"
+        dtype = resolve_dtype(config.dtype or "auto", resolved) if handler.uses_device else "float32"
         handler.open(HandlerContext(resolved, layout.shared_root, node, dtype))
         metrics.start(
             dtype=dtype,
