@@ -140,7 +140,7 @@ def preloaded_text_embed(**options: object):
 
     class Preloaded(TextEmbedHandler):
         def open(self, context: HandlerContext) -> None:
-            self.model = _LOADED["model"]
+            self.attach(_LOADED["model"], context)
 
     return Preloaded(**options)  # type: ignore[arg-type]
 

@@ -36,6 +36,7 @@ class Thresholds:
     idle_pct: float = 10.0  # cpu, gpu, disk below this ...
     idle_net_mb_s: float = 1.0  # ... and network below this: idle
     worker_busy_pct: float = 50.0  # worker time inside batches; below: waiting for chunks
+    model_busy_low_pct: float = 80.0  # model device time below this share of the worker's: said
     starved_no_items_s: float = 10.0  # a worker alive this long with no item: starved
 
 
@@ -54,6 +55,10 @@ class NodeSignals:
     gpu_util: float | None = None  # mean over GPUs
     gpu_util_each: tuple[float, ...] = ()
     gpu_mem: float | None = None  # memory used, % of capacity
+    gpu_sm_active: float | None = None  # GPM: % of SMs busy, mean over GPUs that report it
+    gpu_sm_each: tuple[float | None, ...] = ()
+    gpu_tensor_active: float | None = None
+    model_busy_pct: float | None = None  # model device time, % of the worker's wall time
     cpu_steal: float = 0.0
     job_cpu_pct_one_core: float | None = None  # watched process tree (sampler --pid)
     job_runq_pct_one_core: float | None = None  # its threads runnable, waiting for a CPU
@@ -200,6 +205,21 @@ def _compute_bound(s: NodeSignals, th: Thresholds) -> Verdict:
             notes.append(f"GPU(s) {', '.join(map(str, idle_gpus))} idle while others work")
         working = [u for u in s.gpu_util_each if u >= th.idle_pct] or [s.gpu_util]
         util = sum(working) / len(working)  # idle GPUs of a multi-GPU node get their own advice
+        nvml_util = util
+        if s.gpu_sm_active is not None:
+            # GPM's SM activity is the stronger evidence: NVML's util is "a kernel ran".
+            active = [a for a, u in zip(s.gpu_sm_each, s.gpu_util_each) if a is not None and u >= th.idle_pct]
+            util = sum(active) / len(active) if active else s.gpu_sm_active
+            if nvml_util >= th.gpu_busy_pct and util < th.gpu_low_pct:
+                notes.append(
+                    f"NVML util {nvml_util:.0f}% but only {util:.0f}% of the SMs busy (GPM): the kernels "
+                    "are too small for this GPU (raise batch_size / max_batch_tokens)"
+                )
+        if s.model_busy_pct is not None and s.model_busy_pct < th.model_busy_low_pct:
+            notes.append(
+                f"the model computed only {s.model_busy_pct:.0f}% of the worker's time (device time): "
+                "the rest went to the CPU side of the compute thread (collating, Python) or to waits"
+            )
         saturated, cpu_note = cpu_saturated(s, th)
         if cpu_note:
             notes.append(cpu_note)
@@ -207,7 +227,7 @@ def _compute_bound(s: NodeSignals, th: Thresholds) -> Verdict:
             return Verdict(
                 "cpu-bound",
                 (
-                    f"GPU util {util:.0f}% (< {th.gpu_low_pct:.0f}%: low)",
+                    f"GPU {_activity_name(s)} {util:.0f}% (< {th.gpu_low_pct:.0f}%: low)",
                     f"CPU {s.cpu_busy:.0f}% busy (>= {th.cpu_busy_pct:.0f}%)",
                 ),
                 "The CPU cannot keep the GPU busy (tokenising, decoding, Python overhead): choose a machine "
@@ -220,6 +240,13 @@ def _compute_bound(s: NodeSignals, th: Thresholds) -> Verdict:
         ]
         if len(working) < s.gpu_count:
             evidence.append(f"{util:.0f}% over the {len(working)} working GPU(s)")
+        if s.gpu_sm_active is not None:
+            evidence.append(
+                f"SM activity {util:.0f}% (GPM)"
+                + (f", tensor cores {s.gpu_tensor_active:.0f}%" if s.gpu_tensor_active is not None else "")
+            )
+        if s.model_busy_pct is not None:
+            evidence.append(f"model busy {s.model_busy_pct:.0f}% of the worker's time (device time)")
         if s.gpu_mem is not None:
             evidence.append(f"GPU memory {s.gpu_mem:.0f}% used")
         if idle_gpus and len(idle_gpus) < s.gpu_count:
@@ -259,6 +286,10 @@ def _compute_bound(s: NodeSignals, th: Thresholds) -> Verdict:
     else:
         advice = "Computing on the CPU with every core busy: use GPU nodes, or more nodes."
     return Verdict("cpu-bound", tuple(evidence), advice, tuple(notes))
+
+
+def _activity_name(s: NodeSignals) -> str:
+    return "SM activity" if s.gpu_sm_active is not None else "util"
 
 
 def _without_worker(s: NodeSignals, th: Thresholds) -> Verdict:

@@ -69,7 +69,29 @@ class WorkerConfig(BaseModel):
             "<outputs>/<chunk>.npy plus <chunk>.index.jsonl mapping rows to records."
         ),
     )
-    batch_size: int = Field(64, ge=1, le=65536, description="Largest batch handed to the model.")
+    batch_size: int = Field(
+        64, ge=1, le=65536, description="Largest batch handed to the model (items; a cap when max_batch_tokens is set)."
+    )
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=100_000_000,
+        description=(
+            "Token budget of a batch: count x longest item (padded tokens), for handlers that size "
+            "their items (text-embed: tokens). Batches close when they hold this many, with "
+            "batch_size as the cap on items. Default: none (batches by count only). On a large GPU "
+            "e.g. batch_size: 1024 and max_batch_tokens: 65536."
+        ),
+    )
+    # None (not "auto") by default: job.yaml is written without None fields, so a job that
+    # does not set it also runs on nodes whose worker predates the field.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description=(
+            "Compute dtype of the model: 'auto' (the default) is bfloat16 on a CUDA GPU that "
+            "supports it, else float32 (CPU). Outputs stay float32. TF32 matmuls are on on CUDA."
+        ),
+    )
     max_wait_ms: float = Field(
         10.0,
         ge=0,
