@@ -9,6 +9,7 @@ this module adds what the control side needs there:
     pids/<node>.pid        the launcher's pid = its process group (setsid)
     status/<node>.exit     the launcher's exit code, written when it ends
     logs/<node>.log        everything the node's processes printed
+    logs/packer.log        the head's packer (bulk I/O, `fleet.worker.packer`)
     cancelled              `fleet cancel` was asked: nothing restarts
 
 Processes are started with `setsid nohup` so that they survive the SSH session that
@@ -185,6 +186,23 @@ class JobRunner:
             init = self._on_head(head, f"cd {job_dir} && {q(self.python_for())} -m fleet.worker . --init")
             if not init.ok:
                 raise JobError(f"the worker could not freeze the job's inputs: {init.describe()}")
+            self.start_packer(head)
+
+    def start_packer(self, head: Node) -> None:
+        """Bulk I/O: the head's packer (`fleet.worker.packer`, fleet's installed code; -P
+        keeps the job directory off sys.path). It exits at once when the job does not use
+        bulk I/O and when another packer serves the job, so starting it again is harmless."""
+        worker = self.job.worker
+        if worker is None or worker.mode != "files" or worker.io == "mount":
+            return
+        job_dir = self.job_dir_for(head)
+        started = self._on_head(
+            head,
+            f"cd {job_dir} && mkdir -p logs && setsid nohup {q(self.python_for())} -P -m fleet.worker.packer "
+            f"\"$PWD\" >> logs/packer.log 2>&1 < /dev/null & echo started",
+        )
+        if not started.ok:  # the workers read and write through the mount instead
+            self.fleet.state.add_event("packer_failed", head.name, started.describe())
 
     def _job_env(self) -> dict[str, str]:
         return {"FLEET_JOB": self.job.name, "FLEET_PYTHON": self.python_for(), **self.job.env}
