@@ -59,6 +59,7 @@ from fleet.worker.layout import (
 
 DEFAULT_WINDOW = 8
 UNPACK_THREADS = 4
+IDLE_POLL_S = 0.05
 _OUT_NAME = re.compile(r"^(?P<chunk>c\d+)\.(?P<token>[0-9a-f]{6,64})\.pack$")
 _SUFFIX = re.compile(r"^(?P<rel>.+?)(?P<suffix>\.[A-Za-z0-9_]{1,16})$")
 MAX_OUTPUT_BYTES = 1 << 30  # one output; a worker cannot fill the head's disk with one member
@@ -118,14 +119,17 @@ class Packer:
         beat = threading.Thread(target=self._heartbeat_loop, name="fleet-packer-heartbeat", daemon=True)
         beat.start()
         try:
+            pause = self.poll_s
             while not self.stop.is_set():
                 if (self.layout.job_dir / "cancelled").exists():
                     break
                 busy, finished = self.step()
                 if finished:
                     break
+                # Quick while work flows (a worker waits for each ack); twenty looks a second when idle.
+                pause = self.poll_s if busy else min(IDLE_POLL_S, pause * 1.5)
                 if not busy:
-                    self.stop.wait(self.poll_s)
+                    self.stop.wait(pause)
         finally:
             self.stop.set()
             self.unpackers.shutdown(wait=True)
