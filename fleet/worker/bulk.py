@@ -55,6 +55,7 @@ HEARTBEAT_S = 1.0
 PACKER_STALE_S = 45.0
 PACK_WAIT_S = 60.0
 ACK_WAIT_S = 120.0
+RELEASE_ACK_S = 5.0  # a stopping worker waits this long for the ack of what it releases
 IN_MEMORY_BYTES = 64 << 20  # a chunk's inputs beyond this spill to node-local scratch
 SPOOL_BYTES = 16 << 20  # an output pack beyond this is spooled to node-local scratch
 _POLL_S = 0.004
@@ -174,23 +175,29 @@ class BulkClient:
 
     # -- is a packer serving this job? -----------------------------------------------------
     def active(self) -> bool:
-        """A packer was seen serving this job within PACKER_STALE_S (a failed look, e.g.
-        during the heartbeat's rename, does not count as its death)."""
+        """A packer serves this job: its heartbeat was seen within PACKER_STALE_S. A packer
+        that stopped removes the file (dead at once); a failed look for another reason
+        (e.g. during the heartbeat's rename) does not count as its death."""
         with self._lock:
             now = time.monotonic()
             if now - self._checked >= HEARTBEAT_S:
                 self._checked = now
-                if self._packer_alive():
+                alive = self._packer_alive()
+                if alive:
                     self._seen = now
+                elif alive is False:
+                    self._seen = None
             return self._seen is not None and now - self._seen < PACKER_STALE_S
 
-    def _packer_alive(self) -> bool:
+    def _packer_alive(self) -> bool | None:
         path = packer_file(self.layout)
         try:
             age = time.time() - path.stat().st_mtime
             info = json.loads(path.read_bytes())
-        except (OSError, ValueError):
+        except FileNotFoundError:
             return False
+        except (OSError, ValueError):
+            return None
         return isinstance(info, dict) and info.get("io") == "bulk" and age < PACKER_STALE_S
 
     def packed(self) -> frozenset[str]:
@@ -266,10 +273,10 @@ class BulkClient:
     def output_pack(self) -> OutputPack:
         return OutputPack(self.scratch)
 
-    def deliver(self, chunk: str, token: str, pack: OutputPack, *, wait: bool) -> int:
-        """Hand the chunk's outputs to the head. With `wait`, returns once every output is
-        in place (the packer's ack, or written through the mount by this worker when no
-        packer answers). Returns the number of outputs delivered."""
+    def deliver(self, chunk: str, token: str, pack: OutputPack, *, wait_s: float = ACK_WAIT_S) -> int:
+        """Hand the chunk's outputs to the head; returns once every output is in place: the
+        packer's ack, or, when no packer answers within `wait_s`, written through the mount
+        by this worker. Returns the number of outputs delivered."""
         try:
             if not pack.names:
                 return 0
@@ -286,15 +293,14 @@ class BulkClient:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            if wait:
-                self._await_ack(chunk, token, pack)
+            self._await_ack(chunk, token, pack, wait_s)
             return len(pack.names)
         finally:
             pack.close()
 
-    def _await_ack(self, chunk: str, token: str, pack: OutputPack) -> None:
+    def _await_ack(self, chunk: str, token: str, pack: OutputPack, wait_s: float) -> None:
         ack = out_ack(self.layout, chunk, token)
-        deadline = time.monotonic() + ACK_WAIT_S
+        deadline = time.monotonic() + wait_s
         while True:
             try:
                 info: Any = json.loads(ack.read_bytes())

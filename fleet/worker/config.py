@@ -119,14 +119,17 @@ class WorkerConfig(BaseModel):
             "in which items are grouped by length."
         ),
     )
-    io: Literal["auto", "mount", "bulk"] = Field(
-        "auto",
+    # None means auto, and keeps the key out of the job.yaml that `fleet run` writes, so that
+    # workers of an older fleet[worker] still read it.
+    io: Literal["auto", "mount", "bulk"] | None = Field(
+        None,
         description=(
             "How files mode moves inputs and outputs. 'mount': one file at a time through the "
             "shared mount. 'bulk': the head's packer (started by `fleet run`) packs each chunk's "
             "inputs into one file and unpacks each chunk's outputs, so a worker moves one large "
-            "file per chunk through the mount. 'auto': bulk for many small files (chunks of 16+ "
-            "files of at most 1 MiB), else mount. Records mode always reads through the mount."
+            "file per chunk through the mount. 'auto' (the default): bulk for many small files "
+            "(chunks of 16+ files of at most 1 MiB), else mount. Records mode always reads "
+            "through the mount."
         ),
     )
     scratch_dir: str | None = Field(

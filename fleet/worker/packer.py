@@ -25,6 +25,7 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -60,6 +61,7 @@ from fleet.worker.layout import (
 DEFAULT_WINDOW = 8
 UNPACK_THREADS = 4
 IDLE_POLL_S = 0.05
+DRAIN_S = 30.0  # after `cancelled`: at most this long for the workers' last deliveries
 _OUT_NAME = re.compile(r"^(?P<chunk>c\d+)\.(?P<token>[0-9a-f]{6,64})\.pack$")
 _SUFFIX = re.compile(r"^(?P<rel>.+?)(?P<suffix>\.[A-Za-z0-9_]{1,16})$")
 MAX_OUTPUT_BYTES = 1 << 30  # one output; a worker cannot fill the head's disk with one member
@@ -118,13 +120,20 @@ class Packer:
         self._write_heartbeat()
         beat = threading.Thread(target=self._heartbeat_loop, name="fleet-packer-heartbeat", daemon=True)
         beat.start()
+        pid_file = bulk_dir(self.layout) / "packer.pid"
+        write_atomic(pid_file, f"{os.getpid()}\n".encode())
         try:
             pause = self.poll_s
+            draining_since: float | None = None
             while not self.stop.is_set():
-                if (self.layout.job_dir / "cancelled").exists():
-                    break
-                busy, finished = self.step()
-                if finished:
+                if draining_since is None and (self.layout.job_dir / "cancelled").exists():
+                    draining_since = time.monotonic()  # stopping workers still deliver what they release
+                busy, finished = self.step(pack=draining_since is None)
+                if finished or (
+                    draining_since is not None
+                    and not busy
+                    and (self._no_claims() or time.monotonic() - draining_since > DRAIN_S)
+                ):
                     break
                 # Quick while work flows (a worker waits for each ack); twenty looks a second when idle.
                 pause = self.poll_s if busy else min(IDLE_POLL_S, pause * 1.5)
@@ -132,9 +141,11 @@ class Packer:
                     self.stop.wait(pause)
         finally:
             self.stop.set()
+            self._unpack_pending()  # SIGTERM (fleet cancel): what is delivered still lands
             self.unpackers.shutdown(wait=True)
             beat.join(timeout=10)
             packer_file(self.layout).unlink(missing_ok=True)
+            pid_file.unlink(missing_ok=True)
             lock.close()
         print(
             f"fleet-packer: packed {self.packed_files} inputs in {self.pack_s:.2f} s, "
@@ -155,8 +166,22 @@ class Packer:
             except OSError:
                 pass  # the next beat tries again
 
-    def step(self) -> tuple[bool, bool]:
-        """One look at the queue: (did something, every chunk is done and delivered)."""
+    def _no_claims(self) -> bool:
+        return not listdir_visible(self.layout.claims)
+
+    def _unpack_pending(self) -> None:
+        out_dir = bulk_dir(self.layout) / "out"
+        try:
+            names = os.listdir(out_dir)
+        except OSError:
+            return
+        for name in names:
+            if name.endswith(PACK) and not is_hidden(name) and name not in self._unpacking:
+                self._unpack_guarded(out_dir / name)
+
+    def step(self, *, pack: bool = True) -> tuple[bool, bool]:
+        """One look at the queue: (did something, every chunk is done and delivered).
+        Without `pack` (the job is cancelled) it only unpacks what workers deliver."""
         done = set(listdir_visible(self.layout.done))
         claimed = set(listdir_visible(self.layout.claims)) - done
         in_dir = bulk_dir(self.layout) / "in"
@@ -176,6 +201,9 @@ class Packer:
             if name.endswith(".ok") and name.split(".", 1)[0] in done:
                 (out_dir / name).unlink(missing_ok=True)
         packs -= done
+        if not pack:
+            with self._lock:
+                return busy or bool(self._unpacking), False
         want = [c for c in self.order if c in claimed and c not in packs]
         ahead = len(packs - claimed)
         for chunk in self.order:
@@ -310,7 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="unclaimed chunks packed ahead")
     args = parser.parse_args(argv)
     try:
-        return Packer(JobLayout.at(args.job_dir), window=max(1, args.window)).run()
+        packer = Packer(JobLayout.at(args.job_dir), window=max(1, args.window))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: packer.stop.set())
+        return packer.run()
     except WorkerError as exc:
         print(f"fleet-packer: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.worker.batcher import BatchQueue, QueueClosed
-from fleet.worker.bulk import BulkClient, OutputPack, scratch_root
+from fleet.worker.bulk import RELEASE_ACK_S, BulkClient, OutputPack, scratch_root
 from fleet.worker.claims import ChunkQueue, Claim
 from fleet.worker.config import WorkerConfig
 from fleet.worker.handlers import Handler, is_out_of_memory
@@ -551,13 +551,13 @@ class Pipeline:
             self.queue.release(run.claim)  # forgets it; the files belong to the new holder
             run.outcome = "lost"
         elif run.incomplete or self.fatal is not None:
-            self._deliver(run, wait=False)  # what is finished, so that the next holder skips it
+            self._deliver(run, releasing=True)
             self.queue.release(run.claim)
             run.outcome = "released"
         else:
             if run.outputs is not None:
                 started = time.perf_counter()
-                self._deliver(run, wait=True)
+                self._deliver(run, releasing=False)
                 write_s = time.perf_counter() - started
             if self.records:
                 started = time.perf_counter()
@@ -585,18 +585,18 @@ class Pipeline:
         run.settled.set()
         self.on_change()
 
-    def _deliver(self, run: ChunkRun, *, wait: bool) -> None:
+    def _deliver(self, run: ChunkRun, *, releasing: bool) -> None:
         outputs, run.outputs = run.outputs, None
         if outputs is None or self.bulk is None:
             return
         self._discard_bulk(run)
-        if wait:
-            self.bulk.deliver(run.chunk.id, run.claim.token, outputs, wait=True)
+        if not releasing:
+            self.bulk.deliver(run.chunk.id, run.claim.token, outputs)
             return
-        try:
-            self.bulk.deliver(run.chunk.id, run.claim.token, outputs, wait=False)
-        except OSError:
-            pass  # best effort on the way out: the chunk is redone anyway
+        try:  # what is finished, so that the next holder skips it; shortly: we are stopping
+            self.bulk.deliver(run.chunk.id, run.claim.token, outputs, wait_s=RELEASE_ACK_S)
+        except (OSError, RuntimeError):
+            pass  # best effort on the way out: the next holder computes them again
 
     def _discard_bulk(self, run: ChunkRun) -> None:
         BulkClient.discard(run.local)
