@@ -125,7 +125,9 @@ def read_pack_header(handle: IO[bytes], *, max_index: int = MAX_INDEX_BYTES) -> 
     if not 0 <= length <= max_index:
         raise ValueError(f"index of {length} bytes")
     index = json.loads(handle.read(length))
-    names, sizes = index.get("names"), index.get("sizes") if isinstance(index, dict) else (None, None)
+    if not isinstance(index, dict):
+        raise ValueError("malformed index")  # noqa: TRY004 - bad data, not a caller error
+    names, sizes = index.get("names"), index.get("sizes")
     if not isinstance(names, list) or not isinstance(sizes, list) or len(names) != len(sizes):
         raise ValueError("malformed index")
     if not all(isinstance(n, str) for n in names) or not all(type(z) is int and z >= 0 for z in sizes):

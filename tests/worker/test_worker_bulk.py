@@ -7,6 +7,7 @@ their sshfs mounts.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ from worker_helpers import (
     write_files,
 )
 
-from fleet.worker.bulk import choose_io, out_ack, out_pack, write_pack_header
+from fleet.worker.bulk import MAGIC, choose_io, out_ack, out_pack, read_pack_header, write_pack_header
 from fleet.worker.config import WorkerConfig
 from fleet.worker.inputs import freeze
 from fleet.worker.layout import JobLayout, load_worker_config
@@ -243,3 +244,27 @@ def test_packer_refuses_what_a_worker_must_not_write_or_read(shared: Path, tmp_p
     assert (shared / "out" / "d00" / "f00000.txt.sha256").read_bytes() == b"ok\n"
     assert not (shared.parent / "evil.sha256").exists() and os.listdir(tmp_path / "outside") == []
     assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not a pack at all",
+        MAGIC + b"%012d\n" % 2 + b"[]",
+        MAGIC + b"%012d\n" % 30 + b'{"names":["a"],"sizes":[-1]}  ',
+        MAGIC + b"%012d\n" % 26 + b'{"names":["a"],"sizes":[]}',
+        MAGIC + b"999999999999\n",
+    ],
+)
+def test_a_malformed_pack_is_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        read_pack_header(io.BytesIO(raw))
+
+
+def test_a_pack_round_trips() -> None:
+    out = io.BytesIO()
+    write_pack_header(out, ["a/b.txt", "c.txt"], [3, 0])
+    out.write(b"abc")
+    handle = io.BytesIO(out.getvalue())
+    assert read_pack_header(handle) == [("a/b.txt", 3), ("c.txt", 0)]
+    assert handle.read() == b"abc"
