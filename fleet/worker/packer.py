@@ -128,7 +128,11 @@ class Packer:
             while not self.stop.is_set():
                 if draining_since is None and (self.layout.job_dir / "cancelled").exists():
                     draining_since = time.monotonic()  # stopping workers still deliver what they release
-                busy, finished = self.step(pack=draining_since is None)
+                try:
+                    busy, finished = self.step(pack=draining_since is None)
+                except OSError as exc:  # a hiccup of the head's disk: look again shortly
+                    print(f"fleet-packer: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                    busy, finished = False, False
                 if finished or (
                     draining_since is not None
                     and not busy
@@ -293,8 +297,12 @@ class Packer:
                     target = os.path.join(self.out_dir, name)
                     parent = os.path.dirname(target)
                     if parent not in dirs:
-                        os.makedirs(parent, exist_ok=True)
+                        # Before creating anything (a planted symlink must not make us create
+                        # directories elsewhere), and again after.
                         dirs[parent] = _inside(os.path.realpath(parent), self.out_dir)
+                        if dirs[parent]:
+                            os.makedirs(parent, exist_ok=True)
+                            dirs[parent] = _inside(os.path.realpath(parent), self.out_dir)
                     if not dirs[parent]:
                         rejected.append(f"{name}: its directory leaves the output directory")
                         continue
