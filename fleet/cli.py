@@ -20,6 +20,7 @@ from rich.table import Table
 
 from fleet.errors import FleetError, UsageError
 from fleet.spec.loader import load_fleet_spec
+from fleet.textsafe import labelled, plain
 
 # Piped into a log, rich would squeeze tables into 80 columns; COLUMNS still rules.
 _PIPE_WIDTH = None if "COLUMNS" in os.environ else 160
@@ -38,10 +39,10 @@ def _open_fleet(args: argparse.Namespace, *, quiet: bool = False, stream: bool =
 
     def log(message: str) -> None:
         if not quiet:
-            err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {message}", markup=True)
+            err.print(labelled(time.strftime('%H:%M:%S'), message, label_style="dim", separator=" "))
 
     def on_line(node: str, stream_name: str, line: str) -> None:
-        (err if stream_name == "stderr" else out).print(f"[bold]{node}[/] | {line}", markup=True, soft_wrap=True)
+        (err if stream_name == "stderr" else out).print(labelled(node, line), soft_wrap=True)
 
     return Fleet(spec, _spec_path(args), log=log, on_line=on_line if stream else None)
 
@@ -74,7 +75,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         else:
             _print_nodes(fleet, result.nodes)
             for name, message in result.failures.items():
-                err.print(f"[red]{name}[/]: {message}", markup=True)
+                err.print(labelled(name, message, label_style="red", separator=": "))
             err.print(f"up: {len(result.nodes)} node(s) ready, {len(result.created)} created, "
                       f"{len(result.failures)} failed, in {elapsed:.1f} s; ssh config: {fleet.paths.ssh_config}")
         return 0 if result.ok else 1
@@ -84,9 +85,10 @@ def _dry_run(fleet, args: argparse.Namespace) -> int:
     creates, removes = fleet.plan_requests(fleet.observe())
     plan = fleet.provider.plan(creates)
     total = sum(p.price_per_hour or 0.0 for p in plan)
+    runtime = fleet.runtime.describe()
     if args.json:
         print(json.dumps({"create": [p.__dict__ for p in plan], "delete": [n.name for n in removes],
-                          "price_per_hour": round(total, 4)}))
+                          "price_per_hour": round(total, 4), "runtime": runtime}))
         return 0
     table = Table(title=f"fleet up --dry-run: {fleet.spec.name} ({fleet.spec.provider})")
     for column in ("node", "role", "zone", "machine", "accelerators", "spot", "$/hour", "price source"):
@@ -97,6 +99,7 @@ def _dry_run(fleet, args: argparse.Namespace) -> int:
     out.print(table)
     if removes:
         out.print("would delete: " + ", ".join(n.name for n in removes))
+    out.print(f"node runtime: {runtime}", markup=False)
     out.print(f"estimated cost: ${total:.4f}/hour (nothing was created)")
     return 0
 
@@ -158,7 +161,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         else:
             for r in results.results.values():
                 if not r.ok:
-                    err.print(f"[red]{r.node}[/]: {r.describe()}", markup=True)
+                    err.print(labelled(r.node, r.describe(), label_style="red", separator=": "))
             err.print(results.summary())
         return 0 if results.ok else 1
 
@@ -201,7 +204,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         for item in report.deleted:
             out.print(f"deleted {item}")
         for item in report.errors:
-            err.print(f"[red]error[/]: {item}", markup=True)
+            err.print(labelled("error", item, label_style="red", separator=": "))
         out.print(f"down: {len(report.deleted)} resource(s) deleted" + (", nothing left" if not report.errors else ""))
         return 0 if not report.errors else 1
 
@@ -216,7 +219,8 @@ def cmd_events(args: argparse.Namespace) -> int:
         for column in ("time", "node", "event", "why"):
             table.add_column(column)
         for e in events:
-            table.add_row(time.strftime("%H:%M:%S", time.localtime(e.t)), e.node or "-", e.kind, e.detail)
+            table.add_row(time.strftime("%H:%M:%S", time.localtime(e.t)), plain(e.node or "-"), plain(e.kind),
+                          plain(e.detail))
         out.print(table)
         return 0
 
@@ -278,6 +282,9 @@ def _add_job_commands(add: Callable[[str, Handler, str], argparse.ArgumentParser
     except ImportError:  # the jobs layer is optional while it is being built
         return
     cli_jobs.register(add)
+    from fleet import cli_serve
+
+    cli_serve.register(add)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -290,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.handler(args))
     except FleetError as error:
-        err.print(f"error: {error}", style="red", markup=False, soft_wrap=True)
+        err.print(plain(f"error: {error}", style="red"), soft_wrap=True)
         return error.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")

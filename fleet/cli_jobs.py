@@ -23,6 +23,7 @@ from rich.table import Table
 from fleet.cli import _open_fleet, err, out
 from fleet.errors import FleetError, JobError
 from fleet.spec.loader import load_job_spec
+from fleet.textsafe import plain
 
 _STALL_GRACE_S = 15.0
 _SETTLE_S = 15.0
@@ -71,7 +72,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         first = runner.start(fleet.alive(nodes), all_nodes=nodes)
         for result in first.results.values():
             if not result.ok:
-                err.print(f"{result.node}: could not start: {result.describe()}", style="red", markup=False)
+                err.print(plain(f"{result.node}: could not start: {runner.redact(result.describe())}", style="red"))
+        if first.results and not any(result.ok for result in first.results.values()):
+            # Nothing runs anywhere (e.g. no node has the runtime): following would only stall.
+            fleet.state.set_job_status(job.name, "failed")
+            err.print(plain(f"job {job.name}: no node could start it", style="red"))
+            return 1
         fleet.state.set_job_status(job.name, "running")
         if args.detach:
             out.print(f"job {job.name} started ({state}); follow it with `fleet logs {job.name} --follow`")
@@ -248,8 +254,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
             while True:
                 monitor.reconcile_once()
                 for event in fleet.state.events()[seen:]:
-                    out.print(f"{time.strftime('%H:%M:%S', time.localtime(event.t))} {event.node or '-'} "
-                              f"{event.kind}: {event.detail}", markup=False)
+                    out.print(plain(f"{time.strftime('%H:%M:%S', time.localtime(event.t))} {event.node or '-'} "
+                                    f"{event.kind}: {event.detail}"))
                 seen = len(fleet.state.events())
                 passes += 1
                 if args.passes and passes >= args.passes:
@@ -288,12 +294,12 @@ def cmd_report(args: argparse.Namespace) -> int:
             if not cache.is_dir():
                 raise
             fetched = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cache.stat().st_mtime))
-            err.print(f"{error}; reporting from the copy fetched at {fetched}")
+            err.print(plain(f"{error}; reporting from the copy fetched at {fetched}"))
         events = [e.to_dict() for e in fleet.state.events()]
         try:
             prices = fleet.hourly_prices({e["node"] for e in events if e.get("node")})
         except FleetError as error:  # no price is no reason to withhold the report
-            err.print(f"no prices: {error}")
+            err.print(plain(f"no prices: {error}"))
             prices = {}
         report = build_report(cache, events=events, prices=prices)
         if args.json:

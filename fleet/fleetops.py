@@ -25,9 +25,11 @@ from fleet.model import Accelerator, Node, NodeRequest, NodeState, Role, head_na
 from fleet.providers import Provider, ProviderContext, get_provider
 from fleet.providers.base import CleanupReport
 from fleet.providers.localnode import generate_ed25519_keypair
+from fleet.runtime import Runtime, env_assignments
+from fleet.share import SHARE_FILE, ShareEndpoint, as_root, confine_script, fallback_key_line, parse_share
 from fleet.spec.models import FleetSpec
 from fleet.ssh import CommandResult, Executor, GroupResult, HostKeyStore, Target, write_ssh_config
-from fleet.state import State
+from fleet.state import State, make_private_dir
 
 Log = Callable[[str], None]
 SSHFS_KEX = "curve25519-sha256"  # one name: sshfs splits -o values at commas
@@ -106,6 +108,10 @@ class Fleet:
         self._executor: Executor | None = None
         self._state: State | None = None
         self.user = spec.ssh_user(getpass.getuser())
+        self._vouched: dict[str, str] = {}  # node -> host key the provider vouched for
+        self.share: ShareEndpoint | None = None  # set by export_shared
+        self._warned_tofu: set[str] = set()
+        self.runtime = Runtime(self)
 
     # -- lazily built parts --------------------------------------------------------------
     @property
@@ -121,7 +127,7 @@ class Fleet:
         if self.paths.generated_key or not self.paths.key.exists():
             if not self.paths.generated_key:
                 raise UsageError(f"ssh.key {self.paths.key} does not exist")
-            self.paths.state_dir.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.paths.state_dir)
             return generate_ed25519_keypair(self.paths.key, f"fleet-{self.spec.name}")
         raise UsageError(f"the public key {pub} of ssh.key is missing", hint=f"ssh-keygen -y -f {self.paths.key} > {pub}")
 
@@ -187,11 +193,31 @@ class Fleet:
         return next((n for n in self.alive(nodes) if n.role == Role.HEAD), None)
 
     def target(self, node: Node) -> Target:
-        user = self.spec.head.user if node.role == Role.HEAD and self.spec.head.host and self.spec.head.user else self.user
+        """How to reach `node`. Its host key is the one the provider vouched for (or the
+        spec's `head.host_key` for an existing head); a node with none is only trusted on
+        first use when the spec lists its name in `ssh.trust_on_first_use`."""
+        existing = node.role == Role.HEAD and bool(self.spec.head.host)
+        user = self.spec.head.user if existing and self.spec.head.user else self.user
+        host_key = node.host_key or self._vouched.get(node.name) or (self.spec.head.host_key if existing else None)
+        tofu = node.name in self.spec.ssh.trust_on_first_use and host_key is None
+        if tofu and node.name not in self._warned_tofu and self.executor.known_hosts.get(node.name) is None:
+            self._warned_tofu.add(node.name)
+            self.log(f"warning: {node.name}: trusting the host key it shows on first contact "
+                     "(ssh.trust_on_first_use); an attacker on the path could answer instead")
         return Target(
             name=node.name, address=node.address or "", port=node.port, user=user,
-            host_key=node.host_key, trust_on_first_use=True,
+            host_key=host_key, trust_on_first_use=tofu,
         )
+
+    def fetch_vouched_host_keys(self, nodes: Sequence[Node]) -> None:
+        """Ask the provider for the host keys of the nodes not pinned yet (new nodes, or
+        known_hosts was lost), before the first connection to them."""
+        missing = [n for n in nodes if not n.host_key and n.name not in self._vouched
+                   and self.executor.known_hosts.get(n.name) is None
+                   and not (n.role == Role.HEAD and self.spec.head.host)]
+        if missing:
+            self.log(f"reading the host keys the provider vouches for of {len(missing)} node(s)")
+            self._vouched.update(self.provider.vouched_host_keys(missing, timeout=self.spec.ssh.ready_timeout))
 
     def select(self, nodes: Sequence[Node], selector: str) -> list[Node]:
         """`all`, `head`, `workers`, or a comma-separated list of node names."""
@@ -222,9 +248,12 @@ class Fleet:
             f"FLEET_FLEET={_q(self.spec.name)}",
             f"FLEET_SHARED={_home_path(self.shared_path_for(node))}",
         ]
+        # umask 002: the head user and the share account share the shared dir by group.
+        if self.runtime.enabled:
+            words.extend(env_assignments())
         for key, value in (extra or {}).items():
             words.append(f"{key}={_q(value)}")
-        return "export " + " ".join(words) + "; "
+        return "umask 002; export " + " ".join(words) + "; "
 
     # -- exec ----------------------------------------------------------------------------
     def exec(self, nodes: Sequence[Node], command: str, *, timeout: float | None = None,
@@ -347,9 +376,11 @@ class Fleet:
         """SSH ready -> setup -> head export -> worker mounts, each node as far as it gets."""
         if not nodes:
             return []
+        self.fetch_vouched_host_keys(nodes)
         self.log(f"waiting for SSH on {len(nodes)} node(s)")
         ready_results = self.executor.wait_ready([self.target(n) for n in nodes], timeout=self.spec.ssh.ready_timeout)
         ready = self._keep_ok(nodes, ready_results, result, "ssh_ready", "SSH answers")
+        ready = self.runtime.ensure(ready, result)
         needs_setup = [n for n in ready if not self._flag(n.name, "setup_done")]
         if needs_setup and self.spec.setup:
             self.log(f"running setup on {len(needs_setup)} node(s)")
@@ -368,11 +399,16 @@ class Fleet:
         if head is None:
             for node in workers:
                 result.failures.setdefault(node.name, "no head node is up: the shared directory cannot be mounted")
-            return ready
+            self.runtime.finish(None, result)
+            return [n for n in ready if n.name not in result.failures]
         if not self.export_shared(head, result):
             return [n for n in ready if n.role != Role.WORKER]
         mounted = self.mount_shared(head, workers, result) if workers else []
-        return [n for n in ready if n.role == Role.HEAD] + mounted
+        # The wheelhouse lives on the shared directory: workers install from it once mounted.
+        before = set(result.failures)
+        self.runtime.finish(head, result)
+        failed = set(result.failures) - before
+        return [n for n in [*[n for n in ready if n.role == Role.HEAD], *mounted] if n.name not in failed]
 
     def _flag(self, name: str, flag: str) -> bool:
         record = self.state.node(name)
@@ -399,10 +435,35 @@ class Fleet:
         return generate_ed25519_keypair(self.paths.mount_key, f"fleet-{self.spec.name}-mount")
 
     def export_shared(self, head: Node, result: UpResult) -> bool:
-        """Create the shared directory on the head and let the workers' mount key in."""
-        line = f"restrict {self.mount_public_key()}"
-        script = (
-            f"set -e; mkdir -p {_home_path(self.spec.shared.path)}; umask 077; mkdir -p \"$HOME/.ssh\"; "
+        """Create the shared directory on the head and let the workers' mount key in:
+        confined to a share account (see fleet.share) where the head can be root and fleet
+        created it; else on the head user's account with forced SFTP."""
+        shared = _home_path(self.spec.shared.path)
+        keys = '"$HOME/.ssh/authorized_keys"'
+        # Earlier versions authorised the mount key with `restrict` alone: drop that line.
+        legacy = _q(f"restrict {self.mount_public_key()}")
+        drop_legacy = (f"if [ -f {keys} ] && grep -qxF {legacy} {keys}; then (umask 077 && grep -vxF {legacy} {keys} "
+                       f"> {keys}.fleet-tmp) ; mv {keys}.fleet-tmp {keys}; fi; ")
+        if not self.spec.head.host:
+            confine = drop_legacy + as_root(confine_script(shared_path=shared, head_user_word='"$(id -un)"',
+                                                           mount_public_key=self.mount_public_key()))
+            outcome = self.executor.run([self.target(head)], confine).results[head.name]
+            if not outcome.ok:
+                result.failures[head.name] = f"could not confine the share account: {outcome.describe()}"
+                return False
+            found = parse_share(outcome.stdout)
+            if found is not None:
+                if self.share is None or self.share.user != found[0]:
+                    # The head user joined the share group: its next login must see it.
+                    self.executor.drop(head.name)
+                self.share = ShareEndpoint(user=found[0], path=found[1], confined=True)
+                return True
+            reason = outcome.stdout.strip().removeprefix("UNCONFINED ") or "no root on the head"
+            self.log(f"warning: {head.name}: the mount key is not confined to a share account ({reason}); "
+                     "it gets forced SFTP on the head user's account")
+        line = self.mount_key_line()
+        script = drop_legacy + (
+            f"set -e; mkdir -p {shared}; umask 077; mkdir -p \"$HOME/.ssh\"; "
             f"touch \"$HOME/.ssh/authorized_keys\"; "
             f"grep -qxF {_q(line)} \"$HOME/.ssh/authorized_keys\" || echo {_q(line)} >> \"$HOME/.ssh/authorized_keys\""
         )
@@ -410,14 +471,26 @@ class Fleet:
         if not outcome.ok:
             result.failures[head.name] = f"could not export the shared directory: {outcome.describe()}"
             return False
+        self.share = self._unconfined_share(head)
         return True
+
+    def _unconfined_share(self, head: Node) -> ShareEndpoint:
+        # The key's forced `internal-sftp -d <shared>` starts there: paths are relative to it.
+        return ShareEndpoint(user=self.target(head).user, path=".", confined=False)
+
+    def mount_key_line(self) -> str:
+        """The mount key's line in the head user's authorized_keys (unconfined heads)."""
+        shared = self.spec.shared.path
+        if not shared.startswith("/"):
+            shared = "%d/" + shared.removeprefix("~/")  # %d: sshd's token for the home directory
+        return fallback_key_line(self.mount_public_key(), shared)
 
     def mount_command(self, head: Node, head_key: str | None = None) -> str:
         """The shell command that mounts the head's shared directory on a worker. With
         `head_key`, it first pins the head's (public) host key in the worker's
         known_hosts, which saves an upload per worker."""
         shared = self.spec.shared
-        head_user = self.target(head).user
+        share = self.share or self._unconfined_share(head)
         address = head.internal_address or head.address
         options = [
             'IdentityFile="$HOME/.fleet/mount_key"',
@@ -435,7 +508,7 @@ class Fleet:
             options.append(f"KexAlgorithms={SSHFS_KEX}")
         if shared.max_conns > 1:
             options.append(f"max_conns={shared.max_conns}")
-        remote = _q(f"{head_user}@{address}:{shared.path}")
+        remote = _q(f"{share.user}@{address}:{share.path}")
         mount = _home_path(shared.mount)
         pin = ""
         if head_key is not None:
@@ -460,7 +533,12 @@ class Fleet:
             return []
         targets = [self.target(n) for n in workers]
         private = self.paths.mount_key.read_bytes()
-        puts = [self.executor.put(targets, private, ".fleet/mount_key", mode=0o600)]
+        share = self.share or self._unconfined_share(head)
+        described = share.describe(host=head.internal_address or head.address or "", port=head.port,
+                                   identity_file="~/.fleet/mount_key", known_hosts="~/.fleet/known_hosts",
+                                   alias=head.name)
+        puts = [self.executor.put(targets, private, ".fleet/mount_key", mode=0o600, dir_mode=0o700),
+                self.executor.put(targets, described.encode(), SHARE_FILE, mode=0o600, dir_mode=0o700)]
         ok_workers = []
         for node in workers:
             failed = [p.results[node.name] for p in puts if not p.results[node.name].ok]
@@ -499,10 +577,16 @@ class Fleet:
         head = self.existing_head()
         if head is not None:
             try:
-                self.executor.run([self.target(head)], self.existing_head_cleanup(), timeout=60)
-                report.deleted.append(f"the fleet's mount key and processes on existing head {head.address}")
+                outcome = self.executor.run([self.target(head)], self.existing_head_cleanup(), timeout=90)[head.name]
             except FleetError as error:
                 report.errors.append(f"existing head {head.address}: {error}")
+            else:
+                if outcome.ok:
+                    stopped = outcome.stdout.count("STOPPED ")
+                    report.deleted.append(f"the fleet's mount key and {stopped} job process group(s) on "
+                                          f"existing head {head.address}")
+                else:
+                    report.errors.append(f"existing head {head.address}: cleanup failed: {outcome.describe()}")
         if self._executor is not None:
             self._executor.close()
             self._executor = None
@@ -518,14 +602,31 @@ class Fleet:
         return report
 
     def existing_head_cleanup(self) -> str:
+        """Shell for an existing head (a machine fleet does not own): remove the mount
+        key, and stop the job process groups the head's launchers recorded, each checked
+        to be led by that job's launcher (never a pattern over command lines). Prints
+        `STOPPED <pg>` per group; exits non-zero if one is still alive."""
+        from fleet.jobs import NODE_JOBS, valid_group_check
+
         mount_pub = Path(f"{self.paths.mount_key}.pub")
-        script = "true"
+        script = "set -u; "
         if mount_pub.exists():
-            line = f"restrict {mount_pub.read_text().strip()}"
-            script = (f"if [ -f \"$HOME/.ssh/authorized_keys\" ]; then grep -vxF {_q(line)} \"$HOME/.ssh/authorized_keys\" "
-                      f"> \"$HOME/.ssh/authorized_keys.fleet-tmp\"; mv \"$HOME/.ssh/authorized_keys.fleet-tmp\" "
-                      f"\"$HOME/.ssh/authorized_keys\"; fi")
-        return script + f"; pkill -f -- {_q('FLEET_FLEET=' + self.spec.name)} || true"
+            line = self.mount_key_line()
+            keys = '"$HOME/.ssh/authorized_keys"'
+            script += (f"if [ -f {keys} ]; then (umask 077 && grep -vxF {_q(line)} {keys} > {keys}.fleet-tmp); "
+                       f"[ $? -le 1 ] || exit 1; mv {keys}.fleet-tmp {keys} || exit 1; fi; ")
+        pid_name = _q(f"{head_name(self.spec.name)}.pid")
+        script += (
+            f"left=0; for f in {_home_path(self.spec.shared.path)}/jobs/*/pids/{pid_name}; do "
+            '[ -f "$f" ] || continue; j=${f%/pids/*}; j=${j##*/}; '
+            + valid_group_check('"$f"', f'"$HOME"/{NODE_JOBS}/"$j"/launch.sh') +
+            '[ -n "$pg" ] || continue; kill -TERM -- -"$pg" 2>/dev/null; i=0; '
+            'while kill -0 -- -"$pg" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done; '
+            'kill -KILL -- -"$pg" 2>/dev/null; sleep 0.1; '
+            'if kill -0 -- -"$pg" 2>/dev/null; then echo "ALIVE $pg"; left=1; else echo "STOPPED $pg"; fi; '
+            'done; exit $left'
+        )
+        return script
 
 
 def remove_state_dir(paths: FleetPaths) -> None:

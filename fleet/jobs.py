@@ -3,14 +3,21 @@
 A job lives in `<shared>/jobs/<name>/` on the head (layout in `fleet.worker.layout`);
 this module adds what the control side needs there:
 
-    job.yaml               the validated spec (interpolated), as submitted
-    launch.sh              the per-node launcher (below), written once
+    job.yaml               the validated spec (interpolated), as submitted, without `env:`
     .prepared              `prepare` ran (once, on the head)
     pids/<node>.pid        the launcher's pid = its process group (setsid)
     status/<node>.exit     the launcher's exit code, written when it ends
     logs/<node>.log        everything the node's processes printed
     bulk/packer.log        the head's packer (bulk I/O, `fleet.worker.packer`)
     cancelled              `fleet cancel` was asked: nothing restarts
+
+Nothing on the shared directory is ever executed or imported by a node: any worker can
+write there. Each node keeps what it runs in `~/.fleet/jobs/<name>/` (0700, written by
+the control plane over SFTP): `launch.sh` (0700) and `env.sh` (0600, the job's `env:`,
+sourced by the commands; the values never appear on a command line, in job.yaml, or in a
+message); every Python the fleet runs there is started with `-P` (no current directory
+on sys.path), and pid files read back from the shared directory are checked to name this
+job's launcher before anything is signalled.
 
 Processes are started with `setsid nohup` so that they survive the SSH session that
 started them. The launcher runs the sampler beside the work, and on clouds the
@@ -21,8 +28,8 @@ process group: the worker then finishes or releases the chunk in hand.
 from __future__ import annotations
 
 import json
+import posixpath
 import shlex
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,11 +38,17 @@ import yaml
 from fleet.errors import JobError, UsageError
 from fleet.fleetops import Fleet, _home_path
 from fleet.model import Node
+from fleet.runtime import runtime_check
 from fleet.spec.job import JobSpec
 from fleet.ssh import GroupResult
+from fleet.worker.yamlbound import safe_load_bounded
+
+# What the launcher runs for a `serve:` job (as a `run:` command: restarts, stop on signal).
+SERVE_COMMAND = 'exec "$FLEET_PYTHON" -P -m fleet.worker.serve "$(pwd)" --node "$FLEET_NODE_NAME"'
 
 _LAUNCHER = r"""#!/bin/sh
-# fleet job launcher: started by `fleet run` on every selected node (setsid, nohup).
+# fleet job launcher: started by `fleet run` on every selected node (setsid, nohup),
+# from ~/.fleet/jobs/<job>/launch.sh (never from the shared directory), in the job dir.
 # Environment from the caller: FLEET_NODE_NAME FLEET_NODE_RANK FLEET_NUM_NODES FLEET_SHARED
 # FLEET_JOB FLEET_PYTHON FLEET_PROCESSES FLEET_RETRIES FLEET_NOTICE [FLEET_RUN] + the job's env.
 JOB_DIR=$(pwd)
@@ -43,10 +56,16 @@ NODE="$FLEET_NODE_NAME"
 mkdir -p pids status logs metrics
 echo $$ > "pids/.$NODE.pid.tmp" && mv "pids/.$NODE.pid.tmp" "pids/$NODE.pid"
 rm -f "status/$NODE.exit"
-"$FLEET_PYTHON" -m fleet.worker.sampler --out "metrics/$NODE.jsonl" --node "$NODE" --pid $$ >/dev/null 2>&1 &
+# The node runtime (fleet's virtualenv, installed by `fleet up`) must be there, and be this control plane's.
+if [ -n "$FLEET_RUNTIME" ]; then
+  rc=0
+  ( @RUNTIME_CHECK@ ) || rc=$?
+  if [ "$rc" != 0 ]; then echo "$rc" > "status/.$NODE.exit.tmp" && mv "status/.$NODE.exit.tmp" "status/$NODE.exit"; exit "$rc"; fi
+fi
+"$FLEET_PYTHON" -P -m fleet.worker.sampler --out "metrics/$NODE.jsonl" --node "$NODE" --pid $$ >/dev/null 2>&1 &
 watcher=""
 if [ -n "$FLEET_NOTICE" ] && [ "$FLEET_NOTICE" != local ]; then
-  "$FLEET_PYTHON" -m fleet.worker.notice --provider "$FLEET_NOTICE" --pgid $$ &
+  "$FLEET_PYTHON" -P -m fleet.worker.notice --provider "$FLEET_NOTICE" --pgid $$ &
   watcher=$!
 fi
 child=""
@@ -58,7 +77,7 @@ while :; do
   if [ -n "$FLEET_RUN" ]; then
     sh -c "$FLEET_RUN" &
   else
-    "$FLEET_PYTHON" -m fleet.worker "$JOB_DIR" --node "$NODE" --processes "$FLEET_PROCESSES" &
+    "$FLEET_PYTHON" -P -m fleet.worker "$JOB_DIR" --node "$NODE" --processes "$FLEET_PROCESSES" &
   fi
   child=$!
   rc=0
@@ -77,7 +96,7 @@ done
 [ -n "$watcher" ] && kill -TERM "$watcher" 2>/dev/null
 echo "$rc" > "status/.$NODE.exit.tmp" && mv "status/.$NODE.exit.tmp" "status/$NODE.exit"
 exit "$rc"
-"""
+""".replace("@RUNTIME_CHECK@", runtime_check())
 
 
 @dataclass(frozen=True)
@@ -101,13 +120,80 @@ def q(value: str) -> str:
     return shlex.quote(value)
 
 
+REDACTED = "***"
+NODE_JOBS = ".fleet/jobs"  # under the node's home: what each node keeps of its jobs (0700)
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """`text` with every secret value replaced by ***."""
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def valid_group_check(pid_file: str, launcher: str) -> str:
+    """Shell: set `pg` from `pid_file` only if it names a live process group led by this
+    job's launcher (`sh <launcher>`); else leave `pg` empty. A pid file on the shared
+    directory can be rewritten by any worker: `1`, a stranger's pid, or another job's."""
+    return (
+        f'launcher={launcher}; pg=$(head -c 32 {pid_file} 2>/dev/null | tr -d " \\n"); '
+        f'case "$pg" in ""|*[!0-9]*) pg="" ;; esac; '
+        f'if [ -n "$pg" ] && [ "$pg" -gt 1 ] && [ "$(ps -o pgid= -p "$pg" 2>/dev/null | tr -d " ")" = "$pg" ] '
+        f'&& [ "$(tr "\\000" " " < /proc/"$pg"/cmdline 2>/dev/null)" = "sh $launcher " ]; then :; else pg=""; fi; '
+    )
+
+
 class JobRunner:
     """Start, follow, restart and cancel one job on a fleet."""
 
     def __init__(self, fleet: Fleet, job: JobSpec) -> None:
         self.fleet = fleet
         self.job = job
+        # The whole spec (env too) stays in the fleet's state.db (0600); the shared
+        # directory, readable by every worker, gets it without the env.
         self.spec_text = yaml.safe_dump(job.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        self.shared_text = yaml.safe_dump(job.model_dump(mode="json", exclude_none=True, exclude={"env"}),
+                                          sort_keys=False)
+
+    def redact(self, text: str) -> str:
+        """`text` with the values of the job's env replaced by ***."""
+        return redact(text, list(self.job.env.values()))
+
+    # -- what each node keeps outside the shared directory ----------------------------------
+    @property
+    def node_dir(self) -> str:
+        """Shell word of ~/.fleet/jobs/<job> on a node (0700)."""
+        return f'"$HOME"/{NODE_JOBS}/{q(self.job.name)}'
+
+    @property
+    def launcher(self) -> str:
+        return f"{self.node_dir}/launch.sh"
+
+    @property
+    def env_file(self) -> str:
+        return f"{self.node_dir}/env.sh"
+
+    def env_text(self) -> str:
+        return "".join(f"export {name}={q(value)}\n" for name, value in self.job.env.items())
+
+    def install(self, nodes: Sequence[Node]) -> dict[str, str]:
+        """Write launch.sh (0700) and env.sh (0600) into ~/.fleet/jobs/<job>/ (0700) on
+        each node. Returns node -> why it failed."""
+        if not nodes:
+            return {}
+        targets = [self.fleet.target(n) for n in nodes]
+        base = f"{NODE_JOBS}/{self.job.name}"
+        failures: dict[str, str] = {}
+        for data, name, mode in ((_LAUNCHER.encode(), "launch.sh", 0o700), (self.env_text().encode(), "env.sh", 0o600)):
+            results = self.fleet.executor.put(targets, data, f"{base}/{name}", mode=mode, dir_mode=0o700)
+            for node_name, result in results.results.items():
+                if not result.ok:
+                    failures.setdefault(node_name, self.redact(result.describe()))
+        return failures
+
+    def _sourced(self, command: str) -> str:
+        """`command` after the job's env file is sourced (its values never on a command line)."""
+        return f". {self.env_file} || exit 1\n{command}"
 
     # -- paths as the nodes see them -------------------------------------------------------
     @property
@@ -119,10 +205,16 @@ class JobRunner:
         base = self.fleet.shared_path_for(node).rstrip("/")
         return _home_path(f"{base}/{self.rel_dir}")
 
-    def python_for(self) -> str:
+    def python_word(self) -> str:
+        """The interpreter of the job's processes as a shell word: the job's `python:`,
+        else the node runtime's (FLEET_PYTHON), else python3 (runtime.install: false)."""
         if self.job.python:
-            return self.job.python
-        return sys.executable if self.fleet.spec.provider == "local" else "python3"
+            return q(self.job.python)
+        return '"$FLEET_PYTHON"' if self.fleet.runtime.enabled else "python3"
+
+    def runtime_check(self) -> str:
+        """Shell that stops with an error naming the runtime when a node lacks it."""
+        return runtime_check() + "; " if self.fleet.runtime.enabled and not self.job.python else ""
 
     def notice_kind(self) -> str:
         return {"gcp": "gcp", "aws": "aws"}.get(self.fleet.spec.provider, "local")
@@ -152,7 +244,11 @@ class JobRunner:
         check = self._on_head(head, f"cat {job_dir}/job.yaml 2>/dev/null || true")
         existing = check.stdout
         if existing.strip():
-            if yaml.safe_load(existing) != yaml.safe_load(self.spec_text):
+            try:
+                same = safe_load_bounded(existing) == yaml.safe_load(self.shared_text)
+            except (yaml.YAMLError, ValueError):
+                same = False  # unreadable (or an alias bomb planted there): not our job
+            if not same:
                 raise UsageError(
                     f"a different job named {self.job.name!r} already exists on the shared directory",
                     hint="give the job a new name, or remove jobs/<name> on the head to start over",
@@ -160,14 +256,14 @@ class JobRunner:
             state = "same"
         else:
             state = "new"
-        put = self.fleet.executor.put([self.fleet.target(head)], self.spec_text.encode(),
-                                      f"{self.fleet.spec.shared.path.rstrip('/')}/{self.rel_dir}/job.yaml")
-        launcher = self.fleet.executor.put([self.fleet.target(head)], _LAUNCHER.encode(),
-                                           f"{self.fleet.spec.shared.path.rstrip('/')}/{self.rel_dir}/launch.sh",
-                                           mode=0o755)
-        for result in (put, launcher):
-            if not result.ok:
-                raise JobError(f"could not write the job to the head: {result.summary()}")
+        put = self.fleet.executor.put([self.fleet.target(head)], self.shared_text.encode(),
+                                      f"{self.fleet.spec.shared.path.rstrip('/')}/{self.rel_dir}/job.yaml",
+                                      dir_mode=0o2775)  # workers (the share account) write in it
+        if not put.ok:
+            raise JobError(f"could not write the job to the head: {put.summary()}")
+        failed = self.install([head])
+        if failed:
+            raise JobError(f"could not write the job's launcher to the head: {failed[head.name]}")
         self._on_head(head, f"rm -f {job_dir}/cancelled")
         self.fleet.state.upsert_job(self.job.name, status="submitted", spec=self.spec_text)
         return state
@@ -176,16 +272,17 @@ class JobRunner:
         head = self.head(nodes)
         job_dir = self.job_dir_for(head)
         if self.job.prepare:
-            script = (f"if [ -f {job_dir}/.prepared ]; then exit 0; fi; set -e; "
+            script = (f"if [ -f {job_dir}/.prepared ]; then exit 0; fi; {self.runtime_check()}set -e; "
                       + "\n".join(self.job.prepare) + f"\ntouch {job_dir}/.prepared")
-            result = self._on_head(head, script, env=self._job_env())
+            result = self._on_head(head, self._sourced(script), env=self._job_env())
             if not result.ok:
-                raise JobError(f"prepare failed on the head: {result.describe()}")
+                raise JobError(f"prepare failed on the head: {self.redact(result.describe())}")
             self.fleet.state.add_event("prepared", head.name, f"job {self.job.name}")
         if self.job.worker is not None:
-            init = self._on_head(head, f"cd {job_dir} && {q(self.python_for())} -m fleet.worker . --init")
+            init = self._on_head(head, self._sourced(
+                f"{self.runtime_check()}cd {job_dir} && {self.python_word()} -P -m fleet.worker . --init"))
             if not init.ok:
-                raise JobError(f"the worker could not freeze the job's inputs: {init.describe()}")
+                raise JobError(f"the worker could not freeze the job's inputs: {self.redact(init.describe())}")
             self.start_packer(head)
 
     def start_packer(self, head: Node) -> None:
@@ -196,18 +293,24 @@ class JobRunner:
         if worker is None or worker.mode != "files" or worker.io == "mount":
             return
         job_dir = self.job_dir_for(head)
-        started = self._on_head(
-            head,
-            # Only the packer goes to the background (a backgrounded `a && b` list would keep
-            # this SSH session open until the packer exits).
-            f"cd {job_dir} || exit 1; mkdir -p bulk; setsid nohup {q(self.python_for())} -P -m fleet.worker.packer "
-            f"\"$PWD\" >> bulk/packer.log 2>&1 < /dev/null & echo started",
-        )
+        # Only the packer goes to the background (a backgrounded `a && b` list would keep
+        # this SSH session open until the packer exits).
+        started = self._on_head(head, self._sourced(
+            f"{self.runtime_check()}cd {job_dir} || exit 1; mkdir -p bulk; setsid nohup {self.python_word()} -P "
+            f"-m fleet.worker.packer \"$PWD\" >> bulk/packer.log 2>&1 < /dev/null & echo started"))
         if not started.ok:  # the workers read and write through the mount instead
-            self.fleet.state.add_event("packer_failed", head.name, started.describe())
+            self.fleet.state.add_event("packer_failed", head.name, self.redact(started.describe()))
 
     def _job_env(self) -> dict[str, str]:
-        return {"FLEET_JOB": self.job.name, "FLEET_PYTHON": self.python_for(), **self.job.env}
+        """FLEET_* variables of the job's commands (the job's own env comes from env.sh)."""
+        env = {"FLEET_JOB": self.job.name}
+        if self.job.python:
+            env["FLEET_PYTHON"] = self.job.python
+        elif self.fleet.runtime.enabled:
+            env["FLEET_RUNTIME"] = self.fleet.runtime.stamp()
+        else:
+            env["FLEET_PYTHON"] = "python3"
+        return env
 
     # -- start / restart ------------------------------------------------------------------
     def start(self, nodes: Sequence[Node], *, all_nodes: Sequence[Node] | None = None) -> GroupResult:
@@ -216,22 +319,26 @@ class JobRunner:
         ranked = self.selected(all_nodes if all_nodes is not None else nodes)
         ranks = {n.name: i for i, n in enumerate(ranked)}
         targets = [n for n in nodes if n.name in ranks]
+        not_installed = self.install(targets)
+        for name, why in not_installed.items():
+            self.fleet.state.add_event("job_setup_failed", name, why)
+        targets = [n for n in targets if n.name not in not_installed]
         if self.job.setup:
             setup = "set -e\n" + "\n".join(self.job.setup)
             marker = f'"$HOME"/.fleet/jobs/{q(self.job.name)}.setup'
             script = f"if [ -f {marker} ]; then exit 0; fi; mkdir -p \"$HOME/.fleet/jobs\"; ( {setup}\n) && touch {marker}"
-            results = self.fleet.exec(targets, script, extra_env=self._job_env())
+            results = self.fleet.exec(targets, self._sourced(script), extra_env=self._job_env())
             bad = [r for r in results.results.values() if not r.ok]
             for r in bad:
-                self.fleet.state.add_event("job_setup_failed", r.node, r.describe())
+                self.fleet.state.add_event("job_setup_failed", r.node, self.redact(r.describe()))
             targets = [n for n in targets if results.results[n.name].ok]
         processes = self.job.processes_per_node
         env = {
             **self._job_env(),
             "FLEET_PROCESSES": str(processes),
-            "FLEET_RETRIES": str(self.job.retries if self.job.run else 0),
+            "FLEET_RETRIES": str(self.job.retries if self.job.run or self.job.serve else 0),
             "FLEET_NOTICE": self.notice_kind(),
-            "FLEET_RUN": self.job.run or "",
+            "FLEET_RUN": self.job.run or (SERVE_COMMAND if self.job.serve else ""),
         }
         results = self._start_on(targets, env, ranks, len(ranked))
         for name, result in results.results.items():
@@ -248,12 +355,13 @@ class JobRunner:
             node = by_name[target.name]
             job_dir = self.job_dir_for(node)
             prefix = self.fleet.node_env_prefix(node, ranks[node.name], count, env)
-            return (
-                prefix + f"cd {job_dir} || exit 1; "
+            return prefix + self._sourced(
+                self.runtime_check() + f"cd {job_dir} || exit 1; "
                 f"if [ -f cancelled ]; then echo cancelled; exit 0; fi; "
                 f"if [ -f status/{q(node.name)}.exit ] && [ \"$(cat status/{q(node.name)}.exit)\" = 0 ]; then echo finished; exit 0; fi; "
-                f"if [ -f pids/{q(node.name)}.pid ] && kill -0 \"$(cat pids/{q(node.name)}.pid)\" 2>/dev/null; then echo running; exit 0; fi; "
-                f"mkdir -p logs; setsid nohup sh ./launch.sh >> logs/{q(node.name)}.log 2>&1 < /dev/null & "
+                + valid_group_check(f"pids/{q(node.name)}.pid", self.launcher) +
+                f"if [ -n \"$pg\" ]; then echo running; exit 0; fi; "
+                f"mkdir -p logs; setsid nohup sh {self.launcher} >> logs/{q(node.name)}.log 2>&1 < /dev/null & "
                 f"echo started"
             )
 
@@ -270,10 +378,10 @@ class JobRunner:
             f"if [ -f cancelled ]; then echo CANCELLED; fi; true"
         )
         if self.job.worker is not None:
-            status_script += f"; echo STATUS; {q(self.python_for())} -m fleet.worker . --status"
+            status_script += f"; echo STATUS; {self.runtime_check()}{self.python_word()} -P -m fleet.worker . --status"
         result = self._on_head(head, status_script, timeout=60)
         if not result.ok:
-            raise JobError(f"cannot read the job's progress on the head: {result.describe()}")
+            raise JobError(f"cannot read the job's progress on the head: {self.redact(result.describe())}")
         exits: dict[str, int] = {}
         started: set[str] = set()
         status: dict[str, int] = {}
@@ -313,12 +421,25 @@ class JobRunner:
             return 0
         head = self.head(nodes)
         shared = self.fleet.shared_path_for(head).rstrip("/")
-        outputs = self.job.worker.outputs
-        outputs_dir = outputs if outputs.startswith(("/", "~")) else f"{shared}/{outputs}"
+        outputs_dir = sweep_root(shared, self.job.worker.outputs)
+        if outputs_dir is None:
+            self.fleet.state.add_event("sweep_refused", head.name, f"job {self.job.name}: outputs "
+                                       f"{self.job.worker.outputs!r} is not a directory of its own")
+            return 0
+        # Resolved on the head: the job dir must lie in the shared directory, and so must
+        # relative outputs (a worker could have put a symlink there); outputs are never
+        # `/`, the home, or a directory holding the job dir. find never follows links
+        # (-P) nor leaves the file system (-xdev).
+        inside = "" if self.job.worker.outputs.startswith(("/", "~")) else 'case "$o" in "$s"/*) ;; *) o="" ;; esac; '
         script = (
             f"cutoff=$(( $(date +%s) - {age} )); "
-            f"find {_home_path(outputs_dir)} {self.job_dir_for(head)} -name '.*.tmp' -type f "
-            f"! -newermt \"@$cutoff\" -print -delete 2>/dev/null | wc -l"
+            f"s=$(cd {_home_path(shared)} && pwd -P) && j=$(cd {self.job_dir_for(head)} && pwd -P) || {{ echo 0; exit 0; }}; "
+            f'case "$j" in "$s"/*) ;; *) echo 0; exit 0 ;; esac; set -- "$j"; h=$(cd && pwd -P); '
+            f"o=$(cd {_home_path(outputs_dir)} 2>/dev/null && pwd -P) || o=''; " + inside +
+            'case "$o/" in /|//|"$h"/) o="" ;; esac; case "$j/" in "$o"/*) o="" ;; esac; '
+            '[ -n "$o" ] && set -- "$@" "$o"; '
+            "find -P \"$@\" -xdev -name '.*.tmp' -type f "
+            "! -newermt \"@$cutoff\" -print -delete 2>/dev/null | wc -l"
         )
         result = self._on_head(head, script, timeout=300)
         count = int(result.stdout.strip() or 0) if result.ok and result.stdout.strip().isdigit() else 0
@@ -337,10 +458,11 @@ class JobRunner:
             node = next(n for n in alive if n.name == target.name)
             pid_file = f"{self.job_dir_for(node)}/pids/{q(node.name)}.pid"
             return (
-                f"[ -f {pid_file} ] || exit 0; pg=$(cat {pid_file}); "
-                f"kill -TERM -- -\"$pg\" 2>/dev/null || exit 0; "
-                f"for i in $(seq 1 100); do kill -0 -- -\"$pg\" 2>/dev/null || exit 0; sleep 0.1; done; "
-                f"kill -KILL -- -\"$pg\" 2>/dev/null; exit 0"
+                f"[ -f {pid_file} ] || exit 0; " + valid_group_check(pid_file, self.launcher) +
+                "[ -n \"$pg\" ] || exit 0; "
+                "kill -TERM -- -\"$pg\" 2>/dev/null || exit 0; "
+                "for i in $(seq 1 100); do kill -0 -- -\"$pg\" 2>/dev/null || exit 0; sleep 0.1; done; "
+                "kill -KILL -- -\"$pg\" 2>/dev/null; exit 0"
             )
 
         results = self.fleet.executor.run([self.fleet.target(n) for n in alive], command, timeout=60)
@@ -370,6 +492,24 @@ class JobRunner:
         if follow:
             return f"cd {logs} && tail -n +1 -F {name}"
         return f"cd {logs} && for f in {name}; do [ -f \"$f\" ] && sed \"s/^/$(basename \"$f\" .log) | /\" \"$f\"; done; true"
+
+
+def sweep_root(shared: str, outputs: str) -> str | None:
+    """The path (as the head sees it) of the outputs the temporary-file sweep may walk,
+    or None when it is plainly not a directory of the job's own: `/`, the home, the
+    shared root, a parent of it, or the directory that holds the job directories."""
+    if outputs.startswith("~"):
+        path = posixpath.normpath(outputs[1:].lstrip("/") or ".")
+    elif outputs.startswith("/"):
+        path = posixpath.normpath(outputs)
+    else:
+        path = posixpath.normpath(f"{shared.rstrip('/')}/{outputs}")
+    if path in ("/", ".") or path.split("/")[0] == "..":
+        return None
+    for holder in (shared.rstrip("/") or "/", posixpath.normpath(f"{shared.rstrip('/')}/jobs")):
+        if holder == path or holder.startswith(path.rstrip("/") + "/"):
+            return None
+    return path
 
 
 def job_from_state(fleet: Fleet, name: str) -> JobSpec:

@@ -18,15 +18,33 @@ that tests of the decisions do not wait for real.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fleet.fleetops import Fleet, UpResult
 from fleet.model import Node, NodeState, Role
+from fleet.state import make_private_dir
 
 OnReplaced = Callable[[list[Node], list[Node]], None]  # (new nodes, every alive node)
+MONITOR_LOCK = "monitor.lock"
+
+
+@contextlib.contextmanager
+def monitor_lock(state_dir: Path) -> Iterator[None]:
+    """The fleet's one monitor lock (`.fleet/<name>/monitor.lock`, flock), held for a pass."""
+    make_private_dir(state_dir)
+    fd = os.open(state_dir / MONITOR_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @dataclass
@@ -64,6 +82,13 @@ class Monitor:
 
     # -- one pass -------------------------------------------------------------------------
     def reconcile_once(self) -> PassReport:
+        """One pass, holding the fleet's monitor lock: two monitors (`fleet run` and
+        `fleet watch`) never decide at once, so a lost slot gets one next generation
+        (the second monitor's pass observes what the first one created)."""
+        with monitor_lock(self.fleet.paths.state_dir):
+            return self._reconcile_pass()
+
+    def _reconcile_pass(self) -> PassReport:
         report = PassReport()
         state = self.fleet.state
         observed = self.fleet.observe()

@@ -9,7 +9,9 @@ file never leaks a node. Connections are per thread (sqlite3 objects are not sha
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -96,6 +98,15 @@ class JobRecord:
     summary: dict[str, object]
 
 
+def make_private_dir(path: Path) -> None:
+    """Create `.fleet/<name>/` (and `.fleet/`) readable by this user only (0700)."""
+    path = Path(path)
+    for directory in (path.parent, path) if path.parent.name == ".fleet" else (path,):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if stat.S_IMODE(directory.stat().st_mode) != 0o700:
+            os.chmod(directory, 0o700)
+
+
 class State:
     """The SQLite record of one fleet."""
 
@@ -104,7 +115,11 @@ class State:
         self.clock = clock
         self._local = threading.local()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.path.parent)
+            # It holds job specs (and their env): 0600 before SQLite writes a byte; its
+            # -wal and -shm files take the database's permissions.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(self.path, 0o600)
             self._db().executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as error:
             raise StateError(f"cannot open the fleet state at {self.path}: {error}") from None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -51,6 +52,7 @@ from fleet.providers.netaddr import AddressDetector, canonical_ranges, resolve_s
 from fleet.providers.prices import estimate
 from fleet.providers.retry import Sleep, with_backoff
 from fleet.providers.startup import render_startup_script
+from fleet.providers.vouched import console_host_keys, poll_host_keys
 
 DELETED_TAG = "fleet-deleted"
 SPOT_TERMINATION = "Server.SpotInstanceTermination"
@@ -380,7 +382,9 @@ class AwsProvider(Provider):
             if where in exhausted:
                 continue
             try:
-                reply = self._call("run_instances", **base, **placement)
+                # One token per attempt: a retried request (throttled, or its reply lost)
+                # returns the instance the first one made instead of a second one.
+                reply = self._call("run_instances", **base, **placement, ClientToken=uuid.uuid4().hex)
             except CapacityError as exc:
                 exhausted.add(where)
                 last = exc
@@ -394,6 +398,18 @@ class AwsProvider(Provider):
             + (f": {last.message}" if last else ""),
             hint="add zones or subnets, raise workers.aws.max_price, or choose another instance type",
         )
+
+    def vouched_host_keys(self, nodes: Sequence[Node], *, timeout: float) -> dict[str, str]:
+        """Each node's host key from the block cloud-init prints on its serial console
+        (GetConsoleOutput; see fleet.providers.vouched)."""
+
+        def fetch(node: Node) -> list[str]:
+            if not node.provider_id:
+                return []
+            reply = self._call("get_console_output", InstanceId=node.provider_id, Latest=True)
+            return console_host_keys(str(reply.get("Output") or ""))
+
+        return poll_host_keys(nodes, fetch, timeout=timeout)
 
     # -- list --------------------------------------------------------------------------
     def to_node(self, instance: dict[str, Any]) -> Node | None:

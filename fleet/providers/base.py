@@ -110,6 +110,13 @@ class Provider(ABC):
     def preempt(self, name: str, *, notice_s: float = 0.0) -> None:
         """Simulate a preemption of one node the way the cloud does it."""
 
+    def vouched_host_keys(self, nodes: Sequence[Node], *, timeout: float) -> dict[str, str]:
+        """The public host key ("ssh-ed25519 AAAA...") of each node, as the provider vouches
+        for it through a channel an on-path attacker cannot answer (the local provider
+        generated it; clouds publish what the node reported through their API). Waits up
+        to `timeout` for nodes still booting; a node without one is left out."""
+        return {n.name: n.host_key for n in nodes if n.host_key}
+
     def destroy_all(self) -> CleanupReport:
         """Delete everything this fleet owns, found through the provider only (instances
         in any state, disks, firewall rules, key pairs...). Idempotent."""

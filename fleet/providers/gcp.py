@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -54,6 +55,7 @@ from fleet.providers.netaddr import AddressDetector, canonical_ranges, resolve_s
 from fleet.providers.prices import estimate
 from fleet.providers.retry import Sleep, with_backoff
 from fleet.providers.startup import render_startup_script
+from fleet.providers.vouched import poll_host_keys
 from fleet.spec.models import GcpNodeOptions
 
 _SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
@@ -319,6 +321,8 @@ class GcpProvider(Provider):
                         key="ssh-keys", value=f"{self.context.ssh_user}:{self.context.public_key.strip()}"
                     ),
                     compute_v1.Items(key="startup-script", value=script),
+                    # The guest agent publishes the host keys there: how fleet learns them.
+                    compute_v1.Items(key="enable-guest-attributes", value="TRUE"),
                 ]
             ),
         )
@@ -361,9 +365,11 @@ class GcpProvider(Provider):
             if zone in exhausted:
                 continue
             body = self.instance_body(request, zone)
+            request_id = str(uuid.uuid4())
             try:
                 operation = self._call(
-                    lambda: client.insert_unary(project=self.gcp.project, zone=zone, instance_resource=body)  # noqa: B023
+                    # A request id per attempt: a retried insert is the same insert.
+                    lambda: client.insert_unary(request=insert_request(self.gcp.project, zone, body, request_id))  # noqa: B023
                 )
                 self._wait_zone_op(zone, operation)
             except CapacityError as exc:
@@ -473,6 +479,24 @@ class GcpProvider(Provider):
                 self._zone_of[node.name] = node.zone
         return nodes
 
+    def vouched_host_keys(self, nodes: Sequence[Node], *, timeout: float) -> dict[str, str]:
+        """Each node's host key from its guest attributes `hostkeys/` (see fleet.providers.vouched)."""
+        client = self._client("instances")
+        zones = self._zones_for([n.name for n in nodes])
+
+        def fetch(node: Node) -> list[str]:
+            zone = node.zone or zones.get(node.name)
+            if zone is None:
+                return []
+            # Not published yet is a 404: poll_host_keys asks again.
+            attributes = self._call(lambda: client.get_guest_attributes(request=guest_attributes_request(
+                self.gcp.project, zone, node.name, "hostkeys/")))
+            items = attributes.query_value.items if attributes.query_value else []
+            return [item.value if " " in item.value else f"{item.key} {item.value}"
+                    for item in items if item.namespace == "hostkeys"]
+
+        return poll_host_keys(nodes, fetch, timeout=timeout)
+
     # -- delete / preempt / destroy ----------------------------------------------------
     def _zones_for(self, names: Sequence[str]) -> dict[str, str]:
         if any(name not in self._zone_of for name in names):
@@ -575,3 +599,18 @@ class GcpProvider(Provider):
             transport = getattr(client, "transport", None)
             if transport is not None and hasattr(transport, "close"):
                 transport.close()
+
+
+def insert_request(project: str, zone: str, body: Any, request_id: str) -> Any:
+    """An InsertInstanceRequest carrying a request id (the server dedupes on it)."""
+    from google.cloud import compute_v1
+
+    return compute_v1.InsertInstanceRequest(project=project, zone=zone, instance_resource=body, request_id=request_id)
+
+
+def guest_attributes_request(project: str, zone: str, instance: str, query_path: str) -> Any:
+    from google.cloud import compute_v1
+
+    return compute_v1.GetGuestAttributesInstanceRequest(
+        project=project, zone=zone, instance=instance, query_path=query_path
+    )

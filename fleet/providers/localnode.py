@@ -22,6 +22,7 @@ import contextlib
 import getpass
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -38,6 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleet.errors import DependencyError, ProviderError
+from fleet.share import release_orphan_share_accounts, release_share_accounts
 
 SSHD = "/usr/sbin/sshd"
 MARKER = "FLEET_LOCAL_NODE_ID"
@@ -50,6 +52,17 @@ _SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-serv
 _LOGIN_WRAPPER = """#!/bin/sh
 # Forced command of a fleet local node: run in the node's home, like a login would.
 cd "$HOME" || exit 1
+# This ForceCommand hides a key's own command="internal-sftp -d DIR" (the mount key where
+# no share account exists): honour it for the key that logged in (ExposeAuthInfo).
+if [ -n "${SSH_USER_AUTH:-}" ] && [ -r "$SSH_USER_AUTH" ]; then
+  key=$(sed -n 's/^publickey [^ ]* \\([^ ]*\\).*/\\1/p' "$SSH_USER_AUTH" | head -n 1)
+  if [ -n "$key" ]; then
+    dir=$(cat {keys} 2>/dev/null | grep -F " $key" | sed -n 's/^restrict,command="internal-sftp -d \\([^"]*\\)" .*/\\1/p' | head -n 1)
+    if [ -n "$dir" ]; then
+      exec {sftp_server} -d "$(printf %s "$dir" | sed "s|%d|$HOME|")"
+    fi
+  fi
+fi
 if [ -n "$SSH_ORIGINAL_COMMAND" ]; then
   exec "${SHELL:-/bin/sh}" -c "$SSH_ORIGINAL_COMMAND"
 fi
@@ -259,7 +272,8 @@ class LocalNode:
         generate_ed25519_keypair(node.sshd_dir / "host_key", f"{name}-host")
         node.set_authorized_keys(authorized_keys)
         wrapper = node.sshd_dir / "enter"
-        wrapper.write_text(_LOGIN_WRAPPER)
+        keys = " ".join(shlex.quote(str(p)) for p in (node.sshd_dir / "authorized_keys", node.home / ".ssh" / "authorized_keys"))
+        wrapper.write_text(_LOGIN_WRAPPER.replace("{keys}", keys).replace("{sftp_server}", shlex.quote(sftp_server)))
         os.chmod(wrapper, 0o755)
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
@@ -272,6 +286,9 @@ class LocalNode:
             FLEET_MARKER: fleet,
             ROOT_MARKER: str(Path(root).resolve()),
             "FLEET_LOCAL_NODE_NAME": name,
+            # Where this node's own sshd reads its config (the share account's Match block).
+            "FLEET_SSHD_CONFIG": str(node.sshd_dir / "sshd_config"),
+            "FLEET_SSHD_PID": str(node.sshd_dir / "sshd.pid"),
             **(env or {}),
         }
         last_error = ""
@@ -310,13 +327,16 @@ UsePAM no
 PermitRootLogin prohibit-password
 # Our own files (0600, created by us) live outside the user's home, e.g. under /tmp.
 StrictModes no
-AllowTcpForwarding no
+# `fleet.connect` reaches the servers of `fleet serve` on the node's loopback, nothing else.
+AllowTcpForwarding local
+PermitOpen 127.0.0.1:*
 X11Forwarding no
 PrintMotd no
 PrintLastLog no
 # Many workers mount the head at once: do not drop their unauthenticated connections.
 MaxStartups 200:30:400
 MaxSessions 64
+ExposeAuthInfo yes
 ClientAliveInterval 15
 ClientAliveCountMax 3
 SetEnv {setenv}
@@ -414,8 +434,9 @@ ForceCommand {d / 'enter'}
             self._save()
 
     def destroy(self) -> None:
-        """Kill the node and delete its directory."""
+        """Kill the node, remove the share account it served, delete its directory."""
         self.kill(preempted=False)
+        release_share_accounts(self.sshd_dir / "sshd_config")
         # A mount still attached would make rmtree walk into the head's shared files.
         if not fuse_mounts_under(self.dir):
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -503,6 +524,7 @@ def kill_fleet_orphans(root: Path, fleet: str, known_ids: Iterable[str]) -> int:
     for pid in victims:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+    release_orphan_share_accounts(prefix)
     # SIGKILL is asynchronous: wait (briefly) so that the ports are closed on return.
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(_pid_alive(pid) for pid in victims):

@@ -21,7 +21,7 @@ def _pyplot() -> Any:
         import matplotlib
     except ImportError as exc:
         raise DependencyError(
-            "PNG charts need matplotlib", hint="pip install 'fleet[report]' (or matplotlib)"
+            "PNG charts need matplotlib", hint="pip install 'fleet-batch[report]' (or matplotlib)"
         ) from exc
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

@@ -8,10 +8,12 @@
     setup: [pip install -q mypkg]      # on every node (and every replacement)
     worker: {handler: text-embed, inputs: 'corpus/**/*.txt', outputs: embeddings}
     # or:  run: python train.py --rank $${FLEET_NODE_RANK}
+    # or:  serve: {handler: text-embed, batch_size: 64, max_wait_ms: 5}   (`fleet serve`)
     retries: 0                # restarts of a failed `run:` process on its node
 
-Exactly one of `worker:` (the bundled worker, `fleet.worker.config.WorkerConfig`) and
-`run:` (any command) is given. Loading with file:line errors is `fleet.spec.loader`.
+Exactly one of `worker:` (the bundled worker, `fleet.worker.config.WorkerConfig`),
+`run:` (any command) and `serve:` (a model served to callers,
+`fleet.worker.serve_config.ServeConfig`) is given. Loading with file:line errors is `fleet.spec.loader`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fleet.spec.diagnostics import register_pattern_words, show
 from fleet.spec.models import NAME_PATTERN, SpecValueError
 from fleet.worker.config import DEVICE_PATTERN, HANDLER_PATTERN, WorkerConfig
+from fleet.worker.serve_config import ServeConfig
 
 NODE_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -68,6 +71,9 @@ class JobSpec(BaseModel):
         None,
         description="a command started on every selected node, with FLEET_NODE_NAME, FLEET_NODE_RANK, "
         "FLEET_NUM_NODES, FLEET_SHARED and FLEET_JOB set (or give `worker:`)",
+    )
+    serve: ServeConfig | None = Field(
+        None, description="serve a model on the nodes, called item by item with `fleet.connect` (`fleet serve`)"
     )
     retries: int = Field(
         0, ge=0, le=1000, description="how often a failed `run:` process is restarted on its node"
@@ -134,28 +140,29 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _worker_xor_run(self) -> JobSpec:
-        problem = worker_or_run_problem({"worker": self.worker, "run": self.run})
+        problem = worker_or_run_problem({"worker": self.worker, "run": self.run, "serve": self.serve})
         if problem is not None:
             raise problem
         return self
 
 
 def worker_or_run_problem(data: Any) -> SpecValueError | None:
-    """The `worker:` / `run:` rule checked on raw data, so that the loader can report it
-    alongside other errors (an "after" validator only runs when everything else passed)."""
+    """The `worker:` / `run:` / `serve:` rule (exactly one) checked on raw data, so that the
+    loader can report it alongside other errors (an "after" validator only runs when
+    everything else passed)."""
     if not isinstance(data, dict):
         return None
-    has_worker = data.get("worker") is not None
-    has_run = data.get("run") is not None
-    if has_worker and has_run:
+    given = [key for key in ("worker", "run", "serve") if data.get(key) is not None]
+    if len(given) > 1:
         return SpecValueError(
-            "give either `worker:` or `run:`, not both",
-            at=("run",),
-            hint="`worker:` runs the bundled worker; `run:` runs your own command",
+            f"give either `{given[0]}:` or `{given[1]}:`, not both" if len(given) == 2
+            else "give only one of `worker:`, `run:` and `serve:`",
+            at=(given[-1],),
+            hint="`worker:` runs the bundled worker; `run:` runs your own command; `serve:` serves a model",
         )
-    if not has_worker and not has_run:
+    if not given:
         return SpecValueError(
-            "a job needs `worker:` (the bundled worker) or `run:` (a command)",
+            "a job needs `worker:` (the bundled worker), `run:` (a command) or `serve:` (a served model)",
             field=("worker",),
             hint="e.g. `run: python my_job.py`",
         )

@@ -14,12 +14,13 @@ readable errors) lives in `fleet.spec.loader`.
 from __future__ import annotations
 
 import types
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,28}[a-z0-9]$"
+HOST_KEY_PATTERN = r"^(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa) [A-Za-z0-9+/]+={0,3}( [^\n]*)?$"
 DEFAULT_SSHFS_OPTIONS = ["reconnect", "ServerAliveInterval=15", "ServerAliveCountMax=3"]
 
 
@@ -109,6 +110,12 @@ class HeadSpec(Strict):
     host: str | None = Field(None, description="address of an existing machine to use as head")
     user: str | None = Field(None, description="SSH user on the existing head (default ssh.user)")
     port: int = Field(22, ge=1, le=65535, description="SSH port of the existing head")
+    host_key: str | None = Field(
+        None,
+        pattern=HOST_KEY_PATTERN,
+        description="the existing head's public host key ('ssh-ed25519 AAAA...', e.g. from its "
+        "/etc/ssh/ssh_host_ed25519_key.pub); without it the head must be listed in ssh.trust_on_first_use",
+    )
     gcp: GcpNodeOptions = Field(GcpNodeOptions(), description="GCP options for the head")
     aws: AwsNodeOptions = Field(AwsNodeOptions(), description="AWS options for the head")
 
@@ -131,6 +138,12 @@ class SshSpec(Strict):
     command_timeout: float = Field(600.0, gt=0, description="default limit in seconds for one remote command")
     ready_timeout: float = Field(300.0, gt=0, description="how long `up` waits for a new node's SSH")
     parallelism: int = Field(32, ge=1, le=1024, description="bound on concurrent SSH connections")
+    trust_on_first_use: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]] = Field(
+        [],
+        description="node names whose host key may be trusted the first time it is seen, when the "
+        "provider vouches for none (e.g. an existing head); with a warning. Never needed on local, "
+        "gcp (guest attributes) or aws (console output)",
+    )
 
 
 class SharedSpec(Strict):
@@ -187,6 +200,36 @@ class AwsSpec(Strict):
     )
 
 
+class RuntimeSpec(Strict):
+    """fleet's own runtime on every node: a virtualenv `~/.fleet/runtime/<version>/` that
+    `fleet up` makes from fleet's wheel (built on the control plane, uploaded over SSH),
+    layered on what the image already has. Jobs run with its interpreter."""
+
+    install: bool = Field(True, description="install fleet's runtime on every node (false: jobs need `python:`)")
+    python: str | None = Field(
+        None, description="interpreter the runtime's virtualenv is made from (default: the first image's, "
+        "else python3)"
+    )
+    extras: list[str] = Field(
+        default_factory=lambda: ["worker"], description="fleet's extras the nodes need, e.g. [worker]"
+    )
+    packages: list[str] = Field(default_factory=list, description="more requirements for the nodes (pip syntax)")
+    image: list[str] | None = Field(
+        None, description="what the node image provides: virtualenvs/prefixes (with bin/python) or site-packages "
+        "directories layered under the runtime, e.g. [/opt/conda]; their packages are used, never reinstalled "
+        "(default: local: [/opt/fleet-image], clouds: none)"
+    )
+    index_url: str | None = Field(None, description="package index for what the image lacks (pip --index-url)")
+    extra_index_urls: list[str] = Field(default_factory=list, description="more indexes (pip --extra-index-url)")
+    find_links: list[str] = Field(
+        default_factory=list, description="wheel directories or pages (pip --find-links), as the installer sees them"
+    )
+    wheelhouse: bool = Field(
+        False, description="the control plane downloads what the image lacks once, puts it on the head, and the "
+        "nodes install it from there (hash-checked, no index needed on the nodes)"
+    )
+
+
 class FleetSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="labels every resource; lowercase, digits, '-'")
     provider: Literal["local", "gcp", "aws"] = Field(description="where the nodes run")
@@ -195,6 +238,7 @@ class FleetSpec(Strict):
     ssh: SshSpec = Field(SshSpec(), description="how `fleet` reaches the nodes")
     shared: SharedSpec = Field(SharedSpec(), description="the head's directory that every worker mounts")
     setup: list[str] = Field(default_factory=list, description="commands run on every node before mounting")
+    runtime: RuntimeSpec = Field(RuntimeSpec(), description="fleet's own runtime on the nodes (a versioned virtualenv)")
     monitor: MonitorSpec = Field(MonitorSpec(), description="the reconcile loop that replaces lost nodes")
     local: LocalSpec = Field(LocalSpec(), description="options of the local provider")
     gcp: GcpSpec | None = Field(None, description="Google Cloud settings (needed with provider: gcp)")

@@ -56,9 +56,9 @@ def job_json_schema() -> dict[str, Any]:
         JobSpec,
         title="job.yaml",
         description="A batch job run across a fleet: exactly one of `worker:` (the bundled "
-        "worker) or `run:` (any command).",
+        "worker), `run:` (any command) or `serve:` (a model served to callers, `fleet serve`).",
     )
-    schema["oneOf"] = [{"required": ["worker"]}, {"required": ["run"]}]
+    schema["oneOf"] = [{"required": ["worker"]}, {"required": ["run"]}, {"required": ["serve"]}]
     return schema
 
 

@@ -25,6 +25,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from fleet.errors import SpecError
 from fleet.spec.interpolate import interpolate, needs_interpolation
+from fleet.worker.yamlbound import AliasExpansionError, check_expansion
 
 STR_TAG = "tag:yaml.org,2002:str"
 MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -174,6 +175,10 @@ def parse_source(text: str, file: str, env: Mapping[str, str]) -> SourceDocument
         if not isinstance(root, MappingNode):
             found = "a list" if isinstance(root, SequenceNode) else f"{root.value!r}"
             raise document.error_at(root, f"expected a mapping of keys at the top level, got {found}")
+        try:
+            check_expansion(root)
+        except AliasExpansionError as exc:
+            raise SpecError(str(exc), file=file, hint="write the values out, or use fewer aliases") from None
         try:
             _Walker(loader, document, env).prepare(root, ())
             document.data = _Builder(loader, document).build(root, ())

@@ -8,7 +8,7 @@ and rsync use the same key and pinned host keys; quote.py quotes what goes into 
 
 from fleet.ssh.config import include_line, interactive_ssh_argv, render_ssh_config, write_ssh_config
 from fleet.ssh.connection import NodeUnreachable
-from fleet.ssh.executor import Executor
+from fleet.ssh.executor import Executor, TreeLimits
 from fleet.ssh.hostkeys import HostKeyStore, PinnedHostKeyPolicy
 from fleet.ssh.quote import env_prefix, quote, shell_join, with_env
 from fleet.ssh.results import CommandResult, GroupResult, Target
@@ -21,6 +21,7 @@ __all__ = [
     "NodeUnreachable",
     "PinnedHostKeyPolicy",
     "Target",
+    "TreeLimits",
     "env_prefix",
     "include_line",
     "interactive_ssh_argv",

@@ -71,8 +71,22 @@ def load_private_key(key_path: Path) -> paramiko.PKey:
         raise AuthError(f"cannot read the fleet's SSH key {key_path}: {type(exc).__name__}") from None
 
 
-def _transport_options(transport: paramiko.Transport) -> None:
+def _host_key_algorithms(key_lines: list[str]) -> list[str]:
+    """The host key algorithms to negotiate so that the server shows the key we expect
+    (a server with several host keys shows the type the client prefers)."""
+    algorithms: list[str] = []
+    for line in key_lines:
+        key_type = line.split()[0]
+        algorithms.extend(["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"] if key_type == "ssh-rsa" else [key_type])
+    return list(dict.fromkeys(algorithms))
+
+
+def _transport_options(transport: paramiko.Transport, expected_keys: list[str] | None = None) -> None:
     options = transport.get_security_options()
+    if expected_keys:
+        wanted = [a for a in _host_key_algorithms(expected_keys) if a in options.key_types]
+        if wanted:
+            options.key_types = wanted
     available_kex = set(options.kex)
     options.kex = [k for k in _KEX_ORDER if k in available_kex] or list(options.kex)
     available_ciphers = set(options.ciphers)
@@ -105,7 +119,7 @@ def open_transport(
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     transport = paramiko.Transport(sock)
     try:
-        _transport_options(transport)
+        _transport_options(transport, store.keys(target.name) or ([target.host_key] if target.host_key else []))
         transport.banner_timeout = remaining()
         try:
             transport.start_client(timeout=remaining())

@@ -239,6 +239,14 @@ class Executor:
                     ) from None
         raise AssertionError("unreachable")
 
+    def forward(self, target: Target, port: int, *, host: str = "127.0.0.1",
+                timeout: float | None = None) -> paramiko.Channel:
+        """A direct-tcpip channel to `host:port` as the node sees it, over the node's
+        cached connection (pinned host key; no port is opened anywhere)."""
+        wait = timeout or self.connect_timeout
+        return self._open(target, 0, lambda t: t.open_channel(
+            "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=wait))
+
     def _session(self, target: Target, retries: int) -> paramiko.Channel:
         return self._open(target, retries, lambda t: t.open_session(timeout=self.connect_timeout))
 
@@ -424,11 +432,13 @@ class Executor:
                 sftp.close()
 
     def put(
-        self, targets: Sequence[Target], data: bytes | Path, remote_path: str, *, mode: int = 0o644
+        self, targets: Sequence[Target], data: bytes | Path, remote_path: str, *, mode: int = 0o644,
+        dir_mode: int | None = None,
     ) -> GroupResult:
         """Upload bytes or a local file to `remote_path` on every target: parents are
-        created, the file is written beside it and renamed over it (atomic), then has
-        `mode`. Relative paths are relative to the login directory."""
+        created (with `dir_mode`, when given, also set on the file's own directory), the
+        file is written beside it and renamed over it (atomic), then has `mode`. Relative
+        paths are relative to the login directory."""
         if not remote_path or remote_path.endswith("/"):
             raise UsageError(f"upload needs a file path, not {remote_path!r}")
         if isinstance(data, Path) and not data.is_file():
@@ -439,7 +449,7 @@ class Executor:
             label = f"put {remote_path}"
             try:
                 with self._sftp(target) as sftp:
-                    _sftp_put(sftp, data, remote_path, mode)
+                    _sftp_put(sftp, data, remote_path, mode, dir_mode)
             except FleetError as exc:
                 return CommandResult(target.name, label, None, "", "", time.monotonic() - started, exc)
             except (OSError, paramiko.SSHException, EOFError) as exc:
@@ -454,12 +464,17 @@ class Executor:
         with self._sftp(target) as sftp:
             _sftp_get(sftp, target.name, remote_path, Path(local_path))
 
-    def get_tree(self, target: Target, remote_dir: str, local_dir: Path) -> list[Path]:
+    def get_tree(
+        self, target: Target, remote_dir: str, local_dir: Path, *, limits: TreeLimits | None = None
+    ) -> list[Path]:
         """Copy a remote directory tree (regular files and directories; symlinks and
-        special files are skipped). Returns the local files written."""
+        special files are skipped, also when one is swapped in between the listing and
+        the download). More than `limits` allow (bytes, files, depth) is an SSHError.
+        Returns the local files written."""
         written: list[Path] = []
         with self._sftp(target) as sftp:
-            _sftp_get_tree(sftp, target.name, remote_dir, Path(local_dir), written)
+            walk = _TreeWalk(sftp, target.name, limits or TreeLimits(), written)
+            walk.copy_dir(remote_dir, Path(local_dir), 0)
         return written
 
     def run_on(self, target: Target, command: str, **kwargs: object) -> CommandResult:
@@ -468,7 +483,7 @@ class Executor:
 
 
 # -- sftp helpers ------------------------------------------------------------------------
-def _sftp_mkdir_p(sftp: paramiko.SFTPClient, directory: str) -> None:
+def _sftp_mkdir_p(sftp: paramiko.SFTPClient, directory: str, mode: int = 0o777) -> None:
     if directory in ("", ".", "/"):
         return
     path = PurePosixPath(directory)
@@ -478,7 +493,7 @@ def _sftp_mkdir_p(sftp: paramiko.SFTPClient, directory: str) -> None:
             attrs = sftp.stat(part)
         except FileNotFoundError:
             try:
-                sftp.mkdir(part)
+                sftp.mkdir(part, mode)
             except OSError:
                 attrs = sftp.stat(part)  # another uploader made it meanwhile
                 if not stat.S_ISDIR(attrs.st_mode or 0):
@@ -488,9 +503,13 @@ def _sftp_mkdir_p(sftp: paramiko.SFTPClient, directory: str) -> None:
             raise SSHError(f"{part} exists and is not a directory")
 
 
-def _sftp_put(sftp: paramiko.SFTPClient, data: bytes | Path, remote_path: str, mode: int) -> None:
+def _sftp_put(
+    sftp: paramiko.SFTPClient, data: bytes | Path, remote_path: str, mode: int, dir_mode: int | None = None
+) -> None:
     path = PurePosixPath(remote_path)
-    _sftp_mkdir_p(sftp, str(path.parent))
+    _sftp_mkdir_p(sftp, str(path.parent), 0o777 if dir_mode is None else dir_mode)
+    if dir_mode is not None and str(path.parent) not in ("", ".", "/"):
+        sftp.chmod(str(path.parent), dir_mode)  # also when it existed before
     tmp = str(path.parent / f".{path.name}.fleet-tmp-{uuid.uuid4().hex[:12]}")
     try:
         with sftp.open(tmp, "wb") as handle:
@@ -529,24 +548,90 @@ def _sftp_get(sftp: paramiko.SFTPClient, node: str, remote_path: str, local_path
         raise SSHError(f"{node}: download of {remote_path} failed: {exc}", node=node) from None
 
 
-def _sftp_get_tree(
-    sftp: paramiko.SFTPClient, node: str, remote_dir: str, local_dir: Path, written: list[Path]
-) -> None:
-    try:
-        entries = sftp.listdir_attr(remote_dir)
-    except FileNotFoundError:
-        raise SSHError(f"{node}: {remote_dir} does not exist", node=node) from None
-    except OSError as exc:
-        raise SSHError(f"{node}: cannot list {remote_dir}: {exc}", node=node) from None
-    local_dir.mkdir(parents=True, exist_ok=True)
-    for entry in entries:
-        name = entry.filename
-        if name in (".", "..") or "/" in name or "\0" in name:
-            continue
-        remote = f"{remote_dir.rstrip('/')}/{name}"
-        kind = entry.st_mode or 0
-        if stat.S_ISDIR(kind):
-            _sftp_get_tree(sftp, node, remote, local_dir / name, written)
-        elif stat.S_ISREG(kind):
-            _sftp_get(sftp, node, remote, local_dir / name)
-            written.append(local_dir / name)
+@dataclass(frozen=True)
+class TreeLimits:
+    """How much `get_tree` copies at most: a remote tree is written by nodes (a sparse
+    file claims terabytes, nesting can go thousands deep)."""
+
+    max_bytes: int = 8 << 30
+    max_files: int = 200_000
+    max_depth: int = 32
+
+
+def _same_file(listed: paramiko.SFTPAttributes, opened: paramiko.SFTPAttributes) -> bool:
+    """Whether `opened` looks like the regular file the listing showed: same type,
+    permissions and owner, no smaller (logs and metrics grow while a job runs)."""
+    return (stat.S_ISREG(opened.st_mode or 0) and opened.st_mode == listed.st_mode
+            and opened.st_uid == listed.st_uid and opened.st_gid == listed.st_gid
+            and (opened.st_size or 0) >= (listed.st_size or 0))
+
+
+@dataclass
+class _TreeWalk:
+    sftp: paramiko.SFTPClient
+    node: str
+    limits: TreeLimits
+    written: list[Path]
+    files: int = 0
+    bytes: int = 0
+
+    def _over(self, what: str, remote: str) -> SSHError:
+        return SSHError(f"{self.node}: {remote}: the tree holds more than {what}; refusing to copy it", node=self.node)
+
+    def copy_dir(self, remote_dir: str, local_dir: Path, depth: int) -> None:
+        if depth > self.limits.max_depth:
+            raise self._over(f"{self.limits.max_depth} levels of directories", remote_dir)
+        try:
+            entries = self.sftp.listdir_attr(remote_dir)
+        except FileNotFoundError:
+            raise SSHError(f"{self.node}: {remote_dir} does not exist", node=self.node) from None
+        except OSError as exc:
+            raise SSHError(f"{self.node}: cannot list {remote_dir}: {exc}", node=self.node) from None
+        local_dir.mkdir(parents=True, exist_ok=True)
+        for entry in entries:
+            name = entry.filename
+            if name in (".", "..") or "/" in name or "\0" in name:
+                continue
+            remote = f"{remote_dir.rstrip('/')}/{name}"
+            kind = entry.st_mode or 0
+            if stat.S_ISDIR(kind):
+                # A directory swapped for a symlink after the listing: lstat again.
+                if stat.S_ISDIR(self.sftp.lstat(remote).st_mode or 0):
+                    self.copy_dir(remote, local_dir / name, depth + 1)
+            elif stat.S_ISREG(kind):
+                self.copy_file(remote, entry, local_dir / name)
+
+    def copy_file(self, remote: str, listed: paramiko.SFTPAttributes, local_path: Path) -> None:
+        self.files += 1
+        if self.files > self.limits.max_files:
+            raise self._over(f"{self.limits.max_files:,} files", remote)
+        if self.bytes + (listed.st_size or 0) > self.limits.max_bytes:
+            raise self._over(f"{self.limits.max_bytes:,} bytes", remote)
+        tmp = local_path.with_name(f".{local_path.name}.fleet-tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            with self.sftp.open(remote, "rb") as source:
+                # SFTP cannot open with O_NOFOLLOW: what was opened must be the very file
+                # listed (fstat of the handle), and the path must still not be a link.
+                opened = source.stat()
+                if not _same_file(listed, opened) or not stat.S_ISREG(self.sftp.lstat(remote).st_mode or 0):
+                    return
+                size = opened.st_size or 0
+                if self.bytes + size > self.limits.max_bytes:
+                    raise self._over(f"{self.limits.max_bytes:,} bytes", remote)
+                copied = 0
+                source.prefetch(size)
+                with open(tmp, "wb") as sink:
+                    while copied < size and (chunk := source.read(min(_READ_CHUNK, size - copied))):
+                        copied += len(chunk)
+                        sink.write(chunk)
+            self.bytes += copied
+            os.replace(tmp, local_path)
+            self.written.append(local_path)
+        except FileNotFoundError:
+            return  # gone since the listing
+        except SSHError:
+            raise
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise SSHError(f"{self.node}: download of {remote} failed: {exc}", node=self.node) from None
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -203,6 +203,14 @@ class PinnedHostKeyPolicy(paramiko.MissingHostKeyPolicy):
         offered = key_line_of(key)
         pinned = self.store.keys(alias)
         if not pinned and self.vouched:
+            if offered != self.vouched:
+                raise HostKeyError(
+                    f"host key of {alias} is not the one its provider vouches for: vouched "
+                    f"{fingerprint(self.vouched)}, the server offered {fingerprint(offered)}; refusing "
+                    "to connect (something else answers at the node's address: this can be an impersonation)",
+                    node=alias,
+                    hint="nothing was sent to it; if the node was just re-created, run `fleet up` again",
+                )
             self.store.pin(alias, self.vouched)
             pinned = [self.vouched]
         if pinned:
@@ -216,7 +224,8 @@ class PinnedHostKeyPolicy(paramiko.MissingHostKeyPolicy):
             f"host key of {alias} is unknown ({fingerprint(offered)}); refusing to connect",
             node=alias,
             hint=(
-                f"the fleet did not create this node or lost its record; if you trust it, add "
-                f"'{alias} {offered}' to {self.store.path}"
+                f"the provider vouched for no host key of this node: `fleet up` reads it again; "
+                f"for a machine fleet did not create, give its key (head.host_key) or list it in "
+                f"ssh.trust_on_first_use, or add '{alias} {offered}' to {self.store.path} if you trust it"
             ),
         )

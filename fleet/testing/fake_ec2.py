@@ -23,6 +23,7 @@ reset}` and `GET /_fake/{requests,state}`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import ipaddress
@@ -40,7 +41,8 @@ from typing import Any, Self
 from urllib.parse import parse_qs
 
 from fleet.providers.localnode import LocalNode
-from fleet.testing.fake_gce import _port_free
+from fleet.providers.vouched import CONSOLE_BEGIN, CONSOLE_END
+from fleet.testing.fake_gce import _port_free, _random_host_key
 from fleet.testing.serve import backing_options, parse_loopback_args, parser_for, serve_until_signalled
 
 _IPV4 = re.compile(r"\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")
@@ -58,6 +60,7 @@ class Fault:
     subnet: str | None = None
     times: int | None = None  # None: until cleared
     message: str = ""
+    after: bool = False  # answer the error only after moto did the work (a lost reply)
 
 
 def _tags_of(instance: Any) -> dict[str, str]:
@@ -104,6 +107,8 @@ class FakeEc2:
         self.addresses: dict[str, str] = {}  # instance id -> loopback address
         self.rewrite: dict[str, str] = {}  # moto address -> loopback address
         self.nodes: dict[str, LocalNode] = {}
+        self.client_tokens: dict[str, bytes] = {}  # RunInstances ClientToken -> its reply
+        self.false_host_keys: set[str] = set()  # instance names whose console output lies
         self._lock = threading.RLock()
         self._host, self._port = host, port
         self._server: Any = None
@@ -221,8 +226,16 @@ class FakeEc2:
             region = region_match.group(1) if region_match else self.region
             with self._lock:
                 self.requests.append({"action": action, "params": params, "time": time.time()})
+            if action == "GetConsoleOutput":
+                return self._console_output(params.get("InstanceId", ""), start_response)
+            token = params.get("ClientToken") if action == "RunInstances" else None
+            with self._lock:
+                earlier = self.client_tokens.get(token) if token else None
+            if earlier is not None:  # EC2's idempotency: the same token, the same instances
+                start_response("200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(earlier)))])
+                return [earlier]
             fault = self._fault_for(action, params, region)
-            if fault is not None:
+            if fault is not None and not fault.after:
                 return _error(start_response, fault.code, fault.message or f"injected {fault.code}")
             environ["wsgi.input"] = io.BytesIO(raw)
             captured: dict[str, Any] = {}
@@ -234,6 +247,11 @@ class FakeEc2:
             body = b"".join(app(environ, capture))
             if captured.get("status", "").startswith("200"):
                 body = self._after(action, params, region, body)
+                if token:
+                    with self._lock:
+                        self.client_tokens[token] = body
+            if fault is not None:
+                return _error(start_response, fault.code, fault.message or f"injected {fault.code}")
             headers = [(k, v) for k, v in captured.get("headers", []) if k.lower() != "content-length"]
             headers.append(("Content-Length", str(len(body))))
             start_response(captured.get("status", "500 Internal Server Error"), headers)
@@ -325,6 +343,31 @@ class FakeEc2:
         with self._lock:
             self.nodes[instance_id] = node
 
+    def vouch_false_host_key(self, name: str) -> None:
+        """From now on, instance `name` (its Name tag) prints a host key on its console
+        that its sshd does not have (what fleet sees when an impostor answers)."""
+        with self._lock:
+            self.false_host_keys.add(name)
+
+    def _console_output(self, instance_id: str, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """GetConsoleOutput: cloud-init's host key block once the backing node runs."""
+        with self._lock:
+            node = self.nodes.get(instance_id)
+            lie = node is not None and node.name in self.false_host_keys
+        text = "fake EC2 console\n"
+        if node is not None and node.is_running():
+            key = _random_host_key() if lie else node.host_key_line
+            text += f"{CONSOLE_BEGIN}\n{key} root@{node.name}\n{CONSOLE_END}\n"
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<GetConsoleOutputResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
+            f"<requestId>{uuid.uuid4()}</requestId><instanceId>{instance_id}</instanceId>"
+            f"<timestamp>{time.strftime('%Y-%m-%dT%H:%M:%S.000Z', time.gmtime())}</timestamp>"
+            f"<output>{base64.b64encode(text.encode()).decode()}</output></GetConsoleOutputResponse>"
+        ).encode()
+        start_response("200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))])
+        return [body]
+
     def _control(self, action: str, raw: bytes, start_response: Callable[..., Any]) -> Iterable[bytes]:
         try:
             body = json.loads(raw) if raw else {}
@@ -333,6 +376,9 @@ class FakeEc2:
                 result: Any = {"ok": True}
             elif action == "interrupt":
                 result = {"instance_id": self.interrupt(body["instance"])}
+            elif action == "false_host_key":
+                self.vouch_false_host_key(body["name"])
+                result = {"ok": True}
             elif action == "reset":
                 self.clear_faults()
                 result = {"ok": True}

@@ -102,6 +102,7 @@ class Faults:
     quota: dict[str, str] = field(default_factory=dict)  # zone or "*" -> quota metric
     rate_limited: int = 0  # the next N API calls answer rateLimitExceeded
     rate_limit_match: str | None = None  # only calls whose path contains this
+    false_host_keys: set[str] = field(default_factory=set)  # instances whose guest attributes lie
 
 
 @dataclass
@@ -134,6 +135,7 @@ class FakeGce:
         self.faults = Faults()
         self.instances: dict[tuple[str, str], dict[str, Any]] = {}  # (zone, name) -> resource
         self.nodes: dict[tuple[str, str], LocalNode] = {}
+        self.request_ops: dict[str, dict[str, Any]] = {}  # insert requestId -> its operation
         self.disks: dict[tuple[str, str], dict[str, Any]] = {}
         self.firewalls: dict[str, dict[str, Any]] = {}
         self.operations: dict[str, _Op] = {}
@@ -204,6 +206,30 @@ class FakeGce:
     def backing_node(self, name: str) -> LocalNode | None:
         with self._lock:
             return next((node for (z, n), node in self.nodes.items() if n == name), None)
+
+    def vouch_false_host_key(self, name: str) -> None:
+        """From now on, instance `name` publishes a host key its sshd does not have
+        (what fleet sees when an impostor answers at the node's address)."""
+        with self._lock:
+            self.faults.false_host_keys.add(name)
+
+    def guest_attributes(self, zone: str, name: str, query_path: str) -> dict[str, Any]:
+        """`instances.getGuestAttributes`: the backing node's host key under `hostkeys/`,
+        once the node runs, as the guest agent publishes it (type as key, base64 as value)."""
+        with self._lock:
+            resource = self.instances.get((zone, name))
+            node = self.nodes.get((zone, name))
+            lie = name in self.faults.false_host_keys
+        if resource is None:
+            raise ApiError(404, "notFound", f"The resource 'instances/{name}' was not found")
+        items = resource.get("metadata", {}).get("items", [])
+        enabled = any(i.get("key") == "enable-guest-attributes" and str(i.get("value")).upper() == "TRUE"
+                      for i in items)
+        if not enabled or node is None or not node.is_running():
+            raise ApiError(404, "notFound", f"The resource 'instances/{name}/guestAttributes' was not found")
+        key_type, blob = (_random_host_key() if lie else node.host_key_line).split()[:2]
+        found = [{"namespace": "hostkeys", "key": key_type, "value": blob}] if query_path.startswith("hostkeys") else []
+        return {"kind": "compute#guestAttributes", "queryPath": query_path, "queryValue": {"items": found}}
 
     def preempt(self, name: str) -> None:
         """Preempt a Spot VM the way GCE does: hard off, a `compute.instances.preempted`
@@ -320,7 +346,19 @@ class FakeGce:
                 if not self.backing or _port_free(address, self.ssh_port):
                     return address
 
-    def insert_instance(self, project: str, zone: str, body: dict[str, Any]) -> dict[str, Any]:
+    def insert_instance(
+        self, project: str, zone: str, body: dict[str, Any], request_id: str | None = None
+    ) -> dict[str, Any]:
+        with self._lock:
+            if request_id and request_id in self.request_ops:  # Compute Engine dedupes on requestId
+                return self.request_ops[request_id]
+        data = self._insert_instance(project, zone, body)
+        if request_id:
+            with self._lock:
+                self.request_ops[request_id] = data
+        return data
+
+    def _insert_instance(self, project: str, zone: str, body: dict[str, Any]) -> dict[str, Any]:
         name = body.get("name") or ""
         if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
             raise ApiError(400, "invalid", f"Invalid value for field 'resource.name': '{name}'.")
@@ -497,6 +535,15 @@ class FakeGce:
         return result
 
 
+def _random_host_key() -> str:
+    """A fresh ed25519 public key line that no node has."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    public = Ed25519PrivateKey.generate().public_key()
+    return public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
 def _nat_ip(resource: dict[str, Any]) -> str | None:
     for interface in resource.get("networkInterfaces", []):
         for config in interface.get("accessConfigs", []):
@@ -526,6 +573,9 @@ def _route_table(fake: FakeGce) -> list[tuple[str, re.Pattern[str], Any]]:
         op = op_of(m["op"])
         op.done.wait(120)  # the real wait returns after at most 2 minutes
         return op.data
+
+    def guest_attributes(m: dict[str, str], q: dict[str, str], b: Any) -> Any:
+        return fake.guest_attributes(m["zone"], m["name"], q.get("queryPath", ""))
 
     def get_instance(m: dict[str, str], q: dict[str, str], b: Any) -> Any:
         resource = fake.instances.get((m["zone"], m["name"]))
@@ -608,9 +658,10 @@ def _route_table(fake: FakeGce) -> list[tuple[str, re.Pattern[str], Any]]:
         (
             "POST",
             re.compile(zone + r"/instances$"),
-            lambda m, q, b: fake.insert_instance(m["project"], m["zone"], b),
+            lambda m, q, b: fake.insert_instance(m["project"], m["zone"], b, q.get("requestId")),
         ),
         ("GET", re.compile(zone + r"/instances/(?P<name>[^/]+)$"), get_instance),
+        ("GET", re.compile(zone + r"/instances/(?P<name>[^/]+)/getGuestAttributes$"), guest_attributes),
         (
             "DELETE",
             re.compile(zone + r"/instances/(?P<name>[^/]+)$"),
@@ -654,6 +705,8 @@ def _control(fake: FakeGce, action: str, body: dict[str, Any]) -> Any:
         fake.set_rate_limit(int(body["times"]), body.get("path_contains"))
     elif action == "preempt":
         fake.preempt(body["name"])
+    elif action == "false_host_key":
+        fake.vouch_false_host_key(body["name"])
     elif action == "reset":
         fake.reset_faults()
     elif action == "requests":

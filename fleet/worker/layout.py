@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from fleet.worker.config import WorkerConfig
 from fleet.worker.errors import WorkerError
+from fleet.worker.yamlbound import AliasExpansionError, safe_load_bounded
 
 TMP_SUFFIX = ".tmp"
 
@@ -164,7 +165,9 @@ def load_worker_config(layout: JobLayout) -> WorkerConfig:
     except OSError as exc:
         raise WorkerError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        data: Any = yaml.safe_load(text)
+        data: Any = safe_load_bounded(text)
+    except AliasExpansionError as exc:
+        raise WorkerError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

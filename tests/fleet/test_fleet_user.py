@@ -4,6 +4,7 @@ the tests run as root), through `runuser`."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -87,6 +88,7 @@ def test_local_fleet_as_an_ordinary_user(ordinary_user: str) -> None:
                 assert proc.info["username"] == ordinary_user, proc.info
         ports = [n["port"] for n in fleet.nodes().values()]
         assert all(port >= 1024 for port in ports)
+        assert_mount_key_is_forced_sftp(fleet, fleet.workers()[0])
         down = fleet.cli("down", "--yes")
         assert down.returncode == 0, down.stderr
         assert leftovers(fleet.root, fleet.name) == {"processes": [], "mounts": []}
@@ -95,3 +97,21 @@ def test_local_fleet_as_an_ordinary_user(ordinary_user: str) -> None:
             fleet.teardown()
             sweep(fleet.root, fleet.name)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def assert_mount_key_is_forced_sftp(fleet: CliFleet, worker: str) -> None:
+    """Without root there is no share account: the worker's mount key still runs no
+    command, only SFTP starting in the shared directory (restrict + forced internal-sftp)."""
+    home = fleet.home(worker)
+    share = json.loads((home / ".fleet" / "share.json").read_text())
+    assert share["confined"] is False and share["path"] == "."
+    options = ["-F", "/dev/null", "-i", str(home / ".fleet" / "mount_key"), "-o", "IdentitiesOnly=yes",
+               "-o", f"UserKnownHostsFile={home / '.fleet' / 'known_hosts'}", "-o", "BatchMode=yes",
+               "-o", f"HostKeyAlias={share['host_key_alias']}", "-o", "StrictHostKeyChecking=yes"]
+    where = f"{share['user']}@{share['host']}"
+    command = subprocess.run(["ssh", *options, "-p", str(share["port"]), where, "echo SHELL-REACHED"],
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert "SHELL-REACHED" not in command.stdout
+    sftp = subprocess.run(["sftp", *options, "-P", str(share["port"]), "-b", "-", where], input="pwd\n",
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert sftp.returncode == 0 and f"{fleet.home(fleet.head) / 'shared'}" in sftp.stdout, sftp.stdout + sftp.stderr

@@ -15,6 +15,9 @@ import pytest
 import yaml
 from provider_helpers import USER, aws_block, gcp_block
 
+from fleet import __version__
+from fleet.runtime import LOCAL_IMAGE
+
 pytestmark = pytest.mark.slow
 
 MUTATING_GCE = ("POST", "DELETE", "PATCH", "PUT")
@@ -57,6 +60,8 @@ def cloud(request: pytest.FixtureRequest, tmp_path: Path, loopback: tuple[str, i
         "provider": request.param,
         "workers": {"count": 2},
         "ssh": {"user": USER, "port": loopback[1], "ready_timeout": 60},
+        # What a Deep Learning image gives a cloud node: torch and the model, here the local image.
+        "runtime": {"image": [LOCAL_IMAGE]},
         **block,
     }
     path = tmp_path / "fleet.yaml"
@@ -73,6 +78,8 @@ def cloud(request: pytest.FixtureRequest, tmp_path: Path, loopback: tuple[str, i
     }
 
 
+@pytest.mark.skipif(not Path(LOCAL_IMAGE, "bin", "python").exists(),
+                    reason=f"the local nodes' image {LOCAL_IMAGE} is not built (`make image`)")
 def test_up_exec_preempt_down_through_the_cli(cloud: dict[str, Any]) -> None:
     spec, name = cloud["spec"], cloud["name"]
     try:
@@ -95,13 +102,22 @@ def test_up_exec_preempt_down_through_the_cli(cloud: dict[str, Any]) -> None:
         mounted = fleet(spec, "exec", "--nodes", "workers", "--json", "--", "mount | grep -c fuse.sshfs")
         assert mounted.returncode == 0, mounted.stderr + mounted.stdout
 
-        # A job runs on the cloud fleet, and its report prices the node-hours.
+        # Every node got fleet's runtime, and the real text-embed job runs with it: the
+        # worker's interpreter is the runtime's, its torch the image's.
+        where = fleet(spec, "exec", "--json", "--", '"$FLEET_PYTHON" -c "import sys, fleet, torch; '
+                      'print(sys.prefix, fleet.__file__, torch.__file__)"')
+        assert where.returncode == 0, where.stderr + where.stdout
+        for r in json.loads(where.stdout.strip().splitlines()[-1])["results"]:
+            prefix, fleet_file, torch_file = r["stdout"].split()
+            assert prefix.endswith(f"/.fleet/runtime/{__version__}") and fleet_file.startswith(prefix), r
+            assert torch_file.startswith(LOCAL_IMAGE + "/"), r
         job = spec.parent / "job.yaml"
         job.write_text(yaml.safe_dump({
             "name": "sums",
-            "python": sys.executable,
-            "prepare": ['mkdir -p "$FLEET_SHARED/data" && for i in $(seq 1 40); do echo "item $i" > "$FLEET_SHARED/data/$i.txt"; done'],
-            "worker": {"handler": "checksum", "inputs": "data/*.txt", "outputs": "sums", "chunk_size": 10},
+            "env": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+            "prepare": ['"$FLEET_PYTHON" -m fleet.worker.corpus "$FLEET_SHARED/corpus" --limit 40'],
+            "worker": {"handler": "text-embed", "inputs": "corpus/**/*.txt", "outputs": "embeddings",
+                       "chunk_size": 10, "device": "cpu"},
         }))
         ran = fleet(spec, "run", str(job), "--json")
         assert ran.returncode == 0, ran.stderr + ran.stdout
@@ -127,3 +143,45 @@ def test_up_exec_preempt_down_through_the_cli(cloud: dict[str, Any]) -> None:
     assert after.returncode == 0, after.stderr + after.stdout
     assert "reporting from the copy fetched at" in after.stderr
     assert json.loads(after.stdout.strip().splitlines()[-1])["fleet"]["items"] == 40
+
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "fleets"
+
+
+@pytest.mark.parametrize(("kind", "template"), [("gcp", "gcp-l4.yaml"), ("aws", "aws-g5.yaml")])
+def test_cloud_templates_validate_and_plan_against_the_fakes(kind: str, template: str, tmp_path: Path,
+                                                             request: pytest.FixtureRequest) -> None:
+    """The README's cloud specs as written: valid, and `up --dry-run` plans them (GPU spot
+    workers, an on-demand head, the runtime on the image's torch) without one mutating call."""
+    env = {"GCP_PROJECT": "test-project", "FLEET_AMI": "ami-03cf127a"}
+    source = TEMPLATES / template
+    checked = subprocess.run([sys.executable, "-m", "fleet", "validate", "-f", str(source)], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, **env}, check=False)
+    assert checked.returncode == 0 and "valid" in checked.stdout, checked.stderr
+    spec = yaml.safe_load(source.read_text())
+    fake = request.getfixturevalue("fake_gce" if kind == "gcp" else "fake_ec2")
+    # Only what points the spec at the fake (and keeps SSH rules on loopback) changes.
+    if kind == "gcp":
+        spec["gcp"] = {**spec["gcp"], "project": env["GCP_PROJECT"], "api_endpoint": fake.endpoint,
+                       "source_ranges": ["127.0.0.0/8"]}
+    else:
+        spec["aws"] = {**spec["aws"], "ami": env["FLEET_AMI"], "source_ranges": ["127.0.0.0/8"]}
+    path = tmp_path / template
+    path.write_text(yaml.safe_dump(spec))
+    dry = fleet(path, "up", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr + dry.stdout
+    plan = json.loads(dry.stdout.strip().splitlines()[-1])
+    workers = [p for p in plan["create"] if p["role"] == "worker"]
+    head = [p for p in plan["create"] if p["role"] == "head"]
+    assert len(workers) == spec["workers"]["count"] and len(head) == 1
+    assert all(p["spot"] and p["machine"] == spec["workers"]["machine"] for p in workers)
+    assert not head[0]["spot"] and head[0]["machine"] == spec["head"]["machine"]
+    assert plan["price_per_hour"] > 0
+    assert spec["runtime"]["image"][0] in plan["runtime"] and "wheelhouse" in plan["runtime"]
+    text = fleet(path, "up", "--dry-run")
+    assert text.returncode == 0 and "nothing was created" in text.stdout, text.stderr
+    if kind == "gcp":
+        assert [r for r in fake.requests if r["method"] in MUTATING_GCE] == []
+        assert all(p["accelerators"] == "1x nvidia-l4" for p in workers)
+    else:
+        assert [r for r in fake.actions() if r["action"].startswith(MUTATING_EC2)] == []

@@ -169,3 +169,22 @@ def test_parse_from_text_names_the_given_file() -> None:
     with pytest.raises(SpecErrors) as caught:
         parse_job_spec("name: j1\nrun: [\n", file="jobs/j1/job.yaml", env={})
     assert str(caught.value).startswith("jobs/j1/job.yaml:3:1: invalid YAML")
+
+
+def test_serve_section(spec_file) -> None:
+    path = spec_file("name: embed\nserve:\n  handler: text-embed\n  batch_size: 32\n  max_wait_ms: 5\n", "job.yaml")
+    job = load_job_spec(path, env={})
+    assert job.serve is not None and (job.serve.batch_size, job.serve.processes_per_node) == (32, "auto")
+    assert job.worker is None and job.run is None
+
+
+def test_serve_and_run(spec_file) -> None:
+    path = spec_file("name: embed\nrun: echo hi\nserve:\n  handler: text-embed\n", "job.yaml")
+    error = only_error(load_errors(path))
+    assert error.field == "serve" and error.message == "give either `run:` or `serve:`, not both"
+
+
+def test_serve_typo_points_into_it(spec_file) -> None:
+    path = spec_file("name: embed\nserve:\n  handler: text-embed\n  batchsize: 32\n", "job.yaml")
+    error = only_error(load_errors(path))
+    assert (error.line, error.field) == (4, "serve.batchsize")

@@ -1,0 +1,258 @@
+"""serving: many callers with single items vs static batches, through `fleet serve`.
+
+A local fleet (head + 2 workers, `monitor.interval` 2 s) serves the real text-embed
+model (all-MiniLM-L6-v2; `batch_size` 64, `max_wait_ms` BENCH_MAX_WAIT_MS, default 20) with `fleet serve` in the
+foreground (its monitor replaces preempted workers), and the bundled `checksum`
+handler (a no-op next to a model) with `fleet serve --detach`. Measured in the same run:
+
+1. static (the reference): the BENCH_ITEMS texts in static batches of 64, sent by two
+   threads per server process, so every model always has its next batch waiting:
+   `static_items_s`;
+2. concurrent: the same texts, each its own `batched_run(text)` from 64 caller threads
+   (the servers batch them together): `concurrent_items_s`, `ratio` (= concurrent /
+   static, goal >= 0.9), per-call latency `p50_ms`, `p99_ms`; `static_mean_batch` and
+   `concurrent_mean_batch` are the batch sizes the servers ran (64 callers over 2 servers
+   make batches of 32 at most: on a CPU, batches of 32 run ~0.8x the items/s of 64);
+3. path overhead: one thread calling the checksum serving with one 100-byte item,
+   `noop_p50_ms`, against `local_p50_ms`, the same handler called in this process;
+4. failover: 64 callers loop on single items; worker 1 is preempted without notice
+   (`fleet preempt`). `lost` (calls without an answer), `answered_twice` (answers
+   beyond one per call), `failover_max_latency_s` (kill -> answer, the longest of the
+   calls in flight at the kill; goal <= monitor detection (the interval) + 2 s),
+   `rejoin_s` (kill -> the first answer from the replacement), `resent`.
+
+Env: BENCH_ITEMS (default 1024), BENCH_KEEP=1 keeps the temporary directory.
+Last line: one JSON object with the figures above.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "jobs"))
+
+from jobs_fleet import LocalFleet, finish_fleet, wait_for  # the tests' real local fleet
+
+import fleet
+from fleet.serve.registry import ready_nodes
+from fleet.worker.handlers.checksum import ChecksumHandler
+
+N_ITEMS = int(os.environ.get("BENCH_ITEMS", "1024"))
+MAX_WAIT_MS = float(os.environ.get("BENCH_MAX_WAIT_MS", "20"))
+CALLERS = 64
+STATIC_BATCH = 64
+INTERVAL = 2.0
+NODE_ENV = {"PYTHONPATH": str(REPO)}
+SENTENCE = "a fleet of cheap preemptible machines serves one model to many callers at once"
+
+
+def texts(n: int) -> list[str]:
+    words = SENTENCE.split(" ")
+    return [f"{i}: " + " ".join(words[(i + k) % len(words)] for k in range(4 + i % 24)) for i in range(n)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def registry(fleet_: LocalFleet, job: str) -> list[dict]:
+    records = []
+    for path in (fleet_.job_dir(job) / "servers").glob("*.json"):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            pass
+    return records
+
+
+def mean_batch(lf: LocalFleet, job: str, before: tuple[int, int] = (0, 0)) -> tuple[tuple[int, int], float]:
+    """(items, batches) the job's servers ran so far (their /health: the local nodes share
+    this machine's loopback), and the mean batch size since `before`."""
+    items = batches = 0
+    for record in registry(lf, job):
+        with urllib.request.urlopen(f"http://127.0.0.1:{record['port']}/health", timeout=10) as answer:
+            health = json.loads(answer.read())
+        items, batches = items + health["items"], batches + health["batches"]
+    ran = batches - before[1]
+    return (items, batches), round((items - before[0]) / ran, 1) if ran else 0.0
+
+
+def static_run(embed, items: list[str], processes: int) -> float:
+    batches = [items[i:i + STATIC_BATCH] for i in range(0, len(items), STATIC_BATCH)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(2 * processes) as pool:
+        list(pool.map(embed.batched_run, batches))
+    return len(items) / (time.perf_counter() - started)
+
+
+def concurrent_run(embed, items: list[str]) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    cursor = iter(items)
+
+    def caller() -> None:
+        while True:
+            with lock:
+                item = next(cursor, None)
+            if item is None:
+                return
+            t0 = time.perf_counter()
+            embed.batched_run(item)
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=caller) for _ in range(CALLERS)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(items) / (time.perf_counter() - started), latencies
+
+
+def noop_overhead(noop) -> tuple[float, float]:
+    item = os.urandom(100)
+    for _ in range(20):
+        noop.batched_run(item)
+    remote = []
+    for _ in range(300):
+        t0 = time.perf_counter()
+        noop.batched_run(item)
+        remote.append(time.perf_counter() - t0)
+    handler = ChecksumHandler()
+    local = []
+    for _ in range(300):
+        t0 = time.perf_counter()
+        handler.infer([handler.load(item)])
+        local.append(time.perf_counter() - t0)
+    return statistics.median(remote) * 1000, statistics.median(local) * 1000
+
+
+def failover(lf: LocalFleet, embed, items: list[str]) -> dict:
+    victim, replacement = lf.worker(1), lf.worker(1, 2)
+    stop = threading.Event()
+    lock = threading.Lock()
+    calls: dict[int, list[float]] = {}  # call id -> [started, answered...]
+    failures: list[str] = []
+    first_from_replacement: list[float] = []
+    ids = iter(range(10**9))
+
+    def caller(k: int) -> None:
+        i = k
+        while not stop.is_set():
+            with lock:
+                call = next(ids)
+                calls[call] = [time.monotonic()]
+            try:
+                embed.batched_run(items[i % len(items)])
+            except Exception as exc:  # noqa: BLE001 - counted as lost
+                failures.append(f"{type(exc).__name__}: {exc}")
+                return
+            with lock:
+                calls[call].append(time.monotonic())
+            i += CALLERS
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(CALLERS)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3.0)
+    resent_before = embed.stats()["resent"]
+    killed = time.monotonic()
+    lf.cli("preempt", victim, check=True)
+
+    def rejoined() -> bool:
+        if embed.stats()["answered_by"].get(replacement, 0) > 0:
+            first_from_replacement.append(time.monotonic())
+            return True
+        return False
+
+    try:
+        wait_for(rejoined, 300, f"the replacement {replacement} to answer", step=0.1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    in_flight = [times for times in calls.values() if times[0] < killed and (len(times) < 2 or times[1] > killed)]
+    latencies = [times[1] - killed for times in in_flight if len(times) >= 2]
+    return {
+        "lost": len([t for t in calls.values() if len(t) < 2]),
+        "answered_twice": sum(max(0, len(t) - 2) for t in calls.values()),
+        "failover_max_latency_s": round(max(latencies), 3) if latencies else None,
+        "in_flight_at_kill": len(in_flight),
+        "rejoin_s": round(first_from_replacement[0] - killed, 3) if first_from_replacement else None,
+        "resent": embed.stats()["resent"] - resent_before,
+        "failover_calls": len(calls),
+        "errors": failures[:3],
+    }
+
+
+def main() -> int:
+    base = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    lf = LocalFleet(base / "fleet", workers=2, monitor={"interval": INTERVAL, "grace": 4})
+    process = None
+    figures: dict = {"items": N_ITEMS, "callers": CALLERS, "workers": 2, "monitor_interval_s": INTERVAL}
+    try:
+        lf.up()
+        embed_job = lf.write_job({"name": "embed", "env": NODE_ENV,
+                                  "serve": {"handler": "text-embed", "batch_size": 64,
+                                            "max_wait_ms": MAX_WAIT_MS}})
+        noop_job = lf.write_job({"name": "noop", "env": NODE_ENV,
+                                 "serve": {"handler": "checksum", "batch_size": 64, "max_wait_ms": 0}})
+        lf.cli("serve", str(noop_job), "--detach", check=True)
+        process = lf.popen("serve", str(embed_job))
+        workers = {lf.worker(1), lf.worker(2)}
+        wait_for(lambda: workers <= ready_nodes(registry(lf, "embed")), 300, "the models to load")
+        wait_for(lambda: workers <= ready_nodes(registry(lf, "noop")), 120, "the no-op servers")
+        processes = len(registry(lf, "embed"))
+        items = texts(N_ITEMS)
+        with fleet.connect(lf.spec_path) as f:
+            embed = f.serving("embed", timeout=300)
+            noop = f.serving("noop", timeout=60)
+            static_run(embed, items[:256], processes)  # warm-up: channels open, models warm
+            counts, _ = mean_batch(lf, "embed")
+            static = static_run(embed, items, processes)
+            counts, static_batch = mean_batch(lf, "embed", counts)
+            concurrent, latencies = concurrent_run(embed, items)
+            counts, concurrent_batch = mean_batch(lf, "embed", counts)
+            figures.update({
+                "static_items_s": round(static, 1),
+                "concurrent_items_s": round(concurrent, 1),
+                "ratio": round(concurrent / static, 3),
+                "p50_ms": round(percentile(latencies, 0.50) * 1000, 1),
+                "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
+                "static_mean_batch": static_batch,
+                "concurrent_mean_batch": concurrent_batch,
+                "max_wait_ms": MAX_WAIT_MS,
+            })
+            noop_ms, local_ms = noop_overhead(noop)
+            figures.update({"noop_p50_ms": round(noop_ms, 3), "local_p50_ms": round(local_ms, 4)})
+            print(f"throughput and overhead: {json.dumps(figures)}", file=sys.stderr, flush=True)
+            figures.update(failover(lf, embed, items))
+    finally:
+        if process is not None:
+            process.terminate()
+            try:
+                process.communicate(timeout=90)
+            except Exception:  # noqa: BLE001 - the fleet goes down below anyway
+                process.kill()
+        finish_fleet(lf)
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(base, ignore_errors=True)
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

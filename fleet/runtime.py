@@ -1,0 +1,550 @@
+"""fleet puts itself on every node: the runtime, a versioned virtualenv per node.
+
+`fleet up` (and every replacement, before `setup:`) makes sure each node has
+`~/.fleet/runtime/<version>/`: fleet's own wheel, built once per source digest on the
+control plane and cached under `.fleet/runtime/`, uploaded over SSH in one zip with pypa's
+`installer` and `fleet/runtime_node.py`, which does the node's part. One SSH round trip
+checks the runtime's stamp first: a complete runtime is left alone, pip never runs.
+
+Nodes get only what the chosen extras need (never the control plane's cloud SDKs),
+layered on what the image provides (`runtime.image`). With `runtime.wheelhouse` the
+control plane downloads what the image lacks once, for the nodes' platform, puts it in
+the head's shared directory, and every node installs it from there with `--no-index
+--require-hashes`, against pins that travel over SSH, never through the shared directory
+(workers can write there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.parser import Parser
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+from fleet import __version__
+from fleet.errors import FleetError, UsageError
+from fleet.model import Node, Role
+from fleet.ssh import CommandResult, GroupResult
+
+if TYPE_CHECKING:
+    from fleet.fleetops import Fleet, UpResult
+
+DIST = "fleet-batch"
+NODE_ROOT = ".fleet/runtime"  # under each node's home
+STAMP = "fleet-runtime.id"
+LOCAL_IMAGE = "/opt/fleet-image"
+WHEELHOUSE = ".fleet/wheelhouse"  # under the head's shared directory
+_NODE_SCRIPT = Path(__file__).with_name("runtime_node.py")
+_SOURCE_FILES = ("pyproject.toml", "README.md")
+
+
+class RuntimeInstallError(FleetError):
+    """The runtime could not be built or installed."""
+
+
+def runtime_dir(version: str = __version__) -> str:
+    return f"{NODE_ROOT}/{version}"
+
+
+def python_word(version: str = __version__) -> str:
+    """The runtime's interpreter as a shell word (expanded on the node)."""
+    return f'"$HOME"/{runtime_dir(version)}/bin/python'
+
+
+def env_assignments(version: str = __version__) -> list[str]:
+    """FLEET_PYTHON and PATH for every command on a node (`export` words)."""
+    return [f"FLEET_PYTHON={python_word(version)}", f'PATH="$HOME"/{runtime_dir(version)}/bin:"$PATH"']
+
+
+def runtime_check(version: str = __version__) -> str:
+    """Shell that stops with an error naming the runtime when FLEET_PYTHON's runtime is
+    not on the node (exit 127), or is not the one in $FLEET_RUNTIME, the stamp this
+    control plane installs (exit 126). Used before anything of a job runs on a node."""
+    missing = (f"fleet: the node runtime {DIST} {version} is not installed on this node "
+               f"(~/{runtime_dir(version)}/bin/python is missing); run \\`fleet up\\` to install it")
+    other = ("fleet: this node's runtime is '$found', the control plane needs '$FLEET_RUNTIME'; "
+             "run \\`fleet up\\` to upgrade it")
+    return (f'found=$(cat "$(dirname "$(dirname "$FLEET_PYTHON")")"/{STAMP} 2>/dev/null); '
+            f'if [ ! -x "$FLEET_PYTHON" ] || [ -z "$found" ]; then echo "{missing}" >&2; exit 127; fi; '
+            f'if [ -n "$FLEET_RUNTIME" ] && [ "$found" != "$FLEET_RUNTIME" ]; then echo "{other}" >&2; exit 126; fi')
+
+
+def _quote(value: str) -> str:
+    import shlex
+
+    return shlex.quote(value)
+
+
+# -- what is uploaded ------------------------------------------------------------------
+def source_tree() -> Path | None:
+    """The checkout fleet runs from, when it runs from one (an editable install)."""
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and f'name = "{DIST}"' in pyproject.read_text():
+        return root
+    return None
+
+
+def _tree_files(root: Path) -> list[Path]:
+    files = [root / name for name in _SOURCE_FILES if (root / name).is_file()]
+    for path in sorted((root / "fleet").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+            files.append(path)
+    return files
+
+
+def _digest_files(root: Path, files: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_wheel(cache: Path) -> Path:
+    """fleet's wheel, built once per source digest (a checkout) or repacked once from the
+    installed distribution, cached under `cache`."""
+    root = source_tree()
+    if root is None:
+        return _repack_installed(cache)
+    files = _tree_files(root)
+    target_dir = cache / f"{__version__}-{_digest_files(root, files)}"
+    built = sorted(target_dir.glob("*.whl"))
+    if built:
+        return built[0]
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as tmp:
+        source = Path(tmp) / "src"
+        for path in files:  # a copy: building never writes into the checkout
+            (source / path.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, source / path.relative_to(root))
+        out = Path(tmp) / "out"
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+             "-w", str(out), str(source)],
+            capture_output=True, text=True, check=False, timeout=600,
+        )
+        wheels = sorted(out.glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise RuntimeInstallError(f"could not build fleet's wheel: {(result.stdout + result.stderr).strip()[-1500:]}",
+                                hint="the control plane needs setuptools (pip install setuptools)")
+        staged = Path(tmp) / "staged"
+        staged.mkdir()
+        shutil.move(str(wheels[0]), staged / wheels[0].name)
+        try:
+            os.replace(staged, target_dir)
+        except OSError:  # another `up` built it meanwhile
+            pass
+    return min(target_dir.glob("*.whl"))
+
+
+def _repack_installed(cache: Path) -> Path:
+    """A wheel of the installed distribution (fleet installed from the index, no checkout)."""
+    try:
+        dist = metadata.distribution(DIST)
+    except metadata.PackageNotFoundError:
+        raise RuntimeInstallError(f"fleet runs neither from a checkout nor from an installed {DIST}: "
+                            "there is nothing to put on the nodes", hint=f"pip install {DIST}") from None
+    files = [f for f in dist.files or [] if f.parts[0] == "fleet" or f.parts[0].endswith(".dist-info")]
+    files = [f for f in files if "__pycache__" not in f.parts and f.name not in ("RECORD", "INSTALLER",
+                                                                                   "REQUESTED", "direct_url.json")]
+    base = Path(str(dist.locate_file("")))
+    digest = hashlib.sha256()
+    for f in sorted(files, key=str):
+        digest.update(str(f).encode() + b"\0" + (base / f).read_bytes())
+    target = cache / f"{__version__}-installed-{digest.hexdigest()[:16]}" / f"{DIST.replace('-', '_')}-{__version__}-py3-none-any.whl"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    info = next(f.parts[0] for f in files if f.parts[0].endswith(".dist-info"))
+    tmp = target.with_name(f".{target.name}.tmp")
+    records = []
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        for f in sorted(files, key=str):
+            data = (base / f).read_bytes()
+            archive.writestr(str(PurePosixPath(*f.parts)), data)
+            records.append(f"{PurePosixPath(*f.parts)},sha256={_urlsafe_sha(data)},{len(data)}")
+        records.append(f"{info}/RECORD,,")
+        archive.writestr(f"{info}/RECORD", "\n".join(records) + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+def _urlsafe_sha(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise RuntimeInstallError(f"the control plane has no {name} to put on the nodes", hint=f"pip install {name}")
+    return Path(spec.origin).parent
+
+
+def _add_package(archive: zipfile.ZipFile, package: Path) -> None:
+    for path in sorted(package.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            archive.write(path, str(path.relative_to(package.parent)))
+
+
+def pip_zip(cache: Path) -> Path:
+    """The control plane's pip as a zip that runs on the node (`python pip.zip/pip`), so
+    that the node's interpreter needs no pip of its own. Uploaded only to nodes that lack
+    something their image does not provide."""
+    version = metadata.version("pip")
+    target = cache / f"pip-{version}.zip"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".pip-{version}.{os.getpid()}.zip"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        _add_package(archive, _package_dir("pip"))
+    os.replace(tmp, target)
+    return target
+
+
+def node_bundle(wheel: Path, config: dict) -> bytes:
+    """What one upload puts on a node: a zip that Python runs (`python runtime.pyz`),
+    with the node's side of the runtime as __main__, its config, fleet's wheel, and
+    pypa's `installer` and `packaging` (pure Python) to import from the zip."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(_NODE_SCRIPT, "__main__.py")
+        archive.writestr("config.json", json.dumps(config))
+        archive.write(wheel, wheel.name, compress_type=zipfile.ZIP_STORED)
+        for name in ("installer", "packaging"):
+            _add_package(archive, _package_dir(name))
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    wheel: Path
+    pip: Path
+    requirements: list[str]  # Requires-Dist lines of the chosen extras (markers kept) + packages
+
+
+def extra_requirements(wheel: Path, extras: Sequence[str]) -> list[str]:
+    """Requires-Dist lines of the wheel that belong to the chosen extras (with their
+    markers: the node evaluates them); the base dependencies (the control plane's) stay out."""
+    with zipfile.ZipFile(wheel) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        meta = Parser().parsestr(archive.read(name).decode())
+    known = meta.get_all("Provides-Extra") or []
+    unknown = [extra for extra in extras if extra not in known]
+    if unknown:
+        raise UsageError(f"runtime.extras: fleet has no extra {', '.join(map(repr, unknown))}",
+                         hint=f"fleet's extras: {', '.join(known)}")
+    lines = []
+    for line in meta.get_all("Requires-Dist") or []:
+        if ";" in line and "extra" in line.split(";", 1)[1] and any(f'"{e}"' in line or f"'{e}'" in line
+                                                                      for e in extras):
+            lines.append(line)
+    return lines
+
+
+# -- on the nodes ----------------------------------------------------------------------
+@dataclass
+class Pending:
+    """Nodes whose runtime waits for the head's wheelhouse, and what they lack."""
+
+    nodes: list[Node]
+    report: dict
+
+
+class Runtime:
+    """Brings fleet's runtime onto nodes for one `Fleet`."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.spec = fleet.spec.runtime
+        self.cache = fleet.spec_path.resolve().parent / ".fleet" / "runtime"
+        self._artifacts: Artifacts | None = None
+        self.pending: Pending | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.spec.install
+
+    def image(self) -> list[str]:
+        if self.spec.image is not None:
+            return list(self.spec.image)
+        return [LOCAL_IMAGE] if self.fleet.spec.provider == "local" else []
+
+    def artifacts(self) -> Artifacts:
+        if self._artifacts is None:
+            wheel = build_wheel(self.cache)
+            requirements = extra_requirements(wheel, self.spec.extras) + list(self.spec.packages)
+            self._artifacts = Artifacts(wheel=wheel, pip=pip_zip(self.cache), requirements=requirements)
+        return self._artifacts
+
+    def stamp(self) -> str:
+        art = self.artifacts()
+        settings = json.dumps([self.spec.model_dump(mode="json"), self.image(), art.requirements], sort_keys=True)
+        return (f"{DIST} {__version__} wheel={_sha256(art.wheel)[:12]} "
+                f"settings={hashlib.sha256(settings.encode()).hexdigest()[:12]}")
+
+    def describe(self) -> str:
+        """One line for `up --dry-run`: what every node will get."""
+        if not self.enabled:
+            return "not installed (runtime.install: false): jobs need `python:`"
+        image = ", ".join(self.image()) or "none (everything from the index)"
+        source = "the head's wheelhouse (filled by this machine)" if self.spec.wheelhouse else "the nodes' index"
+        extras = ",".join(self.spec.extras)
+        packages = f" + {', '.join(self.spec.packages)}" if self.spec.packages else ""
+        return (f"{DIST} {__version__}[{extras}]{packages} in ~/{runtime_dir()}, on the image's {image}; "
+                f"what the image lacks from {source}")
+
+    def index_options(self) -> list[str]:
+        options: list[str] = []
+        if self.spec.index_url:
+            options += ["--index-url", self.spec.index_url]
+        for url in self.spec.extra_index_urls:
+            options += ["--extra-index-url", url]
+        for link in self.spec.find_links:
+            options += ["--find-links", link]
+        return options
+
+    def _python_expression(self) -> str:
+        """Shell that picks the interpreter the runtime is made from."""
+        if self.spec.python:
+            return _quote(self.spec.python)
+        for entry in self.image():
+            candidate = f"{entry.rstrip('/')}/bin/python"
+            return f'"$( [ -x {_quote(candidate)} ] && echo {_quote(candidate)} || echo python3 )"'
+        return "python3"
+
+    # -- the steps ---------------------------------------------------------------------
+    def ensure(self, nodes: Sequence[Node], result: UpResult) -> list[Node]:
+        """Every node gets the runtime, or is reported in `result.failures`. Nodes that
+        wait for the wheelhouse (it needs the mounts) are kept and remembered in
+        `self.pending`; `finish()` completes them."""
+        if not self.enabled or not nodes:
+            return list(nodes)
+        try:
+            stamp = self.stamp()
+        except FleetError as error:
+            for node in nodes:
+                result.failures[node.name] = f"the node runtime: {error.message}"
+            return []
+        check = (f'[ "$(cat "$HOME"/{runtime_dir()}/{STAMP} 2>/dev/null)" = {_quote(stamp)} ] '
+                 f"&& echo present || echo absent")
+        checked = self.fleet.executor.run([self.fleet.target(n) for n in nodes], check, timeout=60)
+        ok = [n for n in nodes if checked[n.name].ok and checked[n.name].stdout.strip() == "present"]
+        unreachable = [n for n in nodes if not checked[n.name].ok]
+        for node in unreachable:
+            self._failed(node, result, checked[node.name].describe())
+        absent = [n for n in nodes if n not in ok and n not in unreachable]
+        if absent:
+            ok += self._install(absent, result, stamp, wheelhouse=None)
+        return [n for n in nodes if n in ok or (self.pending is not None and n in self.pending.nodes)]
+
+    def _failed(self, node: Node, result: UpResult, message: str) -> None:
+        text = f"the node runtime ({DIST} {__version__}) could not be installed: {message}"
+        result.failures[node.name] = text
+        self.fleet.state.add_event("runtime_failed", node.name, text)
+        self.fleet.log(f"{node.name}: {text}")
+
+    def _install(self, nodes: Sequence[Node], result: UpResult, stamp: str, *, wheelhouse: dict | None) -> list[Node]:
+        art = self.artifacts()
+        incoming = f"{NODE_ROOT}/.incoming-{__version__}"
+        config = {
+            "root": runtime_dir(), "stamp": stamp, "image": self.image(), "wheel": art.wheel.name,
+            "pip": art.pip.name, "requirements": art.requirements, "extras": list(self.spec.extras),
+            "index_options": self.index_options(), "need_wheelhouse": self.spec.wheelhouse,
+            "wheelhouse": wheelhouse,
+        }
+        self.fleet.log(f"installing the node runtime {DIST} {__version__} on {len(nodes)} node(s)")
+        alive = self._upload(nodes, result, node_bundle(art.wheel, config), f"{incoming}/runtime.pyz", 0o600)
+        command = f'cd "$HOME"/{incoming} && {self._python_expression()} runtime.pyz'
+        ran = self.fleet.executor.run([self.fleet.target(n) for n in alive], command, timeout=1800)
+        # Nodes that lack something the image does not have get the control plane's pip, once.
+        need_pip = [n for n in alive if ran[n.name].exit_code == 4]
+        if need_pip:
+            again = self._upload(need_pip, result, art.pip, f"{incoming}/{art.pip.name}", 0o644)
+            rerun = self.fleet.executor.run([self.fleet.target(n) for n in again], command, timeout=1800)
+            ran = GroupResult({**ran.results, **rerun.results})
+            alive = [n for n in alive if n not in need_pip or n in again]
+        ok: list[Node] = []
+        waiting: list[Node] = []
+        report: dict = {}
+        for node in alive:
+            outcome = ran[node.name]
+            answer = _last_json(outcome)
+            if outcome.ok:
+                ok.append(node)
+                self.fleet.state.add_event("runtime", node.name, f"{DIST} {__version__} installed "
+                                           f"({', '.join(answer.get('installed') or []) or 'nothing from the index'})")
+            elif outcome.exit_code == 3 and answer.get("status") == "missing" and wheelhouse is None:
+                waiting.append(node)
+                report = report or answer
+            else:
+                message = answer.get("error") or outcome.describe()
+                tail = answer.get("tail")
+                self._failed(node, result, f"{message}\n{tail}" if tail else message)
+        if waiting:
+            known = self.pending.nodes if self.pending else []
+            self.pending = Pending(nodes=[*known, *waiting], report=self.pending.report if self.pending else report)
+        return ok
+
+    def _upload(self, nodes: Sequence[Node], result: UpResult, data: bytes | Path, path: str, mode: int) -> list[Node]:
+        put = self.fleet.executor.put([self.fleet.target(n) for n in nodes], data, path, mode=mode)
+        ok = []
+        for node in nodes:
+            if put[node.name].ok:
+                ok.append(node)
+            else:
+                self._failed(node, result, f"upload of {PurePosixPath(path).name}: {put[node.name].describe()}")
+        return ok
+
+    def finish(self, head: Node | None, result: UpResult) -> None:
+        """After the mounts: fill the head's wheelhouse once with what the pending nodes
+        lack, then install it there, hash-checked."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        if head is None:
+            for node in pending.nodes:
+                self._failed(node, result, "its packages come from the head's wheelhouse, and no head is up")
+            return
+        try:
+            files = fill_wheelhouse(pending.report, self.index_options(), self.cache / "wheelhouse")
+        except FleetError as error:
+            for node in pending.nodes:
+                self._failed(node, result, f"the wheelhouse could not be filled: {error.message}")
+            return
+        key = hashlib.sha256("\n".join(sorted(pin for _, pin in files)).encode()).hexdigest()[:16]
+        shared = self.fleet.spec.shared
+        house = f"{shared.path.rstrip('/')}/{WHEELHOUSE}/{key}"
+        head_target = self.fleet.target(head)
+        # What is there already stays (nodes check every file's hash, whoever wrote it).
+        listed = self.fleet.executor.run([head_target], f"ls {_home_word(house)} 2>/dev/null; true", timeout=60)
+        present = set(listed[head.name].stdout.split()) if listed[head.name].ok else set()
+        for path, _pin in files:
+            if path.name in present:
+                continue
+            put = self.fleet.executor.put([head_target], path, f"{house}/{path.name}")
+            if not put[head.name].ok:
+                for node in pending.nodes:
+                    self._failed(node, result, f"upload to the head's wheelhouse: {put[head.name].describe()}")
+                return
+        self.fleet.state.add_event("wheelhouse", head.name, f"{len(files)} file(s) in {house}")
+        dirs = [house, f"{shared.mount.rstrip('/')}/{WHEELHOUSE}/{key}"]
+        waiting = [n for n in pending.nodes if n.name not in result.failures]
+        by_dir: dict[str, list[Node]] = {}
+        for node in waiting:
+            by_dir.setdefault(dirs[0] if node.role == Role.HEAD else dirs[1], []).append(node)
+        for directory, nodes in by_dir.items():
+            self._install(nodes, result, self.stamp(),
+                          wheelhouse={"dir": directory, "pins": [pin for _, pin in files]})
+
+
+def _home_word(path: str) -> str:
+    """A shell word for a path on a node: relative paths are under $HOME."""
+    return _quote(path) if path.startswith("/") else f'"$HOME"/{_quote(path)}'
+
+
+def _last_json(outcome: CommandResult) -> dict:
+    for line in reversed(outcome.stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                return {}
+            return value if isinstance(value, dict) else {}
+    return {}
+
+
+# -- the wheelhouse --------------------------------------------------------------------
+def _download_options(environment: dict) -> list[str]:
+    markers = environment.get("markers", {})
+    version = markers.get("python_version", "")
+    tags = environment.get("tags", [])
+    platforms = list(dict.fromkeys(t.split("-")[2] for t in tags if t.count("-") == 2 and t.split("-")[2] != "any"))
+    abis = list(dict.fromkeys(t.split("-")[1] for t in tags if t.count("-") == 2))
+    implementation = {"cpython": "cp", "pypy": "pp"}.get(markers.get("implementation_name", "cpython"), "py")
+    options = ["--only-binary=:all:", "--python-version", version, "--implementation", implementation]
+    for platform in platforms[:40]:
+        options += ["--platform", platform]
+    for abi in abis[:10]:
+        options += ["--abi", abi]
+    return options
+
+
+def fill_wheelhouse(report: dict, index_options: Sequence[str], cache: Path) -> list[tuple[Path, str]]:
+    """Download, for the nodes' platform, the missing requirements and whatever they need
+    that the image does not provide (one `pip download --no-deps` per distribution, so
+    that nothing the image has, torch above all, is ever fetched). Returns each file with
+    its hash-pinned requirement line."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    environment = report.get("environment", {})
+    markers = dict(environment.get("markers", {}))
+    provided = {canonicalize_name(pin.split("==", 1)[0]) for pin in report.get("provided", [])}
+    cache.mkdir(parents=True, exist_ok=True)
+    # Filled once: the same needs on the same platform reuse the files already downloaded.
+    need = json.dumps([sorted(report.get("missing", [])), sorted(provided), environment, list(index_options)],
+                      sort_keys=True)
+    manifest = cache / f"{hashlib.sha256(need.encode()).hexdigest()[:16]}.json"
+    if manifest.is_file():
+        known = [(cache / name, pin) for name, pin in json.loads(manifest.read_text())]
+        if all(path.is_file() and pin.endswith(_sha256(path)) for path, pin in known):
+            return known
+    queue = list(report.get("missing", []))
+    chosen: dict[str, Path] = {}
+    options = _download_options(environment)
+    while queue:
+        requirement = Requirement(queue.pop(0))
+        name = canonicalize_name(requirement.name)
+        if name in chosen or name in provided:
+            continue
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".get-") as tmp:
+            result = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--disable-pip-version-check",
+                 "-d", tmp, *options, *index_options, str(requirement)],
+                capture_output=True, text=True, check=False, timeout=1800,
+            )
+            got = [p for p in Path(tmp).iterdir() if p.suffix == ".whl"]
+            if result.returncode != 0 or not got:
+                raise RuntimeInstallError(f"pip download {requirement}: {(result.stdout + result.stderr).strip()[-1500:]}")
+            path = cache / got[0].name
+            os.replace(got[0], path)
+        chosen[name] = path
+        with zipfile.ZipFile(path) as archive:
+            meta_name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+            meta = Parser().parsestr(archive.read(meta_name).decode())
+        for line in meta.get_all("Requires-Dist") or []:
+            dependency = Requirement(line)
+            wanted = [""] + sorted(requirement.extras)
+            if dependency.marker is None or any(dependency.marker.evaluate({**markers, "extra": e}) for e in wanted):
+                dependency.marker = None
+                queue.append(str(dependency))
+    files = []
+    for path in chosen.values():
+        name, version, _build, _tags = parse_wheel_filename(path.name)
+        files.append((path, f"{name}=={version} --hash=sha256:{_sha256(path)}"))
+    manifest.write_text(json.dumps([(path.name, pin) for path, pin in files]))
+    return files
