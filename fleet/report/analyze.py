@@ -312,6 +312,7 @@ class _NodeAnalysis:
             wait_s=self.stage_sums["wait"],
             compute_s=self.stage_sums["compute"],
             write_s=self.stage_sums["write"],
+            mode=next((r.mode for r in self.files.workers if r.mode), None),
         )
 
     def _missing(self, job: JobFiles, report_t: float, interval: float, worker_job: bool) -> list[str]:

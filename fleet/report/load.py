@@ -178,6 +178,7 @@ class WorkerRun:
     stop_t: float | None = None
     stop_items: int | None = None
     device: str | None = None
+    mode: str | None = None  # "files" or "records", from the start line
     batches: list[Batch] = field(default_factory=list)
     last_t: float | None = None
     bad_lines: int = 0
@@ -268,6 +269,8 @@ def _read_worker(path: Path, node: str, proc: str) -> WorkerRun:
             run.device = record["device"]
         if kind == "start" and t is not None:
             run.start_t = t if run.start_t is None else min(run.start_t, t)
+            if isinstance(record.get("mode"), str):
+                run.mode = record["mode"]
         elif kind == "stop" and t is not None:
             run.stop_t = t
             items = _num(record.get("items"), None)

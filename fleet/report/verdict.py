@@ -38,6 +38,7 @@ class Thresholds:
     worker_busy_pct: float = 50.0  # worker time inside batches; below: waiting for chunks
     model_busy_low_pct: float = 80.0  # model device time below this share of the worker's: said
     starved_no_items_s: float = 10.0  # a worker alive this long with no item: starved
+    io_share_pct: float = 50.0  # read + write, % of stage time: the shared filesystem is the limit
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class NodeSignals:
     wait_s: float = 0.0
     compute_s: float = 0.0
     write_s: float = 0.0
+    mode: str | None = None  # the worker's "files" or "records"
 
 
 @dataclass(frozen=True)
@@ -373,8 +375,56 @@ def _without_worker(s: NodeSignals, th: Thresholds) -> Verdict:
     )
 
 
+def io_share(s: NodeSignals) -> float | None:
+    """read + write in % of the worker's stage time (read + wait + compute + write)."""
+    total = s.read_s + s.wait_s + s.compute_s + s.write_s
+    return 100.0 * (s.read_s + s.write_s) / total if total > 0 else None
+
+
+def _shared_filesystem(s: NodeSignals, th: Thresholds, cpu_verdict: Verdict) -> Verdict | None:
+    """A worker that spends most of its stage time reading and writing is held back by
+    the shared filesystem, whatever the CPU counters say (on a small node sshfs, ssh and
+    the kernel's FUSE work fill the CPU: more cores or a GPU would not help)."""
+    share = io_share(s)
+    if share is None or share < th.io_share_pct or s.items <= 0:
+        return None
+    ms = 1000.0 * (s.read_s + s.write_s) / s.items
+    evidence = [
+        f"read + write {share:.0f}% of stage time (>= {th.io_share_pct:.0f}%): the shared filesystem is the limit",
+        f"{ms:.2f} ms of reads and writes per item",
+    ]
+    if s.worker_seconds > 0:
+        rate = s.items / s.worker_seconds
+        if s.mode == "files":
+            evidence.append(f"{2 * rate:.0f} files/s through the mount (one read and one write per item)")
+        else:
+            evidence.append(f"{rate:.0f} items/s per worker process")
+    cpu_figures = "; ".join(cpu_verdict.evidence)
+    note = (
+        f"the CPU counters alone say cpu-bound ({cpu_figures}): that CPU goes to moving files "
+        "(sshfs, ssh, the kernel's FUSE work), not to the model"
+    )
+    return Verdict(
+        "network-bound",
+        tuple(evidence),
+        f"The shared filesystem is the limit, not the model: every item costs {ms:.2f} ms of reads and writes "
+        "through the mount. Move the data in bulk: io: bulk (files mode: the head packs each chunk into one "
+        "file, each way), or records mode (many items per file), or fewer, larger files. Raising sshfs "
+        "max_conns helps large files more than many small ones.",
+        (note,),
+    )
+
+
 def classify_node(s: NodeSignals, th: Thresholds = Thresholds()) -> Verdict:
-    """The rules of docs/report.md, first match wins."""
+    """The rules of docs/report.md, first match wins; a cpu-bound worker whose stage time
+    goes mostly to reads and writes is held back by the shared filesystem instead."""
+    verdict = _classify_node(s, th)
+    if verdict.kind == "cpu-bound" and s.has_worker:
+        return _shared_filesystem(s, th, verdict) or verdict
+    return verdict
+
+
+def _classify_node(s: NodeSignals, th: Thresholds) -> Verdict:
     if not s.has_samples and not s.has_worker:
         return Verdict(
             "idle",

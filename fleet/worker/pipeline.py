@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.worker.batcher import BatchQueue, QueueClosed
+from fleet.worker.bulk import RELEASE_ACK_S, BulkClient, OutputPack, scratch_root
 from fleet.worker.claims import ChunkQueue, Claim
 from fleet.worker.config import WorkerConfig
 from fleet.worker.errors import DeviceFailed
@@ -105,6 +106,9 @@ class ChunkRun:
         self.started = time.monotonic()
         self.settled = threading.Event()
         self.outcome = ""
+        # Bulk I/O (fleet.worker.bulk): the chunk's fetched inputs and its gathered outputs.
+        self.local: dict[str, bytes | Path] | None = None
+        self.outputs: OutputPack | None = None
 
 
 class _BatchWrites:
@@ -174,6 +178,12 @@ class Pipeline:
         self.fatal: BaseException | None = None
         self.readers = ThreadPoolExecutor(config.reader_threads, thread_name_prefix="fleet-reader")
         self.writers = ThreadPoolExecutor(config.writer_threads, thread_name_prefix="fleet-writer")
+        self.bulk: BulkClient | None = None
+        if not self.records and config.io != "mount":
+            self.bulk = BulkClient(layout, self.out_dir, scratch_root(config))
+            queue.prefer = self.bulk.packed
+            # Deliveries wait for the head's ack: off the writer threads.
+            self.deliveries = ThreadPoolExecutor(2, thread_name_prefix="fleet-deliver")
         self._compute = threading.Thread(
             target=self._guarded(self._compute_loop), name="fleet-compute", daemon=True
         )
@@ -208,10 +218,63 @@ class Pipeline:
             with run.lock:
                 run.pending += len(todo)
             self._add_backlog(len(todo))
-            for position, rel in todo:
-                self.readers.submit(self._guarded(self._read_file), run, position, rel)
+            if self.bulk is not None and todo and self.bulk.active():
+                with run.lock:
+                    run.pending += 1  # the fetch task
+                self.readers.submit(self._guarded(self._fetch_chunk), run, todo)
+            else:
+                for position, rel in todo:
+                    self.readers.submit(self._guarded(self._read_file), run, position, rel)
         self._resolve(run)  # drop the submitting token
         return run
+
+    def _fetch_chunk(self, run: ChunkRun, todo: list[tuple[int, str]]) -> None:
+        """Bulk I/O: the chunk's inputs from one pack, loaded here in one pass (as a records
+        segment is); inputs the pack lacks are read through the mount one by one."""
+        assert self.bulk is not None
+        local: dict[str, bytes | Path] | None = None
+        if not (self._stopping.is_set() or run.claim.lost):
+            try:
+                local = self.bulk.fetch(run.chunk.id, {rel for _, rel in todo})
+            except (OSError, ValueError) as exc:
+                self._check_mount(exc)  # else an unreadable pack: read through the mount
+        if local is None:
+            for position, rel in todo:
+                self.readers.submit(self._guarded(self._read_file), run, position, rel)
+            self._resolve(run)  # the fetch task
+            return
+        run.local = local
+        run.outputs = self.bulk.output_pack()
+        handler, memo, batch = self.handler, self.memo is not None, self.config.batch_size
+        items: list[Item] = []
+        for done, (position, rel) in enumerate(todo):
+            value = local.pop(rel, None)
+            if value is None:
+                self.readers.submit(self._guarded(self._read_file), run, position, rel)
+                continue
+            started = time.perf_counter()
+            try:
+                data = handler.load(BulkClient.read_local(value))
+            except Exception as exc:  # noqa: BLE001 - recorded, the item is skipped
+                self._read_done(1)
+                self._item_failed(run, rel, "load", exc)
+                continue
+            items.append(Item(run, (0, position), rel, data, time.perf_counter() - started,
+                              handler.digest(data) if memo else None))
+            if len(items) >= batch:
+                self._read_done(len(items))
+                if not self._enqueue(items):  # stopping: the rest is never read
+                    rest = len(todo) - done - 1
+                    run.incomplete = True
+                    self._read_done(rest)
+                    self._resolve(run, rest)
+                    items = []
+                    break
+                items = []
+        if items:
+            self._read_done(len(items))
+            self._enqueue(items)
+        self._resolve(run)  # the fetch task
 
     def stop(self, grace_s: float) -> None:
         """Stop reading; finish what is queued within `grace_s`, then drop the rest.
@@ -232,6 +295,8 @@ class Pipeline:
         self._compute.join(timeout=60)
         self.readers.shutdown(wait=True, cancel_futures=True)
         self.writers.shutdown(wait=True)
+        if self.bulk is not None:
+            self.deliveries.shutdown(wait=True)
         for run in list(self.runs.values()):  # left unsettled by a fatal error
             run.incomplete = True
             self._settle(run)
@@ -603,12 +668,15 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001
                 self._item_failed(item.run, item.key, "write", exc)
                 continue
-            path = self.out_dir / (item.key + suffix)
-            parent = path.parent
-            if parent not in self._made_dirs:
-                parent.mkdir(parents=True, exist_ok=True)
-                self._made_dirs.add(parent)
-            write_atomic(path, data)
+            if item.run.outputs is not None:
+                item.run.outputs.add(item.key + suffix, data)
+            else:
+                path = self.out_dir / (item.key + suffix)
+                parent = path.parent
+                if parent not in self._made_dirs:
+                    parent.mkdir(parents=True, exist_ok=True)
+                    self._made_dirs.add(parent)
+                write_atomic(path, data)
             with item.run.lock:
                 item.run.ok += 1
             self._resolve(item.run)
@@ -621,7 +689,8 @@ class Pipeline:
             settle = run.pending == 0
         if settle:
             try:
-                self.writers.submit(self._guarded(self._settle), run)
+                pool = self.deliveries if run.outputs is not None else self.writers
+                pool.submit(self._guarded(self._settle), run)
             except RuntimeError:  # pool shut down: settle here
                 self._settle(run)
 
@@ -642,12 +711,18 @@ class Pipeline:
                 return
         write_s = 0.0
         if run.claim.lost:
+            self._discard_bulk(run)
             self.queue.release(run.claim)  # forgets it; the files belong to the new holder
             run.outcome = "lost"
         elif run.incomplete or self.fatal is not None:
+            self._deliver(run, releasing=True)
             self.queue.release(run.claim)
             run.outcome = "released"
         else:
+            if run.outputs is not None:
+                started = time.perf_counter()
+                self._deliver(run, releasing=False)
+                write_s = time.perf_counter() - started
             if self.records:
                 started = time.perf_counter()
                 self._write_rows(run)
@@ -673,6 +748,26 @@ class Pipeline:
         )
         run.settled.set()
         self.on_change()
+
+    def _deliver(self, run: ChunkRun, *, releasing: bool) -> None:
+        outputs, run.outputs = run.outputs, None
+        if outputs is None or self.bulk is None:
+            return
+        self._discard_bulk(run)
+        if not releasing:
+            self.bulk.deliver(run.chunk.id, run.claim.token, outputs)
+            return
+        try:  # what is finished, so that the next holder skips it; shortly: we are stopping
+            self.bulk.deliver(run.chunk.id, run.claim.token, outputs, wait_s=RELEASE_ACK_S)
+        except (OSError, RuntimeError):
+            pass  # best effort on the way out: the next holder computes them again
+
+    def _discard_bulk(self, run: ChunkRun) -> None:
+        BulkClient.discard(run.local)
+        run.local = None
+        if run.outputs is not None and run.claim.lost:
+            run.outputs.close()
+            run.outputs = None
 
     def _write_rows(self, run: ChunkRun) -> None:
         run.rows.sort(key=lambda row: row[0])
