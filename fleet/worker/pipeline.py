@@ -263,7 +263,7 @@ class Pipeline:
                               handler.digest(data) if memo else None))
             if len(items) >= batch:
                 self._read_done(len(items))
-                if not self._enqueue(items):  # stopping: the rest is never read
+                if not self._enqueue(self._prepare(run, items)):  # stopping: the rest is never read
                     rest = len(todo) - done - 1
                     run.incomplete = True
                     self._read_done(rest)
@@ -273,7 +273,7 @@ class Pipeline:
                 items = []
         if items:
             self._read_done(len(items))
-            self._enqueue(items)
+            self._enqueue(self._prepare(run, items))
         self._resolve(run)  # the fetch task
 
     def stop(self, grace_s: float) -> None:

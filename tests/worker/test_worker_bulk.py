@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import worker_plugins
 from worker_helpers import (
     REPO,
     assert_checksum_outputs,
@@ -273,3 +274,32 @@ def test_a_pack_round_trips() -> None:
     handle = io.BytesIO(out.getvalue())
     assert read_pack_header(handle) == [("a/b.txt", 3), ("c.txt", 0)]
     assert handle.read() == b"abc"
+
+
+def test_bulk_items_are_prepared_in_the_reader_threads(shared: Path, tmp_path: Path) -> None:
+    """Items loaded from a chunk's pack get the handler's prepare step (tokenising, for
+    text-embed) in a reader thread, as items read through the mount do."""
+    corpus = shared / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"{i:02d}.txt").write_text(f"text {i}" if i != 5 else "POISON 5")
+    job = make_job(shared, "prepbulk", {"handler": "worker_plugins:PreparingChecksum", "inputs": "corpus/*.txt",
+                                         "outputs": "out", "chunk_size": 20, "io": "bulk"})
+    assert run_cli(str(job), "--init").returncode == 0
+    worker_plugins.CALLS.pop("prepare_threads", None)
+    packer = start_packer(job, tmp_path / "packer.log")
+    try:
+        summary = run_worker(job, node="n0", install_signal_handlers=False)
+        assert packer.wait(timeout=60) == 0
+    finally:
+        kill_group(packer, signal.SIGKILL)
+    assert summary["items"] == 39 and summary["failed"] == 1
+    assert "unpacked 39 outputs" in (tmp_path / "packer.log").read_text()  # through the packs, not the mount
+    for i in range(40):
+        output = shared / "out" / f"{i:02d}.txt.sha256"
+        if i == 5:
+            assert not output.exists()
+            continue
+        assert output.read_text().split() == [sha256_hex(f"TEXT {i}".encode())]
+    threads = worker_plugins.CALLS["prepare_threads"]
+    assert threads and all(name.startswith("fleet-reader") for name in threads)
