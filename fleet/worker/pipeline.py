@@ -481,11 +481,22 @@ class Pipeline:
                     self._drop(inflight.batch)
                     inflight = None
                 continue
+            if inflight is not None and self._awaits(batch, inflight):
+                self._finish(inflight)  # its results feed this batch's memo look-ups
+                inflight = None
             launched = self._launch(batch, waited)
             waited = 0.0
             if inflight is not None:
                 self._finish(inflight)
             inflight = launched
+
+    def _awaits(self, batch: list[Item], flight: _InFlight) -> bool:
+        """Memoize: whether `batch` holds an input that the batch in flight computes (its
+        result is in the memo only once that batch is finished)."""
+        if self.memo is None:
+            return False
+        computing = {flight.batch[j].digest for j in flight.compute}
+        return any(item.digest in computing for item in batch)
 
     def _launch(self, batch: list[Item], wait_s: float) -> _InFlight:
         """Memo look-ups, then start the model on the rest (not waiting for it)."""
