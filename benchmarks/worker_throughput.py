@@ -21,8 +21,13 @@ inside the model (its own metrics): a figure the machine's drift does not move.
 which the other tenants of the machine move far less than wall time (the CPU of the
 sshfs/ssh client processes is not in it: the wall-clock ratio is the one that counts).
 
+B (BENCH_BULK=1, the default) is the sshfs run again with `io: bulk`: the head's packer
+(`fleet.worker.packer`, a process on the head's local directory, as `fleet run` starts
+it) packs each chunk's inputs into one file and unpacks its outputs, so the worker moves
+one file per chunk through the mount each way (`ratio_bulk`, `model_busy_bulk`).
+
 Last line: {"ceiling_items_s", "local_items_s", "sshfs_items_s", "ratio_local",
-"ratio_sshfs", ...details}. Goal: ratio_local >= 0.95, ratio_sshfs >= 0.90.
+"ratio_sshfs", "ratio_bulk", ...details}. Goal: ratio_local >= 0.95, ratio_sshfs >= 0.90.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import random
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -49,6 +55,8 @@ from _sshfs import sshd_head
 N_TEXTS = int(os.environ.get("BENCH_TEXTS", "2000"))
 BATCH = 64
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+# "bulk": the same sshfs mount with io: bulk and the head's packer (BENCH_BULK=0 leaves it out).
+MODES = ("local", "sshfs", "bulk") if os.environ.get("BENCH_BULK", "1") != "0" else ("local", "sshfs")
 WORDS = [
     "the",
     "a",
@@ -140,9 +148,38 @@ def preloaded_text_embed(**options: object):
 
     class Preloaded(TextEmbedHandler):
         def open(self, context: HandlerContext) -> None:
-            self.model = _LOADED["model"]
+            self.attach(_LOADED["model"], context)
 
     return Preloaded(**options)  # type: ignore[arg-type]
+
+
+def start_packer(job: Path) -> subprocess.Popen[bytes]:
+    """The head's packer for an `io: bulk` job, working on the head's local directory as
+    `fleet run` starts it there (fleet.worker.packer); ready before the worker starts."""
+    from fleet.worker.inputs import freeze
+    from fleet.worker.layout import JobLayout, load_worker_config
+
+    layout = JobLayout.at(job)
+    freeze(layout, load_worker_config(layout))
+    packer = subprocess.Popen(
+        [sys.executable, "-P", "-m", "fleet.worker.packer", str(job)],
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.monotonic() + 60
+    while not (job / "bulk" / "packer.json").exists():
+        if time.monotonic() > deadline or packer.poll() is not None:
+            raise SystemExit("the packer did not start")
+        time.sleep(0.01)
+    return packer
+
+
+def stop_packer(packer: subprocess.Popen[bytes]) -> None:
+    try:
+        packer.wait(timeout=30)  # it exits by itself once every chunk is done
+    except subprocess.TimeoutExpired:
+        packer.kill()
+        packer.wait()
 
 
 def run_job(shared_view: Path, name: str, expected: int) -> dict:
@@ -173,7 +210,7 @@ def main() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
         for q in range(ROUNDS):
-            for mode in ("local", "sshfs"):
+            for mode in MODES:
                 job = shared / "jobs" / f"{mode}{q}"
                 job.mkdir(parents=True)
                 worker = {
@@ -182,6 +219,7 @@ def main() -> None:
                     "outputs": f"out/{mode}{q}",
                     "batch_size": BATCH,
                     "device": "cpu",
+                    "io": "bulk" if mode == "bulk" else "mount",
                 }
                 (job / "job.yaml").write_text(yaml.safe_dump({"name": f"{mode}{q}", "worker": worker}))
 
@@ -191,16 +229,22 @@ def main() -> None:
         model.encode(texts[:128], batch_size=BATCH, show_progress_bar=False)  # warm up
         ceilings: list[float] = []
         ceilings_cpu: list[float] = []
-        runs: dict[str, list[dict]] = {"local": [], "sshfs": []}
-        ratios: dict[str, list[float]] = {"local": [], "sshfs": [], "local_cpu": [], "sshfs_cpu": []}
+        runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        ratios: dict[str, list[float]] = {k: [] for mode in MODES for k in (mode, mode + "_cpu")}
         with sshd_head() as mount:
             mounted = mount(shared, root / "mnt")
             for q in range(ROUNDS):
-                for mode, view in (("local", shared), ("sshfs", mounted)):
+                for mode in MODES:
+                    view = shared if mode == "local" else mounted
                     if not ceilings:
                         ceilings.append(ceiling(model, texts, ceilings_cpu))
                     before, before_cpu = ceilings[-1], ceilings_cpu[-1]
-                    summary = run_job(view, f"{mode}{q}", len(texts))
+                    packer = start_packer(shared / "jobs" / f"{mode}{q}") if mode == "bulk" else None
+                    try:
+                        summary = run_job(view, f"{mode}{q}", len(texts))
+                    finally:
+                        if packer is not None:
+                            stop_packer(packer)
                     after = ceiling(model, texts, ceilings_cpu)
                     ceilings.append(after)
                     runs[mode].append(summary)
@@ -230,6 +274,17 @@ def main() -> None:
             "ratio_sshfs_cpu": round(statistics.median(ratios["sshfs_cpu"]), 3),
             "model_busy_local": round(model_busy("local"), 3),
             "model_busy_sshfs": round(model_busy("sshfs"), 3),
+            **(
+                {
+                    "bulk_items_s": round(total_rate("bulk"), 2),
+                    "ratio_bulk": round(statistics.median(ratios["bulk"]), 3),
+                    "ratio_bulk_cpu": round(statistics.median(ratios["bulk_cpu"]), 3),
+                    "model_busy_bulk": round(model_busy("bulk"), 3),
+                    "ratios_bulk": [round(r, 3) for r in ratios["bulk"]],
+                }
+                if "bulk" in MODES
+                else {}
+            ),
             "texts": N_TEXTS,
             "batch_size": BATCH,
             "device": "cpu",

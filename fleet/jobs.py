@@ -8,6 +8,7 @@ this module adds what the control side needs there:
     pids/<node>.pid        the launcher's pid = its process group (setsid)
     status/<node>.exit     the launcher's exit code, written when it ends
     logs/<node>.log        everything the node's processes printed
+    bulk/packer.log        the head's packer (bulk I/O, `fleet.worker.packer`)
     cancelled              `fleet cancel` was asked: nothing restarts
 
 Nothing on the shared directory is ever executed or imported by a node: any worker can
@@ -282,6 +283,23 @@ class JobRunner:
                 f"{self.runtime_check()}cd {job_dir} && {self.python_word()} -P -m fleet.worker . --init"))
             if not init.ok:
                 raise JobError(f"the worker could not freeze the job's inputs: {self.redact(init.describe())}")
+            self.start_packer(head)
+
+    def start_packer(self, head: Node) -> None:
+        """Bulk I/O: the head's packer (`fleet.worker.packer`, fleet's installed code; -P
+        keeps the job directory off sys.path). It exits at once when the job does not use
+        bulk I/O and when another packer serves the job, so starting it again is harmless."""
+        worker = self.job.worker
+        if worker is None or worker.mode != "files" or worker.io == "mount":
+            return
+        job_dir = self.job_dir_for(head)
+        # Only the packer goes to the background (a backgrounded `a && b` list would keep
+        # this SSH session open until the packer exits).
+        started = self._on_head(head, self._sourced(
+            f"{self.runtime_check()}cd {job_dir} || exit 1; mkdir -p bulk; setsid nohup {self.python_word()} -P "
+            f"-m fleet.worker.packer \"$PWD\" >> bulk/packer.log 2>&1 < /dev/null & echo started"))
+        if not started.ok:  # the workers read and write through the mount instead
+            self.fleet.state.add_event("packer_failed", head.name, self.redact(started.describe()))
 
     def _job_env(self) -> dict[str, str]:
         """FLEET_* variables of the job's commands (the job's own env comes from env.sh)."""
@@ -448,9 +466,25 @@ class JobRunner:
             )
 
         results = self.fleet.executor.run([self.fleet.target(n) for n in alive], command, timeout=60)
+        self.stop_packer(head)
         self.fleet.state.set_job_status(self.job.name, "cancelled")
         self.fleet.state.add_event("cancelled", None, f"job {self.job.name}")
         return results
+
+    def stop_packer(self, head: Node) -> None:
+        """After the workers stopped (their last deliveries are unpacked by then): SIGTERM
+        the head's packer, which unpacks what is pending and exits. The pid is checked to
+        be a packer's (a stale pid file must not kill whatever reuses the number)."""
+        self._on_head(
+            head,
+            f"cd {self.job_dir_for(head)} 2>/dev/null && [ -f bulk/packer.pid ] || exit 0; pid=$(cat bulk/packer.pid); "
+            "case \"$pid\" in ''|*[!0-9]*) exit 0;; esac; "  # workers can write there: a number or nothing
+            "tr '\\0' ' ' < /proc/\"$pid\"/cmdline 2>/dev/null | grep -q fleet.worker.packer || exit 0; "
+            "kill -TERM \"$pid\" 2>/dev/null || exit 0; "
+            "for i in $(seq 1 100); do kill -0 \"$pid\" 2>/dev/null || exit 0; sleep 0.1; done; "
+            "kill -KILL \"$pid\" 2>/dev/null; exit 0",
+            timeout=60,
+        )
 
     def log_command(self, node_name: str | None, *, follow: bool, head: Node) -> str:
         logs = f"{self.job_dir_for(head)}/logs"

@@ -215,6 +215,8 @@ class _NodeAnalysis:
                 if g.mem_used_mb is not None and totals.get(index)
             ]
             power = [g.power_w for g in gpus if g.power_w is not None]
+            sm = [g.sm_active for g in gpus if g.sm_active is not None]
+            tensor = [g.tensor_active for g in gpus if g.tensor_active is not None]
             stat = Stat.of(utils)
             result.append(
                 {
@@ -226,9 +228,19 @@ class _NodeAnalysis:
                         mean([g.mem_used_mb for g in gpus if g.mem_used_mb is not None])
                     ),
                     "power_w": Stat.rounded(mean(power)),
+                    "sm_active": Stat.rounded(mean(sm)),
+                    "tensor_active": Stat.rounded(mean(tensor)),
                 }
             )
         return result
+
+    def _model_busy_pct(self) -> float | None:
+        """The model's device time (batch lines' model_s) in % of the worker processes'
+        wall time: what share of the time the GPU computed for this job."""
+        timed = [b.model_s for b in self.batches if b.model_s is not None]
+        if not timed or self.worker_seconds <= 0:
+            return None
+        return min(100.0, 100.0 * sum(timed) / self.worker_seconds)
 
     def _busy_pct(self) -> float | None:
         """Share of the worker's time between its first and last batch spent inside
@@ -281,6 +293,10 @@ class _NodeAnalysis:
             gpu_count=len(self.gpus),
             gpu_util=self.stats["gpu_util"].mean,
             gpu_util_each=tuple(g["util"] or 0.0 for g in self.gpus),
+            gpu_sm_active=mean([g["sm_active"] for g in self.gpus if g["sm_active"] is not None]),
+            gpu_sm_each=tuple(g["sm_active"] for g in self.gpus),
+            gpu_tensor_active=mean([g["tensor_active"] for g in self.gpus if g["tensor_active"] is not None]),
+            model_busy_pct=self._model_busy_pct(),
             gpu_mem=self.stats["gpu_mem"].mean,
             job_cpu_pct_one_core=mean(proc_cpu),
             job_runq_pct_one_core=mean(proc_runq),
@@ -296,6 +312,7 @@ class _NodeAnalysis:
             wait_s=self.stage_sums["wait"],
             compute_s=self.stage_sums["compute"],
             write_s=self.stage_sums["write"],
+            mode=next((r.mode for r in self.files.workers if r.mode), None),
         )
 
     def _missing(self, job: JobFiles, report_t: float, interval: float, worker_job: bool) -> list[str]:

@@ -76,6 +76,8 @@ class GpuSample:
     mem_util: float | None
     mem_used_mb: float | None
     power_w: float | None
+    sm_active: float | None = None  # GPM: % of SMs busy (Hopper and later)
+    tensor_active: float | None = None  # GPM: % of time tensor cores worked
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,8 @@ class Sample:
                     mem_util=_num(gpu.get("mem_util"), None),
                     mem_used_mb=_num(gpu.get("mem_used_mb"), None),
                     power_w=_num(gpu.get("power_w"), None),
+                    sm_active=_num(gpu.get("sm_active"), None),
+                    tensor_active=_num(gpu.get("tensor_active"), None),
                 )
             )
         proc = record.get("proc") if isinstance(record.get("proc"), dict) else None
@@ -161,6 +165,7 @@ class Batch:
     wait_s: float
     compute_s: float
     write_s: float
+    model_s: float | None = None  # the model's device time (CUDA events), when recorded
 
 
 @dataclass
@@ -173,6 +178,7 @@ class WorkerRun:
     stop_t: float | None = None
     stop_items: int | None = None
     device: str | None = None
+    mode: str | None = None  # "files" or "records", from the start line
     batches: list[Batch] = field(default_factory=list)
     last_t: float | None = None
     bad_lines: int = 0
@@ -263,6 +269,8 @@ def _read_worker(path: Path, node: str, proc: str) -> WorkerRun:
             run.device = record["device"]
         if kind == "start" and t is not None:
             run.start_t = t if run.start_t is None else min(run.start_t, t)
+            if isinstance(record.get("mode"), str):
+                run.mode = record["mode"]
         elif kind == "stop" and t is not None:
             run.stop_t = t
             items = _num(record.get("items"), None)
@@ -278,6 +286,7 @@ def _read_worker(path: Path, node: str, proc: str) -> WorkerRun:
                     wait_s=max(0.0, _num(record.get("wait_s")) or 0.0),
                     compute_s=max(0.0, _num(record.get("compute_s")) or 0.0),
                     write_s=max(0.0, _num(record.get("write_s")) or 0.0),
+                    model_s=_num(record.get("model_s"), None),
                 )
             )
     run.batches.sort(key=lambda b: b.t)

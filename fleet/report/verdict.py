@@ -36,7 +36,9 @@ class Thresholds:
     idle_pct: float = 10.0  # cpu, gpu, disk below this ...
     idle_net_mb_s: float = 1.0  # ... and network below this: idle
     worker_busy_pct: float = 50.0  # worker time inside batches; below: waiting for chunks
+    model_busy_low_pct: float = 80.0  # model device time below this share of the worker's: said
     starved_no_items_s: float = 10.0  # a worker alive this long with no item: starved
+    io_share_pct: float = 50.0  # read + write, % of stage time: the shared filesystem is the limit
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ class NodeSignals:
     gpu_util: float | None = None  # mean over GPUs
     gpu_util_each: tuple[float, ...] = ()
     gpu_mem: float | None = None  # memory used, % of capacity
+    gpu_sm_active: float | None = None  # GPM: % of SMs busy, mean over GPUs that report it
+    gpu_sm_each: tuple[float | None, ...] = ()
+    gpu_tensor_active: float | None = None
+    model_busy_pct: float | None = None  # model device time, % of the worker's wall time
     cpu_steal: float = 0.0
     job_cpu_pct_one_core: float | None = None  # watched process tree (sampler --pid)
     job_runq_pct_one_core: float | None = None  # its threads runnable, waiting for a CPU
@@ -69,6 +75,7 @@ class NodeSignals:
     wait_s: float = 0.0
     compute_s: float = 0.0
     write_s: float = 0.0
+    mode: str | None = None  # the worker's "files" or "records"
 
 
 @dataclass(frozen=True)
@@ -200,6 +207,21 @@ def _compute_bound(s: NodeSignals, th: Thresholds) -> Verdict:
             notes.append(f"GPU(s) {', '.join(map(str, idle_gpus))} idle while others work")
         working = [u for u in s.gpu_util_each if u >= th.idle_pct] or [s.gpu_util]
         util = sum(working) / len(working)  # idle GPUs of a multi-GPU node get their own advice
+        nvml_util = util
+        if s.gpu_sm_active is not None:
+            # GPM's SM activity is the stronger evidence: NVML's util is "a kernel ran".
+            active = [a for a, u in zip(s.gpu_sm_each, s.gpu_util_each) if a is not None and u >= th.idle_pct]
+            util = sum(active) / len(active) if active else s.gpu_sm_active
+            if nvml_util >= th.gpu_busy_pct and util < th.gpu_low_pct:
+                notes.append(
+                    f"NVML util {nvml_util:.0f}% but only {util:.0f}% of the SMs busy (GPM): the kernels "
+                    "are too small for this GPU (raise batch_size / max_batch_tokens)"
+                )
+        if s.model_busy_pct is not None and s.model_busy_pct < th.model_busy_low_pct:
+            notes.append(
+                f"the model computed only {s.model_busy_pct:.0f}% of the worker's time (device time): "
+                "the rest went to the CPU side of the compute thread (collating, Python) or to waits"
+            )
         saturated, cpu_note = cpu_saturated(s, th)
         if cpu_note:
             notes.append(cpu_note)
@@ -207,7 +229,7 @@ def _compute_bound(s: NodeSignals, th: Thresholds) -> Verdict:
             return Verdict(
                 "cpu-bound",
                 (
-                    f"GPU util {util:.0f}% (< {th.gpu_low_pct:.0f}%: low)",
+                    f"GPU {_activity_name(s)} {util:.0f}% (< {th.gpu_low_pct:.0f}%: low)",
                     f"CPU {s.cpu_busy:.0f}% busy (>= {th.cpu_busy_pct:.0f}%)",
                 ),
                 "The CPU cannot keep the GPU busy (tokenising, decoding, Python overhead): choose a machine "
@@ -220,6 +242,13 @@ def _compute_bound(s: NodeSignals, th: Thresholds) -> Verdict:
         ]
         if len(working) < s.gpu_count:
             evidence.append(f"{util:.0f}% over the {len(working)} working GPU(s)")
+        if s.gpu_sm_active is not None:
+            evidence.append(
+                f"SM activity {util:.0f}% (GPM)"
+                + (f", tensor cores {s.gpu_tensor_active:.0f}%" if s.gpu_tensor_active is not None else "")
+            )
+        if s.model_busy_pct is not None:
+            evidence.append(f"model busy {s.model_busy_pct:.0f}% of the worker's time (device time)")
         if s.gpu_mem is not None:
             evidence.append(f"GPU memory {s.gpu_mem:.0f}% used")
         if idle_gpus and len(idle_gpus) < s.gpu_count:
@@ -259,6 +288,10 @@ def _compute_bound(s: NodeSignals, th: Thresholds) -> Verdict:
     else:
         advice = "Computing on the CPU with every core busy: use GPU nodes, or more nodes."
     return Verdict("cpu-bound", tuple(evidence), advice, tuple(notes))
+
+
+def _activity_name(s: NodeSignals) -> str:
+    return "SM activity" if s.gpu_sm_active is not None else "util"
 
 
 def _without_worker(s: NodeSignals, th: Thresholds) -> Verdict:
@@ -342,8 +375,56 @@ def _without_worker(s: NodeSignals, th: Thresholds) -> Verdict:
     )
 
 
+def io_share(s: NodeSignals) -> float | None:
+    """read + write in % of the worker's stage time (read + wait + compute + write)."""
+    total = s.read_s + s.wait_s + s.compute_s + s.write_s
+    return 100.0 * (s.read_s + s.write_s) / total if total > 0 else None
+
+
+def _shared_filesystem(s: NodeSignals, th: Thresholds, cpu_verdict: Verdict) -> Verdict | None:
+    """A worker that spends most of its stage time reading and writing is held back by
+    the shared filesystem, whatever the CPU counters say (on a small node sshfs, ssh and
+    the kernel's FUSE work fill the CPU: more cores or a GPU would not help)."""
+    share = io_share(s)
+    if share is None or share < th.io_share_pct or s.items <= 0:
+        return None
+    ms = 1000.0 * (s.read_s + s.write_s) / s.items
+    evidence = [
+        f"read + write {share:.0f}% of stage time (>= {th.io_share_pct:.0f}%): the shared filesystem is the limit",
+        f"{ms:.2f} ms of reads and writes per item",
+    ]
+    if s.worker_seconds > 0:
+        rate = s.items / s.worker_seconds
+        if s.mode == "files":
+            evidence.append(f"{2 * rate:.0f} files/s through the mount (one read and one write per item)")
+        else:
+            evidence.append(f"{rate:.0f} items/s per worker process")
+    cpu_figures = "; ".join(cpu_verdict.evidence)
+    note = (
+        f"the CPU counters alone say cpu-bound ({cpu_figures}): that CPU goes to moving files "
+        "(sshfs, ssh, the kernel's FUSE work), not to the model"
+    )
+    return Verdict(
+        "network-bound",
+        tuple(evidence),
+        f"The shared filesystem is the limit, not the model: every item costs {ms:.2f} ms of reads and writes "
+        "through the mount. Move the data in bulk: io: bulk (files mode: the head packs each chunk into one "
+        "file, each way), or records mode (many items per file), or fewer, larger files. Raising sshfs "
+        "max_conns helps large files more than many small ones.",
+        (note,),
+    )
+
+
 def classify_node(s: NodeSignals, th: Thresholds = Thresholds()) -> Verdict:
-    """The rules of docs/report.md, first match wins."""
+    """The rules of docs/report.md, first match wins; a cpu-bound worker whose stage time
+    goes mostly to reads and writes is held back by the shared filesystem instead."""
+    verdict = _classify_node(s, th)
+    if verdict.kind == "cpu-bound" and s.has_worker:
+        return _shared_filesystem(s, th, verdict) or verdict
+    return verdict
+
+
+def _classify_node(s: NodeSignals, th: Thresholds) -> Verdict:
     if not s.has_samples and not s.has_worker:
         return Verdict(
             "idle",

@@ -11,6 +11,8 @@ directory is JOB_DIR on the shared filesystem until no work is left. Modules:
 - `batcher`  the reusable thread-safe `DynamicBatcher`
 - `handlers` the handler plugin interface and the bundled `text-embed` / `checksum`
 - `pipeline` reader threads -> batcher -> model -> writer threads, chunks flowing together
+- `bulk`     `io: bulk`: a chunk's inputs and outputs cross the mount as one pack each
+- `packer`   the head's side of bulk I/O (`python -P -m fleet.worker.packer JOB_DIR`)
 - `metrics`  the JSON-lines metrics and failure logs (format in its docstring)
 - `runner`   one worker process: claim, process, mark done, repeat; graceful stop
 - `errors`   WorkerError (fatal, exit 2) and WorkerFailed (exit 1)

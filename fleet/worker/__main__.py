@@ -9,9 +9,14 @@ Runs until no work is left and exits 0 (also after SIGTERM/SIGINT: graceful stop
 Exit 2 on a fatal problem (bad job.yaml, inputs that match nothing, ...), with a
 one-line message and no traceback; exit 1 when the worker failed at run time.
 
-`--processes auto` starts one worker process per visible CUDA GPU (each with its own
-CUDA_VISIBLE_DEVICES, started with spawn: never a fork after CUDA is initialised), and
-one process on a CPU-only node. The parent forwards SIGTERM/SIGINT to its children.
+`--processes auto` starts one worker process per visible CUDA GPU, or per MIG slice
+(each bound by UUID in its own CUDA_VISIBLE_DEVICES, see `fleet.worker.gpus`; started
+with spawn: never a fork after CUDA is initialised), and one process, in-process, on a
+CPU-only node. The parent forwards SIGTERM/SIGINT to its children, and restarts a child
+that fails (a GPU error exits 3: its CUDA context is broken, a fresh process gets a new
+one; a crash dies of a signal) up to 3 times with a pause of 1, 2, 4 s; after that it
+exits non-zero, and the node's launcher reports the node. A user error (exit 2) is not
+retried. Exit codes: 0 done, 1 failed at run time, 2 bad job, 3 the GPU failed.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -30,6 +37,8 @@ from fleet.worker.layout import JobLayout, load_worker_config
 from fleet.worker.runner import run_child
 
 PROG = "fleet-worker"
+MAX_RESTARTS = 3  # per process slot
+RESTART_PAUSE_S = 1.0  # doubled at each restart of the same slot ($FLEET_WORKER_RESTART_PAUSE_S)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,16 +56,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _visible_gpus() -> list[str]:
-    """Identifiers to put in each child's CUDA_VISIBLE_DEVICES."""
-    try:
-        import torch
-    except ImportError:
-        return []
-    count = torch.cuda.device_count()
-    listed = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    if "CUDA_VISIBLE_DEVICES" in os.environ:
-        return listed[:count]
-    return [str(i) for i in range(count)]
+    """Identifiers to put in each child's CUDA_VISIBLE_DEVICES (UUIDs, in PCI order)."""
+    from fleet.worker.gpus import visible_units
+
+    return visible_units()
 
 
 def _process_plan(processes: str, device: str, uses_device: bool) -> tuple[int, list[str]]:
@@ -68,29 +71,47 @@ def _process_plan(processes: str, device: str, uses_device: bool) -> tuple[int, 
             raise WorkerError(f"--processes: expected 'auto' or a number, got {processes!r}") from None
         if count < 1 or count > 1024:
             raise WorkerError(f"--processes: {count} is out of range (1..1024)")
-        gpus = _visible_gpus() if uses_device and device in ("auto", "cuda") and count > 1 else []
+        gpus = _visible_gpus() if uses_device and device in ("auto", "cuda") else []
         return count, [gpus[i % len(gpus)] for i in range(count)] if gpus else []
     if not uses_device or device == "cpu" or device.startswith("cuda:"):
         return 1, []
     gpus = _visible_gpus()
-    if len(gpus) <= 1:
-        return 1, []
-    return len(gpus), gpus
+    return max(1, len(gpus)), gpus
+
+
+def _restart_pause_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get("FLEET_WORKER_RESTART_PAUSE_S", RESTART_PAUSE_S)))
+    except ValueError:
+        return RESTART_PAUSE_S
 
 
 def _run_processes(job_dir: str, node: str, device: str | None, count: int, gpus: list[str]) -> int:
+    """Run `count` children and restart one that fails (a broken GPU exits 3, a crash
+    dies of a signal), up to MAX_RESTARTS times each with a growing pause; a user error
+    (exit 2) is not retried. Returns 0 when every child finished cleanly."""
     context = multiprocessing.get_context("spawn")
-    children = [
-        context.Process(
+    stopping = False
+
+    def start(proc: int) -> Any:
+        child = context.Process(
             target=run_child,
-            args=(job_dir, node, i, gpus[i] if gpus else None, device),
-            name=f"fleet-worker-{i}",
+            args=(job_dir, node, proc, gpus[proc] if gpus else None, device),
+            name=f"fleet-worker-{proc}",
         )
-        for i in range(count)
-    ]
+        child.start()
+        return child
+
+    running: dict[int, Any] = {}
+    restarts = dict.fromkeys(range(count), 0)
+    due: dict[int, float] = {}  # proc -> when to restart it
+    codes: dict[int, int] = {}
 
     def forward(signum: int, frame: Any) -> None:
-        for child in children:
+        nonlocal stopping
+        stopping = True
+        due.clear()
+        for child in list(running.values()):
             if child.pid is not None and child.exitcode is None:
                 try:
                     os.kill(child.pid, signal.SIGTERM)
@@ -99,15 +120,47 @@ def _run_processes(job_dir: str, node: str, device: str | None, count: int, gpus
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for child in children:
-            child.start()
-        for child in children:
-            child.join()
+        for proc in range(count):
+            running[proc] = start(proc)
+        while running or due:
+            now = time.monotonic()
+            for proc, when in list(due.items()):
+                if when <= now and not stopping:
+                    del due[proc]
+                    running[proc] = start(proc)
+            timeout = min([max(0.0, when - now) for when in due.values()] + [1.0])
+            multiprocessing.connection.wait([child.sentinel for child in running.values()], timeout)
+            for proc, child in list(running.items()):
+                if child.exitcode is None:
+                    continue
+                del running[proc]
+                code = child.exitcode
+                codes[proc] = code
+                where = f" (GPU {gpus[proc]})" if gpus else ""
+                if code == 0 or code == WorkerError.exit_code or stopping:
+                    continue
+                if restarts[proc] >= MAX_RESTARTS:
+                    print(
+                        f"{PROG}: process {proc}{where} failed {restarts[proc] + 1} times "
+                        f"(last exit {code}); giving up on it",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    continue
+                restarts[proc] += 1
+                pause = _restart_pause_s() * 2 ** (restarts[proc] - 1)
+                print(
+                    f"{PROG}: process {proc}{where} exited {code}; restarting it in {pause:g} s "
+                    f"({restarts[proc]}/{MAX_RESTARTS})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                due[proc] = time.monotonic() + pause
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    codes = [child.exitcode or 0 for child in children]
-    return 0 if all(code == 0 for code in codes) else max(1, *[abs(c) for c in codes])
+    final = [codes.get(proc, 0) for proc in range(count)]
+    return 0 if all(code == 0 for code in final) else max(1, *[abs(c) for c in final])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         node = node_name(args.node)
         uses_device = getattr(load_handler(config.handler, config.handler_options), "uses_device", True)
         count, gpus = _process_plan(args.processes, args.device or config.device, uses_device)
-        if count == 1:
+        if count == 1 and not gpus:  # CPU: in this process (a GPU's child can be restarted)
             summary = run_worker(layout.job_dir, node=node, device=args.device)
             return 1 if summary.get("reason") == "error" else 0
         return _run_processes(str(layout.job_dir), node, args.device, count, gpus)

@@ -1,12 +1,19 @@
 """Dynamic batching: many producers put items, a consumer takes them in batches.
 
 `BatchQueue` is the primitive (a Condition, no busy waiting): `get_batch(max_size,
-max_wait_s)` waits for a first item, then up to `max_wait_s` (counted from when the
-oldest queued item arrived) for the batch to fill, like Triton's
-`max_queue_delay_microseconds`. With a `size_of` function it buckets by length: when
-more items wait than fit in one batch, it takes the run of similar sizes that pads the
-least (padding = batch size x longest - total); an item passed over while 16 windows
-of items went by is taken first, so none starves.
+max_wait_s, max_tokens=None)` waits for a first item, then up to `max_wait_s` (counted
+from when the oldest queued item arrived) for the batch to fill (`max_size` items, or
+items whose sizes add up to `max_tokens`), like Triton's `max_queue_delay_microseconds`.
+
+With a `size_of` function it buckets by length. A batch costs count x longest (what
+the model computes, padding included) and must fit `max_tokens` (a single item always
+fits). Among the runs of similar sizes (the queued items sorted by size) it takes the
+full run (max_size items, or the budget's worth) that pads the least. When the queue
+is short (the GPU outran the readers and the batch closed at `max_wait_s`), no run is
+full: it takes the run with the most useful tokens weighted by its padding efficiency
+(useful^2 / cost), so a few long items are not padded together with many short ones:
+they go in a batch of their own, the rest right after. An item passed over while 16
+windows of items went by is taken first, so none starves.
 A `capacity` bounds the queue: producers block while it is full (bounded prefetch).
 
 `DynamicBatcher` is the reusable online component built on it: any number of threads
@@ -56,6 +63,8 @@ class BatchQueue(Generic[T]):
         self._closed = False
         self._seq = 0
         self._wanted = 1  # how many queued items would end a waiting consumer's wait
+        self._wanted_size: int | None = None  # ... or what sum of sizes
+        self._queued_size = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -79,12 +88,16 @@ class BatchQueue(Generic[T]):
             now = time.monotonic()
             seq = self._seq
             append = self._entries.append
+            added = 0
             for item in items:
-                append(_Entry(seq, now, size_of(item) if size_of else 0, item))
+                size = size_of(item) if size_of else 0
+                append(_Entry(seq, now, size, item))
+                added += size
                 seq += 1
             self._seq = seq
+            self._queued_size += added
             # Wake consumers only when it matters: the first item, or a full batch.
-            if was_empty or len(self._entries) >= self._wanted:
+            if was_empty or self._full():
                 self._not_empty.notify_all()
 
     def close(self) -> None:
@@ -99,11 +112,28 @@ class BatchQueue(Generic[T]):
         with self._lock:
             items = [entry.item for entry in self._entries]
             self._entries.clear()
+            self._queued_size = 0
             self._not_full.notify_all()
             return items
 
-    def get_batch(self, max_size: int, max_wait_s: float, timeout: float | None = None) -> list[T]:
-        """Up to `max_size` items. Returns [] on timeout (no first item) or when closed
+    def ready(self, max_size: int, max_tokens: int | None = None) -> bool:
+        """A full batch is queued (get_batch would not wait), or the queue is closed."""
+        with self._lock:
+            if self._closed or len(self._entries) >= max_size:
+                return True
+            return max_tokens is not None and self.size_of is not None and self._queued_size >= max_tokens
+
+    def _full(self) -> bool:
+        """Enough is queued to end a waiting consumer's wait."""
+        if len(self._entries) >= self._wanted:
+            return True
+        return self._wanted_size is not None and self._queued_size >= self._wanted_size
+
+    def get_batch(
+        self, max_size: int, max_wait_s: float, timeout: float | None = None, max_tokens: int | None = None
+    ) -> list[T]:
+        """Up to `max_size` items costing at most `max_tokens` (count x largest size; a
+        single item always fits). Returns [] on timeout (no first item) or when closed
         and empty."""
         with self._lock:
             if not self._entries and not self._closed:
@@ -113,44 +143,94 @@ class BatchQueue(Generic[T]):
                 return []
             deadline = self._entries[0].arrived + max_wait_s
             self._wanted = max_size
-            while len(self._entries) < max_size and not self._closed:
+            self._wanted_size = max_tokens if self.size_of is not None else None
+            while not self._full() and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._not_empty.wait(remaining)
-            self._wanted = 1
-            batch = self._take(max_size)
+            self._wanted, self._wanted_size = 1, None
+            batch = self._take(max_size, max_tokens)
             self._not_full.notify_all()
             return batch
 
-    def _take(self, max_size: int) -> list[T]:
+    def _take(self, max_size: int, max_tokens: int | None) -> list[T]:
         entries = self._entries
-        if len(entries) <= max_size:
-            batch = [entry.item for entry in entries]
-            entries.clear()
-            return batch
         if self.size_of is None:
-            return [entries.popleft().item for _ in range(max_size)]
+            count = min(max_size, len(entries))
+            return [entries.popleft().item for _ in range(count)]
         ordered = sorted(entries, key=lambda entry: entry.size)
-        window = max(self.capacity or 0, max_size * 4)
         oldest = entries[0]
-        if oldest.seq < self._seq - STARVATION_WINDOWS * window:
+        window = max(self.capacity or 0, max_size * 4)
+        starving = oldest.seq < self._seq - STARVATION_WINDOWS * window
+        lo, hi = _best_run([entry.size for entry in ordered], max_size, max_tokens)
+        if starving and not any(entry is oldest for entry in ordered[lo:hi]):
             position = next(i for i, entry in enumerate(ordered) if entry is oldest)
-            lo, hi = max(0, position - max_size + 1), min(position, len(ordered) - max_size)
-        else:
-            lo, hi = 0, len(ordered) - max_size
-        # Padding wasted by a run of sorted sizes: max * count - sum.
-        prefix = [0]
-        for entry in ordered:
-            prefix.append(prefix[-1] + entry.size)
-        best = min(
-            range(lo, hi + 1),
-            key=lambda i: ordered[i + max_size - 1].size * max_size - (prefix[i + max_size] - prefix[i]),
-        )
-        chosen = ordered[best : best + max_size]
+            lo, hi = _run_from(position, [entry.size for entry in ordered], max_size, max_tokens)
+        chosen = ordered[lo:hi]
         taken = {id(entry) for entry in chosen}
-        self._entries = deque(entry for entry in entries if id(entry) not in taken)
+        if len(taken) == len(entries):
+            entries.clear()
+        else:
+            self._entries = deque(entry for entry in entries if id(entry) not in taken)
+        self._queued_size -= sum(entry.size for entry in chosen)
         return [entry.item for entry in chosen]
+
+
+def _fits(count: int, longest: int, max_size: int, max_tokens: int | None) -> bool:
+    return count <= max_size and (max_tokens is None or count == 1 or count * longest <= max_tokens)
+
+
+def _run_from(start: int, sizes: list[int], max_size: int, max_tokens: int | None) -> tuple[int, int]:
+    """The longest run of sorted sizes that starts at `start` and fits."""
+    end = start + 1
+    while end < len(sizes) and _fits(end + 1 - start, sizes[end], max_size, max_tokens):
+        end += 1
+    return start, end
+
+
+def _best_run(sizes: list[int], max_size: int, max_tokens: int | None) -> tuple[int, int]:
+    """[lo, hi) of the best batch among runs of the sorted `sizes` (see the module
+    docstring). Full runs (max_size items, or as many as the token budget allows) come
+    first, the one that pads the least (useful / cost); without one (a short queue), the
+    longest fitting run from each start and to each end is scored by useful^2 / cost.
+    O(n) with two pointers (a fitting run stays fitting when its start moves right)."""
+    n = len(sizes)
+    prefix = [0]
+    for size in sizes:
+        prefix.append(prefix[-1] + size)
+
+    def useful_and_cost(lo: int, hi: int) -> tuple[int, int]:
+        return prefix[hi] - prefix[lo], (hi - lo) * sizes[hi - 1]
+
+    best_full: tuple[int, int] | None = None
+    full_efficiency = -1.0
+    best, best_score = (0, 1), -1.0
+    end = 1
+    for start in range(n):  # the longest run from each start
+        end = max(end, start + 1)
+        while end < n and _fits(end + 1 - start, sizes[end], max_size, max_tokens):
+            end += 1
+        useful, cost = useful_and_cost(start, end)
+        if end < n or end - start == max_size:  # stopped by a limit, not by the last item
+            efficiency = useful / cost if cost else 1.0
+            if efficiency > full_efficiency:
+                best_full, full_efficiency = (start, end), efficiency
+        elif best_full is None:
+            value = useful * useful / cost if cost else float(end - start)
+            if value > best_score:
+                best, best_score = (start, end), value
+    if best_full is not None:
+        return best_full
+    start = 0
+    for end in range(1, n + 1):  # the longest run to each end
+        while not _fits(end - start, sizes[end - 1], max_size, max_tokens):
+            start += 1
+        useful, cost = useful_and_cost(start, end)
+        value = useful * useful / cost if cost else float(end - start)
+        if value > best_score:
+            best, best_score = (start, end), value
+    return best
 
 
 @dataclass(slots=True)

@@ -106,6 +106,8 @@ class ChunkQueue:
         self.last_scan = Scan(frozenset(), frozenset(), frozenset())
         self.held: dict[str, Claim] = {}
         self._lock = threading.Lock()
+        # Chunks to claim first (bulk I/O: those whose input pack the head has ready).
+        self.prefer: Callable[[], frozenset[str]] | None = None
 
     # -- looking -------------------------------------------------------------------------
     def refresh(self) -> Scan:
@@ -113,6 +115,10 @@ class ChunkQueue:
         done, claimed = self.last_scan.done, self.last_scan.claimed
         # Popped from the end: reverse so that the shuffled order is visited front first.
         self._candidates = [c for c in reversed(self._order) if c not in done and c not in claimed]
+        if self.prefer is not None:
+            first = self.prefer()
+            if first:  # popped from the end: the preferred ones go last
+                self._candidates.sort(key=lambda c: c in first)
         return self.last_scan
 
     def all_done(self) -> bool:

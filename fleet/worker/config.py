@@ -69,7 +69,29 @@ class WorkerConfig(BaseModel):
             "<outputs>/<chunk>.npy plus <chunk>.index.jsonl mapping rows to records."
         ),
     )
-    batch_size: int = Field(64, ge=1, le=65536, description="Largest batch handed to the model.")
+    batch_size: int = Field(
+        64, ge=1, le=65536, description="Largest batch handed to the model (items; a cap when max_batch_tokens is set)."
+    )
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=100_000_000,
+        description=(
+            "Token budget of a batch: count x longest item (padded tokens), for handlers that size "
+            "their items (text-embed: tokens). Batches close when they hold this many, with "
+            "batch_size as the cap on items. Default: none (batches by count only). On a large GPU "
+            "e.g. batch_size: 1024 and max_batch_tokens: 65536."
+        ),
+    )
+    # None (not "auto") by default: job.yaml is written without None fields, so a job that
+    # does not set it also runs on nodes whose worker predates the field.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description=(
+            "Compute dtype of the model: 'auto' (the default) is bfloat16 on a CUDA GPU that "
+            "supports it, else float32 (CPU). Outputs stay float32. TF32 matmuls are on on CUDA."
+        ),
+    )
     max_wait_ms: float = Field(
         10.0,
         ge=0,
@@ -119,6 +141,26 @@ class WorkerConfig(BaseModel):
             "in which items are grouped by length."
         ),
     )
+    # None means auto, and keeps the key out of the job.yaml that `fleet run` writes, so that
+    # workers of an older fleet[worker] still read it.
+    io: Literal["auto", "mount", "bulk"] | None = Field(
+        None,
+        description=(
+            "How files mode moves inputs and outputs. 'mount': one file at a time through the "
+            "shared mount. 'bulk': the head's packer (started by `fleet run`) packs each chunk's "
+            "inputs into one file and unpacks each chunk's outputs, so a worker moves one large "
+            "file per chunk through the mount. 'auto' (the default): bulk for many small files "
+            "(chunks of 16+ files of at most 1 MiB), else mount. Records mode always reads "
+            "through the mount."
+        ),
+    )
+    scratch_dir: str | None = Field(
+        None,
+        description=(
+            "Node-local directory for bulk I/O spill files (default: $FLEET_SCRATCH, else the "
+            "system's temporary directory). Never the shared directory."
+        ),
+    )
     bucket_by_length: bool = Field(
         True,
         description="Group items of similar length into a batch so that padding wastes little compute.",
@@ -131,6 +173,8 @@ class WorkerConfig(BaseModel):
                 f"heartbeat_seconds ({self.heartbeat_seconds}) must be smaller than "
                 f"lease_seconds ({self.lease_seconds})"
             )
+        if self.io == "bulk" and self.mode == "records":
+            raise ValueError("io: bulk applies to files mode (records mode reads large segments already)")
         if ":" in self.handler and self.handler not in BUNDLED_HANDLERS:
             module, _, _ = self.handler.partition(":")
             if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module):

@@ -18,3 +18,11 @@ class WorkerFailed(WorkerError):
     """The worker started but could not go on (e.g. the shared mount went away)."""
 
     exit_code = 1
+
+
+class DeviceFailed(WorkerFailed):
+    """The compute device failed (a CUDA error other than out-of-memory): the CUDA
+    context of this process is broken for good. The process releases its chunks and
+    exits 3; its parent (`--processes`) or the node's launcher starts a fresh one."""
+
+    exit_code = 3

@@ -13,6 +13,8 @@
                                    JSON {"items", "failed", "skipped", "node", "proc", "seconds", "token"}
         failures/<node>.<proc>.jsonl   one line per failed item (one writer per file)
         metrics/<node>.worker<proc>.jsonl   stage timings (format: `fleet.worker.metrics`)
+        bulk/                      `io: bulk` packs and the head packer's heartbeat
+                                   (protocol in `fleet.worker.bulk`)
 
 Every file another process reads is written under a temporary name (a dot name ending in
 `.tmp`, which listings and skip-scans ignore) and renamed into place. Names starting with

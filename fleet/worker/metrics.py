@@ -8,7 +8,7 @@ JOB_DIR/metrics/<node>.worker<proc>.jsonl, one JSON object per line:
     {"t": 1712.5, "kind": "start", "node": "w1", "proc": 0, "pid": 4242, "device": "cuda",
      "handler": "text-embed", "mode": "files", "batch_size": 64, "job": "embed"}
     {"t": ..., "kind": "batch", "node", "proc", "device", "items": 64, "batches": 1,
-     "read_s": 0.11, "wait_s": 0.002, "compute_s": 0.35, "write_s": 0.02}
+     "read_s": 0.11, "wait_s": 0.002, "compute_s": 0.35, "write_s": 0.02, "model_s": 0.3}
     {"t": ..., "kind": "chunk", "node", "proc", "chunk": "c000012", "items": 100,
      "failed": 0, "skipped": 0, "seconds": 2.1, "resumed": false}
     {"t": ..., "kind": "stop", "node", "proc", "device", "items": 2000, "failed": 3,
@@ -17,9 +17,12 @@ JOB_DIR/metrics/<node>.worker<proc>.jsonl, one JSON object per line:
 `t` is the Unix time of the line. In "batch" lines: `items` is the number of items
 computed, `batches` how many consecutive batches the line covers (batches shorter than
 0.2 s are merged into one line, so tiny items do not flood the file; sum the fields),
-`read_s` the reader-thread time spent loading those items (summed over threads, so it
-can exceed wall time), `wait_s` the compute thread's idle wait for input, `compute_s`
-the model time (`infer`), `write_s` the writer-thread time spent on their outputs (in
+`read_s` the reader-thread time spent loading and preparing (tokenising) those items
+(summed over threads, so it can exceed wall time), `wait_s` the compute thread's idle
+wait for input, `compute_s` the compute thread's time on the batch (collating, starting
+it, waiting for its results), `model_s` the model's own time on the device (CUDA events
+around the forward pass; on the CPU, and for handlers without their own timing, the
+wall time of the model call), `write_s` the writer-thread time spent on their outputs (in
 records mode outputs are written per chunk: see "chunk" lines' `write_s`). `items_s` in
 "stop" is items / seconds over the whole run, idle waits included.
 
@@ -110,7 +113,16 @@ class WorkerMetrics:
 
     @staticmethod
     def _empty() -> dict[str, float]:
-        return {"items": 0, "batches": 0, "read_s": 0.0, "wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
+        return {
+            "items": 0,
+            "batches": 0,
+            "read_s": 0.0,
+            "wait_s": 0.0,
+            "compute_s": 0.0,
+            "write_s": 0.0,
+            "model_s": 0.0,
+            "model_batches": 0,
+        }
 
     def _base(self, kind: str) -> dict[str, Any]:
         return {"t": round(time.time(), 3), "kind": kind, "node": self.node, "proc": self.proc}
@@ -120,7 +132,16 @@ class WorkerMetrics:
         self.log.write({**self._base("start"), "pid": os.getpid(), "device": self.device, **info})
         self.log.flush()
 
-    def batch(self, *, items: int, read_s: float, wait_s: float, compute_s: float, write_s: float) -> None:
+    def batch(
+        self,
+        *,
+        items: int,
+        read_s: float,
+        wait_s: float,
+        compute_s: float,
+        write_s: float,
+        model_s: float | None = None,
+    ) -> None:
         with self._lock:
             acc = self._acc
             acc["items"] += items
@@ -129,6 +150,9 @@ class WorkerMetrics:
             acc["wait_s"] += wait_s
             acc["compute_s"] += compute_s
             acc["write_s"] += write_s
+            if model_s is not None:
+                acc["model_s"] += model_s
+                acc["model_batches"] += 1
             self.items += items
             if time.monotonic() - self._acc_started >= COALESCE_SECONDS:
                 self._emit_locked()
@@ -144,6 +168,8 @@ class WorkerMetrics:
             }
             for key in ("read_s", "wait_s", "compute_s", "write_s"):
                 line[key] = round(acc[key], 6)
+            if acc["model_batches"]:
+                line["model_s"] = round(acc["model_s"], 6)
             self.log.write(line)
         self._acc = self._empty()
         self._acc_started = time.monotonic()

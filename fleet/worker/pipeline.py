@@ -1,9 +1,11 @@
 """The pipeline of one worker process: reader threads -> batcher -> model -> writers.
 
     add_chunk(claim) ─▶ reader pool ──put──▶ BatchQueue ──get_batch──▶ compute thread
-                        (load + handler.load,  (bounded: prefetch      (handler.infer, OOM
-                         one task per file or   x batch_size items;     split + adapt, memo)
-                         per records segment)   buckets by length)            │
+                        (load + handler.load   (bounded: prefetch      (handler.infer_async,
+                         + handler.prepare:     x batch_size items;     one batch in flight,
+                         tokenised ahead; one   buckets by length,      OOM split + adapt,
+                         task per file or       token budget)           memo)
+                         per records segment)                                 │
                                                                                ▼
                  done/<chunk>  ◀── settle (all items resolved) ◀── writer pool (tmp + rename)
 
@@ -13,11 +15,20 @@ A chunk "settles" when every one of its items is written or recorded as failed: 
 (another worker took it) or the chunk is incomplete (stopped mid-way), in which case it
 is released with its outputs so far kept.
 
-Failures: an item that fails to load, infer or serialize is recorded and skipped. A
-batch that raises is split in halves until the failing items are isolated; a CUDA
-out-of-memory also halves the batch size, which grows back by a quarter after 50 clean
-batches. An OSError while writing outputs, or the shared mount going away, is fatal for
-the worker (the chunk is not marked done; another worker will redo it).
+The compute thread starts batch N+1 (`infer_async`) before it waits on batch N's
+results, so the device never waits for the CPU's collate or the copies back; when no
+full batch is queued it collects the batch in flight first.
+
+Failures: an item that fails to load, prepare, infer or serialize is recorded and
+skipped. A batch that raises is split in halves until the failing items are isolated;
+a CUDA out-of-memory also halves the batch's token budget (or its count, for handlers
+without sizes), which grows back by a quarter after 50 clean batches; the recovery
+(`on_out_of_memory`, the retries) runs after the except block, with the traceback
+dropped, so the failed pass's activations can be freed. A CUDA error that is not
+out-of-memory (`is_device_failure`: the context is broken) is fatal: `DeviceFailed`,
+the chunks in hand are released, never marked done with their items failed. An OSError
+while writing outputs, or the shared mount going away, is fatal for the worker too (the
+chunk is not marked done; another worker will redo it).
 """
 
 from __future__ import annotations
@@ -33,9 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from fleet.worker.batcher import BatchQueue, QueueClosed
+from fleet.worker.bulk import RELEASE_ACK_S, BulkClient, OutputPack, scratch_root
 from fleet.worker.claims import ChunkQueue, Claim
 from fleet.worker.config import WorkerConfig
-from fleet.worker.handlers import Handler, is_out_of_memory
+from fleet.worker.errors import DeviceFailed
+from fleet.worker.handlers import Handler, Pending, is_device_failure, is_out_of_memory
 from fleet.worker.inputs import Chunk, ChunkList, Segment, is_json_lines, read_segment
 from fleet.worker.layout import TMP_SUFFIX, JobLayout, dumps, write_atomic
 from fleet.worker.metrics import FailureLog, WorkerMetrics
@@ -62,6 +75,21 @@ class _Failed:
         self.error = error
 
 
+@dataclass(slots=True, eq=False)
+class _InFlight:
+    """A batch started on the device, its results not collected yet."""
+
+    batch: list[Item]
+    results: list[Any]
+    compute: list[int]  # positions in `batch` the model computes
+    copies: list[tuple[int, int]]  # (position, position of the same content)
+    pending: Pending | None
+    outputs: list[Any] | None  # already known (computed synchronously after an error)
+    wait_s: float
+    compute_s: float
+    model_s: float | None
+
+
 class ChunkRun:
     """A claimed chunk on its way through the pipeline."""
 
@@ -78,6 +106,9 @@ class ChunkRun:
         self.started = time.monotonic()
         self.settled = threading.Event()
         self.outcome = ""
+        # Bulk I/O (fleet.worker.bulk): the chunk's fetched inputs and its gathered outputs.
+        self.local: dict[str, bytes | Path] | None = None
+        self.outputs: OutputPack | None = None
 
 
 class _BatchWrites:
@@ -125,11 +156,14 @@ class Pipeline:
         self.out_dir = layout.resolve(config.outputs)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_batch = config.batch_size
+        self.max_tokens = config.max_batch_tokens
         self._clean_batches = 0
+        self._model_s = 0.0  # device time of the split retries of the current batch
         self.max_wait_s = config.max_wait_ms / 1000.0
         capacity = config.prefetch * config.batch_size
         self.want_backlog = config.batch_size
-        bucket = config.bucket_by_length and type(handler).size is not Handler.size  # size() defined
+        sized = type(handler).size is not Handler.size  # size() defined
+        bucket = sized and (config.bucket_by_length or config.max_batch_tokens is not None)
         self.batches: BatchQueue[Item] = BatchQueue(
             capacity, (lambda item: handler.size(item.data)) if bucket else None
         )
@@ -144,6 +178,12 @@ class Pipeline:
         self.fatal: BaseException | None = None
         self.readers = ThreadPoolExecutor(config.reader_threads, thread_name_prefix="fleet-reader")
         self.writers = ThreadPoolExecutor(config.writer_threads, thread_name_prefix="fleet-writer")
+        self.bulk: BulkClient | None = None
+        if not self.records and config.io != "mount":
+            self.bulk = BulkClient(layout, self.out_dir, scratch_root(config))
+            queue.prefer = self.bulk.packed
+            # Deliveries wait for the head's ack: off the writer threads.
+            self.deliveries = ThreadPoolExecutor(2, thread_name_prefix="fleet-deliver")
         self._compute = threading.Thread(
             target=self._guarded(self._compute_loop), name="fleet-compute", daemon=True
         )
@@ -178,10 +218,63 @@ class Pipeline:
             with run.lock:
                 run.pending += len(todo)
             self._add_backlog(len(todo))
-            for position, rel in todo:
-                self.readers.submit(self._guarded(self._read_file), run, position, rel)
+            if self.bulk is not None and todo and self.bulk.active():
+                with run.lock:
+                    run.pending += 1  # the fetch task
+                self.readers.submit(self._guarded(self._fetch_chunk), run, todo)
+            else:
+                for position, rel in todo:
+                    self.readers.submit(self._guarded(self._read_file), run, position, rel)
         self._resolve(run)  # drop the submitting token
         return run
+
+    def _fetch_chunk(self, run: ChunkRun, todo: list[tuple[int, str]]) -> None:
+        """Bulk I/O: the chunk's inputs from one pack, loaded here in one pass (as a records
+        segment is); inputs the pack lacks are read through the mount one by one."""
+        assert self.bulk is not None
+        local: dict[str, bytes | Path] | None = None
+        if not (self._stopping.is_set() or run.claim.lost):
+            try:
+                local = self.bulk.fetch(run.chunk.id, {rel for _, rel in todo})
+            except (OSError, ValueError) as exc:
+                self._check_mount(exc)  # else an unreadable pack: read through the mount
+        if local is None:
+            for position, rel in todo:
+                self.readers.submit(self._guarded(self._read_file), run, position, rel)
+            self._resolve(run)  # the fetch task
+            return
+        run.local = local
+        run.outputs = self.bulk.output_pack()
+        handler, memo, batch = self.handler, self.memo is not None, self.config.batch_size
+        items: list[Item] = []
+        for done, (position, rel) in enumerate(todo):
+            value = local.pop(rel, None)
+            if value is None:
+                self.readers.submit(self._guarded(self._read_file), run, position, rel)
+                continue
+            started = time.perf_counter()
+            try:
+                data = handler.load(BulkClient.read_local(value))
+            except Exception as exc:  # noqa: BLE001 - recorded, the item is skipped
+                self._read_done(1)
+                self._item_failed(run, rel, "load", exc)
+                continue
+            items.append(Item(run, (0, position), rel, data, time.perf_counter() - started,
+                              handler.digest(data) if memo else None))
+            if len(items) >= batch:
+                self._read_done(len(items))
+                if not self._enqueue(self._prepare(run, items)):  # stopping: the rest is never read
+                    rest = len(todo) - done - 1
+                    run.incomplete = True
+                    self._read_done(rest)
+                    self._resolve(run, rest)
+                    items = []
+                    break
+                items = []
+        if items:
+            self._read_done(len(items))
+            self._enqueue(self._prepare(run, items))
+        self._resolve(run)  # the fetch task
 
     def stop(self, grace_s: float) -> None:
         """Stop reading; finish what is queued within `grace_s`, then drop the rest.
@@ -202,6 +295,8 @@ class Pipeline:
         self._compute.join(timeout=60)
         self.readers.shutdown(wait=True, cancel_futures=True)
         self.writers.shutdown(wait=True)
+        if self.bulk is not None:
+            self.deliveries.shutdown(wait=True)
         for run in list(self.runs.values()):  # left unsettled by a fatal error
             run.incomplete = True
             self._settle(run)
@@ -269,11 +364,14 @@ class Pipeline:
             self._check_mount(exc)
             self._item_failed(run, rel, "load", exc)
             return
-        item = Item(run, (0, position), rel, data, time.perf_counter() - started)
+        item = Item(run, (0, position), rel, data, 0.0)
         if self.memo is not None:
             item.digest = self.handler.digest(data)
         self._read_done(1)
-        self._enqueue([item])
+        prepared = self._prepare(run, [item])
+        item.load_s = time.perf_counter() - started
+        if prepared:
+            self._enqueue(prepared)
 
     def _read_segment(self, run: ChunkRun, number: int, segment: Segment) -> None:
         rel = self.chunks.files[segment.file]
@@ -315,19 +413,41 @@ class Pipeline:
                 failed.append((key, exc))
                 continue
             items.append(Item(run, (number, line), key, data, 0.0, handler.digest(data) if memo else None))
-        if items:
-            share = (time.perf_counter() - started) / len(items)
-            for item in items:
-                item.load_s = share
         with run.lock:
             run.pending += len(items) + len(failed)
         self._read_done(segment.items)
         for key, exc in failed:
             self._item_failed(run, key, "load", exc)
+        items = self._prepare(run, items)
+        if items:
+            share = (time.perf_counter() - started) / len(items)
+            for item in items:
+                item.load_s = share
         for start in range(0, len(items), self.config.batch_size):
             if not self._enqueue(items[start : start + self.config.batch_size]):
                 break
         self._resolve(run)  # this read task
+
+    def _prepare(self, run: ChunkRun, items: list[Item]) -> list[Item]:
+        """handler.prepare (tokenising) on a group of loaded items, here in the reader
+        thread; a group that raises is prepared item by item to isolate the failures."""
+        if not items:
+            return items
+        try:
+            prepared = self.handler.prepare([item.data for item in items])
+            if len(prepared) != len(items):
+                raise ValueError(f"prepare returned {len(prepared)} items for {len(items)}")
+        except Exception as exc:  # noqa: BLE001 - isolated below
+            if len(items) == 1:
+                self._item_failed(run, items[0].key, "prepare", exc)
+                return []
+            kept: list[Item] = []
+            for item in items:
+                kept.extend(self._prepare(run, [item]))
+            return kept
+        for item, data in zip(items, prepared):
+            item.data = data
+        return items
 
     def _enqueue(self, items: list[Item]) -> bool:
         try:
@@ -340,22 +460,46 @@ class Pipeline:
     # -- computing (compute thread) ---------------------------------------------------------
     def _compute_loop(self) -> None:
         waited = 0.0
+        inflight: _InFlight | None = None
         while True:
+            if inflight is not None and not self.batches.ready(self.max_batch, self.max_tokens):
+                self._finish(inflight)  # nothing full to start meanwhile: collect first
+                inflight = None
             started = time.perf_counter()
-            batch = self.batches.get_batch(self.max_batch, self.max_wait_s, timeout=0.25)
+            batch = self.batches.get_batch(self.max_batch, self.max_wait_s, timeout=0.25, max_tokens=self.max_tokens)
             if self.runs:
                 waited += time.perf_counter() - started
             if not batch:
                 if self.batches.closed and not len(self.batches):
+                    if inflight is not None:
+                        self._finish(inflight)
                     return
                 continue
             if self._abandon.is_set():
                 self._drop(batch)
+                if inflight is not None:
+                    self._drop(inflight.batch)
+                    inflight = None
                 continue
-            self._process(batch, waited)
+            if inflight is not None and self._awaits(batch, inflight):
+                self._finish(inflight)  # its results feed this batch's memo look-ups
+                inflight = None
+            launched = self._launch(batch, waited)
             waited = 0.0
+            if inflight is not None:
+                self._finish(inflight)
+            inflight = launched
 
-    def _process(self, batch: list[Item], wait_s: float) -> None:
+    def _awaits(self, batch: list[Item], flight: _InFlight) -> bool:
+        """Memoize: whether `batch` holds an input that the batch in flight computes (its
+        result is in the memo only once that batch is finished)."""
+        if self.memo is None:
+            return False
+        computing = {flight.batch[j].digest for j in flight.compute}
+        return any(item.digest in computing for item in batch)
+
+    def _launch(self, batch: list[Item], wait_s: float) -> _InFlight:
+        """Memo look-ups, then start the model on the rest (not waiting for it)."""
         results: list[Any] = [None] * len(batch)
         compute = list(range(len(batch)))
         copies: list[tuple[int, int]] = []
@@ -371,13 +515,50 @@ class Pipeline:
                     first[item.digest] = j
                     compute.append(j)
         started = time.perf_counter()
-        outputs = self._infer([batch[j].data for j in compute]) if compute else []
-        compute_s = time.perf_counter() - started
+        pending: Pending | None = None
+        outputs: list[Any] | None = [] if not compute else None
+        model_s: float | None = None
+        if compute:
+            data = [batch[j].data for j in compute]
+            error: BaseException | None = None
+            try:
+                pending = self.handler.infer_async(data)
+            except Exception as exc:  # noqa: BLE001 - recovered below, outside the handler
+                error = exc.with_traceback(None)
+            if error is not None:
+                self._model_s = 0.0
+                outputs = self._recover(data, error)
+                model_s = self._model_s
+        return _InFlight(batch, results, compute, copies, pending, outputs, wait_s, time.perf_counter() - started, model_s)
+
+    def _finish(self, flight: _InFlight) -> None:
+        """Wait for a started batch's results, then hand them to the writers."""
+        started = time.perf_counter()
+        batch, results, compute = flight.batch, flight.results, flight.compute
+        outputs, model_s = flight.outputs, flight.model_s
+        if outputs is None:
+            assert flight.pending is not None
+            data = [batch[j].data for j in compute]
+            error: BaseException | None = None
+            try:
+                outputs = list(flight.pending.result())
+                if len(outputs) != len(data):
+                    raise ValueError(f"handler returned {len(outputs)} results for {len(data)} items")
+                model_s = flight.pending.device_s
+                self._note_clean(data)
+            except Exception as exc:  # noqa: BLE001 - recovered below, outside the handler
+                error = exc.with_traceback(None)
+            flight.pending = None
+            if error is not None:
+                self._model_s = 0.0
+                outputs = self._recover(data, error)
+                model_s = self._model_s
+        memo = self.memo
         for j, out in zip(compute, outputs):
             results[j] = out
             if memo is not None and not isinstance(out, _Failed) and len(memo) < MEMO_LIMIT:
                 memo[batch[j].digest] = out  # type: ignore[index]
-        for j, source in copies:
+        for j, source in flight.copies:
             results[j] = results[source]
         ok: list[tuple[Item, Any]] = []
         for item, result in zip(batch, results):
@@ -388,8 +569,9 @@ class Pipeline:
         timings = {
             "items": len(batch),
             "read_s": sum(item.load_s for item in batch),
-            "wait_s": wait_s,
-            "compute_s": compute_s,
+            "wait_s": flight.wait_s,
+            "compute_s": flight.compute_s + time.perf_counter() - started,
+            "model_s": model_s,
         }
         if self.records:
             for item, result in ok:
@@ -408,26 +590,84 @@ class Pipeline:
                 self.writers.submit(self._guarded(self._write_files), ok[p::parts], tracker)
 
     def _infer(self, data: list[Any]) -> list[Any]:
-        """handler.infer with failure isolation and out-of-memory adaptation."""
-        try:
-            out = list(self.handler.infer(data))
-            if len(out) != len(data):
-                raise ValueError(f"handler returned {len(out)} results for {len(data)} items")
-        except Exception as exc:  # noqa: BLE001 - isolated below
-            if is_out_of_memory(exc):
-                self.handler.on_out_of_memory()
-                self.max_batch = max(1, min(self.max_batch, len(data) // 2))
-                self._clean_batches = 0
-            if len(data) == 1:
-                return [_Failed(exc)]
+        """The model on `data`, synchronously, with failure isolation (split retries).
+        A retry still over a limit lowered meanwhile is split before it is tried."""
+        over_tokens = self.max_tokens is not None and self._cost(data) > self.max_tokens
+        if len(data) > 1 and (over_tokens or len(data) > self.max_batch):
             middle = len(data) // 2
             return self._infer(data[:middle]) + self._infer(data[middle:])
-        if self.max_batch < self.config.batch_size and len(data) >= self.max_batch:
-            self._clean_batches += 1
-            if self._clean_batches >= GROW_AFTER_BATCHES:
-                self.max_batch = min(self.config.batch_size, self.max_batch + max(1, self.max_batch // 4))
-                self._clean_batches = 0
+        error: BaseException | None = None
+        try:
+            pending = self.handler.infer_async(data)
+            out = list(pending.result())
+            if len(out) != len(data):
+                raise ValueError(f"handler returned {len(out)} results for {len(data)} items")
+            self._model_s += pending.device_s or 0.0
+        except Exception as exc:  # noqa: BLE001 - recovered below, outside the handler
+            error = exc.with_traceback(None)
+        if error is not None:
+            return self._recover(data, error)
+        self._note_clean(data)
         return out
+
+    def _recover(self, data: list[Any], error: BaseException) -> list[Any]:
+        """After a batch raised (outside the except block: the failed pass's frames are
+        gone, so `on_out_of_memory` can free its memory): a broken device is fatal; an
+        out-of-memory lowers the budget; then the halves are retried to isolate the
+        failing items."""
+        if is_device_failure(error):
+            raise DeviceFailed(
+                f"the GPU failed ({type(error).__name__}: {error}); this process stops and "
+                "releases its chunks"
+            ) from error
+        if is_out_of_memory(error):
+            self._shrink(data)
+            self.handler.on_out_of_memory()
+        if len(data) == 1:
+            return [_Failed(error)]
+        middle = len(data) // 2
+        return self._infer(data[:middle]) + self._infer(data[middle:])
+
+    def _cost(self, data: list[Any]) -> int:
+        """What a batch costs against the token budget: count x longest."""
+        if self.batches.size_of is None or not data:
+            return 0
+        return len(data) * max(self.handler.size(item) for item in data)
+
+    def _shrink(self, data: list[Any]) -> None:
+        """Out of memory: halve the token budget below this batch's cost (or the count,
+        when items have no size), unless the batch was over the budget already (a split
+        half of a batch formed before an earlier cut)."""
+        cost = self._cost(data)
+        if cost > 0:
+            if self.max_tokens is None or cost <= self.max_tokens:  # not a batch formed before a cut
+                self.max_tokens = max(1, cost // 2)
+        elif len(data) <= self.max_batch:
+            self.max_batch = max(1, len(data) // 2)
+        self._clean_batches = 0
+
+    def _note_clean(self, data: list[Any]) -> None:
+        """A batch near the lowered limit went through: after 50, grow it by a quarter."""
+        limits = self.config.max_batch_tokens, self.config.batch_size
+        if (self.max_tokens, self.max_batch) == limits:
+            return
+        cost = self._cost(data)
+        near = (
+            cost * 2 >= self.max_tokens
+            if self.max_tokens is not None and self.max_tokens != limits[0] and cost
+            else len(data) >= self.max_batch
+        )
+        if not near:
+            return
+        self._clean_batches += 1
+        if self._clean_batches < GROW_AFTER_BATCHES:
+            return
+        self._clean_batches = 0
+        if self.max_tokens is not None and self.max_tokens != limits[0]:
+            grown = self.max_tokens + max(1, self.max_tokens // 4)
+            self.max_tokens = grown if limits[0] is None else min(limits[0], grown)
+        if self.max_batch < limits[1]:
+            self.max_batch = min(limits[1], self.max_batch + max(1, self.max_batch // 4))
 
     # -- writing (writer threads) -----------------------------------------------------------
     def _write_files(self, pairs: list[tuple[Item, Any]], tracker: _BatchWrites) -> None:
@@ -439,12 +679,15 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001
                 self._item_failed(item.run, item.key, "write", exc)
                 continue
-            path = self.out_dir / (item.key + suffix)
-            parent = path.parent
-            if parent not in self._made_dirs:
-                parent.mkdir(parents=True, exist_ok=True)
-                self._made_dirs.add(parent)
-            write_atomic(path, data)
+            if item.run.outputs is not None:
+                item.run.outputs.add(item.key + suffix, data)
+            else:
+                path = self.out_dir / (item.key + suffix)
+                parent = path.parent
+                if parent not in self._made_dirs:
+                    parent.mkdir(parents=True, exist_ok=True)
+                    self._made_dirs.add(parent)
+                write_atomic(path, data)
             with item.run.lock:
                 item.run.ok += 1
             self._resolve(item.run)
@@ -457,7 +700,8 @@ class Pipeline:
             settle = run.pending == 0
         if settle:
             try:
-                self.writers.submit(self._guarded(self._settle), run)
+                pool = self.deliveries if run.outputs is not None else self.writers
+                pool.submit(self._guarded(self._settle), run)
             except RuntimeError:  # pool shut down: settle here
                 self._settle(run)
 
@@ -478,12 +722,18 @@ class Pipeline:
                 return
         write_s = 0.0
         if run.claim.lost:
+            self._discard_bulk(run)
             self.queue.release(run.claim)  # forgets it; the files belong to the new holder
             run.outcome = "lost"
         elif run.incomplete or self.fatal is not None:
+            self._deliver(run, releasing=True)
             self.queue.release(run.claim)
             run.outcome = "released"
         else:
+            if run.outputs is not None:
+                started = time.perf_counter()
+                self._deliver(run, releasing=False)
+                write_s = time.perf_counter() - started
             if self.records:
                 started = time.perf_counter()
                 self._write_rows(run)
@@ -509,6 +759,26 @@ class Pipeline:
         )
         run.settled.set()
         self.on_change()
+
+    def _deliver(self, run: ChunkRun, *, releasing: bool) -> None:
+        outputs, run.outputs = run.outputs, None
+        if outputs is None or self.bulk is None:
+            return
+        self._discard_bulk(run)
+        if not releasing:
+            self.bulk.deliver(run.chunk.id, run.claim.token, outputs)
+            return
+        try:  # what is finished, so that the next holder skips it; shortly: we are stopping
+            self.bulk.deliver(run.chunk.id, run.claim.token, outputs, wait_s=RELEASE_ACK_S)
+        except (OSError, RuntimeError):
+            pass  # best effort on the way out: the next holder computes them again
+
+    def _discard_bulk(self, run: ChunkRun) -> None:
+        BulkClient.discard(run.local)
+        run.local = None
+        if run.outputs is not None and run.claim.lost:
+            run.outputs.close()
+            run.outputs = None
 
     def _write_rows(self, run: ChunkRun) -> None:
         run.rows.sort(key=lambda row: row[0])

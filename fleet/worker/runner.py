@@ -29,7 +29,7 @@ from typing import Any
 
 from fleet.worker.claims import ChunkQueue
 from fleet.worker.errors import WorkerError, WorkerFailed
-from fleet.worker.handlers import HandlerContext, load_handler, resolve_device
+from fleet.worker.handlers import HandlerContext, load_handler, resolve_device, resolve_dtype
 from fleet.worker.inputs import freeze
 from fleet.worker.layout import JobLayout, load_worker_config
 from fleet.worker.metrics import FailureLog, JsonLinesLog, WorkerMetrics
@@ -131,8 +131,11 @@ def run_worker(
             JsonLinesLog(layout.metrics_file(node, proc)), node=node, proc=proc, device=resolved
         )
         failures = FailureLog(layout.failures_file(node, proc), node=node, proc=proc)
-        handler.open(HandlerContext(resolved, layout.shared_root, node))
+        dtype = resolve_dtype(config.dtype or "auto", resolved) if handler.uses_device else "float32"
+        handler.open(HandlerContext(resolved, layout.shared_root, node, dtype))
         metrics.start(
+            dtype=dtype,
+            gpu=os.environ.get("CUDA_VISIBLE_DEVICES"),
             handler=config.handler,
             mode=config.mode,
             batch_size=config.batch_size,
@@ -168,6 +171,8 @@ def run_worker(
         summary = metrics.stop(reason)
         if pipeline.fatal is not None:
             exc = pipeline.fatal
+            if isinstance(exc, WorkerError):  # DeviceFailed: exit 3, to be restarted fresh
+                raise exc
             raise WorkerFailed(f"worker stopped: {type(exc).__name__}: {exc}") from exc
         return summary
     finally:

@@ -17,12 +17,18 @@ Lines (one JSON object each; the report reads them, see docs/report.md):
 - `{"kind": "sample", "t", "node", "cpu": {"user", "system", "iowait", "idle", "steal",
   "ncpu"}, "mem": {"used_pct", "used_mb"}, "disks": {name: {"read_bps", "write_bps",
   "busy_pct"}}, "net": {"rx_bps", "tx_bps", "lo_rx_bps", "lo_tx_bps"}, "gpus": [{"index",
-  "util", "mem_util", "mem_used_mb", "power_w"}], "proc"?: {"pid", "n", "cpu_pct",
+  "util", "mem_util", "mem_used_mb", "power_w", "sm_active"?, "tensor_active"?}], "proc"?: {"pid", "n", "cpu_pct",
   "rss_mb", "read_bps", "write_bps", "runq_pct"}}`. CPU figures are percent of all
   cores (user includes nice, system includes irq and softirq); `proc` is the watched process and its descendants (cpu_pct in percent
   of ONE core, so 250 means two and a half cores busy; runq_pct, likewise, the time its
   threads were runnable but waited for a CPU; read/write_bps count every byte read or
   written through system calls, files on sshfs and pipes included).
+
+GPUs are listed in NVML's (PCI bus) order, with their UUID (`info`: "uuid", "mig": the
+MIG slices' UUIDs, "gpm": whether GPM metrics are read). `util` is NVML's "a kernel
+was running" share, read once per tick; `sm_active` (share of SMs busy) and
+`tensor_active` (share of time the tensor cores worked), percent, come from NVML's GPM
+counters on GPUs that have them (Hopper and later) and say how busy the GPU really is.
 
 Disks are whole physical devices only: loop, ram, zram, optical and floppy devices,
 partitions and stacked devices (device-mapper, md) are left out so that no byte is
@@ -69,13 +75,72 @@ def is_whole_physical_disk(name: str, sys_block: Path = Path("/sys/block")) -> b
     return not _PARTITION.match(name)
 
 
+class GpmCounters:
+    """NVML's GPU performance monitoring (Hopper and later) for one GPU: SM activity and
+    tensor-core activity between two ticks, which say how busy the GPU really is (NVML's
+    classic utilisation only says a kernel was running). None where unsupported."""
+
+    METRICS = (("sm_active", "NVML_GPM_METRIC_SM_UTIL"), ("tensor_active", "NVML_GPM_METRIC_ANY_TENSOR_UTIL"))
+
+    def __init__(self, nvml: Any, handle: Any) -> None:
+        self.nvml = nvml
+        self.handle = handle
+        self._samples = [nvml.nvmlGpmSampleAlloc(), nvml.nvmlGpmSampleAlloc()]
+        self._have_previous = False
+        self.read()  # the first sample: rates need two
+
+    @classmethod
+    def open(cls, nvml: Any, handle: Any) -> GpmCounters | None:
+        try:
+            if not nvml.nvmlGpmQueryDeviceSupport(handle).isSupportedDevice:
+                return None
+            return cls(nvml, handle)
+        except Exception:  # noqa: BLE001 - an old driver or GPU, a MIG slice: no GPM
+            return None
+
+    def read(self) -> dict[str, float | None]:
+        nvml = self.nvml
+        previous, current = self._samples
+        nvml.nvmlGpmSampleGet(self.handle, current)
+        self._samples = [current, previous]
+        if not self._have_previous:
+            self._have_previous = True
+            return {}
+        request = nvml.c_nvmlGpmMetricsGet_t()
+        request.version = nvml.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = len(self.METRICS)
+        request.sample1 = previous
+        request.sample2 = current
+        for slot, (_name, metric) in enumerate(self.METRICS):
+            request.metrics[slot].metricId = getattr(nvml, metric)
+        nvml.nvmlGpmMetricsGet(request)
+        values: dict[str, float | None] = {}
+        for slot, (name, _metric) in enumerate(self.METRICS):
+            entry = request.metrics[slot]
+            ok = getattr(entry, "nvmlReturn", 0) == 0
+            values[name] = round(float(entry.value), 1) if ok else None
+        return values
+
+    def close(self) -> None:
+        for sample in self._samples:
+            try:
+                self.nvml.nvmlGpmSampleFree(sample)
+            except Exception:  # noqa: BLE001, S110 - exiting anyway
+                pass
+
+
 class GpuProbe:
-    """NVML, when this node has it; otherwise records why not. Never raises."""
+    """NVML, when this node has it; otherwise records why not. Never raises. Each tick
+    reads utilisation once (one NVML query gives the GPU and memory figures), memory,
+    power and, where the GPU has them, the GPM metrics."""
 
     def __init__(self) -> None:
         self.handles: list[Any] = []
         self.names: list[str] = []
+        self.uuids: list[str] = []
+        self.mig: list[list[str]] = []  # MIG slice UUIDs per GPU ([] when MIG is off)
         self.mem_total_mb: list[float] = []
+        self.gpm: list[GpmCounters | None] = []
         self.reason: str | None = None
         self._nvml: Any = None
         try:
@@ -90,36 +155,41 @@ class GpuProbe:
             return
         self._nvml = pynvml
         try:
-            for index in range(pynvml.nvmlDeviceGetCount()):
-                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            from fleet.worker.gpus import nvml_gpus
+
+            for gpu in nvml_gpus(pynvml):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(gpu.index)
                 name = pynvml.nvmlDeviceGetName(handle)
                 self.handles.append(handle)
                 self.names.append(name.decode() if isinstance(name, bytes) else str(name))
+                self.uuids.append(gpu.uuid)
+                self.mig.append(gpu.slices)
                 self.mem_total_mb.append(pynvml.nvmlDeviceGetMemoryInfo(handle).total / MIB)
         except Exception as exc:  # noqa: BLE001 - any NVML failure: record it, sample the rest
             self.reason = f"NVML error while listing GPUs: {exc}"
             self.handles = []
         if not self.handles and self.reason is None:
             self.reason = "NVML reports no GPU"
+        self.gpm = [GpmCounters.open(pynvml, handle) for handle in self.handles]
 
     def read(self) -> list[dict[str, Any]]:
+        nvml = self._nvml
         gpus: list[dict[str, Any]] = []
         for index, handle in enumerate(self.handles):
-            gpus.append(
-                {
-                    "index": index,
-                    "util": self._call(lambda h=handle: self._nvml.nvmlDeviceGetUtilizationRates(h).gpu),
-                    "mem_util": self._call(
-                        lambda h=handle: self._nvml.nvmlDeviceGetUtilizationRates(h).memory
-                    ),
-                    "mem_used_mb": self._call(
-                        lambda h=handle: round(self._nvml.nvmlDeviceGetMemoryInfo(h).used / MIB, 1)
-                    ),
-                    "power_w": self._call(
-                        lambda h=handle: round(self._nvml.nvmlDeviceGetPowerUsage(h) / 1000.0, 1)
-                    ),
-                }
-            )
+            rates = self._call(lambda h=handle: nvml.nvmlDeviceGetUtilizationRates(h))
+            gpu = {
+                "index": index,
+                "util": getattr(rates, "gpu", None),
+                "mem_util": getattr(rates, "memory", None),
+                "mem_used_mb": self._call(
+                    lambda h=handle: round(nvml.nvmlDeviceGetMemoryInfo(h).used / MIB, 1)
+                ),
+                "power_w": self._call(lambda h=handle: round(nvml.nvmlDeviceGetPowerUsage(h) / 1000.0, 1)),
+            }
+            counters = self.gpm[index] if index < len(self.gpm) else None
+            if counters is not None:
+                gpu.update(self._call(counters.read) or {})
+            gpus.append(gpu)
         return gpus
 
     @staticmethod
@@ -130,6 +200,9 @@ class GpuProbe:
             return None
 
     def close(self) -> None:
+        for counters in self.gpm:
+            if counters is not None:
+                counters.close()
         if self._nvml is not None:
             try:
                 self._nvml.nvmlShutdown()
@@ -306,7 +379,14 @@ class Sampler:
             "node": self.node,
             "gpu": bool(self.gpu.handles),
             "gpus": [
-                {"index": i, "name": name, "mem_total_mb": round(total, 1)}
+                {
+                    "index": i,
+                    "name": name,
+                    "uuid": self.gpu.uuids[i],
+                    "mem_total_mb": round(total, 1),
+                    "gpm": self.gpu.gpm[i] is not None,
+                    **({"mig": self.gpu.mig[i]} if self.gpu.mig[i] else {}),
+                }
                 for i, (name, total) in enumerate(zip(self.gpu.names, self.gpu.mem_total_mb))
             ],
             "ncpu": self.ncpu,

@@ -195,3 +195,17 @@ def test_outputs_a_preempted_node_left_and_the_next_holder_kept_are_not_counted_
     after = next(n for n in build_report(kept, events, prices).to_json()["nodes"] if n["name"] == "mix-w5-g1")
     assert after["time"]["lost_to_preemption"] == 0
     assert "none redone elsewhere, 4096 kept" in after["missing"]
+
+
+def test_small_files_over_sshfs_blame_the_shared_filesystem_not_the_cpu(recorded):
+    """A real run (record_sshfs_run.py): checksum over 3,000 small files through sshfs on
+    2 cores. CPU 100% busy, but 90%+ of the worker's stage time is reads and writes."""
+    job, events, prices = recorded("small_files_sshfs")
+    node = build_report(job, events, prices).to_json()["nodes"][0]
+    assert node["read"] + node["write"] >= 50 and node["cpu_busy"] >= 85, node
+    assert node["verdict"] == "network-bound", node
+    assert "the shared filesystem is the limit" in node["evidence"][0]
+    assert any(text.endswith("ms of reads and writes per item") for text in node["evidence"])
+    assert any("files/s through the mount" in text for text in node["evidence"])
+    assert "io: bulk" in node["recommendation"] and "records mode" in node["recommendation"]
+    assert any("cpu-bound" in note for note in node["notes"])

@@ -149,3 +149,22 @@ def test_a_job_kept_from_the_cpu_by_other_tenants_is_cpu_bound():
     assert classify_node(replace(crowded, job_runq_pct_one_core=5)).kind == "starved"
     # a job that wants little CPU (a starved reader) is not blamed on waits
     assert classify_node(replace(base, job_cpu_pct_one_core=4, job_runq_pct_one_core=30)).kind != "cpu-bound"
+
+
+def test_reads_and_writes_that_dominate_blame_the_shared_filesystem_whatever_the_cpu():
+    full_cpu = replace(CPU_WORKER, cpu_busy=99, mode="files")
+    computing = classify_node(full_cpu)
+    assert computing.kind == "cpu-bound"  # compute is 98% of stage time: the model is the limit
+    io = replace(full_cpu, read_s=40, write_s=52, wait_s=7, compute_s=1)
+    verdict = classify_node(io)
+    assert verdict.kind == "network-bound" and "shared filesystem" in verdict.evidence[0]
+    assert "9.20 ms of reads and writes per item" in verdict.evidence[1]  # 92 s over 10,000 items
+    assert "200 files/s" in verdict.evidence[2]  # 10,000 items in 100 s, one read + one write each
+    assert "io: bulk" in verdict.recommendation
+    at = Thresholds().io_share_pct
+    assert classify_node(replace(io, read_s=at / 2, write_s=at / 2, wait_s=0, compute_s=100 - at)).kind == (
+        "network-bound"
+    )
+    assert classify_node(replace(io, read_s=24, write_s=25, wait_s=0, compute_s=51)).kind == "cpu-bound"
+    # A GPU job is never overridden this way (its verdict is about the GPU), nor a starved one.
+    assert classify_node(replace(GPU_WORKER, read_s=60, write_s=30, compute_s=10)).kind == "gpu-bound"

@@ -293,3 +293,26 @@ def test_resumed_chunk_removes_stale_temporaries_of_a_dead_holder(shared: Path) 
     chunk = next(r for r in metric_lines(job) if r["kind"] == "chunk")
     assert chunk["resumed"] and chunk["skipped"] == 1
     assert (out / "f00003.txt.sha256").read_text() == "written before\n"
+
+
+def test_memoize_holds_while_a_batch_is_in_flight(shared: Path) -> None:
+    """The next batch is started before the one in flight is finished: an input that the
+    batch in flight computes must not be computed again by the next one."""
+    inputs = write_files(shared / "c", 24, text=lambda i: "the same content")
+    job = make_job(
+        shared,
+        "j",
+        {
+            "handler": "worker_plugins:slow_checksum",
+            "handler_options": {"delay_s": 0.2},  # the readers fill the next batch meanwhile
+            "inputs": "c/**/*.txt",
+            "outputs": "o",
+            "memoize": True,
+            "chunk_size": 24,
+            "batch_size": 4,
+            "io": "mount",
+        },
+    )
+    run_worker(job, node="n", install_signal_handlers=False)
+    assert sum(worker_plugins.CALLS["infer"]) == 1
+    assert_checksum_outputs(shared / "c", shared / "o", inputs)

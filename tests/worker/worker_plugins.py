@@ -73,3 +73,74 @@ def write_marker(path: str) -> None:
 class NotAHandler:
     def infer(self, batch: list[Any]) -> list[Any]:
         return batch
+
+
+class TokenOomChecksum(ChecksumHandler):
+    """Sized checksum (size = bytes) that raises torch's real CUDA out-of-memory error for
+    a batch costing more than `limit` (count x longest); notes every batch's cost and
+    whether on_out_of_memory ran outside an except block."""
+
+    def __init__(self, limit: int = 400) -> None:
+        self.limit = limit
+
+    def size(self, item: bytes) -> int:
+        return len(item)
+
+    def infer(self, batch: list[bytes]) -> list[str]:
+        import torch
+
+        cost = len(batch) * max(len(item) for item in batch)
+        CALLS.setdefault("costs", []).append(cost)
+        if cost > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().infer(batch)
+
+    def on_out_of_memory(self) -> None:
+        import sys
+
+        CALLS.setdefault("freed_outside_except", []).append(sys.exc_info()[0] is None)
+
+
+class BrokenGpuChecksum(ChecksumHandler):
+    """A GPU whose CUDA context broke: every batch raises torch's real AcceleratorError
+    (what torch raises after an illegal memory access or a device-side assert)."""
+
+    def infer(self, batch: list[bytes]) -> list[str]:
+        import torch
+
+        CALLS["infer"].append(len(batch))
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+
+class FailOnceChecksum(ChecksumHandler):
+    """The first process to compute a batch finds its GPU broken (the RuntimeError form
+    of a CUDA error) and dies of it; `marker` (created exclusively) says it happened.
+    With `always`, every process fails."""
+
+    def __init__(self, marker: str, always: bool = False) -> None:
+        self.marker = marker
+        self.always = always
+
+    def infer(self, batch: list[bytes]) -> list[str]:
+        if self.always:
+            with open(self.marker, "a") as handle:
+                handle.write(f"{os.getpid()}\n")
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return super().infer(batch)
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+class PreparingChecksum(ChecksumHandler):
+    """checksum of a prepare()d form (upper-cased, in the reader threads); prepare fails
+    for an item holding b'POISON'; notes which threads prepared."""
+
+    def prepare(self, items: list[bytes]) -> list[bytes]:
+        import threading
+
+        CALLS.setdefault("prepare_threads", []).append(threading.current_thread().name)
+        if any(b"POISON" in item for item in items):
+            raise ValueError("cannot prepare a poisoned item")
+        return [item.upper() for item in items]

@@ -8,10 +8,24 @@ arguments and returns a `Handler`. The pipeline calls, in this order:
   here: a job that is already finished never loads it);
 - `load(data)` in reader threads, per item: `data` is the file's bytes (files mode) or
   the record's value (records mode: a str, or the JSON value of the `field`). Raise to
-  fail this item only. `size(item)` is its length for bucketing (0: no bucketing);
-- `infer(batch)` in the compute thread: one result per item, same order. If it raises,
-  the batch is split to isolate the failing items; CUDA out-of-memory also shrinks the
-  batch size (`on_out_of_memory()` is called first);
+  fail this item only;
+- `prepare(items)` in reader threads too, on a group of loaded items (one file, or a
+  records segment's worth): the CPU work that feeds the model, e.g. tokenising, done
+  ahead of the compute thread. Several reader threads call it at once: keep per-thread
+  state (a tokenizer per thread) in a `threading.local`. Default: the items unchanged.
+  If it raises, it is called again item by item to isolate the failing ones;
+- `size(item)` (of a prepared item) is its length for bucketing and the unit of the
+  token budget `max_batch_tokens` (a batch costs count x longest); 0: no bucketing;
+- `infer_async(batch)` in the compute thread: starts the batch and returns a `Pending`
+  whose `result()` gives one result per item, same order. The compute thread starts the
+  next batch before it waits on this one's result, so copies back and the CPU's next
+  collate overlap the device's work. The default runs `infer(batch)` at once.
+  `Pending.device_s` is the model's time on the device (CUDA events), when known. If a
+  batch raises, it is split to isolate the failing items; CUDA out-of-memory also
+  lowers the batch's token budget (`on_out_of_memory()` is called first, outside the
+  except block, so that the failed pass's activations can be freed). A CUDA error that
+  is not out-of-memory (`is_device_failure`) is fatal for the process: its chunks are
+  released and it exits with `DeviceFailed.exit_code` (3), to be restarted fresh;
 - `serialize(result)` (files mode: one output per input, named `<input>` +
   `file_suffix`) or `serialize_rows(results)` (records mode: one output per chunk,
   `<chunk>` + `rows_suffix`) in writer threads, returning the bytes to write.
@@ -22,6 +36,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import pickle
+import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +52,21 @@ class HandlerContext:
     device: str  # resolved: "cpu", "cuda", "cuda:1"
     shared_root: Path
     node: str
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (see resolve_dtype)
+
+
+class Pending:
+    """A batch started on the device; `result()` waits for it. `device_s`: the model's
+    device time for the batch once `result()` returned (None where not measured)."""
+
+    device_s: float | None = None
+
+    def __init__(self, results: Sequence[Any], device_s: float | None = None) -> None:
+        self._results = results
+        self.device_s = device_s
+
+    def result(self) -> Sequence[Any]:
+        return self._results
 
 
 class Handler(ABC):
@@ -51,6 +82,11 @@ class Handler(ABC):
     def load(self, data: Any) -> Any:
         return data
 
+    def prepare(self, items: list[Any]) -> list[Any]:
+        """CPU work ahead of the model (tokenising), in reader threads: one prepared
+        item per item, same order."""
+        return items
+
     def size(self, item: Any) -> int:
         return 0
 
@@ -64,7 +100,13 @@ class Handler(ABC):
 
     @abstractmethod
     def infer(self, batch: list[Any]) -> Sequence[Any]:
-        """One result per item of the batch, in order."""
+        """One result per (prepared) item of the batch, in order."""
+
+    def infer_async(self, batch: list[Any]) -> Pending:
+        """Start the batch; the default computes it at once (timed on the wall clock)."""
+        started = time.perf_counter()
+        results = self.infer(batch)
+        return Pending(results, time.perf_counter() - started)
 
     @abstractmethod
     def serialize(self, result: Any) -> bytes:
@@ -86,6 +128,25 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if type(exc).__name__ == "OutOfMemoryError":
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+_DEVICE_FAILURE = re.compile(
+    r"CUDA error|device-side assert|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error|NCCL error|"
+    r"illegal memory access|unspecified launch failure|uncorrectable ECC|GPU has fallen off|"
+    r"CUDA driver error|an illegal instruction"
+)
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """A CUDA error that is not out-of-memory: the process's CUDA context is broken
+    (illegal address, device-side assert, ECC, Xid), so every later batch would fail
+    too. torch raises `torch.AcceleratorError` (a RuntimeError) for these; older
+    releases a plain RuntimeError whose message starts "CUDA error". No torch import."""
+    if is_out_of_memory(exc):
+        return False
+    if type(exc).__name__ == "AcceleratorError":
+        return True
+    return isinstance(exc, RuntimeError) and bool(_DEVICE_FAILURE.search(str(exc)))
 
 
 def load_handler(name: str, options: dict[str, Any]) -> Handler:
@@ -139,3 +200,16 @@ def resolve_device(requested: str, uses_device: bool) -> str:
     if ":" in requested and int(requested.split(":")[1]) >= torch.cuda.device_count():
         raise WorkerError(f"device {requested!r}: only {torch.cuda.device_count()} GPU(s) visible")
     return requested
+
+
+def resolve_dtype(requested: str, device: str) -> str:
+    """The compute dtype for a resolved device: `auto` is bfloat16 on a CUDA GPU that
+    supports it (Ampere and later), else float32 (CPU, older GPUs: float16 must be asked
+    for). float16/bfloat16 on the CPU run, slowly and only if asked for."""
+    if requested != "auto":
+        return requested
+    if not device.startswith("cuda"):
+        return "float32"
+    import torch
+
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
