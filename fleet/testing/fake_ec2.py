@@ -399,16 +399,9 @@ class FakeEc2:
                 port=self.ssh_port,
                 labels=tags,
             )
-            with self._lock:
-                if instance_id in self.booting:
-                    self.booting.discard(instance_id)
-                    self.nodes[instance_id] = node
-                    return
-            node.destroy()
+            self._adopt(instance_id, node)
 
-        thread = threading.Thread(target=boot, name=f"boot-{instance_id}", daemon=True)
-        self._boots.append(thread)
-        thread.start()
+        self._boot_in_background(instance_id, boot)
 
     def _back_isolated(self, instance_id: str, instance: Any, params: dict[str, str], region: str) -> None:
         import base64
@@ -436,14 +429,22 @@ class FakeEc2:
                 node.start(user_data, ssh_port=self.ssh_port)
             except (FleetError, OSError):  # the instance stays pending without an address, as a broken image would
                 return
-            with self._lock:
-                self.pending_nodes.pop(instance_id, None)
-                if instance_id in self.booting:
-                    self.booting.discard(instance_id)
-                    self.nodes[instance_id] = node
-                    return
-            node.destroy()
+            self._adopt(instance_id, node)
 
+        self._boot_in_background(instance_id, boot)
+
+    def _adopt(self, instance_id: str, node: LocalNode) -> None:
+        """A booted node backs its instance from now on, unless the instance was
+        terminated while it booted: then the node goes."""
+        with self._lock:
+            self.pending_nodes.pop(instance_id, None)
+            if instance_id in self.booting:
+                self.booting.discard(instance_id)
+                self.nodes[instance_id] = node
+                return
+        node.destroy()
+
+    def _boot_in_background(self, instance_id: str, boot: Callable[[], None]) -> None:
         thread = threading.Thread(target=boot, name=f"boot-{instance_id}", daemon=True)
         self._boots.append(thread)
         thread.start()
