@@ -28,14 +28,16 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from fleet.worker.config import WorkerConfig
 from fleet.worker.errors import WorkerError
 from fleet.worker.yamlbound import AliasExpansionError, safe_load_bounded
+
+SectionModel = TypeVar("SectionModel", bound=BaseModel)
 
 TMP_SUFFIX = ".tmp"
 
@@ -157,6 +159,12 @@ class JobLayout:
 
 def load_worker_config(layout: JobLayout) -> WorkerConfig:
     """The `worker:` section of JOB_DIR/job.yaml; every other key is ignored."""
+    return load_job_section(layout, "worker", WorkerConfig, "this job does not use the bundled worker")
+
+
+def load_job_section(layout: JobLayout, section: str, model: type[SectionModel], absent: str) -> SectionModel:
+    """One section of JOB_DIR/job.yaml (aliases bounded), validated by `model`; `absent`
+    says what a job without that section is."""
     path = layout.job_yaml
     try:
         text = path.read_text(encoding="utf-8")
@@ -173,13 +181,13 @@ def load_worker_config(layout: JobLayout) -> WorkerConfig:
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise WorkerError(f"{where}: {problem}") from None
-    if not isinstance(data, dict) or data.get("worker") is None:
-        raise WorkerError(f"{path}: no `worker:` section (this job does not use the bundled worker)")
+    if not isinstance(data, dict) or data.get(section) is None:
+        raise WorkerError(f"{path}: no `{section}:` section ({absent})")
     try:
-        return WorkerConfig.model_validate(data["worker"])
+        return model.model_validate(data[section])
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(part) for part in ("worker", *first["loc"]))
+        field = ".".join(str(part) for part in (section, *first["loc"]))
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         raise WorkerError(f"{path}: {field}: {first['msg']}{more}") from None
 

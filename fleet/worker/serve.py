@@ -33,14 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import ValidationError
-
 from fleet.worker import wire
 from fleet.worker.batcher import DynamicBatcher
 from fleet.worker.errors import WorkerError
 from fleet.worker.handlers import Handler, HandlerContext, load_handler, resolve_device
-from fleet.worker.layout import JobLayout, write_atomic
+from fleet.worker.layout import JobLayout, load_job_section, write_atomic
 from fleet.worker.metrics import JsonLinesLog, WorkerMetrics
 from fleet.worker.serve_config import ServeConfig
 
@@ -51,19 +48,7 @@ MAX_BODY = 1 << 30
 
 def load_serve_config(layout: JobLayout) -> ServeConfig:
     """The `serve:` section of JOB_DIR/job.yaml."""
-    path = layout.job_yaml
-    try:
-        data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise WorkerError(f"{path}: cannot read the job: {exc}") from None
-    if not isinstance(data, dict) or data.get("serve") is None:
-        raise WorkerError(f"{path}: no `serve:` section (this job serves no model)")
-    try:
-        return ServeConfig.model_validate(data["serve"])
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in ("serve", *first["loc"]))
-        raise WorkerError(f"{path}: {field}: {first['msg']}") from None
+    return load_job_section(layout, "serve", ServeConfig, "this job serves no model")
 
 
 def servers_dir(layout: JobLayout) -> Path:

@@ -11,6 +11,7 @@ from fleet.errors import SpecErrors
 from fleet.spec.loader import parse_fleet_spec, parse_job_spec
 from fleet.worker.errors import WorkerError
 from fleet.worker.layout import JobLayout, load_worker_config
+from fleet.worker.serve import load_serve_config
 from fleet.worker.yamlbound import ALIAS_EXPANSION_LIMIT, safe_load_bounded
 
 
@@ -62,3 +63,11 @@ def test_the_worker_refuses_an_alias_bomb_planted_in_job_yaml(tmp_path: Path) ->
     layout.job_yaml.write_text(bomb_job(6))
     with pytest.raises(WorkerError, match="aliases expand"):
         load_worker_config(layout)
+
+
+def test_a_model_server_refuses_an_alias_bomb_planted_in_job_yaml(tmp_path: Path) -> None:
+    layout = JobLayout(tmp_path)
+    layout.job_yaml.write_text(bomb_job(6).replace("worker:\n  handler: checksum\n  inputs: '*.txt'\n  outputs: out\n",
+                                                   "serve:\n  handler: checksum\n"))
+    with pytest.raises(WorkerError, match="aliases expand"):
+        load_serve_config(layout)
