@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -24,6 +25,9 @@ from fleet.cli import _open_fleet, err, out
 from fleet.errors import FleetError, JobError
 from fleet.spec.loader import load_job_spec
 from fleet.textsafe import plain
+
+if TYPE_CHECKING:
+    from fleet.monitor import Monitor
 
 _STALL_GRACE_S = 15.0
 _SETTLE_S = 15.0
@@ -58,8 +62,22 @@ def _runner(fleet, job):
     return JobRunner(fleet, job)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def job_monitor(fleet, runner) -> tuple[Monitor, threading.Thread]:
+    """The monitor of a running job or serving, in a thread not yet started: each node it
+    brings up in place of a lost one gets the job's processes (one start at a time)."""
     from fleet.monitor import Monitor
+
+    lock = threading.Lock()
+
+    def on_replaced(new_nodes, alive) -> None:
+        with lock:
+            runner.start(new_nodes, all_nodes=alive)
+
+    monitor = Monitor(fleet, on_replaced=on_replaced)
+    return monitor, threading.Thread(target=monitor.run, name="fleet-monitor", daemon=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
 
     job = load_job_spec(Path(args.job))
     quiet = args.json
@@ -83,14 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             out.print(f"job {job.name} started ({state}); follow it with `fleet logs {job.name} --follow`")
             return 0
 
-        lock = threading.Lock()
-
-        def on_replaced(new_nodes, alive) -> None:
-            with lock:
-                runner.start(new_nodes, all_nodes=alive)
-
-        monitor = Monitor(fleet, on_replaced=on_replaced)
-        thread = threading.Thread(target=monitor.run, name="fleet-monitor", daemon=True)
+        monitor, thread = job_monitor(fleet, runner)
         thread.start()
         try:
             summary = _follow(fleet, runner, monitor, started, args)

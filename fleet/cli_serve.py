@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from fleet.cli import _open_fleet, err, out
+from fleet.cli_jobs import job_monitor
 from fleet.errors import JobError, UsageError
 from fleet.spec.loader import load_job_spec
 
@@ -62,7 +63,6 @@ def wait_ready(fleet, runner, *, timeout: float) -> set[str]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from fleet.jobs import JobRunner
-    from fleet.monitor import Monitor
 
     job = load_job_spec(Path(args.job))
     if job.serve is None:
@@ -85,14 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         stop = threading.Event()
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-        lock = threading.Lock()
-
-        def on_replaced(new_nodes, alive) -> None:
-            with lock:
-                runner.start(new_nodes, all_nodes=alive)
-
-        monitor = Monitor(fleet, on_replaced=on_replaced)
-        thread = threading.Thread(target=monitor.run, name="fleet-monitor", daemon=True)
+        monitor, thread = job_monitor(fleet, runner)
         cancelled = False
         try:
             ready = wait_ready(fleet, runner, timeout=args.ready_timeout)
