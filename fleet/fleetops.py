@@ -29,10 +29,11 @@ from fleet.runtime import Runtime, env_assignments
 from fleet.share import SHARE_FILE, ShareEndpoint, as_root, confine_script, fallback_key_line, parse_share
 from fleet.spec.models import FleetSpec
 from fleet.ssh import CommandResult, Executor, GroupResult, HostKeyStore, Target, write_ssh_config
-from fleet.state import State, make_private_dir
+from fleet.state import State, exclusive_lock, make_private_dir
 
 Log = Callable[[str], None]
 SSHFS_KEX = "curve25519-sha256"  # one name: sshfs splits -o values at commas
+UP_LOCK = "up.lock"  # in .fleet/<name>/: one `fleet up` of a fleet at a time
 
 
 @dataclass(frozen=True)
@@ -351,6 +352,14 @@ class Fleet:
         return deleted
 
     def up(self) -> UpResult:
+        # One `up` of a fleet at a time (two would create the same nodes, install on one
+        # node at once): a second waits, then finds what the first made.
+        make_private_dir(self.paths.state_dir)
+        with exclusive_lock(self.paths.state_dir / UP_LOCK,
+                            lambda: self.log("another `fleet up` of this fleet is running: waiting for it")):
+            return self._up()
+
+    def _up(self) -> UpResult:
         self.provider.check()
         result = UpResult()
         observed = self.observe()

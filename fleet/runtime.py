@@ -2,9 +2,15 @@
 
 `fleet up` (and every replacement, before `setup:`) makes sure each node has
 `~/.fleet/runtime/<version>/`: fleet's own wheel, built once per source digest on the
-control plane and cached under `.fleet/runtime/`, uploaded over SSH in one zip with pypa's
-`installer` and `fleet/runtime_node.py`, which does the node's part. One SSH round trip
-checks the runtime's stamp first: a complete runtime is left alone, pip never runs.
+control plane and unpacked there once (pypa's `installer`) into a prepared tree, cached
+under `.fleet/runtime/`. One SSH round trip checks the runtime's stamp first: a complete
+runtime is left alone, pip never runs. A node without it reports a fingerprint of its
+environment (interpreter, image contents). The first node of each fingerprint (the
+pilot) gets `fleet/runtime_node.py` in one zip with the tree and does the full job in
+Python (virtualenv, requirements, pip if something is missing); every other node of that
+fingerprint then only unpacks the tree in shell (no Python, no pip) into the venv layout
+the pilot reported, checked here first. The tree comes from this machine over SFTP and
+is checked against its sha256 on the node before it is unpacked.
 
 Nodes get only what the chosen extras need (never the control plane's cloud SDKs),
 layered on what the image provides (`runtime.image`). With `runtime.wheelhouse` the
@@ -16,15 +22,19 @@ the head's shared directory, and every node installs it from there with `--no-in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+import tomllib
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,12 +56,27 @@ NODE_ROOT = ".fleet/runtime"  # under each node's home
 STAMP = "fleet-runtime.id"
 LOCAL_IMAGE = "/opt/fleet-image"
 WHEELHOUSE = ".fleet/wheelhouse"  # under the head's shared directory
+TREE = "tree.tar.gz"
+PTH = "fleet-image.pth"  # the image's site-packages, layered under the runtime
+LAYOUTS = "layouts"  # under the cache: what each node fingerprint's pilot reported
 _NODE_SCRIPT = Path(__file__).with_name("runtime_node.py")
 _SOURCE_FILES = ("pyproject.toml", "README.md")
 
 
 class RuntimeInstallError(FleetError):
     """The runtime could not be built or installed."""
+
+
+def build_cache() -> Path:
+    """Where fleet's wheel, its prepared tree and pip's zip are kept once per source
+    digest, for every fleet of this user: `$XDG_CACHE_HOME/fleet/runtime` (default
+    `~/.cache/fleet/runtime`), made 0700: what is in it runs on the nodes."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fleet"
+    for directory in (base, base / "runtime"):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if directory.stat().st_mode & 0o077:
+            os.chmod(directory, 0o700)
+    return base / "runtime"
 
 
 def runtime_dir(version: str = __version__) -> str:
@@ -95,6 +120,20 @@ def source_tree() -> Path | None:
     if pyproject.is_file() and f'name = "{DIST}"' in pyproject.read_text():
         return root
     return None
+
+
+@functools.cache
+def known_extras() -> tuple[str, ...]:
+    """fleet's extras, as the wheel the nodes get will declare them: the checkout's
+    pyproject.toml when fleet runs from one, else the installed distribution's metadata."""
+    root = source_tree()
+    if root is not None:
+        project = tomllib.loads((root / "pyproject.toml").read_text()).get("project", {})
+        return tuple(project.get("optional-dependencies", {}))
+    try:
+        return tuple(metadata.metadata(DIST).get_all("Provides-Extra") or ())
+    except metadata.PackageNotFoundError:
+        return ()
 
 
 def _tree_files(root: Path) -> list[Path]:
@@ -224,23 +263,76 @@ def pip_zip(cache: Path) -> Path:
     return target
 
 
-def node_bundle(wheel: Path, config: dict) -> bytes:
-    """What one upload puts on a node: a zip that Python runs (`python runtime.pyz`),
-    with the node's side of the runtime as __main__, its config, fleet's wheel, and
-    pypa's `installer` and `packaging` (pure Python) to import from the zip."""
+# Console scripts of the tree start the interpreter beside them (the distlib trick for
+# long shebangs): the runtime's absolute path holds the node's $HOME, unknown here.
+_SCRIPT_HEAD = (b"#!/bin/sh\n"
+                b"'''exec' \"$(dirname -- \"$(readlink -f -- \"$0\")\")/python\" \"$0\" \"$@\"\n"
+                b"' '''\n")
+
+
+def build_tree(wheel: Path) -> Path:
+    """fleet's wheel unpacked once, here, by pypa's `installer` into a prepared tree:
+    `site-packages/` (fleet and its dist-info) and `bin/` (the console scripts), as a
+    tar.gz beside the wheel. Every node's runtime gets this same tree."""
+    from installer import install
+    from installer.destinations import SchemeDictionaryDestination
+    from installer.records import RecordEntry
+    from installer.scripts import Script
+    from installer.sources import WheelFile
+    from installer.utils import Scheme
+
+    class Destination(SchemeDictionaryDestination):
+        def write_script(self, name: str, module: str, attr: str, section: str) -> RecordEntry:  # type: ignore[override]
+            _, code = Script(name, module, attr, section).generate("python", "posix")  # type: ignore[arg-type]
+            data = _SCRIPT_HEAD + code.split(b"\n", 1)[1]
+            return self.write_to_fs(Scheme("scripts"), name, io.BytesIO(data), is_executable=True)
+
+    target = wheel.with_name(f"{wheel.stem}.{TREE}")
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory(dir=wheel.parent, prefix=".tree-") as tmp:
+        stage = Path(tmp) / "tree"
+        site = str(stage / "site-packages")
+        schemes = {"purelib": site, "platlib": site, "scripts": str(stage / "bin"),
+                   "headers": str(stage / "include"), "data": str(stage)}
+        with WheelFile.open(wheel) as source:
+            install(source, Destination(schemes, interpreter="python", script_kind="posix"),
+                    additional_metadata={"INSTALLER": b"fleet\n"})
+        mtime = int(wheel.stat().st_mtime)
+
+        def normalised(info: tarfile.TarInfo) -> tarfile.TarInfo:
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = mtime
+            return info
+
+        staged = Path(tmp) / TREE
+        with tarfile.open(staged, "w:gz", compresslevel=6) as archive:
+            for top in ("site-packages", "bin"):
+                if (stage / top).exists():
+                    archive.add(stage / top, top, filter=normalised)
+        os.replace(staged, target)
+    return target
+
+
+def node_bundle(tree: Path, config: dict) -> bytes:
+    """What the pilot's upload puts on a node: a zip that Python runs (`python
+    runtime.pyz`), with the node's side of the runtime as __main__, its config, the
+    prepared tree, and pypa's `packaging` (pure Python) to import from the zip."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.write(_NODE_SCRIPT, "__main__.py")
         archive.writestr("config.json", json.dumps(config))
-        archive.write(wheel, wheel.name, compress_type=zipfile.ZIP_STORED)
-        for name in ("installer", "packaging"):
-            _add_package(archive, _package_dir(name))
+        archive.write(tree, TREE, compress_type=zipfile.ZIP_STORED)
+        _add_package(archive, _package_dir("packaging"))
     return buffer.getvalue()
 
 
 @dataclass(frozen=True)
 class Artifacts:
     wheel: Path
+    tree: Path
+    tree_sha: str
     pip: Path
     requirements: list[str]  # Requires-Dist lines of the chosen extras (markers kept) + packages
 
@@ -264,6 +356,139 @@ def extra_requirements(wheel: Path, extras: Sequence[str]) -> list[str]:
     return lines
 
 
+# -- the layout a pilot reports ------------------------------------------------------
+_INTERPRETER_NAME = re.compile(r"python(3(\.\d+)?)?")
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._+/-]*")
+_CFG_KEYS = ("home", "include-system-site-packages", "version", "executable")
+
+
+def _safe_absolute(path: object) -> bool:
+    return (isinstance(path, str) and _SAFE_PATH.fullmatch(path) is not None
+            and ".." not in PurePosixPath(path).parts)
+
+
+def checked_layout(layout: object, image: Sequence[str]) -> dict | None:
+    """A pilot's layout in the canonical form the other nodes replay, or None when it is
+    not one a virtualenv of the runtime can have. A node reports it, so nothing in it is
+    trusted: links are interpreter names; absolute paths are checked again on each node
+    to be that node's own interpreter; pyvenv.cfg is rebuilt from the known keys, its
+    `home` the executable's directory; the .pth names only directories of the image (never
+    the shared directory, nothing a .pth would execute)."""
+    if not isinstance(layout, dict):
+        return None
+    site, links, lib64, cfg, pth = (layout.get(k) for k in ("site", "links", "lib64", "cfg", "pth"))
+    if not isinstance(site, str) or not re.fullmatch(r"lib/python3\.\d+/site-packages", site):
+        return None
+    if not isinstance(links, dict) or "python" not in links or lib64 not in (None, "lib"):
+        return None
+    for name, target in links.items():
+        if not (isinstance(name, str) and _INTERPRETER_NAME.fullmatch(name)):
+            return None
+        if not (isinstance(target, str) and (_INTERPRETER_NAME.fullmatch(target) or _safe_absolute(target))):
+            return None
+    if not isinstance(cfg, str):
+        return None
+    values: dict[str, str] = {}
+    for line in cfg.splitlines():
+        key, sep, value = line.partition("=")
+        if not sep or key.strip() not in _CFG_KEYS:
+            return None
+        values[key.strip()] = value.strip()
+    executable = values.get("executable")
+    if not _safe_absolute(executable) or values.get("include-system-site-packages", "false") != "false":
+        return None
+    assert executable is not None
+    if values.get("home") != str(PurePosixPath(executable).parent):
+        return None
+    if not re.fullmatch(r"[0-9A-Za-z.+]*", values.get("version", "")):
+        return None
+    roots = [str(PurePosixPath(entry)) for entry in image]
+    if pth is not None:
+        if not isinstance(pth, str):
+            return None
+        for line in pth.splitlines():
+            if not _safe_absolute(line) or not any(line == r or line.startswith(r.rstrip("/") + "/") for r in roots):
+                return None
+    canonical = "".join(f"{key} = {values[key]}\n" for key in _CFG_KEYS if key in values)
+    return {"site": site, "links": dict(sorted(links.items())), "lib64": lib64, "cfg": canonical,
+            "pth": pth or None}
+
+
+def _absolute_interpreters(layout: dict) -> set[str]:
+    cfg = dict(line.split(" = ", 1) for line in layout["cfg"].splitlines())
+    return {t for t in layout["links"].values() if t.startswith("/")} | {cfg["executable"]}
+
+
+def layout_tree(tree: Path, layout: dict, version: str = __version__) -> Path:
+    """The prepared tree laid out as a runtime of `layout`: `<version>/` with the venv's
+    links, pyvenv.cfg and the image's .pth beside fleet's files, so that a node makes its
+    runtime with one `tar -x`. Built once per layout, beside the tree."""
+    key = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:12]
+    target = tree.with_name(f"{tree.name.removesuffix(TREE)}{key}.{TREE}")
+    if target.is_file():
+        return target
+    site = PurePosixPath(version, layout["site"])
+    moved = {"site-packages": str(site), "bin": f"{version}/bin"}
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    with tarfile.open(tree) as source, tarfile.open(tmp, "w:gz", compresslevel=6) as out:
+        mtime = max((m.mtime for m in source.getmembers()), default=0)
+
+        def add(name: str, kind: bytes, *, data: bytes = b"", link: str = "", mode: int = 0o755) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.mtime, info.linkname, info.size = kind, mode, mtime, link, len(data)
+            out.addfile(info, io.BytesIO(data) if data else None)
+
+        for directory in (version, f"{version}/bin", f"{version}/include", *map(str, reversed(site.parents[:-2]))):
+            add(directory, tarfile.DIRTYPE)
+        for name, link in layout["links"].items():
+            add(f"{version}/bin/{name}", tarfile.SYMTYPE, link=link, mode=0o777)
+        if layout["lib64"]:
+            add(f"{version}/lib64", tarfile.SYMTYPE, link=layout["lib64"], mode=0o777)
+        add(f"{version}/pyvenv.cfg", tarfile.REGTYPE, data=layout["cfg"].encode(), mode=0o644)
+        for member in source.getmembers():
+            top, _, rest = member.name.partition("/")
+            if top not in moved or (member.isdir() and top == "bin" and not rest):
+                continue
+            member.name = f"{moved[top]}/{rest}" if rest else moved[top]
+            out.addfile(member, source.extractfile(member) if member.isfile() else None)
+        if layout["pth"]:
+            add(f"{site}/{PTH}", tarfile.REGTYPE, data=layout["pth"].encode(), mode=0o644)
+    os.replace(tmp, target)
+    return target
+
+
+def fingerprint_shell(python: str, image: Sequence[str]) -> str:
+    """Shell that sets `real` (the interpreter the runtime is made from, `python` a shell
+    word, symlinks resolved) and `fp`: a digest of what a node's runtime is made from
+    (that interpreter, the listing of the image's directories). Nodes of one digest get
+    the same virtualenv layout."""
+    dirs = " ".join(f"{_quote(e)} {_quote(e)}/lib/python*/site-packages {_quote(e)}/lib/python*/dist-packages"
+                    for e in image)
+    listing = f"LC_ALL=C ls -1a -- {dirs}; " if dirs else ""
+    return (f'py={python}; real=$(readlink -f -- "$(command -v "$py")" 2>/dev/null); fp=; '
+            f'if [ -n "$real" ]; then fp=$({{ echo "$real"; LC_ALL=C ls -Ln -- "$real"; {listing}}} 2>/dev/null '
+            '| sha256sum); fp=${fp%% *}; fi')
+
+
+def prepared_shell(layout: dict, real: str, stamp: str, incoming: str, tree_sha: str) -> str:
+    """Shell that makes the runtime from the uploaded prepared tree; exit 5 when an
+    interpreter the layout names is not this node's own."""
+    mismatch = _quote(json.dumps({"status": "failed", "error": "the prepared runtime tree uploaded to this "
+                                  "node does not match its sha256: it was not unpacked"}))
+    root = f'"$HOME"/{runtime_dir()}'
+    lines = [f'[ "$(readlink -f -- {_quote(path)})" = {_quote(real)} ] || {{ echo changed; exit 5; }}'
+             for path in sorted(_absolute_interpreters(layout))]
+    lines += [
+        f'cd "$HOME"/{incoming}',
+        f"echo {_quote(f'{tree_sha}  {TREE}')} | sha256sum -c >/dev/null 2>&1 || {{ echo {mismatch}; exit 1; }}",
+        "set -e",
+        f"[ ! -e {root} ] || rm -rf {root}",
+        f'tar -xzf {TREE} -C "$HOME"/{NODE_ROOT}',
+        f"printf '%s\\n' {_quote(stamp)} > {root}/{STAMP}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 # -- on the nodes ----------------------------------------------------------------------
 @dataclass
 class Pending:
@@ -279,8 +504,9 @@ class Runtime:
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self.spec = fleet.spec.runtime
-        self.cache = fleet.spec_path.resolve().parent / ".fleet" / "runtime"
+        self.cache = fleet.spec_path.resolve().parent / ".fleet" / "runtime"  # this fleet's: wheelhouse, layouts
         self._artifacts: Artifacts | None = None
+        self._layouts: dict[tuple[str, str], dict | None] = {}
         self.pending: Pending | None = None
 
     @property
@@ -294,9 +520,12 @@ class Runtime:
 
     def artifacts(self) -> Artifacts:
         if self._artifacts is None:
-            wheel = build_wheel(self.cache)
+            builds = build_cache()
+            wheel = build_wheel(builds)
             requirements = extra_requirements(wheel, self.spec.extras) + list(self.spec.packages)
-            self._artifacts = Artifacts(wheel=wheel, pip=pip_zip(self.cache), requirements=requirements)
+            tree = build_tree(wheel)
+            self._artifacts = Artifacts(wheel=wheel, tree=tree, tree_sha=_sha256(tree), pip=pip_zip(builds),
+                                        requirements=requirements)
         return self._artifacts
 
     def stamp(self) -> str:
@@ -348,8 +577,10 @@ class Runtime:
             for node in nodes:
                 result.failures[node.name] = f"the node runtime: {error.message}"
             return []
-        check = (f'[ "$(cat "$HOME"/{runtime_dir()}/{STAMP} 2>/dev/null)" = {_quote(stamp)} ] '
-                 f"&& echo present || echo absent")
+        # `read`, a builtin: on a complete fleet the check starts no process but the shell.
+        check = (f'found=; {{ read -r found < "$HOME"/{runtime_dir()}/{STAMP}; }} 2>/dev/null; '
+                 f'if [ "$found" = {_quote(stamp)} ]; then echo present; '
+                 f'else {self._fingerprint_shell()}; echo absent; echo "$real"; echo "$fp"; fi')
         checked = self.fleet.executor.run([self.fleet.target(n) for n in nodes], check, timeout=60)
         ok = [n for n in nodes if checked[n.name].ok and checked[n.name].stdout.strip() == "present"]
         unreachable = [n for n in nodes if not checked[n.name].ok]
@@ -357,8 +588,101 @@ class Runtime:
             self._failed(node, result, checked[node.name].describe())
         absent = [n for n in nodes if n not in ok and n not in unreachable]
         if absent:
-            ok += self._install(absent, result, stamp, wheelhouse=None)
+            ok += self._install_absent(absent, result, stamp, checked)
         return [n for n in nodes if n in ok or (self.pending is not None and n in self.pending.nodes)]
+
+    def _install_absent(self, nodes: Sequence[Node], result: UpResult, stamp: str, checked: GroupResult) -> list[Node]:
+        """Nodes of an environment whose layout is known get the prepared tree; of the
+        others, one per environment (the pilot) installs in full and reports the layout,
+        then the rest of its environment gets the tree too, or installs in full as well."""
+        groups: dict[tuple[str, str], list[Node]] = {}  # (fingerprint, interpreter) -> nodes
+        alone: list[Node] = []
+        for node in nodes:
+            lines = checked[node.name].stdout.strip().splitlines()
+            fingerprint, real = (lines[-1].strip(), lines[-2].strip()) if len(lines) >= 3 else ("", "")
+            if re.fullmatch(r"[0-9a-f]{64}", fingerprint) and real.startswith("/"):
+                groups.setdefault((fingerprint, real), []).append(node)
+            else:  # no fingerprint (no interpreter, no sha256sum): the full install, alone
+                alone.append(node)
+        prepared = {key: group for key, group in groups.items() if self._layout(stamp, key[0]) is not None}
+        pilots = {key: group[0] for key, group in groups.items() if key not in prepared}
+        ok = self._install([*pilots.values(), *alone], result, stamp, wheelhouse=None,
+                           fingerprints={node.name: key[0] for key, node in pilots.items()})
+        full: list[Node] = []
+        for key, pilot in pilots.items():
+            rest = groups[key][1:]
+            if self._layout(stamp, key[0]) is not None and pilot in ok:
+                prepared[key] = rest
+            else:
+                full += rest
+        if prepared:
+            done, fallback = self._install_prepared(prepared, result, stamp)
+            ok += done
+            full += fallback
+        if full:
+            ok += self._install(full, result, stamp, wheelhouse=None)
+        return ok
+
+    def _fingerprint_shell(self) -> str:
+        return fingerprint_shell(self._python_expression(), self.image())
+
+    # -- the prepared tree ---------------------------------------------------------------
+    def _layout_path(self, stamp: str, fingerprint: str) -> Path:
+        return self.cache / LAYOUTS / f"{hashlib.sha256(stamp.encode()).hexdigest()[:16]}-{fingerprint}.json"
+
+    def _layout(self, stamp: str, fingerprint: str) -> dict | None:
+        """The checked layout a pilot of this environment reported (this run or an earlier
+        one, kept under `.fleet/runtime/layouts/`), or None."""
+        key = (stamp, fingerprint)
+        if key not in self._layouts:
+            path = self._layout_path(stamp, fingerprint)
+            try:
+                self._layouts[key] = checked_layout(json.loads(path.read_text()), self.image())
+            except (OSError, ValueError):
+                self._layouts[key] = None
+        return self._layouts[key]
+
+    def _remember(self, stamp: str, fingerprint: str, layout: object) -> None:
+        checked = checked_layout(layout, self.image())
+        self._layouts[(stamp, fingerprint)] = checked
+        if checked is None:
+            return
+        path = self._layout_path(stamp, fingerprint)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(checked))
+        os.replace(tmp, path)
+
+    def _install_prepared(self, groups: dict[tuple[str, str], list[Node]], result: UpResult,
+                          stamp: str) -> tuple[list[Node], list[Node]]:
+        """The prepared tree of each environment's layout, unpacked by shell: (installed,
+        nodes whose interpreter is not the one the layout names, for the full install)."""
+        art = self.artifacts()
+        incoming = f"{NODE_ROOT}/.incoming-{__version__}"
+        done: list[Node] = []
+        fallback: list[Node] = []
+        for (fingerprint, real), group in groups.items():
+            if not group:
+                continue
+            layout = self._layout(stamp, fingerprint)
+            assert layout is not None
+            tree = layout_tree(art.tree, layout)
+            self.fleet.log(f"installing the node runtime {DIST} {__version__} on {len(group)} node(s) "
+                           "from the prepared tree")
+            alive = self._upload(group, result, tree, f"{incoming}/{TREE}", 0o600)
+            command = prepared_shell(layout, real, stamp, incoming, _sha256(tree))
+            ran = self.fleet.executor.run([self.fleet.target(n) for n in alive], command, timeout=300)
+            for node in alive:
+                outcome = ran[node.name]
+                if outcome.ok:
+                    done.append(node)
+                    self.fleet.state.add_event("runtime", node.name, f"{DIST} {__version__} installed "
+                                               "(the prepared tree, nothing from the index)")
+                elif outcome.exit_code == 5:
+                    fallback.append(node)
+                else:
+                    self._failed(node, result, _last_json(outcome).get("error") or outcome.describe())
+        return done, fallback
 
     def _failed(self, node: Node, result: UpResult, message: str) -> None:
         text = f"the node runtime ({DIST} {__version__}) could not be installed: {message}"
@@ -366,17 +690,22 @@ class Runtime:
         self.fleet.state.add_event("runtime_failed", node.name, text)
         self.fleet.log(f"{node.name}: {text}")
 
-    def _install(self, nodes: Sequence[Node], result: UpResult, stamp: str, *, wheelhouse: dict | None) -> list[Node]:
+    def _install(self, nodes: Sequence[Node], result: UpResult, stamp: str, *, wheelhouse: dict | None,
+                 fingerprints: dict[str, str] | None = None) -> list[Node]:
+        """The full install (runtime_node.py) on `nodes`; a node named in `fingerprints`
+        that installs nothing from the index reports its layout for its environment."""
+        if not nodes:
+            return []
         art = self.artifacts()
         incoming = f"{NODE_ROOT}/.incoming-{__version__}"
         config = {
-            "root": runtime_dir(), "stamp": stamp, "image": self.image(), "wheel": art.wheel.name,
+            "root": runtime_dir(), "stamp": stamp, "image": self.image(), "tree_sha": art.tree_sha,
             "pip": art.pip.name, "requirements": art.requirements, "extras": list(self.spec.extras),
             "index_options": self.index_options(), "need_wheelhouse": self.spec.wheelhouse,
             "wheelhouse": wheelhouse,
         }
         self.fleet.log(f"installing the node runtime {DIST} {__version__} on {len(nodes)} node(s)")
-        alive = self._upload(nodes, result, node_bundle(art.wheel, config), f"{incoming}/runtime.pyz", 0o600)
+        alive = self._upload(nodes, result, node_bundle(art.tree, config), f"{incoming}/runtime.pyz", 0o600)
         command = f'cd "$HOME"/{incoming} && {self._python_expression()} runtime.pyz'
         ran = self.fleet.executor.run([self.fleet.target(n) for n in alive], command, timeout=1800)
         # Nodes that lack something the image does not have get the control plane's pip, once.
@@ -394,6 +723,8 @@ class Runtime:
             answer = _last_json(outcome)
             if outcome.ok:
                 ok.append(node)
+                if fingerprints and node.name in fingerprints and not answer.get("installed"):
+                    self._remember(stamp, fingerprints[node.name], answer.get("layout"))
                 self.fleet.state.add_event("runtime", node.name, f"{DIST} {__version__} installed "
                                            f"({', '.join(answer.get('installed') or []) or 'nothing from the index'})")
             elif outcome.exit_code == 3 and answer.get("status") == "missing" and wheelhouse is None:

@@ -1,23 +1,27 @@
 """The node side of fleet's runtime: makes `~/.fleet/runtime/<version>/` on a node.
 
 Uploaded by `fleet.runtime` over SSH (never through the shared directory) as the
-`__main__.py` of a zip bundle that also holds its config, fleet's wheel, pypa's
-`installer` and `packaging`, and run with the node's interpreter; it imports only the
-standard library and those two. Never imported by the control plane.
+`__main__.py` of a zip bundle that also holds its config, the tree the control plane
+prepared from fleet's wheel, and pypa's `packaging`, and run with the node's interpreter
+on the first node of each environment (the pilot; the others unpack the same tree in
+shell, into the layout this reports); it imports only the standard library and
+`packaging`. Never imported by the control plane.
 
     python3 runtime.pyz [--inside]
 
 1. Unless the stamp `fleet-runtime.id` says the runtime is complete, the virtualenv is
    made anew (`venv --without-pip`) with the image's interpreter, and a `.pth` file
    layers the image's site-packages under it: the image's torch is used, not copied.
-2. fleet's wheel goes in without its dependencies (unpacked by pypa's `installer`):
+2. fleet's tree goes in (its wheel unpacked by the control plane, no dependencies):
    nodes need only what the worker needs, never the control plane's cloud SDKs.
 3. The requirements of the chosen extras and `packages` are checked against what the
    runtime sees (the image included); only the missing ones are installed, with every
    distribution of the image pinned at its version (pip never replaces the image's
    torch). From the index, or from the head's wheelhouse: `--no-index --find-links`
    and `--require-hashes` against pins the control plane sent over SSH.
-4. The stamp is written last. The last line printed is one JSON object.
+4. The stamp is written last. The last line printed is one JSON object; on success it
+   carries the virtualenv's layout (links, pyvenv.cfg, the image's .pth), which the
+   control plane checks and replays on the other nodes of this environment.
 Exit codes: 0 done, 3 requirements missing and no wheelhouse given yet (the control
 plane fills it and calls again), 4 requirements missing and no pip here yet (the control
 plane uploads its own, zipped, and calls again), 1 anything else.
@@ -25,17 +29,20 @@ plane uploads its own, zipped, and calls again), 1 anything else.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import venv
 import zipfile
 from pathlib import Path
 
 STAMP = "fleet-runtime.id"
 PTH = "fleet-image.pth"
+TREE = "tree.tar.gz"
 TAIL_LINES = 25
 
 
@@ -83,14 +90,48 @@ def outside(config: dict, bundle: Path) -> None:
     python = root / "bin" / "python"
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    with zipfile.ZipFile(bundle) as archive:
+        archive.extract(TREE, bundle.parent)
+    _unpack_tree(bundle.parent / TREE, config["tree_sha"], root, Path(purelib))
     site_dirs: list[str] = []
     for entry in image:
         site_dirs.extend(_site_packages_of(entry))
     if site_dirs:
         Path(purelib, PTH).write_text("".join(f"{d}\n" for d in site_dirs))
-    with zipfile.ZipFile(bundle) as archive:
-        archive.extract(config["wheel"], bundle.parent)
     os.execv(str(python), [str(python), str(bundle), "--inside"])
+
+
+def _unpack_tree(tree: Path, sha: str, root: Path, purelib: Path) -> None:
+    """The control plane's prepared tree, checked against the hash it sent, into the
+    fresh virtualenv: `site-packages/` becomes its purelib, `bin/` joins its bin."""
+    if hashlib.sha256(tree.read_bytes()).hexdigest() != sha:
+        _fail("fleet's prepared runtime tree does not match its sha256")
+    staging = root / ".tree"
+    with tarfile.open(tree) as archive:
+        if hasattr(tarfile, "data_filter"):
+            archive.extractall(staging, filter="data")
+        else:  # a Python without extraction filters: the archive is ours and hash-checked
+            archive.extractall(staging)
+    purelib.rmdir()  # venv made it empty
+    os.rename(staging / "site-packages", purelib)
+    for script in (staging / "bin").iterdir():
+        os.rename(script, root / "bin" / script.name)
+    shutil.rmtree(staging)
+
+
+def layout(root: Path, purelib: Path) -> dict | None:
+    """What the other nodes of this environment replay: the venv's links, its
+    pyvenv.cfg (without `command`, which names this node's path) and the image's .pth.
+    None when something in it depends on where this runtime is."""
+    links = {p.name: os.readlink(p) for p in sorted((root / "bin").iterdir()) if p.is_symlink()}
+    lib64 = root / "lib64"
+    cfg = "".join(line for line in (root / "pyvenv.cfg").read_text().splitlines(keepends=True)
+                  if not line.startswith("command"))
+    pth = purelib / PTH
+    found = {"site": str(purelib.relative_to(root)), "links": links,
+             "lib64": os.readlink(lib64) if lib64.is_symlink() else None,
+             "cfg": cfg, "pth": pth.read_text() if pth.is_file() else None}
+    return None if str(root) in json.dumps(found) else found
 
 
 def _missing(requirements: list[str], extras: list[str]) -> list[str]:
@@ -145,12 +186,6 @@ def inside(config: dict, bundle: Path) -> None:
     """Run by the runtime's interpreter: fleet's wheel, what is missing, the stamp."""
     root = _expand(config["root"])
     incoming = bundle.parent
-    # fleet's own wheel has no dependencies to resolve: `installer` unpacks it (a tenth of pip's time).
-    env = {**os.environ, "PYTHONPATH": str(bundle)}
-    wheel = subprocess.run([sys.executable, "-m", "installer", "--no-compile-bytecode", str(incoming / config["wheel"])],
-                           capture_output=True, text=True, check=False, env=env)
-    if wheel.returncode != 0:
-        _fail("could not install fleet's wheel", tail=_pip_tail(wheel))
     missing = _missing(config.get("requirements", []), config.get("extras", []))
     pip_zip = incoming / config["pip"]
     pip = [sys.executable, str(pip_zip / "pip"), "install", "--no-compile",
@@ -180,7 +215,10 @@ def inside(config: dict, bundle: Path) -> None:
         if still:
             _fail(f"still missing after pip: {', '.join(still)}")
     (root / STAMP).write_text(config["stamp"] + "\n")
-    print(json.dumps({"status": "installed", "installed": missing}))
+    import sysconfig
+
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    print(json.dumps({"status": "installed", "installed": missing, "layout": layout(root, purelib)}))
 
 
 def main() -> None:

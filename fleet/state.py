@@ -8,13 +8,14 @@ file never leaks a node. Connections are per thread (sqlite3 objects are not sha
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,23 @@ def make_private_dir(path: Path) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if stat.S_IMODE(directory.stat().st_mode) != 0o700:
             os.chmod(directory, 0o700)
+
+
+@contextmanager
+def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an flock on `path` (0600, made if missing) for the block; when another
+    process holds it, call `on_wait` once, then wait for it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class State:

@@ -235,6 +235,18 @@ class RuntimeSpec(Strict):
         "nodes install it from there (hash-checked, no index needed on the nodes)"
     )
 
+    @field_validator("extras")
+    @classmethod
+    def _known_extras(cls, extras: list[str]) -> list[str]:
+        from fleet.runtime import known_extras
+
+        known = known_extras()
+        for index, extra in enumerate(extras):
+            if known and extra not in known:
+                raise SpecValueError(f"fleet has no extra {extra!r}", at=(index,),
+                                     hint=f"fleet's extras: {', '.join(known)}")
+        return extras
+
 
 class FleetSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="labels every resource; lowercase, digits, '-'")

@@ -8,6 +8,7 @@ in test_fleet_isolated.py."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from e2e_helpers import CliFleet, leftovers, mounts_under, nothing_left
+from e2e_helpers import CliFleet, fleet_argv, leftovers, mounts_under, nothing_left
 
+from fleet.fleetops import UP_LOCK
 from fleet.providers.localnode import LocalNode, find_sshd, generate_ed25519_keypair
 
 pytestmark = pytest.mark.slow
@@ -230,3 +232,33 @@ def test_injection_through_shared_paths_and_setup_environment(make_fleet, tmp_pa
     assert code == 0, results
     assert sorted(os.listdir(head_dir)) == fleet.workers()
     assert not marker.exists()
+
+
+def test_two_concurrent_ups_of_one_fleet_do_not_race(make_fleet) -> None:
+    fleet: CliFleet = make_fleet(1, local=LOOPBACK)
+    fleet.state_dir.mkdir(parents=True, exist_ok=True)
+    # Hold the lock while both start, so that they overlap whatever this machine's load.
+    held = os.open(fleet.state_dir / UP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    logs = [fleet.dir / f"up{i}.err" for i in range(2)]
+    ups = [subprocess.Popen([*fleet_argv(), "up", "-f", str(fleet.spec)], cwd=fleet.dir, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True) for log in logs]
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all("is running: waiting for it" in log.read_text()
+                                                       for log in logs):
+            assert all(up.poll() is None for up in ups), [log.read_text() for log in logs]
+            time.sleep(0.1)
+        assert all("another `fleet up` of this fleet is running" in log.read_text() for log in logs), \
+            [log.read_text() for log in logs]
+        assert not fleet.root.exists() or not any(fleet.root.rglob("node.json"))  # nothing made while waiting
+    finally:
+        os.close(held)
+        codes = [up.wait(timeout=300) for up in ups]
+    assert codes == [0, 0], [log.read_text() for log in logs]
+    nodes = set(fleet.nodes())
+    assert nodes == {fleet.head, f"{fleet.name}-w1-g1"}
+    events = fleet.json("events")
+    # Each node was created and got its runtime once: the second `up` found them complete.
+    for kind in ("requested", "runtime"):
+        assert sorted(e["node"] for e in events if e["kind"] == kind) == sorted(nodes), (kind, events)

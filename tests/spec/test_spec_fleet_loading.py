@@ -351,3 +351,12 @@ def test_bool_for_string_suggests_quoting(spec_file) -> None:
 def test_unquoted_reference_in_flow_mapping_gets_a_hint(spec_file) -> None:
     error = only_error(load_errors(spec_file("name: demo\nprovider: local\nworkers: {count: ${N}}\n")))
     assert error.line == 3 and "quote ${VAR} references" in (error.hint or "")
+
+
+def test_unknown_runtime_extra_is_caught_at_load_with_its_line(spec_file) -> None:
+    path = spec_file("name: demo\nprovider: local\nworkers: {count: 1}\nruntime:\n  extras:\n    - worker\n    - wrker\n")
+    error = only_error(load_errors(path))
+    assert (error.line, error.field) == (7, "runtime.extras[1]"), error
+    assert "fleet has no extra 'wrker'" in error.message and "worker" in (error.hint or ""), error
+    assert load_fleet_spec(spec_file(MINIMAL + "runtime: {extras: [worker, report]}\n"), env={}).runtime.extras == [
+        "worker", "report"]
