@@ -276,7 +276,7 @@ class Packer:
             return
         expected = {rel for rel in self.chunks.chunk_files(self.by_id[chunk]) if safe_rel(rel)}
         rejected: list[str] = []
-        written = 0
+        written: list[str] = []
         dirs: dict[str, bool] = {}
         try:
             handle = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - closed by the with below
@@ -307,13 +307,15 @@ class Packer:
                         rejected.append(f"{name}: its directory leaves the output directory")
                         continue
                     _write_atomic_fast(target, data)
-                    written += 1
+                    written.append(name)
         except (OSError, ValueError) as exc:
             rejected.append(f"unreadable pack: {exc}")
-        write_atomic(out_ack(self.layout, chunk, match["token"]), dumps({"files": written, "rejected": rejected}))
+        # The names in place: a later holder of the chunk skips exactly these (a handover).
+        ack = {"files": len(written), "rejected": rejected, "names": written}
+        write_atomic(out_ack(self.layout, chunk, match["token"]), dumps(ack))
         path.unlink(missing_ok=True)
         with self._lock:
-            self.unpacked_files += written
+            self.unpacked_files += len(written)
 
 
 def safe_rel(rel: str) -> bool:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.worker.batcher import BatchQueue, QueueClosed
-from fleet.worker.bulk import RELEASE_ACK_S, BulkClient, OutputPack, scratch_root
+from fleet.worker.bulk import BulkClient, OutputPack, scratch_root
 from fleet.worker.claims import ChunkQueue, Claim
 from fleet.worker.config import WorkerConfig
 from fleet.worker.errors import DeviceFailed
@@ -212,7 +212,10 @@ class Pipeline:
             rels = self.chunks.chunk_files(chunk)
             todo = list(enumerate(rels))
             if claim.resumed:
-                existing = self._existing_outputs(rels)
+                # Outputs an earlier holder handed over as a pack are settled first (their
+                # ack awaited): they must be in place before this holder may mark done.
+                handed = self._handed_over(chunk.id, rels)
+                existing = self._existing_outputs(rels) | handed
                 todo = [(i, rel) for i, rel in todo if rel not in existing]
                 run.skipped = len(rels) - len(todo)
             with run.lock:
@@ -342,6 +345,14 @@ class Pipeline:
                     if final in outputs:
                         self._remove_if_stale(directory / entry)
         return existing
+
+    def _handed_over(self, chunk: str, rels: list[str]) -> set[str]:
+        """Inputs whose output an earlier holder of `chunk` handed over in bulk mode."""
+        if self.bulk is None:
+            return set()
+        suffix = self.handler.file_suffix
+        placed = self.bulk.handed_over(chunk, {rel + suffix for rel in rels})
+        return {name[: -len(suffix)] if suffix else name for name in placed}
 
     def _remove_if_stale(self, path: Path) -> None:
         try:
@@ -721,19 +732,20 @@ class Pipeline:
             if self.runs.pop(run.chunk.id, None) is None:
                 return
         write_s = 0.0
+        finished = not (run.incomplete or self.fatal is not None)
+        if finished and run.outputs is not None and not run.claim.lost:
+            started = time.perf_counter()
+            finished = self._deliver(run)
+            write_s = time.perf_counter() - started
         if run.claim.lost:
             self._discard_bulk(run)
             self.queue.release(run.claim)  # forgets it; the files belong to the new holder
             run.outcome = "lost"
-        elif run.incomplete or self.fatal is not None:
-            self._deliver(run, releasing=True)
+        elif not finished:
+            self._hand_over(run)
             self.queue.release(run.claim)
             run.outcome = "released"
         else:
-            if run.outputs is not None:
-                started = time.perf_counter()
-                self._deliver(run, releasing=False)
-                write_s = time.perf_counter() - started
             if self.records:
                 started = time.perf_counter()
                 self._write_rows(run)
@@ -760,17 +772,25 @@ class Pipeline:
         run.settled.set()
         self.on_change()
 
-    def _deliver(self, run: ChunkRun, *, releasing: bool) -> None:
+    def _deliver(self, run: ChunkRun) -> bool:
+        """A finished chunk's outputs to the head; False when they were handed over instead
+        (the worker is stopping and the ack is late): the chunk is then released."""
+        outputs, run.outputs = run.outputs, None
+        assert outputs is not None and self.bulk is not None
+        self._discard_bulk(run)
+        return self.bulk.deliver(run.chunk.id, run.claim.token, outputs, stopping=self._stopping)
+
+    def _hand_over(self, run: ChunkRun) -> None:
+        """What a released chunk finished goes to the head as a pack, with no wait for the
+        ack: the next holder settles it (bulk.BulkClient.handed_over), so nothing is computed
+        twice however slow the packer is."""
         outputs, run.outputs = run.outputs, None
         if outputs is None or self.bulk is None:
             return
         self._discard_bulk(run)
-        if not releasing:
-            self.bulk.deliver(run.chunk.id, run.claim.token, outputs)
-            return
-        try:  # what is finished, so that the next holder skips it; shortly: we are stopping
-            self.bulk.deliver(run.chunk.id, run.claim.token, outputs, wait_s=RELEASE_ACK_S)
-        except (OSError, RuntimeError):
+        try:
+            self.bulk.deliver(run.chunk.id, run.claim.token, outputs, wait_s=0)
+        except OSError:
             pass  # best effort on the way out: the next holder computes them again
 
     def _discard_bulk(self, run: ChunkRun) -> None:

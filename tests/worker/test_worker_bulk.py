@@ -303,3 +303,47 @@ def test_bulk_items_are_prepared_in_the_reader_threads(shared: Path, tmp_path: P
         assert output.read_text().split() == [sha256_hex(f"TEXT {i}".encode())]
     threads = worker_plugins.CALLS["prepare_threads"]
     assert threads and all(name.startswith("fleet-reader") for name in threads)
+
+
+def test_a_stopping_worker_hands_its_chunks_over_however_late_the_ack(shared: Path, tmp_path: Path) -> None:
+    """A slow ack (the packer stalled: SIGSTOP, its heartbeat still fresh) must not hold a
+    stopping worker nor cost a recomputation: the stop hands the packs over at once, and
+    the next holder settles them (waits for their acks) and computes nothing twice."""
+    inputs = write_files(shared / "corpus", 100, per_dir=100)
+    job = make_job(shared, "handover", {
+        "handler": "worker_plugins:CountingChecksum", "handler_options": {"delay_s": 0.05},
+        "inputs": "corpus/**/*.txt", "outputs": "out", "chunk_size": 20, "batch_size": 4, "io": "bulk",
+    })
+    assert run_cli(str(job), "--init").returncode == 0
+    worker_plugins.CALLS["computed"] = []
+    packer = start_packer(job, tmp_path / "packer.log")
+    out = job / "bulk" / "out"
+    try:
+        wait_for(lambda: len(os.listdir(job / "bulk" / "in")) >= 5, 60, "the inputs packed")
+        kill_group(packer, signal.SIGSTOP)  # from now on no ack comes
+        stop = threading.Event()
+        stopped: list[dict[str, object]] = []
+        first = threading.Thread(target=lambda: stopped.append(
+            run_worker(job, node="n0", stop=stop, install_signal_handlers=False)))
+        first.start()
+        wait_for(lambda: any(n.endswith(".pack") for n in os.listdir(out)), 60, "a delivered pack")
+        stop.set()
+        first.join(timeout=20)  # `fleet cancel` SIGKILLs a worker after 10 s
+        assert not first.is_alive(), "the stopping worker waited for the stalled packer's ack"
+        assert stopped and stopped[0]["reason"] == "signal", stopped
+        assert visible_files(job / "done") == []  # no ack came: nothing may be marked done
+        handed = [n for n in os.listdir(out) if n.endswith(".pack")]
+        assert handed
+        kill_group(packer, signal.SIGCONT)
+        summary = run_worker(job, node="n1", install_signal_handlers=False)
+        assert summary["reason"] == "done"
+        assert packer.wait(timeout=60) == 0
+    finally:
+        kill_group(packer, signal.SIGCONT)
+        kill_group(packer, signal.SIGKILL)
+    assert_checksum_outputs(shared / "corpus", shared / "out", inputs)
+    computed = worker_plugins.CALLS["computed"]
+    assert sorted(computed) == sorted(path.read_bytes() for path in inputs)  # each exactly once
+    chunks = [r for r in metric_lines(job) if r["kind"] == "chunk"]
+    assert any(r["node"] == "n0" and r["outcome"] == "released" and r["items"] > 0 for r in chunks), chunks
+    assert any(r["node"] == "n1" and r["skipped"] > 0 for r in chunks), chunks  # took over, not recomputed
