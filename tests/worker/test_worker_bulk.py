@@ -347,3 +347,29 @@ def test_a_stopping_worker_hands_its_chunks_over_however_late_the_ack(shared: Pa
     chunks = [r for r in metric_lines(job) if r["kind"] == "chunk"]
     assert any(r["node"] == "n0" and r["outcome"] == "released" and r["items"] > 0 for r in chunks), chunks
     assert any(r["node"] == "n1" and r["skipped"] > 0 for r in chunks), chunks  # took over, not recomputed
+
+
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["o_tmpfile", "tmp_rename"])
+def test_the_packer_places_outputs_atomically_replacing_not_following(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmpfile: bool
+) -> None:
+    from fleet.worker import packer as packer_module
+
+    if tmpfile and not packer_module._tmpfile_works:
+        pytest.skip("this filesystem has no O_TMPFILE")
+    monkeypatch.setattr(packer_module, "_tmpfile_works", tmpfile)
+    (tmp_path / "elsewhere.txt").write_text("not ours\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.sha256").write_text("stale\n")
+    (out / "link.sha256").symlink_to(tmp_path / "elsewhere.txt")  # planted
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in ("new.sha256", "old.sha256", "link.sha256"):
+            packer_module.place_atomic(fd, name, f"{name}\n".encode())
+    finally:
+        os.close(fd)
+    for name in ("new.sha256", "old.sha256", "link.sha256"):
+        assert (out / name).read_text() == f"{name}\n" and not (out / name).is_symlink()
+    assert (tmp_path / "elsewhere.txt").read_text() == "not ours\n"
+    assert sorted(os.listdir(out)) == ["link.sha256", "new.sha256", "old.sha256"]  # no temporary left
