@@ -429,13 +429,19 @@ class Pipeline:
         self._read_done(segment.items)
         for key, exc in failed:
             self._item_failed(run, key, "load", exc)
-        items = self._prepare(run, items)
-        if items:
-            share = (time.perf_counter() - started) / len(items)
-            for item in items:
+        read_share = (time.perf_counter() - started) / len(items) if items else 0.0
+        # Prepared (tokenised) and queued a batch at a time, not the whole segment first:
+        # the compute thread starts on the first batch while the rest is tokenised, and
+        # the last segment of a job leaves no long tail of queuing behind its tokeniser.
+        step = self.config.batch_size
+        for start in range(0, len(items), step):
+            began = time.perf_counter()
+            group = self._prepare(run, items[start : start + step])
+            share = read_share + (time.perf_counter() - began) / max(1, len(group))
+            for item in group:
                 item.load_s = share
-        for start in range(0, len(items), self.config.batch_size):
-            if not self._enqueue(items[start : start + self.config.batch_size]):
+            if group and not self._enqueue(group):
+                self._drop(items[start + step :])  # stopping: the rest is never computed
                 break
         self._resolve(run)  # this read task
 
@@ -585,12 +591,14 @@ class Pipeline:
             "model_s": model_s,
         }
         if self.records:
+            by_run: dict[int, tuple[ChunkRun, list[tuple[tuple[int, int], str, Any]]]] = {}
             for item, result in ok:
-                run = item.run
+                by_run.setdefault(id(item.run), (item.run, []))[1].append((item.order, item.key, result))
+            for run, rows in by_run.values():  # one lock and one resolve per chunk, not per item
                 with run.lock:
-                    run.rows.append((item.order, item.key, result))
-                    run.ok += 1
-                self._resolve(run)
+                    run.rows.extend(rows)
+                    run.ok += len(rows)
+                self._resolve(run, len(rows))
             self.metrics.batch(write_s=0.0, **timings)
         elif not ok:
             self.metrics.batch(write_s=0.0, **timings)
