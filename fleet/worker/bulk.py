@@ -232,9 +232,12 @@ class BulkClient:
         return frozenset(n[: -len(PACK)] for n in names if n.endswith(PACK) and not is_hidden(n))
 
     # -- inputs ----------------------------------------------------------------------------
-    def fetch(self, chunk: str, wanted: set[str]) -> dict[str, bytes | Path] | None:
+    def fetch(
+        self, chunk: str, wanted: set[str], *, stopping: threading.Event | None = None
+    ) -> dict[str, bytes | Path] | None:
         """The chunk's inputs from its pack: {rel: bytes, or a scratch file when the chunk is
-        big}. None when no packer serves (the caller reads through the mount instead)."""
+        big}. None when no packer serves (the caller reads through the mount instead), or
+        when `stopping` is set while the pack is awaited."""
         path = in_pack(self.layout, chunk)
         deadline = time.monotonic() + PACK_WAIT_S
         while True:
@@ -242,7 +245,7 @@ class BulkClient:
                 handle = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - closed by the with below
                 break
             except FileNotFoundError:
-                if not self.active() or time.monotonic() > deadline:
+                if not self.active() or time.monotonic() > deadline or (stopping is not None and stopping.is_set()):
                     return None
                 time.sleep(_POLL_S)
         local: dict[str, bytes | Path] = {}

@@ -238,9 +238,14 @@ class Pipeline:
         local: dict[str, bytes | Path] | None = None
         if not (self._stopping.is_set() or run.claim.lost):
             try:
-                local = self.bulk.fetch(run.chunk.id, {rel for _, rel in todo})
+                local = self.bulk.fetch(run.chunk.id, {rel for _, rel in todo}, stopping=self._stopping)
             except (OSError, ValueError) as exc:
                 self._check_mount(exc)  # else an unreadable pack: read through the mount
+        if local is None and (self._stopping.is_set() or run.claim.lost):
+            run.incomplete = True  # stopped while waiting for the pack: nothing of it is read
+            self._read_done(len(todo))
+            self._resolve(run, len(todo) + 1)  # its items and the fetch task
+            return
         if local is None:
             for position, rel in todo:
                 self.readers.submit(self._guarded(self._read_file), run, position, rel)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,16 @@ from worker_helpers import (
     write_files,
 )
 
-from fleet.worker.bulk import MAGIC, choose_io, out_ack, out_pack, read_pack_header, write_pack_header
+from fleet.worker.bulk import (
+    MAGIC,
+    PACK_WAIT_S,
+    BulkClient,
+    choose_io,
+    out_ack,
+    out_pack,
+    read_pack_header,
+    write_pack_header,
+)
 from fleet.worker.config import WorkerConfig
 from fleet.worker.inputs import freeze
 from fleet.worker.layout import JobLayout, load_worker_config
@@ -43,9 +53,9 @@ from fleet.worker.packer import Packer
 from fleet.worker.runner import run_worker
 
 
-def start_packer(job: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_packer(job: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-P", "-m", "fleet.worker.packer", str(job)],
+        [sys.executable, "-P", "-m", "fleet.worker.packer", str(job), *args],
         stdout=open(log, "wb"),  # noqa: SIM115 - the child holds it
         stderr=subprocess.STDOUT,
         env=worker_env(),
@@ -319,7 +329,7 @@ def test_a_stopping_worker_hands_its_chunks_over_however_late_the_ack(shared: Pa
     packer = start_packer(job, tmp_path / "packer.log")
     out = job / "bulk" / "out"
     try:
-        wait_for(lambda: len(os.listdir(job / "bulk" / "in")) >= 5, 60, "the inputs packed")
+        wait_for(lambda: len(visible_files(job / "bulk" / "in")) >= 5, 60, "the inputs packed")
         kill_group(packer, signal.SIGSTOP)  # from now on no ack comes
         stop = threading.Event()
         stopped: list[dict[str, object]] = []
@@ -373,3 +383,20 @@ def test_the_packer_places_outputs_atomically_replacing_not_following(
         assert (out / name).read_text() == f"{name}\n" and not (out / name).is_symlink()
     assert (tmp_path / "elsewhere.txt").read_text() == "not ours\n"
     assert sorted(os.listdir(out)) == ["link.sha256", "new.sha256", "old.sha256"]  # no temporary left
+
+
+def test_a_stopping_worker_does_not_wait_for_an_input_pack(shared: Path) -> None:
+    """A packer that serves (fresh heartbeat) but has not packed the chunk: the fetch
+    gives up as soon as the worker stops, instead of waiting up to PACK_WAIT_S."""
+    job = make_job(shared, "nopack", {"handler": "checksum", "inputs": "corpus/*.txt", "outputs": "out",
+                                      "io": "bulk"})
+    layout = JobLayout.at(job)
+    (job / "bulk").mkdir(parents=True)
+    (job / "bulk" / "packer.json").write_text(json.dumps({"io": "bulk", "pid": os.getpid(), "t": 0}))
+    client = BulkClient(layout, shared / "out", shared)
+    assert client.active()
+    stopping = threading.Event()
+    threading.Timer(0.3, stopping.set).start()
+    started = time.monotonic()
+    assert client.fetch("c000000", {"a.txt"}, stopping=stopping) is None
+    assert time.monotonic() - started < 0.3 + PACK_WAIT_S / 4
