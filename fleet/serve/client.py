@@ -9,7 +9,9 @@
   channels are kept per server and reused, one request at a time each.
 - Spread: each request goes to the server process with the least outstanding items
   (each process is one model, so a node counts as many times as it has processes).
-- Deadline: every request has one (`timeout`); when it passes, `ServingTimeout`.
+- Deadline: every request has one (`timeout`); when it passes, `ServingTimeout`. The
+  server is told the time left (a header): past it, it drops the items it has not
+  started (the caller has given up) and answers 504.
 - Failover: a request whose channel breaks (node preempted, killed, unreachable) or
   that a draining server turns away (503) is sent again to another server: at least
   once to a model, exactly once to the caller (only one attempt is ever in flight).
@@ -64,8 +66,10 @@ class _Channel:
 
     def post(self, path: str, body: bytes, deadline: float) -> tuple[int, dict[str, str], bytes]:
         http = self.http
+        left_ms = max(0, int((deadline - time.monotonic()) * 1000))  # the server drops the items after it
         data = http.send(h11.Request(method="POST", target=path, headers=[
-            ("Host", "fleet"), ("Content-Type", wire.CONTENT_TYPE), ("Content-Length", str(len(body)))]))
+            ("Host", "fleet"), ("Content-Type", wire.CONTENT_TYPE), ("Content-Length", str(len(body))),
+            (wire.TIMEOUT_HEADER, str(left_ms))]))
         data = (data or b"") + (http.send(h11.Data(data=body)) or b"") + (http.send(h11.EndOfMessage()) or b"")
         try:
             self.channel.settimeout(max(0.01, deadline - time.monotonic()))
@@ -374,6 +378,10 @@ class Serving:
                 continue
             finally:
                 pool.release(server, len(values))
+            if status == 504:  # the server dropped the items: our deadline passed there
+                raise ServingTimeout(f"{self.name}: no answer within the deadline ({self.timeout:g} s); "
+                                     f"{server.node} dropped the request when it passed",
+                                     hint="pass a longer `timeout=` to serving() or batched_run()")
             if status == 503:
                 pool.failed(server, draining=True)
                 self._count("redirected")

@@ -27,6 +27,16 @@ that an unpacker would have to refuse).
 
 The worker marks the chunk done only after the `.ok` (the done marker stays last). A
 worker that dies mid-chunk leaves at most a hidden temporary file; its chunk is redone.
+
+Handing over (graceful stop: `fleet cancel`, a preemption notice): a stopping worker does
+not wait for acks. Once its output pack is renamed into `bulk/out/`, the outputs are on
+the head's disk: it releases the claim at once (a chunk it finished but whose ack has
+not come yet is released too). The next holder of the chunk (a resumed claim) settles
+the handover before it decides what to compute: it waits for the packer's ack of each
+pack an earlier holder left, or, when no packer serves, unpacks the pack through the
+mount itself; the ack lists the names it put in place (`"names"`), so the next holder
+skips exactly those, whatever the mount's listing cache shows. Nothing depends on how
+fast the packer is.
 When no packer answers (none started, or it died), the worker reads and writes through
 the mount one file at a time, as `io: mount` does: bulk is a speed-up, never a hang.
 """
@@ -55,12 +65,13 @@ HEARTBEAT_S = 1.0
 PACKER_STALE_S = 45.0
 PACK_WAIT_S = 60.0
 ACK_WAIT_S = 120.0
-RELEASE_ACK_S = 5.0  # a stopping worker waits this long for the ack of what it releases
+STOP_ACK_S = 1.0  # a stopping worker waits at most this long for an ack, then hands the pack over
 IN_MEMORY_BYTES = 64 << 20  # a chunk's inputs beyond this spill to node-local scratch
 SPOOL_BYTES = 16 << 20  # an output pack beyond this is spooled to node-local scratch
 _POLL_S = 0.004
 MAGIC = b"FLEETPACK1\n"
 PACK = ".pack"
+ACK = ".ok"
 MAX_INDEX_BYTES = 256 << 20
 
 
@@ -82,6 +93,16 @@ def out_pack(layout: JobLayout, chunk: str, token: str) -> Path:
 
 def out_ack(layout: JobLayout, chunk: str, token: str) -> Path:
     return bulk_dir(layout) / "out" / f"{chunk}.{token}.ok"
+
+
+def _read_ack(path: Path) -> Any:
+    """The packer's ack (JSON), or None while there is none."""
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:  # written by tmp + rename: cannot be seen partial; be safe
+        return None
 
 
 def choose_io(config: WorkerConfig, chunks: ChunkList, base: Path) -> str:
@@ -211,9 +232,12 @@ class BulkClient:
         return frozenset(n[: -len(PACK)] for n in names if n.endswith(PACK) and not is_hidden(n))
 
     # -- inputs ----------------------------------------------------------------------------
-    def fetch(self, chunk: str, wanted: set[str]) -> dict[str, bytes | Path] | None:
+    def fetch(
+        self, chunk: str, wanted: set[str], *, stopping: threading.Event | None = None
+    ) -> dict[str, bytes | Path] | None:
         """The chunk's inputs from its pack: {rel: bytes, or a scratch file when the chunk is
-        big}. None when no packer serves (the caller reads through the mount instead)."""
+        big}. None when no packer serves (the caller reads through the mount instead), or
+        when `stopping` is set while the pack is awaited."""
         path = in_pack(self.layout, chunk)
         deadline = time.monotonic() + PACK_WAIT_S
         while True:
@@ -221,7 +245,7 @@ class BulkClient:
                 handle = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - closed by the with below
                 break
             except FileNotFoundError:
-                if not self.active() or time.monotonic() > deadline:
+                if not self.active() or time.monotonic() > deadline or (stopping is not None and stopping.is_set()):
                     return None
                 time.sleep(_POLL_S)
         local: dict[str, bytes | Path] = {}
@@ -275,16 +299,26 @@ class BulkClient:
     def output_pack(self) -> OutputPack:
         return OutputPack(self.scratch)
 
-    def deliver(self, chunk: str, token: str, pack: OutputPack, *, wait_s: float = ACK_WAIT_S) -> int:
-        """Hand the chunk's outputs to the head; returns once every output is in place: the
+    def deliver(
+        self,
+        chunk: str,
+        token: str,
+        pack: OutputPack,
+        *,
+        wait_s: float = ACK_WAIT_S,
+        stopping: threading.Event | None = None,
+    ) -> bool:
+        """Hand the chunk's outputs to the head. True once every output is in place: the
         packer's ack, or, when no packer answers within `wait_s`, written through the mount
-        by this worker. Returns the number of outputs delivered."""
+        by this worker. False when the pack was handed over instead (on the head's disk, not
+        unpacked yet: `wait_s` is 0, or `stopping` was set and no ack came within
+        STOP_ACK_S): the caller releases the claim and the next holder settles it."""
         try:
             if not pack.names:
-                return 0
+                return True
             if not self.active():
                 self._write_through_mount(pack)
-                return len(pack.names)
+                return True
             final = out_pack(self.layout, chunk, token)
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = tmp_name_for(final)
@@ -295,30 +329,104 @@ class BulkClient:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            self._await_ack(chunk, token, pack, wait_s)
-            return len(pack.names)
+            if wait_s <= 0:
+                return False
+            return self._await_ack(chunk, token, pack, wait_s, stopping)
         finally:
             pack.close()
 
-    def _await_ack(self, chunk: str, token: str, pack: OutputPack, wait_s: float) -> None:
+    def _await_ack(
+        self, chunk: str, token: str, pack: OutputPack, wait_s: float, stopping: threading.Event | None
+    ) -> bool:
         ack = out_ack(self.layout, chunk, token)
         deadline = time.monotonic() + wait_s
+        stop_deadline: float | None = None
         while True:
-            try:
-                info: Any = json.loads(ack.read_bytes())
+            info = _read_ack(ack)
+            if info is not None:
                 break
-            except FileNotFoundError:
-                if not self.active() or time.monotonic() > deadline:
-                    # The packer is gone: this worker puts the outputs in place itself.
-                    # (Should the packer wake up later, it writes the same bytes, atomically.)
-                    self._write_through_mount(pack)
-                    return
-                time.sleep(_POLL_S)
-            except ValueError:  # caught between write and rename cannot happen; be safe
-                time.sleep(_POLL_S)
+            now = time.monotonic()
+            if stopping is not None and stopping.is_set():
+                stop_deadline = stop_deadline or now + STOP_ACK_S
+                if now > stop_deadline:
+                    return False  # handed over: the pack is on the head
+            if not self.active() or now > deadline:
+                # The packer is gone: this worker puts the outputs in place itself.
+                # (Should the packer wake up later, it writes the same bytes, atomically.)
+                self._write_through_mount(pack)
+                return True
+            time.sleep(_POLL_S)
         rejected = info.get("rejected") if isinstance(info, dict) else None
         if rejected or not isinstance(info, dict) or info.get("files") != len(pack.names):
             raise RuntimeError(f"the head's packer did not accept the outputs of {chunk}: {info}")
+        return True
+
+    # -- handovers (a resumed claim) -------------------------------------------------------
+    def handed_over(self, chunk: str, outputs: set[str]) -> set[str]:
+        """The outputs (names relative to the output directory) that earlier holders of
+        `chunk` handed over as packs, once they are in place: each pack's ack is awaited
+        (the packer unpacks it), or, when no packer serves, the pack is unpacked here
+        through the mount. Only names in `outputs` are taken from another holder's pack."""
+        try:
+            names = os.listdir(bulk_dir(self.layout) / "out")
+        except OSError:
+            return set()
+        prefix = f"{chunk}."
+        tokens = {
+            name[len(prefix) :].rsplit(".", 1)[0]
+            for name in names
+            if name.startswith(prefix) and name.endswith((PACK, ACK))
+        }
+        placed: set[str] = set()
+        for token in tokens:
+            placed |= self._settle_handover(chunk, token, outputs)
+        return placed
+
+    def _settle_handover(self, chunk: str, token: str, outputs: set[str]) -> set[str]:
+        ack, pack = out_ack(self.layout, chunk, token), out_pack(self.layout, chunk, token)
+        deadline = time.monotonic() + ACK_WAIT_S
+        while True:
+            info = _read_ack(ack)
+            if info is not None:
+                named = info.get("names") if isinstance(info, dict) else None
+                return {n for n in named if isinstance(n, str)} & outputs if isinstance(named, list) else set()
+            if not pack.exists():
+                info = _read_ack(ack)  # unpacked between the two looks, or gone for good
+                if info is None:
+                    return set()
+                continue
+            if not self.active() or time.monotonic() > deadline:
+                placed = self._unpack_through_mount(pack, outputs)
+                if placed is not None:
+                    return placed
+                continue  # a packer took it meanwhile: its ack says what it put in place
+            time.sleep(_POLL_S)
+
+    def _unpack_through_mount(self, pack: Path, outputs: set[str]) -> set[str] | None:
+        """No packer serves: put another holder's pack in place ourselves (only the names
+        this chunk may have), then remove it. None when the pack went away meanwhile."""
+        placed: set[str] = set()
+        made: set[Path] = set()
+        try:
+            with open(pack, "rb", buffering=1 << 20) as handle:
+                for name, size in read_pack_header(handle):
+                    data = handle.read(size)
+                    if len(data) != size:
+                        raise ValueError("truncated pack")
+                    if name not in outputs:
+                        continue
+                    path = self.out_dir / name
+                    if path.parent not in made:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        made.add(path.parent)
+                    write_atomic(path, data)
+                    placed.add(name)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            pass  # unreadable: its outputs are computed again
+        pack.unlink(missing_ok=True)
+        return placed
 
     def _write_through_mount(self, pack: OutputPack) -> None:
         made: set[Path] = set()

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.worker.batcher import BatchQueue, QueueClosed
-from fleet.worker.bulk import RELEASE_ACK_S, BulkClient, OutputPack, scratch_root
+from fleet.worker.bulk import BulkClient, OutputPack, scratch_root
 from fleet.worker.claims import ChunkQueue, Claim
 from fleet.worker.config import WorkerConfig
 from fleet.worker.errors import DeviceFailed
@@ -212,7 +212,10 @@ class Pipeline:
             rels = self.chunks.chunk_files(chunk)
             todo = list(enumerate(rels))
             if claim.resumed:
-                existing = self._existing_outputs(rels)
+                # Outputs an earlier holder handed over as a pack are settled first (their
+                # ack awaited): they must be in place before this holder may mark done.
+                handed = self._handed_over(chunk.id, rels)
+                existing = self._existing_outputs(rels) | handed
                 todo = [(i, rel) for i, rel in todo if rel not in existing]
                 run.skipped = len(rels) - len(todo)
             with run.lock:
@@ -235,9 +238,14 @@ class Pipeline:
         local: dict[str, bytes | Path] | None = None
         if not (self._stopping.is_set() or run.claim.lost):
             try:
-                local = self.bulk.fetch(run.chunk.id, {rel for _, rel in todo})
+                local = self.bulk.fetch(run.chunk.id, {rel for _, rel in todo}, stopping=self._stopping)
             except (OSError, ValueError) as exc:
                 self._check_mount(exc)  # else an unreadable pack: read through the mount
+        if local is None and (self._stopping.is_set() or run.claim.lost):
+            run.incomplete = True  # stopped while waiting for the pack: nothing of it is read
+            self._read_done(len(todo))
+            self._resolve(run, len(todo) + 1)  # its items and the fetch task
+            return
         if local is None:
             for position, rel in todo:
                 self.readers.submit(self._guarded(self._read_file), run, position, rel)
@@ -343,6 +351,14 @@ class Pipeline:
                         self._remove_if_stale(directory / entry)
         return existing
 
+    def _handed_over(self, chunk: str, rels: list[str]) -> set[str]:
+        """Inputs whose output an earlier holder of `chunk` handed over in bulk mode."""
+        if self.bulk is None:
+            return set()
+        suffix = self.handler.file_suffix
+        placed = self.bulk.handed_over(chunk, {rel + suffix for rel in rels})
+        return {name[: -len(suffix)] if suffix else name for name in placed}
+
     def _remove_if_stale(self, path: Path) -> None:
         try:
             if time.time() - path.stat().st_mtime > self.config.lease_seconds:
@@ -418,13 +434,19 @@ class Pipeline:
         self._read_done(segment.items)
         for key, exc in failed:
             self._item_failed(run, key, "load", exc)
-        items = self._prepare(run, items)
-        if items:
-            share = (time.perf_counter() - started) / len(items)
-            for item in items:
+        read_share = (time.perf_counter() - started) / len(items) if items else 0.0
+        # Prepared (tokenised) and queued a batch at a time, not the whole segment first:
+        # the compute thread starts on the first batch while the rest is tokenised, and
+        # the last segment of a job leaves no long tail of queuing behind its tokeniser.
+        step = self.config.batch_size
+        for start in range(0, len(items), step):
+            began = time.perf_counter()
+            group = self._prepare(run, items[start : start + step])
+            share = read_share + (time.perf_counter() - began) / max(1, len(group))
+            for item in group:
                 item.load_s = share
-        for start in range(0, len(items), self.config.batch_size):
-            if not self._enqueue(items[start : start + self.config.batch_size]):
+            if group and not self._enqueue(group):
+                self._drop(items[start + step :])  # stopping: the rest is never computed
                 break
         self._resolve(run)  # this read task
 
@@ -574,12 +596,14 @@ class Pipeline:
             "model_s": model_s,
         }
         if self.records:
+            by_run: dict[int, tuple[ChunkRun, list[tuple[tuple[int, int], str, Any]]]] = {}
             for item, result in ok:
-                run = item.run
+                by_run.setdefault(id(item.run), (item.run, []))[1].append((item.order, item.key, result))
+            for run, rows in by_run.values():  # one lock and one resolve per chunk, not per item
                 with run.lock:
-                    run.rows.append((item.order, item.key, result))
-                    run.ok += 1
-                self._resolve(run)
+                    run.rows.extend(rows)
+                    run.ok += len(rows)
+                self._resolve(run, len(rows))
             self.metrics.batch(write_s=0.0, **timings)
         elif not ok:
             self.metrics.batch(write_s=0.0, **timings)
@@ -721,19 +745,20 @@ class Pipeline:
             if self.runs.pop(run.chunk.id, None) is None:
                 return
         write_s = 0.0
+        finished = not (run.incomplete or self.fatal is not None)
+        if finished and run.outputs is not None and not run.claim.lost:
+            started = time.perf_counter()
+            finished = self._deliver(run)
+            write_s = time.perf_counter() - started
         if run.claim.lost:
             self._discard_bulk(run)
             self.queue.release(run.claim)  # forgets it; the files belong to the new holder
             run.outcome = "lost"
-        elif run.incomplete or self.fatal is not None:
-            self._deliver(run, releasing=True)
+        elif not finished:
+            self._hand_over(run)
             self.queue.release(run.claim)
             run.outcome = "released"
         else:
-            if run.outputs is not None:
-                started = time.perf_counter()
-                self._deliver(run, releasing=False)
-                write_s = time.perf_counter() - started
             if self.records:
                 started = time.perf_counter()
                 self._write_rows(run)
@@ -760,17 +785,25 @@ class Pipeline:
         run.settled.set()
         self.on_change()
 
-    def _deliver(self, run: ChunkRun, *, releasing: bool) -> None:
+    def _deliver(self, run: ChunkRun) -> bool:
+        """A finished chunk's outputs to the head; False when they were handed over instead
+        (the worker is stopping and the ack is late): the chunk is then released."""
+        outputs, run.outputs = run.outputs, None
+        assert outputs is not None and self.bulk is not None
+        self._discard_bulk(run)
+        return self.bulk.deliver(run.chunk.id, run.claim.token, outputs, stopping=self._stopping)
+
+    def _hand_over(self, run: ChunkRun) -> None:
+        """What a released chunk finished goes to the head as a pack, with no wait for the
+        ack: the next holder settles it (bulk.BulkClient.handed_over), so nothing is computed
+        twice however slow the packer is."""
         outputs, run.outputs = run.outputs, None
         if outputs is None or self.bulk is None:
             return
         self._discard_bulk(run)
-        if not releasing:
-            self.bulk.deliver(run.chunk.id, run.claim.token, outputs)
-            return
-        try:  # what is finished, so that the next holder skips it; shortly: we are stopping
-            self.bulk.deliver(run.chunk.id, run.claim.token, outputs, wait_s=RELEASE_ACK_S)
-        except (OSError, RuntimeError):
+        try:
+            self.bulk.deliver(run.chunk.id, run.claim.token, outputs, wait_s=0)
+        except OSError:
             pass  # best effort on the way out: the next holder computes them again
 
     def _discard_bulk(self, run: ChunkRun) -> None:

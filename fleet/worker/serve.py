@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -44,6 +45,22 @@ from fleet.worker.serve_config import ServeConfig
 PROG = "fleet-serve"
 LOOPBACK = "127.0.0.1"
 MAX_BODY = 1 << 30
+
+
+def _budget_s(value: str | None) -> float | None:
+    """The seconds a request may take (its header), None without a usable one."""
+    try:
+        budget = float(value) / 1000.0 if value is not None else None
+    except ValueError:
+        return None
+    return budget if budget is not None and math.isfinite(budget) and budget >= 0 else None
+
+
+def _loop_time(deadline: float | None) -> float | None:
+    """A time.monotonic() deadline on the running loop's clock (None: no deadline)."""
+    if deadline is None:
+        return None
+    return asyncio.get_running_loop().time() + deadline - time.monotonic()
 
 
 def load_serve_config(layout: JobLayout) -> ServeConfig:
@@ -79,6 +96,7 @@ class ModelServer:
         )
         self.held = 0  # items accepted and not answered yet
         self.requests = 0
+        self.expired = 0  # items dropped because their caller's deadline passed
         self.draining = False
         self.port = 0
         self._room: asyncio.Condition | None = None
@@ -121,19 +139,33 @@ class ModelServer:
 
         if self.draining:
             return web.Response(status=503, text="draining", headers={"X-Fleet-Draining": "1"})
+        budget = _budget_s(request.headers.get(wire.TIMEOUT_HEADER))
+        deadline = None if budget is None else time.monotonic() + budget
         body = await request.read()
         try:
             items = wire.decode(body)
         except wire.WireError as exc:
             return web.Response(status=400, text=f"bad request body: {exc}")
         assert self._room is not None and self._stopped is not None
-        async with self._room:
-            await self._room.wait_for(lambda: self.held == 0 or self.held + len(items) <= self.config.max_pending)
-            self.held += len(items)
+        try:
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                async with self._room:
+                    await self._room.wait_for(
+                        lambda: self.held == 0 or self.held + len(items) <= self.config.max_pending)
+                    self.held += len(items)
+        except TimeoutError:
+            return self._expired(len(items))
         self.requests += 1
         try:
             futures = self.batcher.submit_many(items)
-            results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+            gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+            try:
+                # Past the caller's deadline the items not started yet are dropped (their
+                # futures cancelled: the batcher skips them); the caller has given up.
+                async with asyncio.timeout_at(_loop_time(deadline)):
+                    results = await gathered
+            except TimeoutError:
+                return self._expired(len(items))
         finally:
             async with self._room:
                 self.held -= len(items)
@@ -143,10 +175,17 @@ class ModelServer:
         return web.Response(body=wire.encode(answers), content_type=wire.CONTENT_TYPE,
                             headers={"X-Fleet-Node": self.node, "X-Fleet-Proc": str(self.proc)})
 
+    def _expired(self, items: int) -> Any:
+        from aiohttp import web
+
+        self.expired += items
+        return web.Response(status=504, text="the caller's deadline passed before its items were computed")
+
     async def health(self, request: Any) -> Any:
         from aiohttp import web
 
         return web.json_response(self._record() | {"held": self.held, "requests": self.requests,
+                                                   "expired": self.expired,
                                                    "batches": self.batcher.batches, "items": self.batcher.items})
 
     def _record(self) -> dict[str, Any]:

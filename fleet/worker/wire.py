@@ -21,6 +21,7 @@ from typing import Any
 
 MAGIC = b"FLW1"
 CONTENT_TYPE = "application/x-fleet-values"
+TIMEOUT_HEADER = "X-Fleet-Timeout-Ms"  # a request's time left, in ms, relative (no clock is shared)
 _HEAD = struct.Struct("<BQ")
 _COUNT = struct.Struct("<I")
 _DIM = struct.Struct("<Q")

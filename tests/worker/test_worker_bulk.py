@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,16 @@ from worker_helpers import (
     write_files,
 )
 
-from fleet.worker.bulk import MAGIC, choose_io, out_ack, out_pack, read_pack_header, write_pack_header
+from fleet.worker.bulk import (
+    MAGIC,
+    PACK_WAIT_S,
+    BulkClient,
+    choose_io,
+    out_ack,
+    out_pack,
+    read_pack_header,
+    write_pack_header,
+)
 from fleet.worker.config import WorkerConfig
 from fleet.worker.inputs import freeze
 from fleet.worker.layout import JobLayout, load_worker_config
@@ -43,9 +53,9 @@ from fleet.worker.packer import Packer
 from fleet.worker.runner import run_worker
 
 
-def start_packer(job: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_packer(job: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-P", "-m", "fleet.worker.packer", str(job)],
+        [sys.executable, "-P", "-m", "fleet.worker.packer", str(job), *args],
         stdout=open(log, "wb"),  # noqa: SIM115 - the child holds it
         stderr=subprocess.STDOUT,
         env=worker_env(),
@@ -303,3 +313,90 @@ def test_bulk_items_are_prepared_in_the_reader_threads(shared: Path, tmp_path: P
         assert output.read_text().split() == [sha256_hex(f"TEXT {i}".encode())]
     threads = worker_plugins.CALLS["prepare_threads"]
     assert threads and all(name.startswith("fleet-reader") for name in threads)
+
+
+def test_a_stopping_worker_hands_its_chunks_over_however_late_the_ack(shared: Path, tmp_path: Path) -> None:
+    """A slow ack (the packer stalled: SIGSTOP, its heartbeat still fresh) must not hold a
+    stopping worker nor cost a recomputation: the stop hands the packs over at once, and
+    the next holder settles them (waits for their acks) and computes nothing twice."""
+    inputs = write_files(shared / "corpus", 100, per_dir=100)
+    job = make_job(shared, "handover", {
+        "handler": "worker_plugins:CountingChecksum", "handler_options": {"delay_s": 0.05},
+        "inputs": "corpus/**/*.txt", "outputs": "out", "chunk_size": 20, "batch_size": 4, "io": "bulk",
+    })
+    assert run_cli(str(job), "--init").returncode == 0
+    worker_plugins.CALLS["computed"] = []
+    packer = start_packer(job, tmp_path / "packer.log")
+    out = job / "bulk" / "out"
+    try:
+        wait_for(lambda: len(visible_files(job / "bulk" / "in")) >= 5, 60, "the inputs packed")
+        kill_group(packer, signal.SIGSTOP)  # from now on no ack comes
+        stop = threading.Event()
+        stopped: list[dict[str, object]] = []
+        first = threading.Thread(target=lambda: stopped.append(
+            run_worker(job, node="n0", stop=stop, install_signal_handlers=False)))
+        first.start()
+        wait_for(lambda: any(n.endswith(".pack") for n in os.listdir(out)), 60, "a delivered pack")
+        stop.set()
+        first.join(timeout=20)  # `fleet cancel` SIGKILLs a worker after 10 s
+        assert not first.is_alive(), "the stopping worker waited for the stalled packer's ack"
+        assert stopped and stopped[0]["reason"] == "signal", stopped
+        assert visible_files(job / "done") == []  # no ack came: nothing may be marked done
+        handed = [n for n in os.listdir(out) if n.endswith(".pack")]
+        assert handed
+        kill_group(packer, signal.SIGCONT)
+        summary = run_worker(job, node="n1", install_signal_handlers=False)
+        assert summary["reason"] == "done"
+        assert packer.wait(timeout=60) == 0
+    finally:
+        kill_group(packer, signal.SIGCONT)
+        kill_group(packer, signal.SIGKILL)
+    assert_checksum_outputs(shared / "corpus", shared / "out", inputs)
+    computed = worker_plugins.CALLS["computed"]
+    assert sorted(computed) == sorted(path.read_bytes() for path in inputs)  # each exactly once
+    chunks = [r for r in metric_lines(job) if r["kind"] == "chunk"]
+    assert any(r["node"] == "n0" and r["outcome"] == "released" and r["items"] > 0 for r in chunks), chunks
+    assert any(r["node"] == "n1" and r["skipped"] > 0 for r in chunks), chunks  # took over, not recomputed
+
+
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["o_tmpfile", "tmp_rename"])
+def test_the_packer_places_outputs_atomically_replacing_not_following(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmpfile: bool
+) -> None:
+    from fleet.worker import packer as packer_module
+
+    if tmpfile and not packer_module._tmpfile_works:
+        pytest.skip("this filesystem has no O_TMPFILE")
+    monkeypatch.setattr(packer_module, "_tmpfile_works", tmpfile)
+    (tmp_path / "elsewhere.txt").write_text("not ours\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.sha256").write_text("stale\n")
+    (out / "link.sha256").symlink_to(tmp_path / "elsewhere.txt")  # planted
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in ("new.sha256", "old.sha256", "link.sha256"):
+            packer_module.place_atomic(fd, name, f"{name}\n".encode())
+    finally:
+        os.close(fd)
+    for name in ("new.sha256", "old.sha256", "link.sha256"):
+        assert (out / name).read_text() == f"{name}\n" and not (out / name).is_symlink()
+    assert (tmp_path / "elsewhere.txt").read_text() == "not ours\n"
+    assert sorted(os.listdir(out)) == ["link.sha256", "new.sha256", "old.sha256"]  # no temporary left
+
+
+def test_a_stopping_worker_does_not_wait_for_an_input_pack(shared: Path) -> None:
+    """A packer that serves (fresh heartbeat) but has not packed the chunk: the fetch
+    gives up as soon as the worker stops, instead of waiting up to PACK_WAIT_S."""
+    job = make_job(shared, "nopack", {"handler": "checksum", "inputs": "corpus/*.txt", "outputs": "out",
+                                      "io": "bulk"})
+    layout = JobLayout.at(job)
+    (job / "bulk").mkdir(parents=True)
+    (job / "bulk" / "packer.json").write_text(json.dumps({"io": "bulk", "pid": os.getpid(), "t": 0}))
+    client = BulkClient(layout, shared / "out", shared)
+    assert client.active()
+    stopping = threading.Event()
+    threading.Timer(0.3, stopping.set).start()
+    started = time.monotonic()
+    assert client.fetch("c000000", {"a.txt"}, stopping=stopping) is None
+    assert time.monotonic() - started < 0.3 + PACK_WAIT_S / 4

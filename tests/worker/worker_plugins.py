@@ -144,3 +144,11 @@ class PreparingChecksum(ChecksumHandler):
         if any(b"POISON" in item for item in items):
             raise ValueError("cannot prepare a poisoned item")
         return [item.upper() for item in items]
+
+
+class CountingChecksum(SlowChecksum):
+    """slow_checksum that notes every input it computes (CALLS["computed"]), in this process."""
+
+    def infer(self, batch: list[bytes]) -> list[str]:
+        CALLS.setdefault("computed", []).extend(batch)
+        return super().infer(batch)

@@ -1,0 +1,88 @@
+"""The model server drops the items of a request whose caller's deadline passed.
+
+The real `ModelServer` (aiohttp on the loopback, its dynamic batcher) in this process,
+called over HTTP; the handler holds its first batch until the test lets it go, so what
+is queued behind it, and when, is known without timing guesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import threading
+from pathlib import Path
+from typing import Any
+
+from fleet.worker import wire
+from fleet.worker.handlers.checksum import ChecksumHandler
+from fleet.worker.layout import JobLayout
+from fleet.worker.metrics import JsonLinesLog, WorkerMetrics
+from fleet.worker.serve import ModelServer
+from fleet.worker.serve_config import ServeConfig
+
+
+class HeldChecksum(ChecksumHandler):
+    """checksum whose batches wait for `release`; notes what it computed."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.computed: list[bytes] = []
+
+    def infer(self, batch: list[bytes]) -> list[str]:
+        self.started.set()
+        assert self.release.wait(30)
+        self.computed.extend(batch)
+        return super().infer(batch)
+
+
+def post(port: int, items: list[Any], timeout_ms: int | None) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Content-Type": wire.CONTENT_TYPE}
+    if timeout_ms is not None:
+        headers[wire.TIMEOUT_HEADER] = str(timeout_ms)
+    try:
+        connection.request("POST", "/infer", body=wire.encode(items), headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_the_server_drops_the_items_of_a_caller_that_gave_up(tmp_path: Path) -> None:
+    job = tmp_path / "shared" / "jobs" / "deadline"
+    job.mkdir(parents=True)
+    handler = HeldChecksum()
+    metrics = WorkerMetrics(JsonLinesLog(tmp_path / "metrics.jsonl"), node="n0", proc=0, device="cpu")
+    server = ModelServer(handler, ServeConfig(handler="checksum", batch_size=1, max_wait_ms=0),
+                         layout=JobLayout.at(job), node="n0", proc=0, of=1, device="cpu", metrics=metrics)
+    answers: dict[str, tuple[int, bytes]] = {}
+
+    async def scenario() -> None:
+        serving = asyncio.create_task(server.run())
+        try:
+            while not server.port:
+                await asyncio.sleep(0.01)
+            first = asyncio.create_task(asyncio.to_thread(post, server.port, ["first"], None))
+            assert await asyncio.to_thread(handler.started.wait, 30)  # the model holds "first"
+            # Queued behind it with 200 ms to live: dropped when they pass, never computed.
+            answers["late"] = await asyncio.to_thread(post, server.port, ["a", "b", "c"], 200)
+            handler.release.set()
+            answers["first"] = await first
+            answers["after"] = await asyncio.to_thread(post, server.port, ["after"], 30_000)
+        finally:
+            handler.release.set()
+            server.begin_drain()
+            await serving
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.batcher.close()
+    assert answers["late"][0] == 504, answers["late"]
+    reference = ChecksumHandler()
+    assert answers["first"][0] == 200
+    assert wire.decode(answers["first"][1]) == reference.infer([b"first"])
+    assert answers["after"][0] == 200 and wire.decode(answers["after"][1]) == reference.infer([b"after"])
+    assert handler.computed == [b"first", b"after"]  # a, b, c were dropped, not computed
+    assert server.expired == 3
