@@ -560,6 +560,32 @@ class GcpProvider(Provider):
             done = list(pool.map(lambda item: self._delete_in(*item), zones.items()))
         return [line for line in done if line]
 
+    def _start_stop(self, names: Sequence[str], verb: str) -> list[str]:
+        """instances.start / instances.stop of each named instance, in parallel."""
+        wanted = {"start": _STOPPED, "stop": {"RUNNING", "PROVISIONING", "STAGING"}}[verb]
+        found = {i.name: (zone, i) for zone, i in self._list_instances() if i.name in set(names)}
+        client = self._client("instances")
+
+        def one(item: tuple[str, tuple[str, Any]]) -> str | None:
+            name, (zone, instance) = item
+            if instance.status not in wanted:
+                return None
+            call = client.start_unary if verb == "start" else client.stop_unary
+            operation = self._call(lambda: call(project=self.gcp.project, zone=zone, instance=name))
+            self._wait_zone_op(zone, operation)
+            return f"instance {name} ({zone})"
+
+        if not found:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self._max_parallel, len(found))) as pool:
+            return [line for line in pool.map(one, found.items()) if line]
+
+    def start(self, names: Sequence[str]) -> list[str]:
+        return self._start_stop(names, "start")
+
+    def stop(self, names: Sequence[str]) -> list[str]:
+        return self._start_stop(names, "stop")
+
     def preempt(self, name: str, *, notice_s: float = 0.0) -> None:
         """Stop (termination action STOP) or delete (DELETE) the VM through the API, as a
         preemption would. The guest gets GCE's ACPI soft-off either way; `notice_s` is not
@@ -578,7 +604,7 @@ class GcpProvider(Provider):
         operation = self._call(lambda: client.stop_unary(project=self.gcp.project, zone=zone, instance=name))
         self._wait_zone_op(zone, operation)
 
-    def destroy_all(self) -> CleanupReport:
+    def destroy_all(self, keep_data: bool = False) -> CleanupReport:
         from google.api_core import exceptions as gexc
         from google.cloud import compute_v1
 
