@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from provider_helpers import aws_block, context, fleet_spec, gcp_block, ssh_run
+from provider_helpers import aws_block, context, fleet_spec, gcp_block, is_test_local, ssh_run
 
 from fleet.model import DATA_MOUNT, Node, NodeRequest, NodeState, Role, head_name
 from fleet.providers.base import Provider
@@ -48,6 +48,7 @@ def wait_running(provider: Provider, timeout: float = 90) -> Node:
 
 def on_head(provider: Provider, head: Node, key: Path, command: str) -> tuple[str, str]:
     """(stdout of `command` on the head, the host key the provider vouched for)."""
+    assert is_test_local(head.address), head  # never a fake's made-up address
     host_key = provider.vouched_host_keys([head], timeout=60)[head.name]
     return ssh_run(head.address or "", head.port, key, host_key, command), host_key
 
@@ -114,3 +115,87 @@ def test_gce_destroy_all_keeps_the_data_disk_only_when_asked(tmp_path, fleet_key
     report = gce(tmp_path, fleet_key[1], fake_gce, loopback[1]).destroy_all()
     assert report.errors == [] and "disk td-data (us-central1-a)" in report.deleted
     assert fake_gce.state()["disks"] == [] and not fake_gce.disk_dir("us-central1-a", "td-data").exists()
+
+
+# -- EC2 ------------------------------------------------------------------------------------
+def ec2(tmp_path: Path, key: str, port: int) -> Provider:
+    from fleet.providers.aws import AwsProvider
+
+    spec = fleet_spec("td", "aws", ssh_port=port, workers={"count": 0}, head={"data_disk_gb": 20},
+                      aws=aws_block())
+    return AwsProvider(context(spec, tmp_path / "state", key), sleep=lambda s: None, live_prices=False)
+
+
+def data_volumes(fake: Any) -> list[Any]:
+    from fleet.testing.fake_ec2 import _moto_backend
+
+    backend = _moto_backend(fake.region)
+    return [v for v in backend.volumes.values()
+            if {t["key"]: t["value"] for t in backend.describe_tags(filters={"resource-id": [v.id]})}
+            .get("fleet-role") == "data"]
+
+
+def test_ec2_data_volume_outlives_the_head_follows_its_zone_and_survives_a_stop(
+        tmp_path, fleet_key, fake_ec2, loopback):
+    from fleet.testing.fake_ec2 import Fault
+
+    provider = ec2(tmp_path, fleet_key[1], loopback[1])
+    provider.prepare()
+    fake_ec2.add_fault(Fault("RunInstances", "InsufficientInstanceCapacity", zone="us-east-1a"))
+    head = create_head(provider)
+    assert head.zone == "us-east-1b"
+    [volume] = data_volumes(fake_ec2)  # the blank one made for us-east-1a was deleted with its zone
+    assert volume.zone.name == "us-east-1b" and volume.attachment.instance.id == head.provider_id
+    [mapping] = [m for d, m in volume.attachment.instance.block_device_mapping.items() if d == "/dev/sdf"]
+    assert mapping.delete_on_termination is False
+    assert head.labels["fleet-data-volume"] == volume.id
+    out, _ = on_head(provider, head, fleet_key[0], f"mkdir -p {DATA}/shared && echo kept > {DATA}/shared/a.txt "
+                     f"&& cat {DATA}/shared/a.txt && {MOUNTED}")
+    assert out == "kept\n" + expected_mount(fake_ec2)
+
+    # Terminated: the volume stays; a new head goes to its zone, though us-east-1a has room again.
+    provider.delete([HEAD.name])
+    fake_ec2.clear_faults()
+    head = create_head(provider)
+    assert head.zone == "us-east-1b" and [v.id for v in data_volumes(fake_ec2)] == [volume.id]
+    assert on_head(provider, head, fleet_key[0], f"cat {DATA}/shared/a.txt")[0] == "kept\n"
+
+    # Stopped (as EC2 stops an instance) and started: the same disk and host key.
+    _, key_before = on_head(provider, head, fleet_key[0], "true")
+    assert provider.stop([HEAD.name]) == [f"instance {HEAD.name} {head.provider_id} (us-east-1b)"]
+    assert next(n for n in provider.list() if n.name == HEAD.name).state is NodeState.TERMINATED
+    assert provider.start([HEAD.name]) == [f"instance {HEAD.name} {head.provider_id} (us-east-1b)"]
+    head = wait_running(provider)
+    out, key_after = on_head(provider, head, fleet_key[0], f"cat {DATA}/shared/a.txt")
+    assert (out, key_after) == ("kept\n", key_before)
+
+
+def test_ec2_attach_refuses_a_volume_in_use_or_in_another_zone(tmp_path, fleet_key, fake_ec2, loopback):
+    import boto3
+    import botocore.exceptions
+    import pytest
+
+    client = boto3.client("ec2", region_name="us-east-1", endpoint_url=fake_ec2.endpoint)
+    run = {"ImageId": "ami-03cf127a", "MinCount": 1, "MaxCount": 1}
+    first = client.run_instances(**run, Placement={"AvailabilityZone": "us-east-1a"})["Instances"][0]["InstanceId"]
+    other = client.run_instances(**run, Placement={"AvailabilityZone": "us-east-1b"})["Instances"][0]["InstanceId"]
+    volume = client.create_volume(AvailabilityZone="us-east-1a", Size=10)["VolumeId"]
+    with pytest.raises(botocore.exceptions.ClientError, match="InvalidVolume.ZoneMismatch"):
+        client.attach_volume(VolumeId=volume, InstanceId=other, Device="/dev/sdf")
+    client.attach_volume(VolumeId=volume, InstanceId=first, Device="/dev/sdf")
+    with pytest.raises(botocore.exceptions.ClientError, match="VolumeInUse"):
+        client.attach_volume(VolumeId=volume, InstanceId=first, Device="/dev/sdg")
+
+
+def test_ec2_destroy_all_keeps_the_data_volume_only_when_asked(tmp_path, fleet_key, fake_ec2, loopback):
+    provider = ec2(tmp_path, fleet_key[1], loopback[1])
+    provider.prepare()
+    create_head(provider)
+    [volume] = data_volumes(fake_ec2)
+    kept = ec2(tmp_path, fleet_key[1], loopback[1]).destroy_all(keep_data=True)  # no memory of create
+    assert kept.errors == [] and [line.split(" (")[0] for line in kept.kept] == [f"volume {volume.id}"]
+    assert f"aws ec2 delete-volume --volume-id {volume.id}" in (kept.kept_hint or "")
+    assert [v.id for v in data_volumes(fake_ec2)] == [volume.id] and volume.attachment is None
+    report = ec2(tmp_path, fleet_key[1], loopback[1]).destroy_all()
+    assert report.errors == [] and f"volume {volume.id}" in report.deleted
+    assert data_volumes(fake_ec2) == [] and not fake_ec2.disk_dir(volume.id).exists()
