@@ -7,13 +7,16 @@ to keep it, also without any memory of `create`."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from provider_helpers import aws_block, context, fleet_spec, gcp_block, is_test_local, ssh_run
 
 from fleet.model import DATA_MOUNT, Node, NodeRequest, NodeState, Role, head_name
 from fleet.providers.base import Provider
+from fleet.providers.localns import missing_for_namespaces
 
 HEAD = NodeRequest(name=head_name("td"), role=Role.HEAD, slot=0, generation=1, spot=False)
 # The head's data directory as its programs find it: loopback nodes are told, others mount it.
@@ -28,6 +31,20 @@ MOUNTED = (f'if [ -n "${{FLEET_DATA_DIR:-}}" ]; then echo loopback; '
 
 def expected_mount(fake: Any) -> str:
     return f"{DATA_MOUNT}\n" if fake.isolated else "loopback\n"
+
+
+def stop_start_keeps_the_disk_and_host_key(provider: Provider, head: Node, key: Path, stop: Callable[[], Any],
+                                           how: str) -> Node:
+    """Stop the head with `stop`; `start` boots it again with its disk and host key."""
+    _, key_before = on_head(provider, head, key, "true")
+    stop()
+    assert next(n for n in provider.list() if n.name == HEAD.name).state is NodeState.TERMINATED, how
+    assert len(provider.start([HEAD.name])) == 1
+    head = wait_running(provider)
+    out, key_after = on_head(provider, head, key, f"cat {DATA}/shared/a.txt")
+    assert (out, key_after) == ("kept\n", key_before)
+    assert provider.start([HEAD.name]) == []  # running: nothing to start
+    return head
 
 
 def create_head(provider: Provider) -> Node:
@@ -51,6 +68,46 @@ def on_head(provider: Provider, head: Node, key: Path, command: str) -> tuple[st
     assert is_test_local(head.address), head  # never a fake's made-up address
     host_key = provider.vouched_host_keys([head], timeout=60)[head.name]
     return ssh_run(head.address or "", head.port, key, host_key, command), host_key
+
+
+# -- local ----------------------------------------------------------------------------------
+@pytest.fixture(params=["loopback", "namespaces"])
+def local(request: pytest.FixtureRequest, tmp_path: Path, fleet_key: tuple[Path, str]) -> Iterator[Provider]:
+    from fleet.providers.local import LocalProvider
+
+    if request.param == "namespaces" and (reason := missing_for_namespaces()):
+        pytest.skip(reason)
+    spec = fleet_spec("td", "local", workers={"count": 0},
+                      local={"root": str(tmp_path / "nodes"), "isolation": request.param})
+    provider = LocalProvider(context(spec, tmp_path / "state", fleet_key[1]))
+    try:
+        yield provider
+    finally:
+        provider.destroy_all()
+
+
+def test_local_data_dir_outlives_the_head_and_a_stop(local, fleet_key):
+    head = create_head(local)
+    out, _ = on_head(local, head, fleet_key[0], f"mkdir -p {DATA}/shared && echo kept > {DATA}/shared/a.txt "
+                     f"&& {MOUNTED}")
+    assert out == (f"{DATA_MOUNT}\n" if local.isolation == "namespaces" else "loopback\n")
+    data = local.root / "td" / ".data"  # the fleet's, outside the head's own directory
+    assert (data / "shared" / "a.txt").read_text() == "kept\n"
+
+    def stop() -> None:
+        assert local.stop([HEAD.name]) == [f"local node {HEAD.name}"]
+
+    head = stop_start_keeps_the_disk_and_host_key(local, head, fleet_key[0], stop, "stopped")
+
+    local.delete([HEAD.name])
+    assert not (local.root / "td" / HEAD.name).exists() and (data / "shared" / "a.txt").exists()
+    head = create_head(local)
+    assert on_head(local, head, fleet_key[0], f"cat {DATA}/shared/a.txt")[0] == "kept\n"
+
+    kept = local.destroy_all(keep_data=True)
+    assert kept.kept == [f"local data disk {data}"] and data.is_dir() and local.list() == []
+    report = local.destroy_all()
+    assert f"local data disk {data}" in report.deleted and not (local.root / "td").exists()
 
 
 # -- GCE ------------------------------------------------------------------------------------
@@ -91,14 +148,8 @@ def test_gce_data_disk_outlives_the_head_follows_its_zone_and_survives_a_stop(
     assert on_head(provider, head, fleet_key[0], f"cat {DATA}/shared/a.txt")[0] == "kept\n"
 
     # Host maintenance stops the head (TERMINATED); `start` boots it with its disk and host key.
-    _, key_before = on_head(provider, head, fleet_key[0], "true")
-    fake_gce.host_maintenance(HEAD.name)
-    assert next(n for n in provider.list() if n.name == HEAD.name).state is NodeState.TERMINATED
-    assert provider.start([HEAD.name]) == [f"instance {HEAD.name} (us-central1-b)"]
-    head = wait_running(provider)
-    out, key_after = on_head(provider, head, fleet_key[0], f"cat {DATA}/shared/a.txt")
-    assert (out, key_after) == ("kept\n", key_before)
-    assert provider.start([HEAD.name]) == []  # running: nothing to start
+    head = stop_start_keeps_the_disk_and_host_key(
+        provider, head, fleet_key[0], lambda: fake_gce.host_maintenance(HEAD.name), "host maintenance")
     assert provider.stop([HEAD.name]) == [f"instance {HEAD.name} (us-central1-b)"]
     assert next(n for n in provider.list() if n.name == HEAD.name).state is NodeState.TERMINATED
 
@@ -161,20 +212,17 @@ def test_ec2_data_volume_outlives_the_head_follows_its_zone_and_survives_a_stop(
     assert on_head(provider, head, fleet_key[0], f"cat {DATA}/shared/a.txt")[0] == "kept\n"
 
     # Stopped (as EC2 stops an instance) and started: the same disk and host key.
-    _, key_before = on_head(provider, head, fleet_key[0], "true")
-    assert provider.stop([HEAD.name]) == [f"instance {HEAD.name} {head.provider_id} (us-east-1b)"]
-    assert next(n for n in provider.list() if n.name == HEAD.name).state is NodeState.TERMINATED
-    assert provider.start([HEAD.name]) == [f"instance {HEAD.name} {head.provider_id} (us-east-1b)"]
-    head = wait_running(provider)
-    out, key_after = on_head(provider, head, fleet_key[0], f"cat {DATA}/shared/a.txt")
-    assert (out, key_after) == ("kept\n", key_before)
+    def stop() -> None:
+        assert provider.stop([HEAD.name]) == [f"instance {HEAD.name} {head.provider_id} (us-east-1b)"]
+
+    stop_start_keeps_the_disk_and_host_key(provider, head, fleet_key[0], stop, "EC2 stop")
 
 
 def test_ec2_attach_refuses_a_volume_in_use_or_in_another_zone(tmp_path, fleet_key, fake_ec2, loopback):
     import boto3
     import botocore.exceptions
-    import pytest
 
+    fake_ec2.backing = False  # no sshd behind these instances: only the API is under test
     client = boto3.client("ec2", region_name="us-east-1", endpoint_url=fake_ec2.endpoint)
     run = {"ImageId": "ami-03cf127a", "MinCount": 1, "MaxCount": 1}
     first = client.run_instances(**run, Placement={"AvailabilityZone": "us-east-1a"})["Instances"][0]["InstanceId"]
