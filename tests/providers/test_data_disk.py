@@ -157,12 +157,18 @@ def test_gce_data_disk_outlives_the_head_follows_its_zone_and_survives_a_stop(
 def test_gce_destroy_all_keeps_the_data_disk_only_when_asked(tmp_path, fleet_key, fake_gce, loopback):
     provider = gce(tmp_path, fleet_key[1], fake_gce, loopback[1])
     provider.prepare()
-    create_head(provider)
+    head = create_head(provider)
+    on_head(provider, head, fleet_key[0], f"mkdir -p {DATA}/shared && echo kept > {DATA}/shared/a.txt")
     kept = gce(tmp_path, fleet_key[1], fake_gce, loopback[1]).destroy_all(keep_data=True)  # no memory of create
     assert kept.errors == [] and [line.split(" (")[0] for line in kept.kept] == ["disk td-data"]
     assert "gcloud compute disks delete td-data --zone us-central1-a" in (kept.kept_hint or "")
     assert [d["name"] for d in fake_gce.state()["disks"]] == ["td-data"]
     assert fake_gce.state()["instances"] == []
+    # The next fleet's head attaches the kept disk.
+    provider = gce(tmp_path, fleet_key[1], fake_gce, loopback[1])
+    provider.prepare()
+    head = create_head(provider)
+    assert on_head(provider, head, fleet_key[0], f"cat {DATA}/shared/a.txt")[0] == "kept\n"
     report = gce(tmp_path, fleet_key[1], fake_gce, loopback[1]).destroy_all()
     assert report.errors == [] and "disk td-data (us-central1-a)" in report.deleted
     assert fake_gce.state()["disks"] == [] and not fake_gce.disk_dir("us-central1-a", "td-data").exists()
@@ -238,12 +244,18 @@ def test_ec2_attach_refuses_a_volume_in_use_or_in_another_zone(tmp_path, fleet_k
 def test_ec2_destroy_all_keeps_the_data_volume_only_when_asked(tmp_path, fleet_key, fake_ec2, loopback):
     provider = ec2(tmp_path, fleet_key[1], loopback[1])
     provider.prepare()
-    create_head(provider)
+    head = create_head(provider)
+    on_head(provider, head, fleet_key[0], f"mkdir -p {DATA}/shared && echo kept > {DATA}/shared/a.txt")
     [volume] = data_volumes(fake_ec2)
     kept = ec2(tmp_path, fleet_key[1], loopback[1]).destroy_all(keep_data=True)  # no memory of create
     assert kept.errors == [] and [line.split(" (")[0] for line in kept.kept] == [f"volume {volume.id}"]
     assert f"aws ec2 delete-volume --volume-id {volume.id}" in (kept.kept_hint or "")
     assert [v.id for v in data_volumes(fake_ec2)] == [volume.id] and volume.attachment is None
+    # The next fleet's head attaches the kept volume.
+    provider = ec2(tmp_path, fleet_key[1], loopback[1])
+    provider.prepare()
+    head = create_head(provider)
+    assert on_head(provider, head, fleet_key[0], f"cat {DATA}/shared/a.txt")[0] == "kept\n"
     report = ec2(tmp_path, fleet_key[1], loopback[1]).destroy_all()
     assert report.errors == [] and f"volume {volume.id}" in report.deleted
     assert data_volumes(fake_ec2) == [] and not fake_ec2.disk_dir(volume.id).exists()
