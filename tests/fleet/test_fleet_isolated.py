@@ -8,6 +8,7 @@ then a preemption and its replacement, then `down`. A second, one-node fleet che
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import sys
@@ -21,6 +22,7 @@ import pytest
 from e2e_helpers import CliFleet, leftovers, network_leftovers, new_fleet, nothing_left
 
 import fleet as fleet_package
+from fleet.model import DATA_MOUNT
 from fleet.providers.localns import missing_for_namespaces
 
 pytestmark = [
@@ -116,9 +118,12 @@ def test_the_share_account_is_the_isolated_heads_own(isolated: CliFleet) -> None
     block = drop_in.read_text()
     assert f"Match User {account}" in block and "ChrootDirectory" in block and "ForceCommand internal-sftp" in block
     assert not Path(f"/etc/ssh/sshd_config.d/fleet-share-{account}.conf").exists()
-    assert (head / "upper" / "srv" / "fleet-share" / account / "shared").is_dir()
+    # The chroot in the head's own /srv is a link to its data disk (mounted at DATA_MOUNT inside
+    # the head; the fleet's .data/ directory here, outside the head's), which holds the shared files.
+    assert os.readlink(head / "upper" / "srv" / "fleet-share" / account) == DATA_MOUNT
+    assert (isolated.root / isolated.name / ".data" / "shared").is_dir()
     assert isolated.shared_dir() == Path(f"/proc/{json.loads((head / 'node.json').read_text())['init_pid']}/root"
-                                         f"/srv/fleet-share/{account}/shared")
+                                         f"{DATA_MOUNT}/shared")
 
 
 def test_two_nodes_serve_on_the_same_port(isolated: CliFleet) -> None:
