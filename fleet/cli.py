@@ -201,12 +201,18 @@ def cmd_down(args: argparse.Namespace) -> int:
             err.print("nothing deleted")
             return 1
     with _open_fleet(args) as fleet:
-        report = fleet.down()
+        report = fleet.down(keep_data=args.keep_data)
         for item in report.deleted:
             out.print(f"deleted {item}")
+        for item in report.kept:
+            out.print(f"kept {item}")
+        if report.kept:
+            out.print("the next `fleet up` attaches it to the new head; `fleet down` without --keep-data deletes it"
+                      + (f" (or by hand: {report.kept_hint})" if report.kept_hint else ""))
         for item in report.errors:
             err.print(labelled("error", item, label_style="red", separator=": "))
-        out.print(f"down: {len(report.deleted)} resource(s) deleted" + (", nothing left" if not report.errors else ""))
+        left = ", nothing left" if not report.errors and not report.kept else ""
+        out.print(f"down: {len(report.deleted)} resource(s) deleted" + left)
         return 0 if not report.errors else 1
 
 
@@ -270,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="send the preemption notice this many seconds before the kill (default 5)")
     sub = add("down", cmd_down, "delete everything the fleet owns")
     sub.add_argument("--yes", "-y", action="store_true")
+    sub.add_argument("--keep-data", action="store_true",
+                     help="keep the head's data disk (the shared directory) for a later `fleet up`")
     sub = add("events", cmd_events, "what the fleet did and why")
     sub.add_argument("--json", action="store_true")
     sub.add_argument("--node", default=None)

@@ -28,7 +28,16 @@ from fleet.providers.localnode import generate_ed25519_keypair
 from fleet.reconcile import Create, Delete, Plan, Probe, head_request, step_rank, worker_request
 from fleet.reconcile import plan as plan_actions
 from fleet.runtime import Runtime, env_assignments
-from fleet.share import SHARE_FILE, ShareEndpoint, as_root, confine_script, fallback_key_line, parse_share
+from fleet.share import (
+    SHARE_FILE,
+    ShareEndpoint,
+    as_root,
+    confine_script,
+    data_disk_check,
+    fallback_key_line,
+    link_data_script,
+    parse_share,
+)
 from fleet.spec.models import FleetSpec
 from fleet.ssh import CommandResult, Executor, GroupResult, HostKeyStore, Target, write_ssh_config
 from fleet.state import State, make_private_dir
@@ -487,7 +496,8 @@ class Fleet:
                      "it gets forced SFTP on the head user's account")
         line = self.mount_key_line()
         script = drop_legacy + (
-            f"set -e; mkdir -p {shared}; umask 077; mkdir -p \"$HOME/.ssh\"; "
+            f"set -e; {data_disk_check()}; {link_data_script(shared)}; mkdir -p {shared}; umask 077; "
+            "mkdir -p \"$HOME/.ssh\"; "
             f"touch \"$HOME/.ssh/authorized_keys\"; "
             f"grep -qxF {_q(line)} \"$HOME/.ssh/authorized_keys\" || echo {_q(line)} >> \"$HOME/.ssh/authorized_keys\""
         )
@@ -618,10 +628,11 @@ class Fleet:
         self.executor.drop(name)
         self.state.add_event("preempt_requested", name, f"fleet preempt (notice {notice_s:g} s)")
 
-    def down(self) -> CleanupReport:
-        """Delete everything the provider finds for this fleet; clean up an existing head;
-        remove the fleet's temporary keys and connection files."""
-        report = self.provider.destroy_all()
+    def down(self, *, keep_data: bool = False) -> CleanupReport:
+        """Delete everything the provider finds for this fleet (the head's data disk too,
+        unless `keep_data`); clean up an existing head; remove the fleet's temporary keys
+        and connection files."""
+        report = self.provider.destroy_all(keep_data=keep_data)
         head = self.existing_head()
         if head is not None:
             try:

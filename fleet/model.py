@@ -40,6 +40,18 @@ def head_name(fleet: str) -> str:
     return f"{fleet}-head"
 
 
+def data_disk_name(fleet: str) -> str:
+    """Name of the head's data disk (GCP disk, EBS volume's Name tag), which holds the
+    shared directory and outlives any head; labelled fleet=<fleet>, fleet-role=data."""
+    return f"{fleet}-data"
+
+
+DATA_ROLE = "data"  # the fleet-role label of the head's data disk
+# Where a head mounts its data disk (clouds, isolated local nodes); the shared directory
+# is its `shared/` (see fleet.share).
+DATA_MOUNT = "/var/lib/fleet/data"
+
+
 def worker_name(fleet: str, slot: int, generation: int) -> str:
     """Name of a worker: slot is its place in the fleet (1..count), generation counts
     replacements of that slot (1 for the first node). A replacement gets a new name so

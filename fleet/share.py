@@ -22,6 +22,14 @@ The block goes where the head's sshd reads it: the file named by `FLEET_SSHD_CON
 `/srv/fleet-share/.owners/<account>` names that config: `release_share_accounts` finds
 an account by it when its node goes away, also when fleet's own state was lost.
 
+A head with a data disk (a disk that outlives it; `fleet.model.DATA_MOUNT` on clouds and
+isolated local nodes, named by `/etc/fleet/data`, or `FLEET_DATA_DIR` for loopback local
+nodes) keeps the shared directory on it: the chroot `/srv/fleet-share/<account>` is a
+symlink to the disk's root (root-owned 0755: sshd checks the configured path's
+components, then chroots through the link) and the shared directory is the disk's
+`shared/`. A replacement head finds its files there; their group is re-assigned when the
+new machine's ids differ.
+
 Without root on the head (an ordinary user's local nodes, a head without sudo), the
 script prints `UNCONFINED`: the mount key then falls back to the head user's account
 with `restrict,command="internal-sftp -d <shared>"` (see `fallback_key_line`).
@@ -47,6 +55,25 @@ SFTP_PATH = "/shared"  # the shared directory as the share account sees it (chro
 DROP_IN = "/etc/ssh/sshd_config.d/fleet-share-{account}.conf"
 SHARE_FILE = ".fleet/share.json"  # per worker, 0600: how to reach the share
 NODE_MARKER = "/etc/fleet/node"  # written by fleet's startup script (templates/startup/node.sh.j2)
+DATA_MARKER = "/etc/fleet/data"  # the mounted data disk's path, written by the startup script
+DATA_ERROR = "/etc/fleet/data.error"  # why the data disk could not be mounted
+# Shell: the head's data directory ("" without one): loopback local nodes name it in their
+# environment (set, maybe empty, on every such node), others in DATA_MARKER.
+DATA_DIR_WORD = f'"${{FLEET_DATA_DIR-$(cat {DATA_MARKER} 2>/dev/null)}}"'
+
+
+def data_disk_check() -> str:
+    """Shell that fails (exit 4) when the head's data disk was wanted but is not mounted:
+    the shared directory must never silently land on a boot disk that dies with the head."""
+    return (f"if [ -f {DATA_ERROR} ]; then echo \"the head's data disk is not mounted: $(cat {DATA_ERROR})\" >&2; "
+            "exit 4; fi")
+
+
+def link_data_script(shared_word: str) -> str:
+    """Shell (as the head user, unconfined heads) that makes the shared directory
+    `shared_word` a symlink to the data directory's `shared/`, when there is one."""
+    return (f'data={DATA_DIR_WORD}; if [ -n "$data" ] && [ ! -e {shared_word} ] && [ ! -L {shared_word} ]; then '
+            f'mkdir -p "$data/shared" "$(dirname {shared_word})" && ln -s "$data/shared" {shared_word}; fi')
 
 
 @dataclass(frozen=True)
@@ -92,9 +119,17 @@ def confine_script(*, shared_path: str, head_user_word: str, mount_public_key: s
         "elif ! grep -qsE '^Include /etc/ssh/sshd_config.d/' /etc/ssh/sshd_config; then",
         '  echo "UNCONFINED its sshd reads no /etc/ssh/sshd_config.d"; exit 0',
         "fi",
+        data_disk_check(),
         'account="fs-$(printf %s "$ident" | sha256sum | cut -c1-12)"',
         f"root={q(SHARE_ROOT)}; chroot=\"$root/$account\"; owner={head_user_word}; link={shared_path}",
-        'install -d -m 0755 -o root -g root "$root" "$root/.owners" "$root/.keys" "$chroot"',
+        f"data={DATA_DIR_WORD}",
+        'install -d -m 0755 -o root -g root "$root" "$root/.owners" "$root/.keys"',
+        # With a data disk the chroot is a link to it (see the module docstring).
+        'if [ -n "$data" ] && [ "$(readlink "$chroot" 2>/dev/null)" != "$data" ]; then',
+        '  if [ -d "$chroot" ] && [ ! -L "$chroot" ]; then echo "$chroot exists beside the data disk $data" >&2; exit 3; fi',
+        '  chown root:root "$data"; chmod 0755 "$data"; rm -f "$chroot"; ln -s "$data" "$chroot"',
+        "fi",
+        'install -d -m 0755 -o root -g root "$chroot"',
         'printf "%s\\n" "$ident" > "$root/.owners/$account"',
         'if ! id -u "$account" >/dev/null 2>&1; then',
         ('  useradd --system --user-group --no-create-home --home-dir / --shell /usr/sbin/nologin '
@@ -107,9 +142,11 @@ def confine_script(*, shared_path: str, head_user_word: str, mount_public_key: s
         '  mv "$link" "$chroot/shared"',
         "fi",
         'if [ ! -d "$chroot/shared" ]; then install -d -m 2770 -o "$owner" -g "$account" "$chroot/shared"; fi',
-        'if [ ! -e "$chroot/.fleet-share" ]; then',
+        # Once per owner/group pair: files a head of another machine (other ids) left on the data disk.
+        'ids="$(id -u "$owner"):$(id -g "$account")"',
+        'if [ "$(cat "$chroot/.fleet-share" 2>/dev/null)" != "$ids" ]; then',
         '  chown -R "$owner:$account" "$chroot/shared"; chmod -R g+rwX "$chroot/shared"',
-        '  find "$chroot/shared" -type d -exec chmod g+s {} +; touch "$chroot/.fleet-share"',
+        '  find "$chroot/shared" -type d -exec chmod g+s {} +; printf "%s\\n" "$ids" > "$chroot/.fleet-share"',
         "fi",
         'chmod 2770 "$chroot/shared"',
         'mkdir -p "$(dirname "$link")"; [ -L "$link" ] || ln -s "$chroot/shared" "$link"',
@@ -155,7 +192,7 @@ def as_root(script: str) -> str:
     word = shlex.quote(script)
     return (f'if [ "$(id -u)" = 0 ]; then sh -c {word}; '
             f"elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then "
-            f'sudo -n --preserve-env=FLEET_SSHD_CONFIG,FLEET_SSHD_PID sh -c {word}; '
+            f'sudo -n --preserve-env=FLEET_SSHD_CONFIG,FLEET_SSHD_PID,FLEET_DATA_DIR sh -c {word}; '
             f'else echo "UNCONFINED no root on the head"; fi')
 
 
@@ -199,7 +236,11 @@ def _release(matches: Callable[[str], bool]) -> list[str]:
             pwd.getpwnam(account)
             subprocess.run(["userdel", account], check=False, capture_output=True, timeout=30)
         subprocess.run(["groupdel", account], check=False, capture_output=True, timeout=30)
-        shutil.rmtree(Path(SHARE_ROOT) / account, ignore_errors=True)
+        chroot = Path(SHARE_ROOT) / account
+        if chroot.is_symlink():
+            chroot.unlink()  # a link to the head's data disk, which outlives the head
+        else:
+            shutil.rmtree(chroot, ignore_errors=True)
         Path(KEYS, account).unlink(missing_ok=True)
         owner_file.unlink(missing_ok=True)
         removed.append(account)

@@ -524,6 +524,26 @@ class AwsProvider(Provider):
         self._terminate([instance_id for _n, instance_id, _z in alive], wait=False)
         return [f"instance {name} {instance_id} ({zone})" for name, instance_id, zone in alive]
 
+    def _start_stop(self, names: Sequence[str], verb: str) -> list[str]:
+        """start_instances / stop_instances of the named instances that can be."""
+        wanted = set(names)
+        can = {"start": {"stopped"}, "stop": {"pending", "running"}}[verb]
+        targets = [
+            (tags.get("Name", i["InstanceId"]), i["InstanceId"], i.get("Placement", {}).get("AvailabilityZone"))
+            for i in self._instances()
+            if (tags := {t["Key"]: t["Value"] for t in i.get("Tags", [])}).get("Name") in wanted
+            and i["State"]["Name"] in can and DELETED_TAG not in tags
+        ]
+        if targets:
+            self._call(f"{verb}_instances", InstanceIds=[instance_id for _n, instance_id, _z in targets])
+        return [f"instance {name} {instance_id} ({zone})" for name, instance_id, zone in targets]
+
+    def start(self, names: Sequence[str]) -> list[str]:
+        return self._start_stop(names, "start")
+
+    def stop(self, names: Sequence[str]) -> list[str]:
+        return self._start_stop(names, "stop")
+
     def preempt(self, name: str, *, notice_s: float = 0.0) -> None:
         """Terminate a spot instance without the `fleet-deleted` tag, so that `list()` sees
         it gone without fleet asking (EC2 has no public API to interrupt one; `notice_s` is
@@ -536,7 +556,7 @@ class AwsProvider(Provider):
         else:
             self._call("stop_instances", InstanceIds=[node.provider_id])
 
-    def destroy_all(self) -> CleanupReport:
+    def destroy_all(self, keep_data: bool = False) -> CleanupReport:
         report = CleanupReport()
         try:
             instances = self._instances()

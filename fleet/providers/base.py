@@ -58,6 +58,10 @@ class CleanupReport:
 
     deleted: list[str] = field(default_factory=list)  # "instance demo-w1-g1 (us-central1-a)"
     errors: list[str] = field(default_factory=list)
+    # What `destroy_all(keep_data=True)` left on purpose (the head's data disk), and the
+    # command that deletes it later.
+    kept: list[str] = field(default_factory=list)
+    kept_hint: str | None = None
 
 
 class Provider(ABC):
@@ -118,6 +122,20 @@ class Provider(ABC):
         """Delete these nodes (idempotent: unknown names are ignored). Returns what was deleted."""
 
     @abstractmethod
+    def start(self, names: Sequence[str]) -> list[str]:
+        """Start these stopped nodes again (a GCE instance TERMINATED by host maintenance,
+        a stopped EC2 instance, a local node that is down): same name, same disks, a new
+        boot. Running or unknown names are ignored, and so are machines that cannot be
+        started (a terminated EC2 instance, a spot VM the cloud deleted): a caller that gets
+        nothing back replaces the node instead. Returns what was started; the nodes may
+        still be PENDING."""
+
+    @abstractmethod
+    def stop(self, names: Sequence[str]) -> list[str]:
+        """Stop these nodes the way the cloud does (GCE host maintenance -> TERMINATED, EC2
+        stop): the machine keeps its disks and can be `start`ed. Returns what was stopped."""
+
+    @abstractmethod
     def preempt(self, name: str, *, notice_s: float = 0.0) -> None:
         """Simulate a preemption of one node the way the cloud does it."""
 
@@ -128,9 +146,11 @@ class Provider(ABC):
         to `timeout` for nodes still booting; a node without one is left out."""
         return {n.name: n.host_key for n in nodes if n.host_key}
 
-    def destroy_all(self) -> CleanupReport:
+    def destroy_all(self, keep_data: bool = False) -> CleanupReport:
         """Delete everything this fleet owns, found through the provider only (instances
-        in any state, disks, firewall rules, key pairs...). Idempotent."""
+        in any state, disks, firewall rules, key pairs...). Idempotent. With `keep_data`
+        the head's data disk (the shared directory) stays, listed in `report.kept`, for a
+        later `fleet up` to attach again."""
         report = CleanupReport()
         names = [n.name for n in self.list()]
         report.deleted.extend(self.delete(names))

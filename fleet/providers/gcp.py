@@ -8,6 +8,12 @@ order: a capacity error moves on to the next zone (and the zone is skipped for t
 rest of the call), a quota error stops with the quota's name, a rate limit backs off.
 Cloud errors become `fleet.errors` here (`classify`) and nowhere else.
 
+The head's data disk (`head.data_disk_gb` > 0): a persistent disk `<fleet>-data`
+labelled `fleet-role=data`, attached to the head with `auto_delete=false` as device
+`fleet-data` (the startup script mounts it). `create` finds it by label (also when the
+local state is gone) and puts the head in its zone, or makes it in the zone being tried;
+`destroy_all` deletes it unless asked to keep it.
+
 `list()` is one `aggregated_list` filtered by `labels.fleet` (one call per 500 VMs),
 plus one zone-operations call per zone that holds a stopped Spot VM, to tell a
 preemption (`compute.instances.preempted`) from a stop.
@@ -40,6 +46,7 @@ from fleet.errors import (
     SpecError,
 )
 from fleet.model import (
+    DATA_ROLE,
     LABEL_FLEET,
     LABEL_GENERATION,
     LABEL_ROLE,
@@ -48,6 +55,7 @@ from fleet.model import (
     NodeRequest,
     NodeState,
     Role,
+    data_disk_name,
 )
 from fleet.providers.base import CleanupReport, CreateResult, PlannedNode, Provider, ProviderContext
 from fleet.providers.gcp_errors import classify, operation_error
@@ -68,6 +76,7 @@ _STATE_MAP = {
     "REPAIRING": NodeState.UNREACHABLE,
 }
 _STOPPED = {"STOPPING", "TERMINATED", "SUSPENDING", "SUSPENDED"}
+DATA_DEVICE = "fleet-data"  # the data disk's device name: /dev/disk/by-id/google-fleet-data on the VM
 
 
 def is_loopback_http(endpoint: str | None) -> bool:
@@ -298,7 +307,11 @@ class GcpProvider(Provider):
         return [f"firewall rule {self.firewall_name} (tcp:{self.spec.ssh.port} from {', '.join(ranges)})"]
 
     # -- create ------------------------------------------------------------------------
-    def instance_body(self, request: NodeRequest, zone: str) -> Any:
+    def wants_data_disk(self, request: NodeRequest) -> bool:
+        return request.role is Role.HEAD and self.spec.head.data_disk_gb > 0
+
+    def instance_body(self, request: NodeRequest, zone: str, data_disk: str | None = None) -> Any:
+        """The instance to insert; `data_disk` is the self link of the data disk to attach."""
         from google.cloud import compute_v1
 
         options = self._options(request.role)
@@ -311,6 +324,8 @@ class GcpProvider(Provider):
             user=self.context.ssh_user,
             public_key=self.context.public_key,
             ssh_port=self.spec.ssh.port,
+            data_disk=data_disk is not None,
+            data_devices=[f"/dev/disk/by-id/google-{DATA_DEVICE}"],
         )
         scheduling = compute_v1.Scheduling()
         if request.spot:
@@ -346,7 +361,9 @@ class GcpProvider(Provider):
                     initialize_params=compute_v1.AttachedDiskInitializeParams(
                         source_image=self.gcp.image, disk_size_gb=request.disk_gb or 100, labels=labels
                     ),
-                )
+                ),
+                *([compute_v1.AttachedDisk(boot=False, auto_delete=False, source=data_disk, device_name=DATA_DEVICE,
+                                           mode="READ_WRITE")] if data_disk else []),
             ],
             metadata=compute_v1.Metadata(
                 items=[
@@ -389,15 +406,69 @@ class GcpProvider(Provider):
         with ThreadPoolExecutor(max_workers=min(self._max_parallel, len(requests))) as pool:
             return list(pool.map(one, requests))
 
+    # -- the head's data disk ----------------------------------------------------------
+    def data_disks(self) -> list[tuple[str, Any]]:
+        """(zone, disk) of every data disk of this fleet, found by label in any zone."""
+        from google.cloud import compute_v1
+
+        request = compute_v1.AggregatedListDisksRequest(
+            project=self.gcp.project,
+            filter=f'labels.{LABEL_FLEET} = "{self.fleet}" AND labels.{LABEL_ROLE} = "{DATA_ROLE}"',
+            max_results=_PAGE,
+        )
+        return self._call(lambda: [
+            (scope.rsplit("/", 1)[-1], disk)
+            for scope, scoped in self._client("disks").aggregated_list(request=request)
+            for disk in scoped.disks
+        ])
+
+    def _insert_data_disk(self, zone: str) -> Any:
+        from google.cloud import compute_v1
+
+        disk = compute_v1.Disk(
+            name=data_disk_name(self.fleet), size_gb=self.spec.head.data_disk_gb,
+            type_=f"zones/{zone}/diskTypes/pd-balanced",
+            labels={**self.gcp.labels, LABEL_FLEET: self.fleet, LABEL_ROLE: DATA_ROLE},
+        )
+        client = self._client("disks")
+        operation = self._call(lambda: client.insert_unary(project=self.gcp.project, zone=zone, disk_resource=disk))
+        self._wait_zone_op(zone, operation)
+        return self._call(lambda: client.get(project=self.gcp.project, zone=zone, disk=disk.name))
+
+    def _delete_disk(self, zone: str, name: str) -> None:
+        operation = self._call(lambda: self._client("disks").delete_unary(project=self.gcp.project, zone=zone, disk=name))
+        self._wait_zone_op(zone, operation)
+
+    def _zones_for_request(self, request: NodeRequest) -> tuple[list[str], Any]:
+        """The zones to try and the data disk the head must attach (None: made per zone)."""
+        if not self.wants_data_disk(request):
+            return list(self.gcp.zones), None
+        found = self.data_disks()
+        if not found:
+            return list(self.gcp.zones), None
+        zone, disk = found[0]
+        if disk.users:
+            raise ProviderError(
+                f"the head's data disk {disk.name} ({zone}) is still attached to {_last(disk.users[0])}",
+                hint="that instance must be deleted (or started again) before a new head can attach the disk",
+            )
+        # The data lives there: a replacement head goes to the disk's zone, listed or not.
+        return [zone], disk
+
     def _create_one(self, request: NodeRequest, exhausted: set[str], stop: list[QuotaError]) -> Node:
         client = self._client("instances")
         last: CapacityError | None = None
-        for zone in self.gcp.zones:
+        zones, data_disk = self._zones_for_request(request)
+        for zone in zones:
             if stop:
                 raise stop[0]
             if zone in exhausted:
                 continue
-            body = self.instance_body(request, zone)
+            new_disk = None
+            if self.wants_data_disk(request) and data_disk is None:
+                new_disk = self._insert_data_disk(zone)
+            disk = data_disk or new_disk
+            body = self.instance_body(request, zone, data_disk=disk.self_link if disk is not None else None)
             request_id = str(uuid.uuid4())
             try:
                 operation = self._call(
@@ -408,9 +479,13 @@ class GcpProvider(Provider):
             except CapacityError as exc:
                 exhausted.add(zone)
                 last = exc
+                if new_disk is not None:  # blank, made for this zone: the next zone gets its own
+                    self._delete_disk(zone, new_disk.name)
                 continue
             except QuotaError as exc:
                 stop.append(exc)
+                if new_disk is not None:
+                    self._delete_disk(zone, new_disk.name)
                 raise
             self._zone_of[request.name] = zone
             created = self._call(
@@ -418,7 +493,8 @@ class GcpProvider(Provider):
             )
             return self.to_node(created, zone)
         raise CapacityError(
-            f"no capacity for {request.name} in any zone ({', '.join(self.gcp.zones)})"
+            f"no capacity for {request.name} in any zone ({', '.join(zones)})"
+            + (" (the zone of the head's data disk)" if data_disk is not None else "")
             + (f": {last.message}" if last else ""),
             hint="add zones to gcp.zones, choose another machine/GPU type, or retry later",
         )
@@ -560,6 +636,32 @@ class GcpProvider(Provider):
             done = list(pool.map(lambda item: self._delete_in(*item), zones.items()))
         return [line for line in done if line]
 
+    def _start_stop(self, names: Sequence[str], verb: str) -> list[str]:
+        """instances.start / instances.stop of each named instance, in parallel."""
+        wanted = {"start": _STOPPED, "stop": {"RUNNING", "PROVISIONING", "STAGING"}}[verb]
+        found = {i.name: (zone, i) for zone, i in self._list_instances() if i.name in set(names)}
+        client = self._client("instances")
+
+        def one(item: tuple[str, tuple[str, Any]]) -> str | None:
+            name, (zone, instance) = item
+            if instance.status not in wanted:
+                return None
+            call = client.start_unary if verb == "start" else client.stop_unary
+            operation = self._call(lambda: call(project=self.gcp.project, zone=zone, instance=name))
+            self._wait_zone_op(zone, operation)
+            return f"instance {name} ({zone})"
+
+        if not found:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self._max_parallel, len(found))) as pool:
+            return [line for line in pool.map(one, found.items()) if line]
+
+    def start(self, names: Sequence[str]) -> list[str]:
+        return self._start_stop(names, "start")
+
+    def stop(self, names: Sequence[str]) -> list[str]:
+        return self._start_stop(names, "stop")
+
     def preempt(self, name: str, *, notice_s: float = 0.0) -> None:
         """Stop (termination action STOP) or delete (DELETE) the VM through the API, as a
         preemption would. The guest gets GCE's ACPI soft-off either way; `notice_s` is not
@@ -578,7 +680,7 @@ class GcpProvider(Provider):
         operation = self._call(lambda: client.stop_unary(project=self.gcp.project, zone=zone, instance=name))
         self._wait_zone_op(zone, operation)
 
-    def destroy_all(self) -> CleanupReport:
+    def destroy_all(self, keep_data: bool = False) -> CleanupReport:
         from google.api_core import exceptions as gexc
         from google.cloud import compute_v1
 
@@ -600,6 +702,11 @@ class GcpProvider(Provider):
                 ]
             )
             for zone, disk in disks:
+                if keep_data and disk.labels.get(LABEL_ROLE) == DATA_ROLE:
+                    report.kept.append(f"disk {disk.name} ({zone}, {disk.size_gb} GB, the head's data disk)")
+                    report.kept_hint = (f"gcloud compute disks delete {disk.name} --zone {zone} "
+                                        f"--project {self.gcp.project}")
+                    continue
                 if disk.users:
                     report.errors.append(f"disk {disk.name} ({zone}) is still attached to {disk.users[0]}")
                     continue
@@ -633,6 +740,10 @@ class GcpProvider(Provider):
             transport = getattr(client, "transport", None)
             if transport is not None and hasattr(transport, "close"):
                 transport.close()
+
+
+def _last(link: str) -> str:
+    return link.rstrip("/").rsplit("/", 1)[-1]
 
 
 def insert_request(project: str, zone: str, body: Any, request_id: str) -> Any:

@@ -11,11 +11,18 @@ Two isolations (`local.isolation`): `namespaces` makes every node a machine of i
 (`fleet.providers.localns`: network, mount and PID namespaces on a per-fleet bridge,
 booted by the same startup script a cloud node runs); `loopback` runs every node as an
 sshd of the caller's on 127.0.0.1 (no root needed). `auto` picks namespaces when it can.
+
+The head's data disk (`head.data_disk_gb` > 0) is the fleet's directory
+`<root>/<fleet>/.data/`, outside every node's own directory: an isolated head gets it
+bind-mounted at `fleet.model.DATA_MOUNT`, a loopback head is told its path
+(FLEET_DATA_DIR); either way the shared directory lives in it, it outlives the head, and
+the next head attaches it again. `destroy_all` deletes it unless asked to keep it.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import time
 from collections.abc import Sequence
@@ -43,6 +50,8 @@ from fleet.providers.localnode import (
 )
 from fleet.providers.localns import FleetNetwork, IsolatedNode, missing_for_namespaces, require_namespaces
 from fleet.providers.startup import render_startup_script
+
+DATA_DIR_NAME = ".data"  # under <root>/<fleet>/; never a node's name (those start with a letter)
 
 
 def default_root() -> Path:
@@ -72,15 +81,27 @@ class LocalProvider(Provider):
         if self.isolation == "namespaces":
             require_namespaces()
 
+    @property
+    def data_dir(self) -> Path:
+        """The head's data disk: the fleet's directory outside every node's own."""
+        return self.root / self.spec.name / DATA_DIR_NAME
+
+    def _data_dir_for(self, request: NodeRequest) -> Path | None:
+        if request.role != Role.HEAD or self.spec.head.data_disk_gb == 0:
+            return None
+        return self.data_dir
+
     def _create_isolated(self, request: NodeRequest, labels: dict[str, str]) -> LocalNode:
+        data_dir = self._data_dir_for(request)
         script = render_startup_script(
             provider="local", fleet_name=self.spec.name, node=request.name, role=request.role.value,
             user=self.context.ssh_user, public_key=self.context.public_key, ssh_port=22,
+            data_disk=data_dir is not None,
         )
         return IsolatedNode.create_isolated(
             self.root, name=request.name, fleet=self.spec.name, user=self.context.ssh_user,
             startup_script=script, labels=labels, hidden=[self.context.state_dir.parent],
-            boot_timeout=self.spec.ssh.ready_timeout,
+            boot_timeout=self.spec.ssh.ready_timeout, data_dir=data_dir,
         )
 
     def create(self, requests: Sequence[NodeRequest]) -> list[CreateResult]:
@@ -105,6 +126,7 @@ class LocalProvider(Provider):
                         authorized_keys=[self.context.public_key],
                         address=self.spec.local.address,
                         labels=labels,
+                        data_dir=self._data_dir_for(request),
                     )
             except FleetError as error:
                 return CreateResult(request, error=error)
@@ -161,6 +183,29 @@ class LocalProvider(Provider):
             deleted.append(f"local node {name} ({where}sshd on {local.address}:{local.port})")
         return deleted
 
+    def start(self, names: Sequence[str]) -> list[str]:
+        started = []
+        for name in names:
+            local = self._local(name)
+            if local is None or local.is_running():
+                continue
+            if isinstance(local, IsolatedNode):
+                local.boot(boot_timeout=self.spec.ssh.ready_timeout)
+            else:
+                local.boot()
+            started.append(f"local node {name}")
+        return started
+
+    def stop(self, names: Sequence[str]) -> list[str]:
+        stopped = []
+        for name in names:
+            local = self._local(name)
+            if local is None or not local.is_running():
+                continue
+            local.kill(preempted=False)
+            stopped.append(f"local node {name}")
+        return stopped
+
     def preempt(self, name: str, *, notice_s: float = 0.0) -> None:
         local = self._local(name)
         if local is None or not local.is_running():
@@ -170,7 +215,7 @@ class LocalProvider(Provider):
             time.sleep(notice_s)
         local.kill(preempted=True)
 
-    def destroy_all(self) -> CleanupReport:
+    def destroy_all(self, keep_data: bool = False) -> CleanupReport:
         report = CleanupReport()
         locals_ = LocalNode.list(self.root, self.spec.name)
         report.deleted.extend(self.delete([local.name for local in locals_]))
@@ -180,6 +225,13 @@ class LocalProvider(Provider):
         if os.geteuid() == 0 and missing_for_namespaces() is None:
             # Whatever the mode now: the fleet may have run isolated before, or lost its nodes' records.
             report.deleted.extend(FleetNetwork.of(self.root, self.spec.name).remove())
+        if self.data_dir.is_dir():
+            if keep_data:
+                report.kept.append(f"local data disk {self.data_dir}")
+                report.kept_hint = f"rm -rf {shlex.quote(str(self.data_dir))}"
+            else:
+                shutil.rmtree(self.data_dir)
+                report.deleted.append(f"local data disk {self.data_dir}")
         fleet_dir = self.root / self.spec.name
         if fleet_dir.is_dir() and not any(fleet_dir.iterdir()):
             shutil.rmtree(fleet_dir, ignore_errors=True)

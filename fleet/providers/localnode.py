@@ -217,6 +217,9 @@ class LocalNode:
     created_at: float = 0.0
     preempted: bool = False
     isolation: str = "loopback"  # or "namespaces" (fleet.providers.localns.IsolatedNode)
+    # The data disk this node has attached (a head's): a directory outside the node's own,
+    # which outlives it; "" for none.
+    data_dir: str = ""
 
     # -- paths -------------------------------------------------------------------------
     @property
@@ -259,8 +262,10 @@ class LocalNode:
         labels: dict[str, str] | None = None,
         extra_path: Iterable[str] = (),
         env: dict[str, str] | None = None,
+        data_dir: Path | None = None,
     ) -> LocalNode:
-        """Create the node's directory and start its sshd. `port=0` picks a free port."""
+        """Create the node's directory and start its sshd. `port=0` picks a free port.
+        `data_dir` is its data disk: the node's programs find it in FLEET_DATA_DIR."""
         sshd = find_sshd()
         sftp_server = find_sftp_server()
         node_dir = Path(root) / fleet / name
@@ -276,7 +281,10 @@ class LocalNode:
             user=getpass.getuser(),
             labels=dict(labels or {}),
             created_at=time.time(),
+            data_dir=str(data_dir) if data_dir else "",
         )
+        if data_dir:
+            Path(data_dir).mkdir(parents=True, exist_ok=True)
         node.home.mkdir(parents=True, exist_ok=True)
         node.sshd_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(node.sshd_dir, 0o700)
@@ -300,6 +308,8 @@ class LocalNode:
             # Where this node's own sshd reads its config (the share account's Match block).
             "FLEET_SSHD_CONFIG": str(node.sshd_dir / "sshd_config"),
             "FLEET_SSHD_PID": str(node.sshd_dir / "sshd.pid"),
+            # Set on every loopback node, also when empty: the host's own /etc/fleet/data is not theirs.
+            "FLEET_DATA_DIR": node.data_dir,
             **(env or {}),
         }
         last_error = ""
@@ -315,6 +325,17 @@ class LocalNode:
                 break
         node.destroy()
         raise ProviderError(f"could not start sshd for local node {name}: {last_error.strip()[-500:]}")
+
+    def boot(self) -> None:
+        """Start a stopped node again, with the same directory, host key and address (a
+        cloud's instance start). Idempotent."""
+        if self.is_running():
+            return
+        self.preempted = False
+        self._save()
+        started, error = self._start_sshd(find_sshd())
+        if not started:
+            raise ProviderError(f"could not start sshd for local node {self.name} again: {error.strip()[-500:]}")
 
     def set_authorized_keys(self, keys: Iterable[str]) -> None:
         path = self.sshd_dir / "authorized_keys"
@@ -465,6 +486,7 @@ ForceCommand {d / 'enter'}
             "created_at": self.created_at,
             "preempted": self.preempted,
             "isolation": self.isolation,
+            "data_dir": self.data_dir,
         }
 
     def _save(self) -> None:

@@ -49,6 +49,7 @@ import psutil
 
 import fleet as fleet_package
 from fleet.errors import DependencyError, ProviderError
+from fleet.model import DATA_MOUNT
 from fleet.providers.localnode import (
     FLEET_MARKER,
     MARKER,
@@ -334,6 +335,12 @@ for dir in root home tmp var/tmp work; do
 done
 chmod 1777 "$NODE/disk/tmp" "$NODE/disk/var/tmp"
 chmod 700 "$NODE/disk/root"
+# The data disk a head has attached (a directory outside the node's, which outlives it).
+DATA={data_dir}
+if [ -n "$DATA" ]; then
+  mkdir -p "$DATA" "$NEWROOT"{data_mount}
+  mount --bind "$DATA" "$NEWROOT"{data_mount}
+fi
 # What of the laptop lies outside those: the control plane's checkout, virtualenv, state.
 for hidden in {hidden}; do
   if [ -n "$hidden" ] && [ -d "$NEWROOT$hidden" ]; then mount -t tmpfs -o ro,size=4k,mode=0755 fleet-hidden "$NEWROOT$hidden"; fi
@@ -361,8 +368,9 @@ umount -l /.fleet-oldroot
 rmdir /.fleet-oldroot
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 CONSOLE=/run/fleet-console
-# A fresh machine's own host key, never the image's (the host's): gone before anything runs.
-rm -f /etc/ssh/ssh_host_*
+# A fresh machine's own host key, never the image's (the host's): gone before anything
+# runs. A node booted again (a stopped one started) keeps the key it made, as a cloud's does.
+[ -f /etc/ssh/.fleet-node-host-key ] || rm -f /etc/ssh/ssh_host_*
 # This init manages sshd, as systemd does on a cloud image: it starts it after the
 # startup script, with the config the script left. A script's `systemctl restart ssh`
 # or `service ssh restart` is answered here instead of starting a second sshd.
@@ -380,6 +388,7 @@ set -e
 echo "$(date -u +%FT%TZ) startup script ended with $(cat "$CONSOLE/startup.rc")" >> "$CONSOLE/boot.log"
 # A key the startup script installed (a host key the cloud vouches for) is kept.
 [ -f /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -q -t ed25519 -N '' -C {name} -f /etc/ssh/ssh_host_ed25519_key
+touch /etc/ssh/.fleet-node-host-key
 cp /etc/ssh/ssh_host_ed25519_key.pub "$CONSOLE/host_key.pub.tmp"
 mv "$CONSOLE/host_key.pub.tmp" "$CONSOLE/host_key.pub"
 mkdir -p /run/sshd
@@ -415,9 +424,10 @@ def hidden_paths(extra: Iterable[str | Path]) -> list[str]:
     return sorted(set(hidden))
 
 
-def render_boot_script(node_dir: Path, name: str, hidden: Iterable[str]) -> str:
+def render_boot_script(node_dir: Path, name: str, hidden: Iterable[str], data_dir: str = "") -> str:
     return BOOT_SCRIPT.format(node_dir=shlex.quote(str(node_dir)), name=shlex.quote(name),
-                              hidden=" ".join(shlex.quote(h) for h in hidden) or "''")
+                              hidden=" ".join(shlex.quote(h) for h in hidden) or "''",
+                              data_dir=shlex.quote(data_dir), data_mount=shlex.quote(DATA_MOUNT))
 
 
 @dataclass
@@ -480,11 +490,12 @@ class IsolatedNode(LocalNode):
     def create_isolated(
         cls, root: Path, *, name: str, fleet: str, user: str, startup_script: str,
         labels: dict[str, str] | None = None, hidden: Iterable[str | Path] = (),
-        boot_timeout: float = BOOT_TIMEOUT_S,
+        boot_timeout: float = BOOT_TIMEOUT_S, data_dir: Path | None = None,
     ) -> IsolatedNode:
-        """Create the node, boot it and wait until its sshd answers (or the boot fails)."""
+        """Create the node, boot it and wait until its sshd answers (or the boot fails).
+        `data_dir` is its data disk, mounted at DATA_MOUNT inside."""
         node = cls.reserve(root, name=name, fleet=fleet, user=user, labels=labels)
-        node.start(startup_script, hidden=hidden, boot_timeout=boot_timeout)
+        node.start(startup_script, hidden=hidden, boot_timeout=boot_timeout, data_dir=data_dir)
         return node
 
     @classmethod
@@ -513,17 +524,39 @@ class IsolatedNode(LocalNode):
         return node
 
     def start(self, startup_script: str, *, hidden: Iterable[str | Path] = (),
-              boot_timeout: float = BOOT_TIMEOUT_S, ssh_port: int = 22) -> None:
+              boot_timeout: float = BOOT_TIMEOUT_S, ssh_port: int = 22, data_dir: Path | None = None) -> None:
         """Plug the node into the bridge and boot it; destroy it when the boot fails."""
         try:
             self.network.add_port(self.nid, self.address)
             (self.console / "startup.sh").write_text(startup_script)
+            if data_dir is not None:
+                self.data_dir = str(Path(data_dir).resolve())
+                Path(self.data_dir).mkdir(parents=True, exist_ok=True)
             boot = self.dir / "boot.sh"
-            boot.write_text(render_boot_script(self.dir, self.name, hidden_paths([self.dir.parent.parent, *hidden])))
+            boot.write_text(render_boot_script(self.dir, self.name, hidden_paths([self.dir.parent.parent, *hidden]),
+                                               self.data_dir))
             self.port = ssh_port
+            self._save()
             self._boot(boot, boot_timeout)
         except BaseException:
             self.destroy()
+            raise
+
+    def boot(self, *, boot_timeout: float = BOOT_TIMEOUT_S) -> None:
+        """Boot a stopped node again (a cloud's instance start): the same disk (its
+        overlay's upper layer, home directories, data disk), address and host key; the
+        startup script runs again. Idempotent. A failed boot leaves the node stopped."""
+        if self.is_running():
+            return
+        self.kill(preempted=False)  # what may be left of the last boot: its port, a stray init
+        self.preempted = False
+        self.init_pid = self.starter_pid = 0
+        self._save()
+        try:
+            self.network.add_port(self.nid, self.address)
+            self._boot(self.dir / "boot.sh", boot_timeout)
+        except BaseException:
+            self.kill(preempted=False)
             raise
 
     def _boot(self, boot: Path, timeout: float) -> None:

@@ -103,8 +103,12 @@ class HeadSpec(Strict):
 
     machine: str | None = Field(None, description="machine/instance type (provider default when absent)")
     spot: bool = Field(False, description="run the head on a spot/preemptible machine (not advised)")
-    disk_gb: int = Field(
-        100, ge=10, le=65536, description="boot disk size in GB (holds the shared directory)"
+    disk_gb: int = Field(100, ge=10, le=65536, description="boot disk size in GB")
+    data_disk_gb: int = Field(
+        100, ge=0, le=65536,
+        description="size in GB of the head's data disk, which holds the shared directory and outlives "
+        "the head (a replacement head attaches it again; `fleet down` deletes it unless --keep-data); "
+        "0: no data disk, the shared directory lives on the head's boot disk and dies with it",
     )
     accelerators: AcceleratorSpec | None = Field(None, description="GPUs on the head (none by default)")
     host: str | None = Field(None, description="address of an existing machine to use as head")
@@ -118,6 +122,13 @@ class HeadSpec(Strict):
     )
     gcp: GcpNodeOptions = Field(GcpNodeOptions(), description="GCP options for the head")
     aws: AwsNodeOptions = Field(AwsNodeOptions(), description="AWS options for the head")
+
+    @field_validator("data_disk_gb")
+    @classmethod
+    def _data_disk_size(cls, value: int) -> int:
+        if 0 < value < 10:
+            raise ValueError("expected 0 (no data disk) or at least 10 GB")
+        return value
 
 
 class WorkersSpec(Strict):

@@ -7,6 +7,13 @@ real cloud throws at a fleet: no capacity in a zone, quota exceeded, rate limits
 the preemption of an instance. Every instance is backed by a real `LocalNode` (an sshd)
 at its own loopback address (127.0.1.N) on the fleet's SSH port, with the keys of its
 `ssh-keys` metadata, so that SSH to its `natIP` works; a preemption kills that node.
+Disks are inserted, listed and deleted like a cloud's; an instance inserted with an
+existing disk as `source` attaches it (one user at a time) and keeps it when deleted
+unless `autoDelete`; each such disk is a directory of the fake (`<nodes_root>/.disks/`)
+that the backing node gets as its data disk (bind-mounted at `fleet.model.DATA_MOUNT`
+when isolated, FLEET_DATA_DIR on loopback), so it outlives every instance. Instances
+stop and start (`instances.stop`/`start`; `host_maintenance(name)` stops one the way a
+maintenance event stops a VM with `onHostMaintenance=TERMINATE`).
 `backing=False` skips the sshd (for the scale benchmark). Every request is recorded
 (`requests`), so tests can check what was sent and count calls.
 
@@ -15,7 +22,7 @@ at its own loopback address (127.0.1.N) on the fleet's SSH port, with the keys o
 
 or as a process: `python -m fleet.testing.fake_gce --port PORT [--nodes-root DIR]
 [--ssh-port P] [--address-base 127.0.1.1] [--no-backing]`, controlled over HTTP at
-`POST /_fake/{no_capacity,quota,rate_limit,preempt,reset}` and `GET /_fake/{requests,state}`.
+`POST /_fake/{no_capacity,quota,rate_limit,preempt,host_maintenance,reset}` and `GET /_fake/{requests,state}`.
 """
 
 from __future__ import annotations
@@ -185,7 +192,8 @@ class FakeGce:
         if self.isolated:
             fleets = {node.fleet for node in nodes}
             if self.nodes_root.is_dir():
-                fleets |= {entry.name for entry in self.nodes_root.iterdir() if entry.is_dir()}
+                fleets |= {entry.name for entry in self.nodes_root.iterdir()
+                           if entry.is_dir() and not entry.name.startswith(".")}
             for fleet in fleets:
                 FleetNetwork.of(self.nodes_root, fleet).remove()
         if self._own_root:
@@ -291,7 +299,8 @@ class FakeGce:
                 ],
                 "firewalls": sorted(self.firewalls),
                 "disks": [
-                    {"name": n, "zone": z, "labels": d.get("labels", {})} for (z, n), d in self.disks.items()
+                    {"name": n, "zone": z, "labels": d.get("labels", {}), "users": list(d.get("users", []))}
+                    for (z, n), d in self.disks.items()
                 ],
                 "backing_nodes": [node.name for node in self.nodes.values() if node.is_running()],
                 "in_flight": self.in_flight,
@@ -416,9 +425,21 @@ class FakeGce:
                 kind="compute#instance",
             )
             key = (zone, name)
+            for disk in resource.get("disks", []):
+                if disk.get("source") and not disk.get("initializeParams"):
+                    existing = self.disks.get((zone, _last(disk["source"])))
+                    if existing is None:
+                        raise ApiError(404, "notFound", f"The resource '{disk['source']}' was not found")
+                    if existing.get("users"):
+                        raise ApiError(400, "resourceInUseByAnotherResource",
+                                       f"The disk resource '{existing['selfLink']}' is already being used by "
+                                       f"'{existing['users'][0]}'")
             self.instances[key] = resource
             ready = self._ready[key] = threading.Event()
             for disk in resource.get("disks", []):
+                if disk.get("source") and not disk.get("initializeParams"):
+                    self.disks[(zone, _last(disk["source"]))]["users"] = [link]
+                    continue
                 params = disk.get("initializeParams", {})
                 disk_name = params.get("diskName") or name
                 disk["source"] = f"{API_ROOT}/projects/{project}/zones/{zone}/disks/{disk_name}"
@@ -459,6 +480,58 @@ class FakeGce:
         self._run_op(op, boot)
         return op.data
 
+    def disk_dir(self, zone: str, name: str) -> Path:
+        """Where the contents of disk `name` live: outside every backing node's directory."""
+        return self.nodes_root / ".disks" / f"{zone}-{name}"
+
+    def _data_dir_of(self, key: tuple[str, str], resource: dict[str, Any]) -> Path | None:
+        """The directory of the first attached (non-boot) disk, the node's data disk."""
+        for disk in resource.get("disks", []):
+            if not disk.get("boot") and disk.get("source"):
+                return self.disk_dir(key[0], _last(disk["source"]))
+        return None
+
+    def insert_disk(self, project: str, zone: str, body: dict[str, Any]) -> dict[str, Any]:
+        name = body.get("name") or ""
+        if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
+            raise ApiError(400, "invalid", f"Invalid value for field 'resource.name': '{name}'.")
+        link = f"{API_ROOT}/projects/{project}/zones/{zone}/disks/{name}"
+        with self._lock:
+            if (zone, name) in self.disks:
+                raise ApiError(409, "alreadyExists", f"The resource 'projects/{project}/zones/{zone}/disks/{name}' "
+                               "already exists")
+            self.disks[(zone, name)] = {
+                "kind": "compute#disk", "name": name, "zone": f"{API_ROOT}/projects/{project}/zones/{zone}",
+                "labels": dict(body.get("labels", {})), "sizeGb": str(body.get("sizeGb", "10")),
+                "type": body.get("type", f"zones/{zone}/diskTypes/pd-standard"), "status": "READY", "users": [],
+                "selfLink": link, "creationTimestamp": _now(), "id": str(uuid.uuid4().int % 10**18),
+            }
+        if self.backing:
+            self.disk_dir(zone, name).mkdir(parents=True, exist_ok=True)
+        return self._new_op(zone, "insert", link, done=True).data
+
+    def get_disk(self, zone: str, name: str) -> dict[str, Any]:
+        with self._lock:
+            disk = self.disks.get((zone, name))
+            if disk is None:
+                raise ApiError(404, "notFound", f"The resource 'disks/{name}' was not found")
+            return json.loads(json.dumps(disk))
+
+    def remove_disk(self, zone: str, name: str) -> dict[str, Any]:
+        with self._lock:
+            disk = self.disks.get((zone, name))
+            if disk is None:
+                raise ApiError(404, "notFound", f"The resource 'disks/{name}' was not found")
+            if disk.get("users"):
+                raise ApiError(
+                    400,
+                    "resourceInUseByAnotherResource",
+                    f"The disk resource '{name}' is already being used by '{disk['users'][0]}'",
+                )
+            del self.disks[(zone, name)]
+        shutil.rmtree(self.disk_dir(zone, name), ignore_errors=True)
+        return self._new_op(zone, "delete", disk["selfLink"], done=True).data
+
     def _start_node(self, key: tuple[str, str], resource: dict[str, Any], address: str) -> None:
         items = resource.get("metadata", {}).get("items", [])
         ssh_keys = next((i.get("value", "") for i in items if i.get("key") == "ssh-keys"), "")
@@ -472,6 +545,7 @@ class FakeGce:
             address=address,
             port=self.ssh_port,
             labels=resource.get("labels", {}),
+            data_dir=self._data_dir_of(key, resource),
         )
         with self._lock:
             self.nodes[key] = node
@@ -488,7 +562,7 @@ class FakeGce:
         items = resource.get("metadata", {}).get("items", [])
         script = next((i.get("value", "") for i in items if i.get("key") == "startup-script"), "") or "exit 0\n"
         self.apply_policy()
-        node.start(script, ssh_port=self.ssh_port)
+        node.start(script, ssh_port=self.ssh_port, data_dir=self._data_dir_of(key, resource))
         with self._lock:
             self.pending_nodes.pop(key, None)
             self.nodes[key] = node
@@ -532,6 +606,7 @@ class FakeGce:
                 for disk in resource.get("disks", []):
                     if disk.get("autoDelete", False) and disk.get("source"):
                         self.disks.pop((key[0], _last(disk["source"])), None)
+                        shutil.rmtree(self.disk_dir(key[0], _last(disk["source"])), ignore_errors=True)
                     elif disk.get("source") and (key[0], _last(disk["source"])) in self.disks:
                         self.disks[(key[0], _last(disk["source"]))]["users"] = []
         if node is not None:
@@ -581,6 +656,53 @@ class FakeGce:
 
         self._run_op(op, stop)
         return op.data
+
+    def start_instance(self, project: str, zone: str, name: str) -> dict[str, Any]:
+        """`instances.start`: a TERMINATED instance boots again with its disks."""
+        key = (zone, name)
+        with self._lock:
+            resource = self.instances.get(key)
+            if resource is None:
+                raise ApiError(404, "notFound",
+                               f"The resource 'projects/{project}/zones/{zone}/instances/{name}' was not found")
+            if resource["status"] != "TERMINATED":
+                return self._new_op(zone, "start", resource["selfLink"], done=True).data
+            resource["status"] = "STAGING"
+            node = self.nodes.get(key)
+            op = self._new_op(zone, "start", resource["selfLink"], done=False)
+
+        def boot() -> None:
+            if node is not None:
+                if isinstance(node, IsolatedNode):
+                    self.apply_policy()
+                    node.boot()
+                    self.apply_policy()
+                else:
+                    node.boot()
+            with self._lock:
+                if resource["status"] == "STAGING":
+                    resource["status"] = "RUNNING"
+
+        self._run_op(op, boot)
+        return op.data
+
+    def host_maintenance(self, name: str) -> None:
+        """A host maintenance event on a VM with `onHostMaintenance=TERMINATE` (GPU VMs):
+        the machine goes off hard and the instance is TERMINATED (stopped, disks kept),
+        with a `compute.instances.terminateOnHostMaintenance` zone operation."""
+        with self._lock:
+            key = next(((z, n) for (z, n) in self.instances if n == name), None)
+            if key is None:
+                raise ApiError(404, "notFound", f"The resource 'instances/{name}' was not found")
+            resource = self.instances[key]
+            resource["status"] = "STOPPING"
+            node = self.nodes.get(key)
+        if node is not None:
+            node.kill(preempted=False)
+        self._new_op(key[0], "compute.instances.terminateOnHostMaintenance", resource["selfLink"], done=True,
+                     user="system")
+        with self._lock:
+            resource["status"] = "TERMINATED"
 
     def list_scoped(
         self, table: dict[tuple[str, str], dict[str, Any]], zone: str | None, query: dict[str, str], kind: str
@@ -705,19 +827,7 @@ def _route_table(fake: FakeGce) -> list[tuple[str, re.Pattern[str], Any]]:
         return {"items": [f for f in fake.firewalls.values() if matches_filter(f, q.get("filter"))]}
 
     def delete_disk(m: dict[str, str], q: dict[str, str], b: Any) -> Any:
-        key = (m["zone"], m["name"])
-        with fake._lock:
-            disk = fake.disks.get(key)
-            if disk is None:
-                raise ApiError(404, "notFound", f"The resource 'disks/{m['name']}' was not found")
-            if disk.get("users"):
-                raise ApiError(
-                    400,
-                    "resourceInUseByAnotherResource",
-                    f"The disk resource '{m['name']}' is already being used by '{disk['users'][0]}'",
-                )
-            del fake.disks[key]
-        return fake._new_op(m["zone"], "delete", disk["selfLink"], done=True).data
+        return fake.remove_disk(m["zone"], m["name"])
 
     zone = _P + r"/zones/(?P<zone>[^/]+)"
     return [
@@ -745,6 +855,11 @@ def _route_table(fake: FakeGce) -> list[tuple[str, re.Pattern[str], Any]]:
         ),
         (
             "POST",
+            re.compile(zone + r"/instances/(?P<name>[^/]+)/start$"),
+            lambda m, q, b: fake.start_instance(m["project"], m["zone"], m["name"]),
+        ),
+        (
+            "POST",
             re.compile(zone + r"/instances/(?P<name>[^/]+)/stop$"),
             lambda m, q, b: fake.stop_instance(m["project"], m["zone"], m["name"]),
         ),
@@ -769,6 +884,8 @@ def _route_table(fake: FakeGce) -> list[tuple[str, re.Pattern[str], Any]]:
             lambda m, q, b: fake.list_scoped(fake.disks, m["zone"], q, "disks"),
         ),
         ("DELETE", re.compile(zone + r"/disks/(?P<name>[^/]+)$"), delete_disk),
+        ("POST", re.compile(zone + r"/disks$"), lambda m, q, b: fake.insert_disk(m["project"], m["zone"], b)),
+        ("GET", re.compile(zone + r"/disks/(?P<name>[^/]+)$"), lambda m, q, b: fake.get_disk(m["zone"], m["name"])),
     ]
 
 
@@ -781,6 +898,8 @@ def _control(fake: FakeGce, action: str, body: dict[str, Any]) -> Any:
         fake.set_rate_limit(int(body["times"]), body.get("path_contains"))
     elif action == "preempt":
         fake.preempt(body["name"])
+    elif action == "host_maintenance":
+        fake.host_maintenance(body["name"])
     elif action == "false_host_key":
         fake.vouch_false_host_key(body["name"])
     elif action == "reset":
