@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fleet.errors import FleetError
-from fleet.model import Node, NodeState, Role
+from fleet.model import Node, NodeState, Role, head_name
 from fleet.reconcile import BringForward, Create, Delete, Exhausted, Lost, Plan, Start
 
 if TYPE_CHECKING:
@@ -69,9 +69,10 @@ class Applier:
             state.add_event(lost.kind, lost.name, lost.detail)
             if lost.gone:
                 state.mark_gone(lost.name, lost.state)
-            else:
+                fleet.forget_machine(lost.name)
+            else:  # stopped: the same machine (and host key) comes back
                 state.set_node_state(lost.name, lost.state)
-            fleet.executor.drop(lost.name)
+                fleet.executor.drop(lost.name)
             report.lost.append(lost.name)
         if plan.of(Exhausted) and not self.exhausted:
             self.exhausted = True
@@ -101,7 +102,8 @@ class Applier:
             return []
         ready = fleet.bring_up(nodes, result)
         ready_names = {n.name for n in ready}
-        head_failed = next((n for n in nodes if n.role == Role.HEAD and n.name not in ready_names), None)
+        head = head_name(fleet.spec.name)
+        head_failure = result.failures.get(head) if head not in ready_names else None
         given: list[Node] = []
         attempts = {c.request.name: c for c in creates}
         for node in nodes:
@@ -122,8 +124,8 @@ class Applier:
                 continue
             own = node.name in result.failures
             message = result.failures.get(node.name) or (
-                f"the head {head_failed.name} is not ready: {result.failures.get(head_failed.name, 'bring-up failed')}"
-                if head_failed is not None else "the shared directory could not be mounted")
+                f"waits for the head: {head}: {head_failure}" if head_failure is not None
+                else "the shared directory could not be mounted")
             result.failures.setdefault(node.name, message)
             report.failed[node.name] = message
             record = state.node(node.name)
@@ -155,14 +157,15 @@ class Applier:
         start = getattr(fleet.provider, "start", None)
         error = ""
         try:
-            done = set(start(names)) if start is not None else set()
+            # What was started, described ("local node demo-head"): a node not named in it was not.
+            done = start(names) if start is not None else []
         except FleetError as failure:
-            done, error = set(), str(failure)
+            done, error = [], str(failure)
         nodes = []
         for item in starts:
             name = item.node.name
             fleet.executor.drop(name)
-            if name in done:
+            if any(name in entry.split() or entry == name for entry in done):
                 fleet.state.add_event("started", name, "a stopped node was started (its disks kept)")
                 report.started.append(name)
                 # PENDING: the bring-up lists it again until it has its (maybe new) address.

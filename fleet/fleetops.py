@@ -330,13 +330,19 @@ class Fleet:
             self.state.add_event("running", name, f"{node.address}:{node.port} zone {node.zone}")
         return created
 
+    def forget_machine(self, name: str) -> None:
+        """The machine under `name` is gone: drop its connection and its pinned host key
+        (a head replaced under the same name shows a new one, vouched for again)."""
+        self.executor.drop(name)
+        self.executor.known_hosts.forget(name)
+        self._vouched.pop(name, None)
+
     def delete_nodes(self, nodes: Sequence[Node], reason: str) -> list[str]:
         if not nodes:
             return []
         deleted = self.provider.delete([n.name for n in nodes])
         for node in nodes:
-            self.executor.drop(node.name)
-            self.executor.known_hosts.forget(node.name)
+            self.forget_machine(node.name)
             self.state.mark_gone(node.name, node.state.value)
             self.state.add_event("deleted", node.name, reason)
         return deleted
@@ -552,11 +558,12 @@ class Fleet:
                    f"> \"$HOME/.fleet/known_hosts\") || exit 1; ")
         return (
             pin +
+            f"if mountpoint -q {mount} && timeout 10 ls {mount} >/dev/null 2>&1; then exit 0; fi; "
+            # Whatever is left (a mount whose head went away answers neither `mountpoint`
+            # nor `ls`: ENOTCONN) goes first; nothing mounted: the unmounts fail quietly.
+            f"fusermount3 -u -z {mount} 2>/dev/null || fusermount -u -z {mount} 2>/dev/null "
+            f"|| umount -l {mount} 2>/dev/null; "
             f"mkdir -p {mount}; "
-            f"if mountpoint -q {mount}; then "
-            f"  if timeout 10 ls {mount} >/dev/null 2>&1; then exit 0; fi; "
-            f"  fusermount3 -u -z {mount} 2>/dev/null || fusermount -u -z {mount} 2>/dev/null || umount -l {mount}; "
-            f"fi; "
             f"command -v sshfs >/dev/null || {{ echo 'sshfs is not installed on this node (apt-get install sshfs)' >&2; exit 127; }}; "
             f"sshfs -o {','.join(options)} {remote} {mount}"
         )

@@ -8,8 +8,18 @@ import dataclasses
 import pytest
 
 from fleet.model import Node, NodeState, Role, head_name, worker_name
-from fleet.reconcile import (BringForward, Create, Delete, Exhausted, Lost, Plan, Probe, Start, next_generation,
-                             plan)
+from fleet.reconcile import (
+    BringForward,
+    Create,
+    Delete,
+    Exhausted,
+    Lost,
+    Plan,
+    Probe,
+    Start,
+    next_generation,
+    plan,
+)
 from fleet.spec.models import FleetSpec
 from fleet.state import NodeRecord
 
@@ -36,10 +46,10 @@ def record(of: Node | str, step: str | None = None, **fields: object) -> NodeRec
     if isinstance(of, str):
         of = node(of, slot=int(of.split("-w")[1].split("-")[0]) if of != HEAD else 0,
                   generation=int(of.rsplit("-g", 1)[1]) if of != HEAD else 1)
-    base = dict(name=of.name, role=of.role.value, slot=of.slot, generation=of.generation, state=of.state.value,
-                address=of.address, port=of.port, zone="local", spot=of.spot, provider_id=of.provider_id,
-                setup_done=True, mounted=of.role == Role.WORKER, created_at=NOW - 100, updated_at=NOW - 100,
-                gone=False, step=step or ("exported" if of.role == Role.HEAD else "mounted"))
+    base = {"name": of.name, "role": of.role.value, "slot": of.slot, "generation": of.generation, "state": of.state.value,
+                "address": of.address, "port": of.port, "zone": "local", "spot": of.spot, "provider_id": of.provider_id,
+                "setup_done": True, "mounted": of.role == Role.WORKER, "created_at": NOW - 100, "updated_at": NOW - 100,
+                "gone": False, "step": step or ("exported" if of.role == Role.HEAD else "mounted")}
     return NodeRecord(**{**base, **fields})  # type: ignore[arg-type]
 
 
