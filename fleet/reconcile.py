@@ -231,10 +231,10 @@ def plan(
     heads = [n for n in observed if n.role == Role.HEAD]
     head_record = by_name.get(head_name(spec.name))
     head_attempt = (head_record.failures if head_record is not None else 0) + 1
-    if spec.head.host:  # an existing machine: fleet neither starts nor replaces it
-        head_usable = any(n.state == NodeState.RUNNING for n in heads)
-    else:
-        alive = [n for n in heads if not is_lost(n, by_name.get(n.name), probes.get(n.name), now, grace)]
+    existing = bool(spec.head.host)  # a machine fleet does not own: never started nor replaced
+    alive = heads if existing else [n for n in heads
+                                    if not is_lost(n, by_name.get(n.name), probes.get(n.name), now, grace)]
+    if existing or alive:
         if alive:
             head = alive[0]
             if head.state == NodeState.RUNNING or (up and head.state == NodeState.PENDING):
@@ -244,7 +244,8 @@ def plan(
                 elif due(head_record):
                     out.actions.append(BringForward(head, why, attempt=head_attempt))
                     head_usable = True
-        elif heads:
+    else:
+        if heads:
             lost_head = heads[0]
             if lost_head.state in DOWN:  # stopped (host maintenance, a stopped instance): start it
                 lose(lost_head, head_record, stopped=True)

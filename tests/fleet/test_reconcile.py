@@ -197,3 +197,14 @@ def test_up_brings_every_live_node_forward_and_creates_what_is_missing() -> None
     assert not result.of(Create)[0].replacement or result.of(Create)[0].replaces == ()
     fresh = plan(spec(2), [], [], None, NOW)
     assert creates(fresh) == [HEAD, w(1), w(2)] and not any(c.replacement for c in fresh.of(Create))
+
+
+def test_an_existing_head_is_brought_up_never_started_or_replaced() -> None:
+    existing = FleetSpec.model_validate({"name": FLEET, "provider": "local", "workers": {"count": 1},
+                                         "head": {"host": "127.0.0.1", "host_key": "ssh-ed25519 AAAA"}})
+    head = node(HEAD)
+    result = plan(existing, [head], [], None, NOW)
+    assert forwards(result) == [HEAD] and creates(result) == [w(1)]
+    silent = plan(existing, [head, node(w(1))], [record(head, unreachable_since=NOW - 99), record(w(1))],
+                  {HEAD: Probe(ssh=False), w(1): Probe(ssh=True, mounted=True)}, NOW)
+    assert silent.of(Create) == [] and silent.of(Delete) == [] and silent.of(Start) == []
