@@ -277,10 +277,6 @@ class State:
     def node(self, name: str) -> NodeRecord | None:
         return next((n for n in self.nodes(include_gone=True) if n.name == name), None)
 
-    def max_generation(self, slot: int) -> int:
-        row = self._db().execute("SELECT MAX(generation) FROM nodes WHERE slot=? AND role='worker'", (slot,)).fetchone()
-        return int(row[0] or 0)
-
     def forget_nodes(self) -> None:
         with self._tx() as db:
             db.execute("UPDATE nodes SET gone=1, setup_done=0, mounted=0")
