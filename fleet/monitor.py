@@ -34,8 +34,8 @@ from pathlib import Path
 
 from fleet.applier import Applier, OnReplaced, PassReport
 from fleet.fleetops import Fleet, UpResult, _home_path
-from fleet.model import Node, NodeState, Role
-from fleet.reconcile import Probe
+from fleet.model import Node, NodeState, Role, head_name
+from fleet.reconcile import Create, Probe, Start
 from fleet.state import make_private_dir
 
 __all__ = ["MONITOR_LOCK", "Monitor", "OnReplaced", "PassReport", "monitor_lock"]
@@ -72,6 +72,7 @@ class Monitor:
         self.probe_ssh = probe_ssh
         self.replacements = 0
         self.applier = Applier(fleet, on_replaced=on_replaced, clock=clock)
+        self._replacing_head = False
         self._stop = threading.Event()
 
     @property
@@ -95,10 +96,22 @@ class Monitor:
         probes = self._probe(probed, now) if self.probe_ssh and probed else {}
         left = max(0, self.spec.monitor.max_replacements - self.replacements)
         planned = self.fleet.plan(observed, probes, now=now, replacements_left=left)
+        head = head_name(self.spec.name)
+        moves = ([a for a in planned.of(Start) if a.node.name == head]
+                 + [a for a in planned.of(Create) if a.request.name == head])
+        if moves:
+            self._replacing_head = True
         # The plan is judged at `now`; its back-off delays start from the clock too.
         self.applier.apply(planned, UpResult(), report)
         self.replacements += report.replacements
+        if moves:  # a failed start or create of the head is tried again after its back-off
+            self._replacing_head = head in report.failed and not self.exhausted
         return report
+
+    def replacing_head(self) -> bool:
+        """Whether this monitor is bringing a (re)started or new head up, or will try
+        again after a failure (`fleet run` waits for it past its grace)."""
+        return self._replacing_head
 
     def _probe(self, nodes: Sequence[Node], now: float) -> dict[str, Probe]:
         """One SSH probe per node; the record keeps since when each has not answered."""
