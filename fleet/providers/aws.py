@@ -12,6 +12,13 @@ Credentials come from boto3's default chain (environment, shared files, `aws.pro
 SSO, roles). The endpoint is boto3's own business: `AWS_ENDPOINT_URL` (e.g. a moto
 server on loopback, `fleet.testing.fake_ec2`) needs no code here.
 
+The head's data disk (`head.data_disk_gb` > 0): an EBS volume tagged `fleet-role=data`
+(Name `<fleet>-data`), attached as /dev/sdf after the head's RunInstances (attached
+volumes are never DeleteOnTermination), named in the head's `fleet-data-volume` tag and
+mounted by its startup script. `create` finds it by tag (also without local state) and
+puts the head in its availability zone, or makes it in the zone being tried;
+`destroy_all` deletes it unless asked to keep it.
+
 A terminated instance stays visible in EC2 for a while: `delete()` tags an instance
 `fleet-deleted` before terminating it, so that `list()` can tell "deleted by fleet"
 (left out) from "gone without fleet asking" (a spot instance: PREEMPTED).
@@ -37,6 +44,7 @@ from fleet.errors import (
     UsageError,
 )
 from fleet.model import (
+    DATA_ROLE,
     LABEL_FLEET,
     LABEL_GENERATION,
     LABEL_ROLE,
@@ -45,6 +53,7 @@ from fleet.model import (
     NodeRequest,
     NodeState,
     Role,
+    data_disk_name,
 )
 from fleet.providers.aws_errors import classify
 from fleet.providers.base import CleanupReport, CreateResult, PlannedNode, Provider, ProviderContext
@@ -55,6 +64,9 @@ from fleet.providers.startup import render_startup_script
 from fleet.providers.vouched import console_host_keys, poll_host_keys
 
 DELETED_TAG = "fleet-deleted"
+DATA_VOLUME_TAG = "fleet-data-volume"  # on the head: the id of the data volume it attaches
+DATA_DEVICE = "/dev/sdf"  # where the data volume is attached (Nitro: an NVMe device named by its id)
+_VOLUME_WAIT_S = 300.0
 SPOT_TERMINATION = "Server.SpotInstanceTermination"
 _STATE_MAP = {"pending": NodeState.PENDING, "running": NodeState.RUNNING}
 _GONE = {"shutting-down", "terminated", "stopping", "stopped"}
@@ -335,7 +347,9 @@ class AwsProvider(Provider):
             self._root_device = str(images[0].get("RootDeviceName") or "/dev/sda1")
         return self._root_device
 
-    def run_params(self, request: NodeRequest) -> dict[str, Any]:
+    def run_params(self, request: NodeRequest, data_volume: str | None = None) -> dict[str, Any]:
+        """RunInstances parameters; `data_volume` is the id of the data volume the head
+        will attach (its startup script waits for it)."""
         options = self.spec.head.aws if request.role is Role.HEAD else self.spec.workers.aws
         tags = self._tags(
             {
@@ -345,6 +359,7 @@ class AwsProvider(Provider):
                 LABEL_GENERATION: str(request.generation),
             }
         )
+        instance_tags = [*tags, {"Key": DATA_VOLUME_TAG, "Value": data_volume}] if data_volume else tags
         params: dict[str, Any] = {
             "ImageId": self.aws.ami,
             "InstanceType": self._instance_type(request),
@@ -359,9 +374,14 @@ class AwsProvider(Provider):
                 user=self.context.ssh_user,
                 public_key=self.context.public_key,
                 ssh_port=self.spec.ssh.port,
+                data_disk=data_volume is not None,
+                data_devices=[
+                    f"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{(data_volume or '').replace('-', '')}",
+                    "/dev/xvdf", DATA_DEVICE,
+                ],
             ),
             "TagSpecifications": [
-                {"ResourceType": "instance", "Tags": tags},
+                {"ResourceType": "instance", "Tags": instance_tags},
                 {"ResourceType": "volume", "Tags": tags},
             ],
             "BlockDeviceMappings": [
@@ -406,6 +426,8 @@ class AwsProvider(Provider):
             return list(pool.map(one, requests))
 
     def _create_one(self, request: NodeRequest, exhausted: set[str], stop: list[QuotaError]) -> Node:
+        if self.wants_data_disk(request):
+            return self._create_head_with_data(request, exhausted, stop)
         base = self.run_params(request)
         last: CapacityError | None = None
         for where, placement in self._placements():
@@ -429,6 +451,123 @@ class AwsProvider(Provider):
             f"no spot/on-demand capacity for {request.name} in {', '.join(w for w, _ in self._placements())}"
             + (f": {last.message}" if last else ""),
             hint="add zones or subnets, raise workers.aws.max_price, or choose another instance type",
+        )
+
+    # -- the head's data volume ----------------------------------------------------------
+    def wants_data_disk(self, request: NodeRequest) -> bool:
+        return request.role is Role.HEAD and self.spec.head.data_disk_gb > 0
+
+    def data_volumes(self) -> list[dict[str, Any]]:
+        """Every data volume of this fleet, found by tag."""
+        filters = [*self._fleet_filter(), {"Name": f"tag:{LABEL_ROLE}", "Values": [DATA_ROLE]}]
+        volumes = self._call("describe_volumes", Filters=filters).get("Volumes", [])
+        return [v for v in volumes if v.get("State") not in ("deleting", "deleted")]
+
+    def _zone_placements(self, zone: str | None) -> list[tuple[str, dict[str, Any], str]]:
+        """(where, placement, availability zone) of each placement, in order; only those in
+        `zone` when given (the data volume's AZ: a head can attach it only there)."""
+        found = []
+        for where, placement in self._placements():
+            if "SubnetId" in placement:
+                subnets = self._call("describe_subnets", SubnetIds=[placement["SubnetId"]])["Subnets"]
+                az = str(subnets[0]["AvailabilityZone"])
+            elif "Placement" in placement:
+                az = str(placement["Placement"]["AvailabilityZone"])
+            else:  # the region: pin the head to an AZ, where its volume will be
+                zones = self._call("describe_availability_zones",
+                                   Filters=[{"Name": "state", "Values": ["available"]}])["AvailabilityZones"]
+                az = str(zone or zones[0]["ZoneName"])
+                placement = {"Placement": {"AvailabilityZone": az}}
+            found.append((where, placement, az))
+        if zone is None:
+            return found
+        within = [item for item in found if item[2] == zone]
+        if within:
+            return within
+        if self.aws.subnets:
+            raise SpecError(f"the head's data volume is in {zone}, but no subnet of aws.subnets is there",
+                            field="aws.subnets")
+        return [(zone, {"Placement": {"AvailabilityZone": zone}}, zone)]
+
+    def _wait_volume(self, volume_id: str, *, free: bool) -> dict[str, Any]:
+        """Until the volume is `available` (made, or let go by a terminated head); with
+        `free`, a volume attached to a live instance is an error at once."""
+        deadline = time.monotonic() + _VOLUME_WAIT_S
+        while True:
+            [volume] = self._call("describe_volumes", VolumeIds=[volume_id])["Volumes"]
+            if volume.get("State") == "available":
+                return dict(volume)
+            holders = [a["InstanceId"] for a in volume.get("Attachments", []) if a.get("InstanceId")]
+            if free and holders:
+                live = [i["InstanceId"] for i in self._instances(filters=[{"Name": "instance-id", "Values": holders}])
+                        if i["State"]["Name"] not in ("shutting-down", "terminated")]
+                if live:
+                    raise ProviderError(
+                        f"the head's data volume {volume_id} is still attached to {live[0]}",
+                        hint="that instance must be terminated (or started again) before a new head can attach it",
+                    )
+            if time.monotonic() > deadline:
+                raise ProviderError(f"data volume {volume_id} is still {volume.get('State')} after "
+                                    f"{_VOLUME_WAIT_S:.0f} s")
+            self._sleep(2.0)
+
+    def _new_data_volume(self, az: str) -> dict[str, Any]:
+        tags = self._tags({"Name": data_disk_name(self.fleet), LABEL_ROLE: DATA_ROLE})
+        volume = self._call("create_volume", AvailabilityZone=az, Size=self.spec.head.data_disk_gb,
+                            VolumeType=self.spec.head.aws.volume_type,
+                            TagSpecifications=[{"ResourceType": "volume", "Tags": tags}],
+                            ClientToken=uuid.uuid4().hex)
+        return self._wait_volume(str(volume["VolumeId"]), free=False)
+
+    def _attach(self, volume_id: str, instance_id: str) -> None:
+        """AttachVolume as soon as EC2 takes it (an instance must leave `pending` first)."""
+        deadline = time.monotonic() + _VOLUME_WAIT_S
+        while True:
+            try:
+                self._call("attach_volume", VolumeId=volume_id, InstanceId=instance_id, Device=DATA_DEVICE)
+                return
+            except ProviderError as exc:
+                if "IncorrectInstanceState" not in exc.message or time.monotonic() > deadline:
+                    raise
+            self._sleep(2.0)
+
+    def _create_head_with_data(self, request: NodeRequest, exhausted: set[str], stop: list[QuotaError]) -> Node:
+        existing = next(iter(self.data_volumes()), None)
+        volume = self._wait_volume(existing["VolumeId"], free=True) if existing else None
+        placements = self._zone_placements(volume["AvailabilityZone"] if volume else None)
+        last: CapacityError | None = None
+        for where, placement, az in placements:
+            if stop:
+                raise stop[0]
+            if where in exhausted:
+                continue
+            new = self._new_data_volume(az) if volume is None else None
+            volume_id = str((volume or new or {})["VolumeId"])
+            try:
+                reply = self._call("run_instances", **self.run_params(request, volume_id), **placement,
+                                   ClientToken=uuid.uuid4().hex)
+            except (CapacityError, QuotaError) as exc:
+                if new is not None:  # blank, made for this zone
+                    self._call("delete_volume", VolumeId=volume_id)
+                if isinstance(exc, QuotaError):
+                    stop.append(exc)
+                    raise
+                exhausted.add(where)
+                last = exc
+                continue
+            instance = reply["Instances"][0]
+            try:
+                self._attach(volume_id, str(instance["InstanceId"]))
+            except FleetError:
+                # A head without its data disk must not come up with the data on its boot disk.
+                self._terminate([str(instance["InstanceId"])], wait=False)
+                raise
+            return self.to_node(instance)
+        raise CapacityError(
+            f"no capacity for {request.name} in {', '.join(w for w, _, _ in placements)}"
+            + (f" (the availability zone of the head's data volume {volume['VolumeId']})" if volume else "")
+            + (f": {last.message}" if last else ""),
+            hint="retry later, or choose another instance type for the head",
         )
 
     def vouched_host_keys(self, nodes: Sequence[Node], *, timeout: float) -> dict[str, str]:
@@ -578,6 +717,16 @@ class AwsProvider(Provider):
         try:
             volumes = self._call("describe_volumes", Filters=self._fleet_filter())["Volumes"]
             for volume in volumes:
+                tags = {t["Key"]: t["Value"] for t in volume.get("Tags", [])}
+                if tags.get(LABEL_ROLE) == DATA_ROLE:
+                    where = f"{volume['VolumeId']} ({volume.get('AvailabilityZone')}, {volume.get('Size')} GB)"
+                    if keep_data:
+                        report.kept.append(f"volume {where}, the head's data disk")
+                        report.kept_hint = (f"aws ec2 delete-volume --volume-id {volume['VolumeId']} "
+                                            f"--region {self.aws.region}")
+                        continue
+                    # Let go by the head terminated above (EC2 detaches it shortly after).
+                    volume = self._wait_volume(str(volume["VolumeId"]), free=True)
                 if volume.get("State") == "available":
                     self._call("delete_volume", VolumeId=volume["VolumeId"])
                     report.deleted.append(f"volume {volume['VolumeId']}")

@@ -230,8 +230,11 @@ class LocalProvider(Provider):
                 report.kept.append(f"local data disk {self.data_dir}")
                 report.kept_hint = f"rm -rf {shlex.quote(str(self.data_dir))}"
             else:
-                shutil.rmtree(self.data_dir)
-                report.deleted.append(f"local data disk {self.data_dir}")
+                try:
+                    shutil.rmtree(self.data_dir)
+                    report.deleted.append(f"local data disk {self.data_dir}")
+                except OSError as error:
+                    report.errors.append(f"local data disk {self.data_dir}: {error}")
         fleet_dir = self.root / self.spec.name
         if fleet_dir.is_dir() and not any(fleet_dir.iterdir()):
             shutil.rmtree(fleet_dir, ignore_errors=True)

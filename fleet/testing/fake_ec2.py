@@ -10,7 +10,14 @@ middleware in front of it
 - reports each instance `pending` with no public address until its backing node has
   booted (the node starts in the background, after `boot_delay` seconds), as EC2's
   `RunInstances` does: its reply never carries a `PublicIpAddress`;
-- kills the node when the instance is stopped or terminated;
+- kills the node when the instance is stopped or terminated, and boots it again (same
+  directory, host key and address) when a stopped instance is started;
+- gives a booting instance tagged `fleet-data-volume=<id>` that EBS volume as its data
+  disk once it is attached (up to 60 s, as the guest's startup script waits for the
+  device): a directory per volume (`<nodes_root>/.disks/<id>`) that outlives every
+  instance, bind-mounted at `fleet.model.DATA_MOUNT` (isolated) or FLEET_DATA_DIR
+  (loopback); and refuses what EC2 refuses and moto lets through: attaching a volume
+  that is in use or in another availability zone;
 - injects the errors moto never raises (capacity, limits, throttling), per action and
   zone/subnet, a number of times or until cleared;
 - records every request (action and parameters) so that tests can check what was sent
@@ -130,6 +137,7 @@ class FakeEc2:
         self.addresses: dict[str, str] = {}  # instance id -> loopback address
         self.rewrite: dict[str, str] = {}  # moto address -> loopback address
         self.nodes: dict[str, LocalNode] = {}
+        self.stopped: dict[str, LocalNode] = {}  # stopped instances' nodes, booted again on start
         self.client_tokens: dict[str, bytes] = {}  # RunInstances ClientToken -> its reply
         self.false_host_keys: set[str] = set()  # instance names whose console output lies
         self._lock = threading.RLock()
@@ -165,8 +173,9 @@ class FakeEc2:
         for boot in list(self._boots):
             boot.join(timeout=120)
         with self._lock:
-            nodes = list(self.nodes.values())
+            nodes = [*self.nodes.values(), *self.stopped.values()]
             self.nodes.clear()
+            self.stopped.clear()
         for node in nodes:
             node.destroy()
         if self.isolated:
@@ -276,6 +285,9 @@ class FakeEc2:
             if earlier is not None:  # EC2's idempotency: the same token, the same instances
                 start_response("200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(earlier)))])
                 return [earlier]
+            refusal = self._refuse(action, params, region)
+            if refusal is not None:
+                return _error(start_response, *refusal)
             fault = self._fault_for(action, params, region)
             if fault is not None and not fault.after:
                 return _error(start_response, fault.code, fault.message or f"injected {fault.code}")
@@ -300,6 +312,49 @@ class FakeEc2:
             return [body]
 
         return middleware
+
+    @staticmethod
+    def _refuse(action: str, params: dict[str, str], region: str) -> tuple[str, str] | None:
+        """(code, message) of what EC2 refuses and moto would do: attaching a volume that
+        is in use, or to an instance in another availability zone."""
+        if action != "AttachVolume":
+            return None
+        backend = _moto_backend(region)
+        volume = backend.volumes.get(params.get("VolumeId", ""))
+        if volume is None:
+            return "InvalidVolume.NotFound", f"The volume '{params.get('VolumeId')}' does not exist."
+        if volume.attachment is not None:
+            return "VolumeInUse", f"{volume.id} is already attached to an instance"
+        try:
+            instance = backend.get_instance(params.get("InstanceId", ""))
+        except Exception:  # noqa: BLE001 (moto's own error for an unknown instance follows)
+            return None
+        if instance.availability_zone != getattr(volume.zone, "name", volume.zone):
+            message = f"The volume '{volume.id}' is not in the same availability zone as instance '{instance.id}'"
+            return "InvalidVolume.ZoneMismatch", message
+        return None
+
+    def disk_dir(self, volume_id: str) -> Path:
+        """Where the contents of EBS volume `volume_id` live: outside every node's directory."""
+        return self.nodes_root / ".disks" / volume_id
+
+    def _data_dir_for(self, instance_id: str, tags: dict[str, str], region: str) -> Path | None:
+        """The data volume the instance is tagged with, once it is attached to it (the
+        guest's startup script waits for the device likewise)."""
+        volume_id = tags.get("fleet-data-volume")
+        if not volume_id or not self.backing:
+            return None
+        backend = _moto_backend(region)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            volume = backend.volumes.get(volume_id)
+            attachment = volume.attachment if volume is not None else None
+            if attachment is not None and attachment.instance.id == instance_id:
+                path = self.disk_dir(volume_id)
+                path.mkdir(parents=True, exist_ok=True)
+                return path
+            time.sleep(0.02)
+        return None
 
     def _fault_for(self, action: str, params: dict[str, str], region: str) -> Fault | None:
         with self._lock:
@@ -334,10 +389,18 @@ class FakeEc2:
             for key, value in params.items():
                 if key.startswith("InstanceId."):
                     with self._lock:
-                        node = self.nodes.pop(value, None)
+                        node = self.nodes.pop(value, None) or self.stopped.pop(value, None)
                         self.booting.discard(value)
+                        if node is not None and action == "StopInstances":
+                            self.stopped[value] = node
                     if node is not None:
                         node.destroy() if action == "TerminateInstances" else node.kill(preempted=False)
+        elif action == "StartInstances":
+            for key, value in params.items():
+                if key.startswith("InstanceId."):
+                    self._boot_again(value, region)
+        elif action == "DeleteVolume":
+            shutil.rmtree(self.disk_dir(params.get("VolumeId", "none")), ignore_errors=True)
         if action in ("TerminateInstances", "StopInstances", "AuthorizeSecurityGroupIngress",
                       "RevokeSecurityGroupIngress", "DeleteSecurityGroup"):
             self.apply_policy(region)
@@ -398,6 +461,7 @@ class FakeEc2:
                 address=address,
                 port=self.ssh_port,
                 labels=tags,
+                data_dir=self._data_dir_for(instance_id, tags, region),
             )
             self._adopt(instance_id, node)
 
@@ -426,10 +490,44 @@ class FakeEc2:
                     return
             self.apply_policy(region)
             try:
-                node.start(user_data, ssh_port=self.ssh_port)
+                node.start(user_data, ssh_port=self.ssh_port, data_dir=self._data_dir_for(instance_id, tags, region))
             except (FleetError, OSError):  # the instance stays pending without an address, as a broken image would
                 return
             self._adopt(instance_id, node)
+
+        self._boot_in_background(instance_id, boot)
+
+    def _boot_again(self, instance_id: str, region: str) -> None:
+        """A stopped instance started: its node boots again in the background (pending
+        until it has)."""
+        instance = _moto_backend(region).get_instance(instance_id)
+        with self._lock:
+            node = self.stopped.pop(instance_id, None)
+            if node is None:
+                return
+            # moto gives a started instance a new public address: it too stands for the node's.
+            for moto_address in (instance.public_ip, instance.private_ip):
+                if moto_address:
+                    self.rewrite[moto_address] = self.addresses[instance_id]
+            self.booting.add(instance_id)
+
+        def boot() -> None:
+            time.sleep(self.boot_delay)
+            try:
+                if isinstance(node, IsolatedNode):
+                    with self._lock:
+                        self.pending_nodes[instance_id] = node
+                    self.apply_policy(region)
+                    node.boot()
+                else:
+                    node.boot()
+            except (FleetError, OSError):
+                with self._lock:
+                    self.pending_nodes.pop(instance_id, None)
+                    self.stopped[instance_id] = node
+                return
+            self._adopt(instance_id, node)
+            self.apply_policy(region)
 
         self._boot_in_background(instance_id, boot)
 
@@ -553,7 +651,9 @@ class FakeEc2:
 
 
 def _fleets_under(root: Path) -> list[str]:
-    return [entry.name for entry in root.iterdir() if entry.is_dir()] if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return [entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")]
 
 
 def _error(start_response: Callable[..., Any], code: str, message: str) -> Iterable[bytes]:

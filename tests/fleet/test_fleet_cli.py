@@ -148,7 +148,9 @@ def test_second_up_changes_nothing(shared_fleet: CliFleet) -> None:
     after = shared_fleet.nodes()
     assert {n: (i["address"], i["generation"]) for n, i in after.items()} == \
            {n: (i["address"], i["generation"]) for n, i in before.items()}
-    assert len(os.listdir(shared_fleet.root / shared_fleet.name)) == 4
+    # Four node directories, and the head's data disk beside them.
+    assert min(os.listdir(shared_fleet.root / shared_fleet.name)) == ".data"
+    assert len(os.listdir(shared_fleet.root / shared_fleet.name)) == 4 + 1
 
 
 def test_fleet_ssh_non_interactive(shared_fleet: CliFleet) -> None:

@@ -114,4 +114,7 @@ def assert_mount_key_is_forced_sftp(fleet: CliFleet, worker: str) -> None:
     assert "SHELL-REACHED" not in command.stdout
     sftp = subprocess.run(["sftp", *options, "-P", str(share["port"]), "-b", "-", where], input="pwd\n",
                           capture_output=True, text=True, timeout=60, check=False)
-    assert sftp.returncode == 0 and f"{fleet.home(fleet.head) / 'shared'}" in sftp.stdout, sftp.stdout + sftp.stderr
+    # The shared directory is a link to the head's data disk (the fleet's .data/shared): SFTP shows where it leads.
+    shared = os.path.realpath(fleet.home(fleet.head) / "shared")
+    assert shared == str(fleet.root / fleet.name / ".data" / "shared")
+    assert sftp.returncode == 0 and f"Remote working directory: {shared}\n" in sftp.stdout, sftp.stdout + sftp.stderr

@@ -129,7 +129,11 @@ def test_spot_options_tags_key_pair_and_group_as_created(tmp_path, fleet_key, mo
         "fleet-generation": "1",
     }
     volumes = ec2.describe_volumes(Filters=[{"Name": "tag:fleet", "Values": ["ta"]}])["Volumes"]
-    assert len(volumes) == 2 and {v["Size"] for v in volumes} == {60, 100}
+    roots = [v for v in volumes if {"Key": "fleet-role", "Value": "data"} not in v["Tags"]]
+    assert len(roots) == 2 and {v["Size"] for v in roots} == {60, 100}
+    [data] = [v for v in volumes if v not in roots]  # the head's data disk, attached, kept on termination
+    assert data["Size"] == 100 and [(a["InstanceId"], a["Device"]) for a in data["Attachments"]] == [
+        (instances["ta-head"]["InstanceId"], "/dev/sdf")]
     group = ec2.describe_security_groups(GroupNames=["fleet-ta-ssh"])["SecurityGroups"][0]
     internal = [p for p in group["IpPermissions"] if p["UserIdGroupPairs"]]
     assert [(p["IpProtocol"], p["FromPort"], p["ToPort"], [g["GroupId"] for g in p["UserIdGroupPairs"]])
