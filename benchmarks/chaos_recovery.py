@@ -57,6 +57,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fleet.worker.handlers import Pending
 from fleet.worker.handlers.text_embed import TextEmbedHandler
 
 N_TEXTS = int(os.environ.get("BENCH_TEXTS", "2000"))
@@ -72,21 +73,47 @@ FLEET = str(Path(sys.executable).with_name("fleet"))
 # -- the plugin the nodes load (`handler: chaos_recovery:counted_text_embed`) ------------------
 class CountedTextEmbed(TextEmbedHandler):
     """The bundled text-embed handler; also appends sha1(text)[:16] of every embedded
-    text to <count_dir>/<node>.<pid>.count, straight to the file after each batch."""
+    text to <count_dir>/<node>.<pid>.count, straight to the file once its batch's
+    embeddings are back. The texts reach the model tokenised ahead (`prepare`): each
+    prepared item remembers its text's key until the model has embedded it."""
 
     def __init__(self, count_dir: str, **options: Any) -> None:
         super().__init__(**options)
         self.count_dir = count_dir
         self._fd: int | None = None
+        self._keys: dict[int, str] = {}  # id(prepared item) -> its text's key
 
-    def infer(self, batch: list[str]) -> list[Any]:
-        vectors = super().infer(batch)
+    def prepare(self, items: list[Any]) -> list[Any]:
+        prepared = super().prepare(items)
+        for item, ready in zip(items, prepared):
+            self._keys[id(ready)] = text_key(str(item))
+        return prepared
+
+    def infer_async(self, batch: list[Any]) -> Pending:
+        keys = [self._keys.pop(id(item), None) or text_key(str(item)) for item in batch]
+        return _Counted(super().infer_async(batch), lambda: self._count(keys))
+
+    def _count(self, keys: list[str]) -> None:
         if self._fd is None:
             node = os.environ.get("FLEET_NODE_NAME", "node")
             path = os.path.join(self.count_dir, f"{node}.{os.getpid()}.count")
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(self._fd, "".join(text_key(t) + "\n" for t in batch).encode())
-        return vectors
+        os.write(self._fd, "".join(key + "\n" for key in keys).encode())
+
+
+class _Counted(Pending):
+    """A batch on the device that counts its texts once its results are back."""
+
+    def __init__(self, inner: Pending, on_done: Any) -> None:
+        super().__init__([], inner.device_s)
+        self._inner = inner
+        self._on_done = on_done
+
+    def result(self) -> Any:
+        results = self._inner.result()
+        self.device_s = self._inner.device_s
+        self._on_done()
+        return results
 
 
 def counted_text_embed(**options: Any) -> CountedTextEmbed:
@@ -204,6 +231,7 @@ def lose_head(bench: Bench, name: str, work_s: float, rng: random.Random, log: d
     """Delete the head (the provider's delete, behind fleet's back) once the job has
     done a chunk, at a random moment within the first 40 % of the reference's work."""
     from fleet.fleetops import Fleet
+    from fleet.monitor import monitor_lock
     from fleet.spec.loader import load_fleet_spec
 
     deadline = time.time() + 600
@@ -212,7 +240,9 @@ def lose_head(bench: Bench, name: str, work_s: float, rng: random.Random, log: d
     time.sleep(rng.uniform(0.05, 0.4) * work_s)
     claims = bench.shared / "jobs" / name / "claims"
     log["chunks_in_flight"] = len([n for n in os.listdir(claims) if not n.startswith(".")])
-    with Fleet(load_fleet_spec(bench.spec), bench.spec) as fleet:
+    # Under the fleet's monitor lock: the loss is one moment for the monitor (a local
+    # node's deletion takes a while, and a pass must not see it half done).
+    with Fleet(load_fleet_spec(bench.spec), bench.spec) as fleet, monitor_lock(fleet.paths.state_dir):
         log["lost_at"] = time.time()
         fleet.provider.delete([f"{bench.name}-head"])
 
