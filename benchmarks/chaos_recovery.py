@@ -81,16 +81,16 @@ class CountedTextEmbed(TextEmbedHandler):
         super().__init__(**options)
         self.count_dir = count_dir
         self._fd: int | None = None
-        self._keys: dict[int, str] = {}  # id(prepared item) -> its text's key
+        self._text_keys: dict[int, str] = {}  # id(prepared item) -> its text's key
 
     def prepare(self, items: list[Any]) -> list[Any]:
         prepared = super().prepare(items)
         for item, ready in zip(items, prepared):
-            self._keys[id(ready)] = text_key(str(item))
+            self._text_keys[id(ready)] = text_key(str(item))
         return prepared
 
     def infer_async(self, batch: list[Any]) -> Pending:
-        keys = [self._keys.pop(id(item), None) or text_key(str(item)) for item in batch]
+        keys = [self._text_keys.pop(id(item), None) or text_key(str(item)) for item in batch]
         return _Counted(super().infer_async(batch), lambda: self._count(keys))
 
     def _count(self, keys: list[str]) -> None:

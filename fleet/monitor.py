@@ -122,14 +122,14 @@ class Monitor:
         mount = _home_path(self.spec.shared.mount)
         # Dead (the head went away under sshfs): UNMOUNTED. Slow (timeout's 124): the
         # head's own probe judges that; the mount counts as there.
-        check = (f"if ! mountpoint -q {mount}; then echo UNMOUNTED; else timeout 3 ls {mount} >/dev/null 2>&1; "
+        check = (f"if ! mountpoint -q {mount}; then echo UNMOUNTED; else timeout 1 ls {mount} >/dev/null 2>&1; "
                  "rc=$?; if [ $rc = 0 ] || [ $rc = 124 ]; then echo MOUNTED; else echo UNMOUNTED; fi; fi")
 
         def command(target) -> str:
             return check if target.name in mounts else "true"
 
         results = fleet.executor.run([fleet.target(n) for n in nodes], command,
-                                     timeout=self.spec.ssh.connect_timeout + (4 if mounts else 0))
+                                     timeout=self.spec.ssh.connect_timeout + (2 if mounts else 0))
         probes = {}
         for node in nodes:
             outcome = results.results[node.name]
