@@ -7,7 +7,12 @@ A local fleet (head + 4 workers, `monitor.interval` 5 s) runs the real `text-emb
 1. reference: no preemption;
 2. chaos: the same job (new name, new outputs) while two workers are preempted without
    notice and one with a notice (`fleet preempt --notice`), at random moments (seeded,
-   the seed is printed) within the first 60 % of the reference's duration.
+   the seed is printed) within the first 60 % of the reference's duration;
+3. head loss: the same job again while the head is deleted (through the provider, as a
+   lost VM vanishes) at a random moment within the first 40 % of the reference's work:
+   `fleet run`'s monitor replaces it, the head's data disk (the shared directory, with
+   the job's queue) is attached to the new one, every worker remounts it and the job
+   resumes.
 
 `fleet run` follows each job to the end by itself (its monitor replaces the lost nodes
 and gives them the job). Then it checks: every input has exactly one output, a random
@@ -24,11 +29,16 @@ Measured (from the fleet's events):
   loaded through the plugin interface) to append the hash of every text it embeds to a
   per-process file outside the nodes, which survives the kill; an extra computation of
   a text is charged to the preempted node that had computed it first;
-- slowdown: chaos wall time / reference wall time (both from `fleet run`'s summary).
+- slowdown: chaos wall time / reference wall time (both from `fleet run`'s summary);
+- head_recover_s: head deleted -> the first `working` event after it (the job computing
+  again on the new head's shared directory); head_recomputed_items: items computed twice
+  in the head-loss run (every worker's chunks in flight are lost with the head: goal <=
+  head_chunks_in_flight * chunk_size); head_slowdown: its wall time / the reference's.
 
 Env: BENCH_TEXTS (default 2000), BENCH_SEED (default: random), BENCH_KEEP=1 keeps the
 temporary directory. Last line: {"detect_s_max", "replace_s_mean", "recomputed_items",
-"recomputed_with_notice", "chunk_size", "slowdown", ...details}.
+"recomputed_with_notice", "chunk_size", "slowdown", "head_recover_s",
+"head_recomputed_items", ...details}.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fleet.worker.handlers import Pending
 from fleet.worker.handlers.text_embed import TextEmbedHandler
 
 N_TEXTS = int(os.environ.get("BENCH_TEXTS", "2000"))
@@ -62,21 +73,47 @@ FLEET = str(Path(sys.executable).with_name("fleet"))
 # -- the plugin the nodes load (`handler: chaos_recovery:counted_text_embed`) ------------------
 class CountedTextEmbed(TextEmbedHandler):
     """The bundled text-embed handler; also appends sha1(text)[:16] of every embedded
-    text to <count_dir>/<node>.<pid>.count, straight to the file after each batch."""
+    text to <count_dir>/<node>.<pid>.count, straight to the file once its batch's
+    embeddings are back. The texts reach the model tokenised ahead (`prepare`): each
+    prepared item remembers its text's key until the model has embedded it."""
 
     def __init__(self, count_dir: str, **options: Any) -> None:
         super().__init__(**options)
         self.count_dir = count_dir
         self._fd: int | None = None
+        self._text_keys: dict[int, str] = {}  # id(prepared item) -> its text's key
 
-    def infer(self, batch: list[str]) -> list[Any]:
-        vectors = super().infer(batch)
+    def prepare(self, items: list[Any]) -> list[Any]:
+        prepared = super().prepare(items)
+        for item, ready in zip(items, prepared):
+            self._text_keys[id(ready)] = text_key(str(item))
+        return prepared
+
+    def infer_async(self, batch: list[Any]) -> Pending:
+        keys = [self._text_keys.pop(id(item), None) or text_key(str(item)) for item in batch]
+        return _Counted(super().infer_async(batch), lambda: self._count(keys))
+
+    def _count(self, keys: list[str]) -> None:
         if self._fd is None:
             node = os.environ.get("FLEET_NODE_NAME", "node")
             path = os.path.join(self.count_dir, f"{node}.{os.getpid()}.count")
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(self._fd, "".join(text_key(t) + "\n" for t in batch).encode())
-        return vectors
+        os.write(self._fd, "".join(key + "\n" for key in keys).encode())
+
+
+class _Counted(Pending):
+    """A batch on the device that counts its texts once its results are back."""
+
+    def __init__(self, inner: Pending, on_done: Any) -> None:
+        super().__init__([], inner.device_s)
+        self._inner = inner
+        self._on_done = on_done
+
+    def result(self) -> Any:
+        results = self._inner.result()
+        self.device_s = self._inner.device_s
+        self._on_done()
+        return results
 
 
 def counted_text_embed(**options: Any) -> CountedTextEmbed:
@@ -190,6 +227,26 @@ def chaos(bench: Bench, name: str, work_s: float, rng: random.Random, log: list[
 
 
 # -- checks and figures --------------------------------------------------------------------
+def lose_head(bench: Bench, name: str, work_s: float, rng: random.Random, log: dict[str, Any]) -> None:
+    """Delete the head (the provider's delete, behind fleet's back) once the job has
+    done a chunk, at a random moment within the first 40 % of the reference's work."""
+    from fleet.fleetops import Fleet
+    from fleet.monitor import monitor_lock
+    from fleet.spec.loader import load_fleet_spec
+
+    deadline = time.time() + 600
+    while bench.done_chunks(name) < 1 and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(rng.uniform(0.05, 0.4) * work_s)
+    claims = bench.shared / "jobs" / name / "claims"
+    log["chunks_in_flight"] = len([n for n in os.listdir(claims) if not n.startswith(".")])
+    # Under the fleet's monitor lock: the loss is one moment for the monitor (a local
+    # node's deletion takes a while, and a pass must not see it half done).
+    with Fleet(load_fleet_spec(bench.spec), bench.spec) as fleet, monitor_lock(fleet.paths.state_dir):
+        log["lost_at"] = time.time()
+        fleet.provider.delete([f"{bench.name}-head"])
+
+
 def corpus_texts(bench: Bench) -> dict[str, str]:
     corpus = bench.shared / "corpus"
     return {str(p.relative_to(corpus)): p.read_text(encoding="utf-8") for p in sorted(corpus.rglob("*.txt"))}
@@ -319,11 +376,23 @@ def main() -> int:
         thread.join()
         print(f"chaos: {result}; preemptions {preemptions}", flush=True)
 
+        head_name = "embed-head"
+        head_counts = root / "counts-head"
+        head_path = bench.job(head_name, head_counts)
+        head_log: dict[str, Any] = {}
+        thread = threading.Thread(target=lose_head, args=(bench, head_name, reference_work_s, rng, head_log))
+        thread.start()
+        head_result = run_job(bench, head_path)
+        thread.join()
+        print(f"head loss: {head_result}; {head_log}", flush=True)
+
         texts = corpus_texts(bench)
         if len(texts) < 2000 <= N_TEXTS:
             raise SystemExit(f"the corpus has only {len(texts)} texts")
         checked_ref = check_outputs(bench, "embed-ref", texts, rng)
         checked = check_outputs(bench, name, texts, rng)
+        checked_head = check_outputs(bench, head_name, texts, rng)
+        recompute_head = recomputation(head_counts, texts, {})
         victims = {p["node"]: p["kind"] for p in preemptions}
         recompute = recomputation(count_dir, texts, victims)
         recompute_ref = recomputation(root / "counts-ref", texts, {})
@@ -332,6 +401,10 @@ def main() -> int:
 
         events = bench.events()
         rows = timings(events, preemptions)
+        lost_at = head_log.get("lost_at")
+        back = next((e["t"] for e in events if e["kind"] == "working" and lost_at and e["t"] > lost_at), None)
+        head_replaced = any(e["kind"] == "replaced" and e["node"] == f"{bench.name}-head" and lost_at
+                            and e["t"] > lost_at for e in events)
         status = bench.must("status")
         replaced_nodes = [e["node"] for e in events if e["kind"] == "replaced"]
         for row in rows:
@@ -354,6 +427,11 @@ def main() -> int:
             "recomputed_with_notice": recompute["extra"]["notice"],
             "chunk_size": CHUNK,
             "slowdown": round(result["seconds"] / reference["seconds"], 3),
+            "head_recover_s": round(back - lost_at, 2) if back and lost_at else None,
+            "head_recomputed_items": recompute_head["computed"] - len(texts),
+            "head_chunks_in_flight": head_log.get("chunks_in_flight"),
+            "head_slowdown": round(head_result["seconds"] / reference["seconds"], 3),
+            "head_replaced": head_replaced,
             "preemptions_without_notice": sum(1 for p in preemptions if p["kind"] == "kill"),
             "recomputed_metrics": recomputed_metrics,
             "recomputed_reference": recompute_ref["computed"] - len(texts),
@@ -364,13 +442,14 @@ def main() -> int:
             "replacements": result["replacements"],
             "detect_goal_s": INTERVAL + 2,
             "per_preemption": rows,
-            "sample_checked": checked["sample"] + checked_ref["sample"],
-            "max_abs_diff": max(checked["max_abs_diff"], checked_ref["max_abs_diff"]),
+            "sample_checked": checked["sample"] + checked_ref["sample"] + checked_head["sample"],
+            "max_abs_diff": max(checked["max_abs_diff"], checked_ref["max_abs_diff"], checked_head["max_abs_diff"]),
             "down_rc": down.returncode,
             "left_after_down": left,
             "seed": seed,
             "ok": bool(down.returncode == 0 and not left and result["done"] == len(texts)
-                       and all(r["replaced_by"] and r["in_status"] for r in rows)),
+                       and all(r["replaced_by"] and r["in_status"] for r in rows)
+                       and head_result["done"] == len(texts) and head_replaced),
         }
     finally:
         if not figures:

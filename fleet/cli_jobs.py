@@ -27,7 +27,7 @@ from fleet.spec.loader import load_job_spec
 from fleet.textsafe import plain
 
 if TYPE_CHECKING:
-    from fleet.monitor import Monitor
+    from fleet.monitor import Monitor, OnReplaced
 
 _STALL_GRACE_S = 15.0
 _SETTLE_S = 15.0
@@ -62,18 +62,42 @@ def _runner(fleet, job):
     return JobRunner(fleet, job)
 
 
-def job_monitor(fleet, runner) -> tuple[Monitor, threading.Thread]:
-    """The monitor of a running job or serving, in a thread not yet started: each node it
-    brings up in place of a lost one gets the job's processes (one start at a time)."""
-    from fleet.monitor import Monitor
+def hand_over(fleet, runners) -> OnReplaced:
+    """The monitor's `on_replaced`: every node it brought up (a replacement, a node
+    brought forward, a restarted or new head) gets the processes of the jobs `runners()`
+    returns (one start at a time; starting is idempotent). A new head first gets the
+    job's launcher and env back, and its packer."""
+    from fleet.model import Role
 
     lock = threading.Lock()
 
     def on_replaced(new_nodes, alive) -> None:
         with lock:
-            runner.start(new_nodes, all_nodes=alive)
+            for runner in runners():
+                try:
+                    for head in (n for n in new_nodes if n.role == Role.HEAD):
+                        runner.install([head])
+                        runner.start_packer(head)
+                    runner.start(new_nodes, all_nodes=alive)
+                except FleetError as error:
+                    fleet.state.add_event("handover_failed", None, f"job {runner.job.name}: {error}")
 
-    monitor = Monitor(fleet, on_replaced=on_replaced)
+    return on_replaced
+
+
+def running_jobs(fleet) -> list:
+    """A runner for each job the fleet's record says is running (`fleet run --detach`)."""
+    from fleet.jobs import job_from_state
+
+    return [_runner(fleet, job_from_state(fleet, job.name)) for job in fleet.state.jobs() if job.status == "running"]
+
+
+def job_monitor(fleet, runner) -> tuple[Monitor, threading.Thread]:
+    """The monitor of a running job or serving, in a thread not yet started: each node it
+    brings up in place of a lost one gets the job's processes."""
+    from fleet.monitor import Monitor
+
+    monitor = Monitor(fleet, on_replaced=hand_over(fleet, lambda: [runner]))
     return monitor, threading.Thread(target=monitor.run, name="fleet-monitor", daemon=True)
 
 
@@ -259,7 +283,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     with _open_fleet(args) as fleet:
         seen = len(fleet.state.events())
-        monitor = Monitor(fleet)
+        # Nodes it brings up get the jobs left running (`fleet run --detach`).
+        monitor = Monitor(fleet, on_replaced=hand_over(fleet, lambda: running_jobs(fleet)))
         passes = 0
         try:
             while True:

@@ -15,16 +15,18 @@ import os
 import shlex
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
 from fleet.errors import FleetError, ProviderError, UsageError
-from fleet.model import Accelerator, Node, NodeRequest, NodeState, Role, head_name, worker_name
+from fleet.model import Node, NodeRequest, NodeState, Role, head_name
 from fleet.providers import Provider, ProviderContext, get_provider
 from fleet.providers.base import CleanupReport
 from fleet.providers.localnode import generate_ed25519_keypair
+from fleet.reconcile import Create, Delete, Plan, Probe, head_request, step_rank, worker_request
+from fleet.reconcile import plan as plan_actions
 from fleet.runtime import Runtime, env_assignments
 from fleet.share import (
     SHARE_FILE,
@@ -278,34 +280,20 @@ class Fleet:
         return self.executor.run([self.target(n) for n in nodes], command_for, timeout=timeout, stream=stream)
 
     # -- up ------------------------------------------------------------------------------
+    def plan(self, observed: Sequence[Node], probes: Mapping[str, Probe] | None = None, *,
+             now: float | None = None, replacements_left: int | None = None) -> Plan:
+        """The reconciler's plan for this fleet (`fleet.reconcile.plan`); `probes=None`: `up`'s."""
+        return plan_actions(self.spec, observed, self.state.nodes(include_gone=True), probes,
+                            self.clock() if now is None else now, replacements_left=replacements_left)
+
     def plan_requests(self, observed: Sequence[Node]) -> tuple[list[NodeRequest], list[Node]]:
-        """What to create and what dead remains to delete, to reach the spec."""
-        spec = self.spec
-        creates: list[NodeRequest] = []
-        removes: list[Node] = []
-        if not spec.head.host:
-            heads = [n for n in observed if n.role == Role.HEAD]
-            if not any(n.is_alive for n in heads):
-                removes.extend(heads)
-                creates.append(self.head_request())
-        workers = [n for n in observed if n.role == Role.WORKER]
-        for slot in range(1, spec.workers.count + 1):
-            in_slot = [n for n in workers if n.slot == slot]
-            if any(n.is_alive for n in in_slot):
-                continue
-            removes.extend(in_slot)
-            generation = max([self.state.max_generation(slot), *[n.generation for n in in_slot]]) + 1
-            creates.append(self.worker_request(slot, generation))
-        removes.extend(n for n in workers if n.slot > spec.workers.count)
-        return creates, removes
+        """What `up` would create and delete (`up --dry-run`): stopped nodes it would
+        start are neither."""
+        planned = self.plan(observed)
+        return [c.request for c in planned.of(Create)], [d.node for d in planned.of(Delete)]
 
     def head_request(self) -> NodeRequest:
-        head = self.spec.head
-        return NodeRequest(
-            name=head_name(self.spec.name), role=Role.HEAD, slot=0, generation=1, spot=head.spot,
-            machine=head.machine, disk_gb=head.disk_gb,
-            accelerators=Accelerator(head.accelerators.type, head.accelerators.count) if head.accelerators else None,
-        )
+        return head_request(self.spec)
 
     def hourly_prices(self, names: Iterable[str]) -> dict[str, float]:
         """USD per hour of each named node of this fleet, estimated as `up --dry-run` does
@@ -321,13 +309,7 @@ class Fleet:
         return prices
 
     def worker_request(self, slot: int, generation: int) -> NodeRequest:
-        workers = self.spec.workers
-        return NodeRequest(
-            name=worker_name(self.spec.name, slot, generation), role=Role.WORKER, slot=slot,
-            generation=generation, spot=workers.spot, machine=workers.machine, disk_gb=workers.disk_gb,
-            accelerators=Accelerator(workers.accelerators.type, workers.accelerators.count)
-            if workers.accelerators else None,
-        )
+        return worker_request(self.spec, slot, generation)
 
     def create_nodes(self, requests: Sequence[NodeRequest], result: UpResult) -> list[Node]:
         for request in requests:
@@ -349,13 +331,19 @@ class Fleet:
             self.state.add_event("running", name, f"{node.address}:{node.port} zone {node.zone}")
         return created
 
+    def forget_machine(self, name: str) -> None:
+        """The machine under `name` is gone: drop its connection and its pinned host key
+        (a head replaced under the same name shows a new one, vouched for again)."""
+        self.executor.drop(name)
+        self.executor.known_hosts.forget(name)
+        self._vouched.pop(name, None)
+
     def delete_nodes(self, nodes: Sequence[Node], reason: str) -> list[str]:
         if not nodes:
             return []
         deleted = self.provider.delete([n.name for n in nodes])
         for node in nodes:
-            self.executor.drop(node.name)
-            self.executor.known_hosts.forget(node.name)
+            self.forget_machine(node.name)
             self.state.mark_gone(node.name, node.state.value)
             self.state.add_event("deleted", node.name, reason)
         return deleted
@@ -369,25 +357,15 @@ class Fleet:
             return self._up()
 
     def _up(self) -> UpResult:
+        """Converge once: the reconciler's plan without probes (every live node brought
+        forward, back-off ignored), carried out by the one applier."""
+        from fleet.applier import Applier, PassReport
+
         self.provider.check()
         result = UpResult()
-        observed = self.observe()
-        creates, removes = self.plan_requests(observed)
-        if removes:
-            result.deleted = self.delete_nodes(removes, "remains of a dead node, replaced by up")
-        # Every time, not only when creating: the firewall follows the caller's address.
-        for item in self.provider.prepare():
-            self.log(f"cloud resources: {item}")
-        if creates:
-            self.log(f"creating {len(creates)} node(s): {', '.join(r.name for r in creates)}")
-            self.create_nodes(creates, result)
-        nodes = [n for n in self.observe() if n.state in (NodeState.RUNNING, NodeState.PENDING)]
-        for node in nodes:
-            if self.state.node(node.name) is None or self.state.node(node.name).gone:  # type: ignore[union-attr]
-                self.state.upsert_node(node)
-        ready = self.bring_up(nodes, result)
-        result.nodes = ready
-        self.write_ssh_config(ready)
+        planned = self.plan(self.observe())
+        result.nodes = Applier(self, monitor=False).apply(planned, result, PassReport(), prepare=True)
+        self.write_ssh_config(result.nodes)
         return result
 
     def bring_up(self, nodes: Sequence[Node], result: UpResult) -> list[Node]:
@@ -399,7 +377,9 @@ class Fleet:
         self.log(f"waiting for SSH on {len(nodes)} node(s)")
         ready_results = self.executor.wait_ready([self.target(n) for n in nodes], timeout=self.spec.ssh.ready_timeout)
         ready = self._keep_ok(nodes, ready_results, result, "ssh_ready", "SSH answers")
+        self._advance(ready, "ssh_ready")
         ready = self.runtime.ensure(ready, result)
+        self._advance(ready, "runtime")
         needs_setup = [n for n in ready if not self._flag(n.name, "setup_done")]
         if needs_setup and self.spec.setup:
             self.log(f"running setup on {len(needs_setup)} node(s)")
@@ -410,6 +390,7 @@ class Fleet:
         for node in needs_setup:
             if node in ready:
                 self.state.set_node_flags(node.name, setup_done=True)
+        self._advance(ready, "setup_done")
         head = next((n for n in ready if n.role == Role.HEAD), None)
         workers = [n for n in ready if n.role == Role.WORKER]
         if head is None and workers:
@@ -421,13 +402,24 @@ class Fleet:
             self.runtime.finish(None, result)
             return [n for n in ready if n.name not in result.failures]
         if not self.export_shared(head, result):
+            self.state.add_event("exported_failed", head.name, result.failures.get(head.name, ""))
             return [n for n in ready if n.role != Role.WORKER]
+        self._advance([head], "exported")
         mounted = self.mount_shared(head, workers, result) if workers else []
         # The wheelhouse lives on the shared directory: workers install from it once mounted.
         before = set(result.failures)
         self.runtime.finish(head, result)
         failed = set(result.failures) - before
-        return [n for n in [*[n for n in ready if n.role == Role.HEAD], *mounted] if n.name not in failed]
+        done = [n for n in [*[n for n in ready if n.role == Role.HEAD], *mounted] if n.name not in failed]
+        self._advance([n for n in done if n.role == Role.WORKER], "mounted")
+        return done
+
+    def _advance(self, nodes: Sequence[Node], step: str) -> None:
+        """Record that `nodes` completed `step` (never moving a record back)."""
+        for node in nodes:
+            record = self.state.node(node.name)
+            if record is not None and step_rank(record.step) <= step_rank(step):
+                self.state.set_step(node.name, step)
 
     def await_addresses(self, nodes: Sequence[Node], result: UpResult) -> list[Node]:
         """Nodes as the provider lists them once each is RUNNING with an address. A cloud
@@ -575,11 +567,12 @@ class Fleet:
                    f"> \"$HOME/.fleet/known_hosts\") || exit 1; ")
         return (
             pin +
+            f"if mountpoint -q {mount} && timeout 10 ls {mount} >/dev/null 2>&1; then exit 0; fi; "
+            # Whatever is left (a mount whose head went away answers neither `mountpoint`
+            # nor `ls`: ENOTCONN) goes first; nothing mounted: the unmounts fail quietly.
+            f"fusermount3 -u -z {mount} 2>/dev/null || fusermount -u -z {mount} 2>/dev/null "
+            f"|| umount -l {mount} 2>/dev/null; "
             f"mkdir -p {mount}; "
-            f"if mountpoint -q {mount}; then "
-            f"  if timeout 10 ls {mount} >/dev/null 2>&1; then exit 0; fi; "
-            f"  fusermount3 -u -z {mount} 2>/dev/null || fusermount -u -z {mount} 2>/dev/null || umount -l {mount}; "
-            f"fi; "
             f"command -v sshfs >/dev/null || {{ echo 'sshfs is not installed on this node (apt-get install sshfs)' >&2; exit 127; }}; "
             f"sshfs -o {','.join(options)} {remote} {mount}"
         )

@@ -1,16 +1,22 @@
 """The reconcile loop: keep the fleet at its spec while machines disappear under it.
 
-Every `monitor.interval` one pass compares what the spec wants (a head and
-`workers.count` worker slots) with what the provider reports (one list call) and with
-what answers over SSH (connections are reused, so a probe is one cheap `true`):
+Every `monitor.interval` one pass probes the nodes over SSH (connections are reused,
+so a probe is one cheap command; a mounted worker also checks that its mount
+answers), then runs the reconciler (`fleet.reconcile.plan`, the same planner as
+`fleet up`) on what the provider lists, the fleet's record and the probes, and carries
+the plan out with the one applier (`fleet.applier`):
 
-- a worker that is PREEMPTED or TERMINATED, or that vanished from the provider's list
-  without `fleet` deleting it, is replaced at once;
-- a RUNNING worker that does not answer SSH for longer than `monitor.grace` is replaced;
-- a replacement deletes the remains, creates the slot's next generation (a new name),
-  sets it up and mounts the shared dir, then `on_replaced` gives it the running job;
-- failed replacements back off (doubling from `monitor.backoff`), and replacements stop
-  at `monitor.max_replacements` with a clear event.
+- a worker that is PREEMPTED or TERMINATED, or vanished from the provider's list
+  without `fleet` deleting it, is replaced at once by the slot's next generation;
+- a node that does not answer SSH for longer than `monitor.grace` is lost (the same
+  rule for the head and the workers, whatever the provider says);
+- a stopped head is started (its disks kept); a lost head is replaced (the data disk
+  is attached to the new one), and every worker remounts it;
+- a live node whose record is behind (a failed export, an interrupted `up`, a dead
+  mount) is brought forward;
+- failures back off (doubling from `monitor.backoff`, in the node's record), and
+  replacements stop at `monitor.max_replacements` with a clear event;
+- the nodes that came up are handed to the running job (`on_replaced`).
 
 Every decision is an event in the fleet's state. The clock and sleep are injectable so
 that tests of the decisions do not wait for real.
@@ -24,14 +30,15 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleet.fleetops import Fleet, UpResult
-from fleet.model import Node, NodeState, Role
+from fleet.applier import Applier, OnReplaced, PassReport
+from fleet.fleetops import Fleet, UpResult, _home_path
+from fleet.model import Node, NodeState, Role, head_name
+from fleet.reconcile import Create, Probe, Start
 from fleet.state import make_private_dir
 
-OnReplaced = Callable[[list[Node], list[Node]], None]  # (new nodes, every alive node)
+__all__ = ["MONITOR_LOCK", "Monitor", "OnReplaced", "PassReport", "monitor_lock"]
 MONITOR_LOCK = "monitor.lock"
 
 
@@ -45,15 +52,6 @@ def monitor_lock(state_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-@dataclass
-class PassReport:
-    observed: list[Node] = field(default_factory=list)
-    lost: list[str] = field(default_factory=list)
-    replaced: dict[str, str] = field(default_factory=dict)  # old -> new
-    failed: dict[str, str] = field(default_factory=dict)
-    exhausted: bool = False
 
 
 class Monitor:
@@ -72,13 +70,14 @@ class Monitor:
         self.clock = clock
         self.sleep = sleep
         self.probe_ssh = probe_ssh
-        self.unreachable_since: dict[str, float] = {}
-        self.failures_in_row: dict[int, int] = {}
-        self.next_attempt: dict[int, float] = {}
         self.replacements = 0
-        self.exhausted = False
-        self._reported_lost: set[str] = set()
+        self.applier = Applier(fleet, on_replaced=on_replaced, clock=clock)
+        self._replacing_head = False
         self._stop = threading.Event()
+
+    @property
+    def exhausted(self) -> bool:
+        return self.applier.exhausted
 
     # -- one pass -------------------------------------------------------------------------
     def reconcile_once(self) -> PassReport:
@@ -90,121 +89,63 @@ class Monitor:
 
     def _reconcile_pass(self) -> PassReport:
         report = PassReport()
-        state = self.fleet.state
         observed = self.fleet.observe()
         report.observed = observed
         now = self.clock()
-        by_slot: dict[int, list[Node]] = {}
-        for node in observed:
-            if node.role == Role.WORKER:
-                by_slot.setdefault(node.slot, []).append(node)
-        # Nodes the record says are ours and alive, that the provider no longer lists.
-        listed = {n.name for n in observed}
-        vanished = [r for r in state.nodes() if r.role == "worker" and r.name not in listed]
-        for record in vanished:
-            if record.name not in self._reported_lost:
-                self._reported_lost.add(record.name)
-                state.add_event("preempted" if record.spot else "terminated", record.name,
-                                "gone from the provider's list without fleet deleting it")
-                state.mark_gone(record.name, "PREEMPTED" if record.spot else "TERMINATED")
-                report.lost.append(record.name)
-
-        running = [n for n in observed if n.state == NodeState.RUNNING and n.role == Role.WORKER]
-        unreachable = self._probe(running, now) if self.probe_ssh and running else set()
-
-        to_replace: dict[int, list[Node]] = {}
-        for slot in range(1, self.spec.workers.count + 1):
-            nodes = by_slot.get(slot, [])
-            live = [n for n in nodes if n.state in (NodeState.RUNNING, NodeState.PENDING)]
-            healthy = [n for n in live if n.name not in unreachable]
-            if healthy:
-                continue
-            dead = [n for n in nodes if n not in healthy]
-            for node in dead:
-                if node.name in self._reported_lost:
-                    continue
-                self._reported_lost.add(node.name)
-                if node.state in (NodeState.PREEMPTED, NodeState.TERMINATED):
-                    kind = "preempted" if node.state == NodeState.PREEMPTED else "terminated"
-                    state.add_event(kind, node.name, node.reason or f"provider reports {node.state.value}")
-                else:
-                    state.add_event("unreachable", node.name,
-                                    f"no SSH answer for more than {self.spec.monitor.grace:g} s")
-                report.lost.append(node.name)
-            if now < self.next_attempt.get(slot, 0.0):
-                continue
-            to_replace[slot] = dead
-        if to_replace:
-            self._replace(to_replace, report)
-        report.exhausted = self.exhausted
+        probed = [n for n in observed if n.state in (NodeState.RUNNING, NodeState.UNREACHABLE)]
+        probes = self._probe(probed, now) if self.probe_ssh and probed else {}
+        left = max(0, self.spec.monitor.max_replacements - self.replacements)
+        planned = self.fleet.plan(observed, probes, now=now, replacements_left=left)
+        head = head_name(self.spec.name)
+        moves = ([a for a in planned.of(Start) if a.node.name == head]
+                 + [a for a in planned.of(Create) if a.request.name == head])
+        if moves:
+            self._replacing_head = True
+        # The plan is judged at `now`; its back-off delays start from the clock too.
+        self.applier.apply(planned, UpResult(), report)
+        self.replacements += report.replacements
+        if moves:  # a failed start or create of the head is tried again after its back-off
+            self._replacing_head = head in report.failed and not self.exhausted
         return report
 
-    def _probe(self, nodes: Sequence[Node], now: float) -> set[str]:
-        """Names of nodes unreachable for longer than the grace period."""
-        results = self.fleet.executor.run([self.fleet.target(n) for n in nodes], "true",
-                                          timeout=self.spec.ssh.connect_timeout)
-        lost = set()
-        for node in nodes:
-            if results.results[node.name].ok:
-                if self.unreachable_since.pop(node.name, None) is not None:
-                    self.fleet.state.add_event("reachable", node.name, "answers SSH again")
-                continue
-            self.fleet.executor.drop(node.name)
-            since = self.unreachable_since.setdefault(node.name, now)
-            if now - since >= self.spec.monitor.grace:
-                lost.add(node.name)
-        return lost
+    def replacing_head(self) -> bool:
+        """Whether this monitor is bringing a (re)started or new head up, or will try
+        again after a failure (`fleet run` waits for it past its grace)."""
+        return self._replacing_head
 
-    def _replace(self, slots: dict[int, list[Node]], report: PassReport) -> None:
-        state = self.fleet.state
-        budget = self.spec.monitor.max_replacements - self.replacements
-        if budget <= 0:
-            if not self.exhausted:
-                self.exhausted = True
-                state.add_event("replacements_exhausted", None,
-                                f"monitor.max_replacements={self.spec.monitor.max_replacements} reached; "
-                                "lost nodes are no longer replaced")
-            return
-        chosen = dict(list(slots.items())[:budget])
-        remains = [n for nodes in chosen.values() for n in nodes]
-        if remains:
-            self.fleet.delete_nodes(remains, "remains of a lost node")
-            for node in remains:
-                self.unreachable_since.pop(node.name, None)
-        requests = []
-        for slot, nodes in chosen.items():
-            generation = max([state.max_generation(slot), *[n.generation for n in nodes]]) + 1
-            requests.append(self.fleet.worker_request(slot, generation))
-        result = UpResult()
-        created = self.fleet.create_nodes(requests, result)
-        # The head comes along: bring_up exports the shared dir from it (idempotent) and
-        # mounts it on the new workers; without it no worker can be mounted.
-        head = self.fleet.head(report.observed)
-        ready = self.fleet.bring_up([head, *created] if head else created, result) if created else []
-        ready_workers = [n for n in ready if n.role == Role.WORKER and n.name not in result.failures]
-        old_by_slot = {slot: ",".join(n.name for n in nodes) or "(vanished)" for slot, nodes in chosen.items()}
-        for node in ready_workers:
-            self.replacements += 1
-            self.failures_in_row.pop(node.slot, None)
-            self.next_attempt.pop(node.slot, None)
-            old = old_by_slot.get(node.slot, "")
-            report.replaced[old] = node.name
-            state.add_event("replaced", node.name, f"replaces {old} in slot {node.slot}")
-        for request in requests:
-            if request.name in result.failures:
-                failures = self.failures_in_row.get(request.slot, 0) + 1
-                self.failures_in_row[request.slot] = failures
-                delay = self.spec.monitor.backoff * (2 ** (failures - 1))
-                self.next_attempt[request.slot] = self.clock() + delay
-                report.failed[request.name] = result.failures[request.name]
-                state.add_event("replace_failed", request.name,
-                                f"{result.failures[request.name]}; next try in {delay:g} s")
-                # Whatever was created for it is of no use: do not leave it running.
-                self.fleet.delete_nodes([n for n in created if n.name == request.name], "failed replacement")
-        if ready_workers:
-            self.fleet.write_ssh_config(self.fleet.alive())
-            if self.on_replaced is not None:
-                self.on_replaced(ready_workers, self.fleet.alive())
+    def _probe(self, nodes: Sequence[Node], now: float) -> dict[str, Probe]:
+        """One SSH probe per node; the record keeps since when each has not answered."""
+        fleet = self.fleet
+        records = {r.name: r for r in fleet.state.nodes()}
+        mounts = {n.name for n in nodes if n.role == Role.WORKER and n.name in records
+                  and records[n.name].step in ("mounted", "job_started")}
+        mount = _home_path(self.spec.shared.mount)
+        # Dead (the head went away under sshfs): UNMOUNTED. Slow (timeout's 124): the
+        # head's own probe judges that; the mount counts as there.
+        check = (f"if ! mountpoint -q {mount}; then echo UNMOUNTED; else timeout 1 ls {mount} >/dev/null 2>&1; "
+                 "rc=$?; if [ $rc = 0 ] || [ $rc = 124 ]; then echo MOUNTED; else echo UNMOUNTED; fi; fi")
+
+        def command(target) -> str:
+            return check if target.name in mounts else "true"
+
+        results = fleet.executor.run([fleet.target(n) for n in nodes], command,
+                                     timeout=self.spec.ssh.connect_timeout + (2 if mounts else 0))
+        probes = {}
+        for node in nodes:
+            outcome = results.results[node.name]
+            record = records.get(node.name)
+            if outcome.ok:
+                if record is not None and record.unreachable_since is not None:
+                    fleet.state.set_unreachable(node.name, None)
+                    fleet.state.add_event("reachable", node.name, "answers SSH again")
+                answered = outcome.stdout.strip()
+                probes[node.name] = Probe(ssh=True, mounted=answered == "MOUNTED" if node.name in mounts else None)
+                continue
+            fleet.executor.drop(node.name)
+            if record is not None and record.unreachable_since is None:
+                fleet.state.set_unreachable(node.name, now)
+            probes[node.name] = Probe(ssh=False)
+        return probes
 
     # -- loop -----------------------------------------------------------------------------
     def run(self, *, until: Callable[[], bool] | None = None) -> None:

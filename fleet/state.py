@@ -39,7 +39,13 @@ CREATE TABLE IF NOT EXISTS nodes (
     mounted INTEGER NOT NULL DEFAULT 0,
     created_at REAL,
     updated_at REAL,
-    gone INTEGER NOT NULL DEFAULT 0
+    gone INTEGER NOT NULL DEFAULT 0,
+    step TEXT NOT NULL DEFAULT 'created',
+    failed_step TEXT,
+    failures INTEGER NOT NULL DEFAULT 0,
+    retry_at REAL,
+    unreachable_since REAL,
+    last_error TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -76,6 +82,26 @@ class NodeRecord:
     created_at: float | None
     updated_at: float | None
     gone: bool
+    # The node's lifecycle (fleet.reconcile.STEPS): the last step it completed, the step
+    # that failed since, how often in a row, when to try again, and since when it has not
+    # answered SSH (None: it answers, or was never probed).
+    step: str = "created"
+    failed_step: str | None = None
+    failures: int = 0
+    retry_at: float | None = None
+    unreachable_since: float | None = None
+    last_error: str | None = None
+
+
+# Columns added after the first schema: (name, definition) for ALTER TABLE on old files.
+_NODE_COLUMNS = (
+    ("step", "TEXT NOT NULL DEFAULT 'created'"),
+    ("failed_step", "TEXT"),
+    ("failures", "INTEGER NOT NULL DEFAULT 0"),
+    ("retry_at", "REAL"),
+    ("unreachable_since", "REAL"),
+    ("last_error", "TEXT"),
+)
 
 
 @dataclass(frozen=True)
@@ -139,6 +165,7 @@ class State:
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             os.chmod(self.path, 0o600)
             self._db().executescript(_SCHEMA)
+            self._migrate()
         except (OSError, sqlite3.Error) as error:
             raise StateError(f"cannot open the fleet state at {self.path}: {error}") from None
 
@@ -168,6 +195,14 @@ class State:
         else:
             db.execute("COMMIT")
 
+    def _migrate(self) -> None:
+        """Add the lifecycle columns to a state file written by an older fleet."""
+        with self._tx() as db:
+            have = {row["name"] for row in db.execute("PRAGMA table_info(nodes)")}
+            for name, definition in _NODE_COLUMNS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE nodes ADD COLUMN {name} {definition}")
+
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:
@@ -188,6 +223,10 @@ class State:
                                   THEN nodes.setup_done ELSE 0 END,
                        mounted=CASE WHEN nodes.gone=0 AND nodes.provider_id IS excluded.provider_id
                                THEN nodes.mounted ELSE 0 END,
+                       step=CASE WHEN nodes.gone=0 AND nodes.provider_id IS excluded.provider_id
+                                 AND nodes.step != 'requested' THEN nodes.step ELSE 'created' END,
+                       unreachable_since=CASE WHEN nodes.provider_id IS excluded.provider_id
+                                 THEN nodes.unreachable_since ELSE NULL END,
                        state=excluded.state, address=excluded.address,
                        port=excluded.port, zone=excluded.zone, provider_id=excluded.provider_id,
                        updated_at=excluded.updated_at, gone=0""",
@@ -205,6 +244,37 @@ class State:
                 db.execute("UPDATE nodes SET setup_done=? WHERE name=?", (int(setup_done), name))
             if mounted is not None:
                 db.execute("UPDATE nodes SET mounted=? WHERE name=?", (int(mounted), name))
+
+    def record_request(self, name: str, *, role: str, slot: int, generation: int, spot: bool) -> None:
+        """A node asked of the provider, before the provider answers: its generation is
+        taken even when the create fails or times out, and a machine that turns up under
+        this name later is known to be behind (step `requested`)."""
+        now = self.clock()
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO nodes (name, role, slot, generation, state, spot, created_at, updated_at, gone, step)
+                   VALUES (?,?,?,?,'REQUESTED',?,?,?,0,'requested')
+                   ON CONFLICT(name) DO UPDATE SET state='REQUESTED', step='requested', provider_id=NULL,
+                       address=NULL, setup_done=0, mounted=0, unreachable_since=NULL, gone=0,
+                       generation=excluded.generation, updated_at=excluded.updated_at""",
+                (name, role, slot, generation, int(spot), now, now),
+            )
+
+    def set_step(self, name: str, step: str) -> None:
+        """`name` completed `step`: its failures in a row and back-off are cleared."""
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET step=?, failed_step=NULL, failures=0, retry_at=NULL, last_error=NULL, "
+                       "updated_at=? WHERE name=?", (step, self.clock(), name))
+
+    def record_failure(self, name: str, step: str, error: str, *, failures: int, retry_at: float | None) -> None:
+        """`step` failed on `name` for the `failures`-th time in a row; try again at `retry_at`."""
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET failed_step=?, last_error=?, failures=?, retry_at=?, updated_at=? "
+                       "WHERE name=?", (step, error, failures, retry_at, self.clock(), name))
+
+    def set_unreachable(self, name: str, since: float | None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET unreachable_since=? WHERE name=?", (since, name))
 
     def mark_gone(self, name: str, state: str = "TERMINATED") -> None:
         with self._tx() as db:
@@ -224,10 +294,6 @@ class State:
 
     def node(self, name: str) -> NodeRecord | None:
         return next((n for n in self.nodes(include_gone=True) if n.name == name), None)
-
-    def max_generation(self, slot: int) -> int:
-        row = self._db().execute("SELECT MAX(generation) FROM nodes WHERE slot=? AND role='worker'", (slot,)).fetchone()
-        return int(row[0] or 0)
 
     def forget_nodes(self) -> None:
         with self._tx() as db:

@@ -145,5 +145,6 @@ def test_a_failing_replacement_backs_off_doubling(make_fleet, open_fleet, tmp_pa
     report = monitor.reconcile_once()
     assert report.replaced == {"(vanished)": local.worker(1, 4)} or list(report.replaced.values()) == [local.worker(1, 4)]
     assert _worker_names(fleet) == [local.worker(1, 4)]
-    # Success resets the back-off.
-    assert monitor.failures_in_row == {} and monitor.next_attempt == {}
+    # Success resets the back-off: the slot's node of record has no failure left.
+    record = fleet.state.node(local.worker(1, 4))
+    assert record is not None and record.failures == 0 and record.retry_at is None and record.step == "mounted"
