@@ -6,6 +6,9 @@ this module adds what the control side needs there:
     job.yaml               the validated spec (interpolated), as submitted, without `env:`
     .prepared              `prepare` ran (once, on the head)
     pids/<node>.pid        the launcher's pid = its process group (setsid)
+    pids/<node>.beat       the launcher's heartbeat, rewritten every BEAT_S seconds: a
+                           pid without an exit whose beat is older than STALE_S is a
+                           launcher that was killed (SIGKILL, OOM); `fleet run` restarts it
     status/<node>.exit     the launcher's exit code, written when it ends
     logs/<node>.log        everything the node's processes printed
     bulk/packer.log        the head's packer (bulk I/O, `fleet.worker.packer`)
@@ -27,9 +30,11 @@ process group: the worker then finishes or releases the chunk in hand.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 import shlex
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,7 +45,7 @@ from fleet.fleetops import Fleet, _home_path
 from fleet.model import Node
 from fleet.runtime import runtime_check
 from fleet.spec.job import JobSpec
-from fleet.ssh import GroupResult
+from fleet.ssh import CommandResult, GroupResult
 from fleet.worker.yamlbound import safe_load_bounded
 
 # What the launcher runs for a `serve:` job (as a `run:` command: restarts, stop on signal).
@@ -56,6 +61,13 @@ NODE="$FLEET_NODE_NAME"
 mkdir -p pids status logs metrics
 echo $$ > "pids/.$NODE.pid.tmp" && mv "pids/.$NODE.pid.tmp" "pids/$NODE.pid"
 rm -f "status/$NODE.exit"
+# Trusted copy of our process group, outside the shared directory: a restart after this
+# launcher was killed stops what is left of its group (the worker) before starting anew.
+echo $$ > "${0%/*}/launcher.pid"
+# The heartbeat: written (not touched) so that its time is the head's clock, also through the mount.
+( while kill -0 $$ 2>/dev/null; do
+    echo $$ > "pids/.$NODE.beat.tmp" && mv "pids/.$NODE.beat.tmp" "pids/$NODE.beat"; sleep @BEAT_S@
+  done ) >/dev/null 2>&1 &
 # The node runtime (fleet's virtualenv, installed by `fleet up`) must be there, and be this control plane's.
 if [ -n "$FLEET_RUNTIME" ]; then
   rc=0
@@ -95,8 +107,14 @@ done
 [ -n "$stopping" ] && rc=143
 [ -n "$watcher" ] && kill -TERM "$watcher" 2>/dev/null
 echo "$rc" > "status/.$NODE.exit.tmp" && mv "status/.$NODE.exit.tmp" "status/$NODE.exit"
+rm -f "${0%/*}/launcher.pid"
 exit "$rc"
-""".replace("@RUNTIME_CHECK@", runtime_check())
+"""
+
+
+BEAT_S = 2  # the launcher's heartbeat period
+STALE_S = 12.0  # a launcher whose beat is older is presumed dead (its node confirms before a restart)
+_LAUNCHER = _LAUNCHER.replace("@RUNTIME_CHECK@", runtime_check()).replace("@BEAT_S@", str(BEAT_S))
 
 
 @dataclass(frozen=True)
@@ -110,6 +128,7 @@ class Progress:
     chunks: int = 0
     chunks_done: int = 0
     cancelled: bool = False
+    stale_nodes: tuple[str, ...] = ()  # started, no exit, heartbeat older than STALE_S
 
     @property
     def complete(self) -> bool:
@@ -121,7 +140,8 @@ def q(value: str) -> str:
 
 
 REDACTED = "***"
-NODE_JOBS = ".fleet/jobs"  # under the node's home: what each node keeps of its jobs (0700)
+NODE_JOBS = ".fleet/jobs"
+SETUP_RETRY_S = 1.0  # pause between two tries of a job's setup on a node  # under the node's home: what each node keeps of its jobs (0700)
 
 
 def redact(text: str, secrets: Sequence[str]) -> str:
@@ -149,6 +169,7 @@ class JobRunner:
     def __init__(self, fleet: Fleet, job: JobSpec) -> None:
         self.fleet = fleet
         self.job = job
+        self._starting = threading.Lock()  # one start at a time (the follower's restarts, the monitor's replacements)
         # The whole spec (env too) stays in the fleet's state.db (0600); the shared
         # directory, readable by every worker, gets it without the env.
         self.spec_text = yaml.safe_dump(job.model_dump(mode="json", exclude_none=True), sort_keys=False)
@@ -316,6 +337,10 @@ class JobRunner:
     def start(self, nodes: Sequence[Node], *, all_nodes: Sequence[Node] | None = None) -> GroupResult:
         """Start the job's processes on these nodes, unless they already run there or
         finished. Ranks are positions among every selected node."""
+        with self._starting:
+            return self._start(nodes, all_nodes)
+
+    def _start(self, nodes: Sequence[Node], all_nodes: Sequence[Node] | None) -> GroupResult:
         ranked = self.selected(all_nodes if all_nodes is not None else nodes)
         ranks = {n.name: i for i, n in enumerate(ranked)}
         targets = [n for n in nodes if n.name in ranks]
@@ -323,15 +348,8 @@ class JobRunner:
         for name, why in not_installed.items():
             self.fleet.state.add_event("job_setup_failed", name, why)
         targets = [n for n in targets if n.name not in not_installed]
-        if self.job.setup:
-            setup = "set -e\n" + "\n".join(self.job.setup)
-            marker = f'"$HOME"/.fleet/jobs/{q(self.job.name)}.setup'
-            script = f"if [ -f {marker} ]; then exit 0; fi; mkdir -p \"$HOME/.fleet/jobs\"; ( {setup}\n) && touch {marker}"
-            results = self.fleet.exec(targets, self._sourced(script), extra_env=self._job_env())
-            bad = [r for r in results.results.values() if not r.ok]
-            for r in bad:
-                self.fleet.state.add_event("job_setup_failed", r.node, self.redact(r.describe()))
-            targets = [n for n in targets if results.results[n.name].ok]
+        setup_failed = self.run_setup(targets, all_nodes if all_nodes is not None else nodes)
+        targets = [n for n in targets if n.name not in setup_failed]
         processes = self.job.processes_per_node
         env = {
             **self._job_env(),
@@ -344,7 +362,52 @@ class JobRunner:
         for name, result in results.results.items():
             if result.ok and result.stdout.strip() == "started":
                 self.fleet.state.add_event("working", name, f"job {self.job.name} started")
-        return results
+        return GroupResult({**results.results, **setup_failed})
+
+    def run_setup(self, nodes: Sequence[Node], all_nodes: Sequence[Node]) -> dict[str, CommandResult]:
+        """The job's `setup:` on each node, tried 1 + `retries` times. A node where it
+        keeps failing is that node's failure: an event, and an exit status on the shared
+        directory (`status/<node>.exit`, what its launcher would have left), so that the
+        job's progress counts the node as ended and failed. Returns node -> its result."""
+        if not self.job.setup or not nodes:
+            return {}
+        setup = "set -e\n" + "\n".join(self.job.setup)
+        marker = f'"$HOME"/.fleet/jobs/{q(self.job.name)}.setup'
+        script = self._sourced(
+            f"if [ -f {marker} ]; then exit 0; fi; mkdir -p \"$HOME/.fleet/jobs\"; ( {setup}\n) && touch {marker}")
+        pending = list(nodes)
+        failed: dict[str, CommandResult] = {}
+        attempts = 1 + self.job.retries
+        for attempt in range(1, attempts + 1):
+            results = self.fleet.exec(pending, script, extra_env=self._job_env())
+            failed = {name: r for name, r in results.results.items() if not r.ok}
+            for name, result in failed.items():
+                self.fleet.state.add_event("job_setup_failed", name, f"attempt {attempt} of {attempts}: "
+                                           + self.redact(result.describe()))
+            pending = [n for n in pending if n.name in failed]
+            if not pending:
+                return {}
+            if attempt < attempts:
+                self.fleet.cancel.wait(SETUP_RETRY_S)
+        failed = {name: dataclasses.replace(r, command="the job's setup", stdout=self.redact(r.stdout),
+                                            stderr=self.redact(r.stderr)) for name, r in failed.items()}
+        self._record_failed(failed, all_nodes)
+        return failed
+
+    def _record_failed(self, failed: dict[str, CommandResult], nodes: Sequence[Node]) -> None:
+        """Write `status/<node>.exit` on the head for nodes whose job could not start."""
+        head = self.fleet.head(nodes)
+        if head is None or not failed:
+            return
+        job_dir = self.job_dir_for(head)
+        lines = [f"cd {job_dir} || exit 1; mkdir -p status"]
+        for name, result in failed.items():
+            code = result.exit_code if result.exit_code not in (None, 0) else 1
+            lines.append(f"echo {int(code)} > status/.{q(name)}.exit.tmp && mv status/.{q(name)}.exit.tmp status/{q(name)}.exit")
+        outcome = self._on_head(head, "\n".join(lines))
+        if not outcome.ok:
+            self.fleet.state.add_event("progress_error", head.name, "could not record failed setups: "
+                                       + self.redact(outcome.describe()))
 
     def _start_on(self, nodes: Sequence[Node], env: dict[str, str], ranks: dict[str, int], count: int) -> GroupResult:
         by_name = {n.name: n for n in nodes}
@@ -360,12 +423,42 @@ class JobRunner:
                 f"if [ -f cancelled ]; then echo cancelled; exit 0; fi; "
                 f"if [ -f status/{q(node.name)}.exit ] && [ \"$(cat status/{q(node.name)}.exit)\" = 0 ]; then echo finished; exit 0; fi; "
                 + valid_group_check(f"pids/{q(node.name)}.pid", self.launcher) +
-                f"if [ -n \"$pg\" ]; then echo running; exit 0; fi; "
+                "if [ -n \"$pg\" ]; then echo running; exit 0; fi; "
+                + self._stop_leftovers() +
                 f"mkdir -p logs; setsid nohup sh {self.launcher} >> logs/{q(node.name)}.log 2>&1 < /dev/null & "
                 f"echo started"
             )
 
         return self.fleet.executor.run([self.fleet.target(n) for n in nodes], command)
+
+    def _stop_leftovers(self) -> str:
+        """Shell: the launcher is not running, yet its process group may be (a launcher
+        killed alone leaves its worker behind): TERM what is left (the worker releases
+        its chunk), KILL it after 10 s. The group is read from the node's own copy
+        (~/.fleet/jobs/<job>/launcher.pid, 0700 directory), never from the shared one."""
+        return (
+            f"old=$(head -c 32 {self.node_dir}/launcher.pid 2>/dev/null | tr -d ' \\n'); "
+            'case "$old" in ""|*[!0-9]*) old="" ;; esac; '
+            'if [ -n "$old" ] && [ "$old" -gt 1 ] && kill -0 -- -"$old" 2>/dev/null; then '
+            'kill -TERM -- -"$old" 2>/dev/null; '
+            'for i in $(seq 1 50); do kill -0 -- -"$old" 2>/dev/null || break; sleep 0.2; done; '
+            'kill -KILL -- -"$old" 2>/dev/null; fi; '
+            f"rm -f {self.node_dir}/launcher.pid; "
+        )
+
+    def restart_stale(self, stale: Sequence[str], nodes: Sequence[Node]) -> list[str]:
+        """Start the job again on live nodes whose launcher's heartbeat went stale. The
+        node decides: a launcher still running there is left alone. Returns the nodes
+        where a new launcher started."""
+        targets = [n for n in self.fleet.alive(nodes) if n.name in stale]
+        if not targets:
+            return []
+        results = self.start(targets, all_nodes=nodes)
+        restarted = [name for name, r in results.results.items() if r.ok and r.stdout.strip() == "started"]
+        for name in restarted:
+            self.fleet.state.add_event("launcher_restarted", name, f"job {self.job.name}: its launcher stopped "
+                                       f"beating for more than {STALE_S:g} s (killed?); its chunk is taken over")
+        return restarted
 
     # -- progress -------------------------------------------------------------------------
     def progress(self, nodes: Sequence[Node]) -> Progress:
@@ -375,6 +468,8 @@ class JobRunner:
         status_script = (
             f"cd {job_dir} || exit 1; for f in status/*.exit; do [ -f \"$f\" ] && echo \"EXIT $(basename \"$f\" .exit) $(cat \"$f\")\"; done; "
             f"for f in pids/*.pid; do [ -f \"$f\" ] && echo \"PID $(basename \"$f\" .pid)\"; done; "
+            f"now=$(date +%s); for f in pids/*.beat; do [ -f \"$f\" ] && "
+            f"echo \"BEAT $(basename \"$f\" .beat) $(( now - $(stat -c %Y \"$f\" 2>/dev/null || echo $now) ))\"; done; "
             f"if [ -f cancelled ]; then echo CANCELLED; fi; true"
         )
         if self.job.worker is not None:
@@ -385,6 +480,7 @@ class JobRunner:
         exits: dict[str, int] = {}
         started: set[str] = set()
         status: dict[str, int] = {}
+        beats: dict[str, int] = {}
         lines = result.stdout.splitlines()
         cancelled = "CANCELLED" in lines
         for i, line in enumerate(lines):
@@ -393,23 +489,29 @@ class JobRunner:
                 exits[name] = int(code) if code.strip().lstrip("-").isdigit() else 1
             elif line.startswith("PID "):
                 started.add(line.split(" ", 1)[1])
+            elif line.startswith("BEAT "):
+                _, name, age = (line.split(" ") + ["0"])[:3]
+                beats[name] = int(age) if age.lstrip("-").isdigit() else 0
             elif line == "STATUS" and i + 1 < len(lines):
                 status = json.loads(lines[i + 1])
         selected_names = {n.name for n in selected}
         finished = [name for name in exits if name in selected_names or name in started]
         failed_nodes = [name for name, code in exits.items() if code != 0]
-        running = len([n for n in selected if n.name in started and n.name not in exits])
+        stale = tuple(n.name for n in selected if n.name in started and n.name not in exits
+                      and beats.get(n.name, 0) > STALE_S)
+        running = len([n for n in selected if n.name in started and n.name not in exits and n.name not in stale])
         if self.job.worker is not None:
             return Progress(total=int(status.get("total", 0)), done=int(status.get("done", 0)),
                             failed=int(status.get("failed", 0)), running_nodes=running,
                             finished_nodes=len(finished), failed_nodes=failed_nodes,
                             chunks=int(status.get("chunks", 0)), chunks_done=int(status.get("chunks_done", 0)),
-                            cancelled=cancelled)
+                            cancelled=cancelled, stale_nodes=stale)
         # run: jobs: one unit of work per selected node, done when it exited 0.
         total = len(selected_names | set(exits))
         done = len([name for name, code in exits.items() if code == 0])
         return Progress(total=total, done=done, failed=len(failed_nodes), running_nodes=running,
-                        finished_nodes=len(finished), failed_nodes=failed_nodes, cancelled=cancelled)
+                        finished_nodes=len(finished), failed_nodes=failed_nodes, cancelled=cancelled,
+                        stale_nodes=stale)
 
     # -- the end of a job -----------------------------------------------------------------
     def sweep_temporaries(self, nodes: Sequence[Node], *, age: int = 5) -> int:

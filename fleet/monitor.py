@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -78,7 +77,7 @@ class Monitor:
         self.replacements = 0
         self.exhausted = False
         self._reported_lost: set[str] = set()
-        self._stop = threading.Event()
+        self._stop = fleet.cancel  # stop() also ends the waits of the fleet handle's pass
 
     # -- one pass -------------------------------------------------------------------------
     def reconcile_once(self) -> PassReport:
@@ -220,4 +219,11 @@ class Monitor:
                 self._stop.wait(remaining) if self.sleep is time.sleep else self.sleep(remaining)
 
     def stop(self) -> None:
+        """End the loop; a pass in progress gives up its waits (SSH readiness, cloud
+        operations, commands) at once when the fleet handle is the monitor's own session."""
         self._stop.set()
+
+    def replacing_head(self) -> bool:
+        """Whether a new head is being brought up (`fleet run` waits for it past its
+        grace). This monitor does not replace heads."""
+        return False

@@ -55,6 +55,8 @@ from fleet.providers.startup import render_startup_script
 from fleet.providers.vouched import console_host_keys, poll_host_keys
 
 DELETED_TAG = "fleet-deleted"
+API_ATTEMPTS = 3  # botocore's attempts per call (standard mode), before our own backoff
+API_CONNECT_TIMEOUT_S = 10.0
 SPOT_TERMINATION = "Server.SpotInstanceTermination"
 _STATE_MAP = {"pending": NodeState.PENDING, "running": NodeState.RUNNING}
 _GONE = {"shutting-down", "terminated", "stopping", "stopped"}
@@ -126,9 +128,13 @@ class AwsProvider(Provider):
                 from botocore.config import Config
 
                 self.check()
-                # Our own backoff (with an injectable sleep) instead of botocore's retries.
+                # botocore's standard mode retries transient faults (5xx, throttling, read
+                # timeouts, resets) a few times with jitter and a retry quota; what still
+                # fails goes through our own backoff (`_call`), then up as a clear error.
                 config = Config(
-                    retries={"total_max_attempts": 1, "mode": "standard"},
+                    retries={"total_max_attempts": API_ATTEMPTS, "mode": "standard"},
+                    connect_timeout=API_CONNECT_TIMEOUT_S,
+                    read_timeout=self.aws.api_timeout,
                     max_pool_connections=max(10, self._max_parallel * 2),
                 )
                 self._ec2 = self._boto_session().client("ec2", config=config)

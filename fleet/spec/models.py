@@ -204,6 +204,9 @@ class AwsSpec(Strict):
     use_private_ip: bool = Field(
         False, description="reach nodes by their private address (from inside the VPC)"
     )
+    api_timeout: float = Field(
+        30.0, gt=0, le=600, description="seconds an EC2 API call may wait for its answer before it is retried"
+    )
 
 
 class RuntimeSpec(Strict):
