@@ -104,6 +104,28 @@ def resolve_credentials(endpoint: str | None) -> Any:
         ) from None
 
 
+class _Bounded:
+    """A compute_v1 client whose calls wait `timeout` seconds at most for an answer and
+    do not retry on their own (the client's default retries 503s for up to 600 s, with
+    real sleeps): `with_backoff` retries instead, within its budget."""
+
+    def __init__(self, client: Any, timeout: float) -> None:
+        self._inner = client
+        self._timeout = timeout
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._inner, name)
+        if name.startswith("_") or not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("retry", None)
+            kwargs.setdefault("timeout", self._timeout)
+            return attribute(*args, **kwargs)
+
+        return call
+
+
 class GcpProvider(Provider):
     name = "gcp"
 
@@ -146,7 +168,8 @@ class GcpProvider(Provider):
                     "disks": compute_v1.DisksClient,
                 }
                 self._clients = {
-                    name: cls(credentials=credentials, client_options=options, transport="rest")
+                    name: _Bounded(cls(credentials=credentials, client_options=options, transport="rest"),
+                                   self.gcp.api_timeout)
                     for name, cls in make.items()
                 }
             return self._clients[kind]

@@ -111,6 +111,7 @@ class Faults:
     http_fault_match: str | None = None
     http_fault_status: int = 503  # answered with this status (reason backendError), or
     http_fault_delay: float = 0.0  # answered normally only after this many seconds (> 0)
+    http_fault_message: str = "Backend Error (injected)"
 
 
 @dataclass
@@ -216,13 +217,15 @@ class FakeGce:
             self.faults.rate_limited, self.faults.rate_limit_match = times, path_contains
 
     def set_http_fault(self, times: int, *, status: int = 503, delay: float = 0.0,
-                       path_contains: str | None = None) -> None:
+                       path_contains: str | None = None, message: str | None = None) -> None:
         """The next `times` calls whose path contains `path_contains` answer `status`
         (a transient 5xx), or, with `delay`, answer normally `delay` seconds late."""
         with self._lock:
             faults = self.faults
             faults.http_faults, faults.http_fault_match = times, path_contains
             faults.http_fault_status, faults.http_fault_delay = status, delay
+            if message:
+                faults.http_fault_message = message
 
     def reset_faults(self) -> None:
         with self._lock:
@@ -795,7 +798,8 @@ def _control(fake: FakeGce, action: str, body: dict[str, Any]) -> Any:
         fake.set_rate_limit(int(body["times"]), body.get("path_contains"))
     elif action == "http_fault":
         fake.set_http_fault(int(body["times"]), status=int(body.get("status", 503)),
-                            delay=float(body.get("delay", 0.0)), path_contains=body.get("path_contains"))
+                            delay=float(body.get("delay", 0.0)), path_contains=body.get("path_contains"),
+                            message=body.get("message"))
     elif action == "preempt":
         fake.preempt(body["name"])
     elif action == "false_host_key":
@@ -874,7 +878,7 @@ def _handler_for(fake: FakeGce) -> type[BaseHTTPRequestHandler]:
                 if faulty and faults.http_fault_delay > 0:
                     time.sleep(faults.http_fault_delay)
                 elif faulty:
-                    raise ApiError(faults.http_fault_status, "backendError", "Backend Error (injected)")
+                    raise ApiError(faults.http_fault_status, "backendError", faults.http_fault_message)
                 for verb, pattern, action in routes:
                     found = pattern.match(url.path)
                     if verb == method and found:
