@@ -434,8 +434,7 @@ class Fleet:
         current = {n.name: n for n in nodes}
         deadline = time.monotonic() + self.spec.ssh.ready_timeout
         delay = 0.5
-        while waiting:
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        while waiting and not self.cancel.wait(min(delay, max(0.0, deadline - time.monotonic()))):
             delay = min(delay * 1.5, 5.0)
             for listed in self.provider.list():
                 if listed.name in waiting and listed.name in current:

@@ -113,7 +113,7 @@ exit "$rc"
 
 
 BEAT_S = 2  # the launcher's heartbeat period
-STALE_S = 12.0  # a launcher whose beat is older is presumed dead (its node confirms before a restart)
+STALE_S = 8.0  # a launcher whose beat is older is presumed dead (its node confirms before a restart)
 _LAUNCHER = _LAUNCHER.replace("@RUNTIME_CHECK@", runtime_check()).replace("@BEAT_S@", str(BEAT_S))
 
 

@@ -142,7 +142,8 @@ class AwsProvider(Provider):
 
     def _call(self, method: str, **params: Any) -> Any:
         function: Callable[..., Any] = getattr(self.ec2, method)
-        return with_backoff(lambda: function(**params), classify=classify, sleep=self._sleep)
+        return with_backoff(lambda: function(**params), classify=classify, sleep=self._sleep,
+                            cancel=self.context.cancel)
 
     def _tags(self, extra: dict[str, str]) -> list[dict[str, str]]:
         return [
@@ -494,7 +495,7 @@ class AwsProvider(Provider):
                     found.extend(reservation.get("Instances", []))
             return found
 
-        return with_backoff(fetch, classify=classify, sleep=self._sleep)
+        return with_backoff(fetch, classify=classify, sleep=self._sleep, cancel=self.context.cancel)
 
     def list(self) -> list[Node]:
         nodes = [self.to_node(instance) for instance in self._instances()]

@@ -175,7 +175,7 @@ class GcpProvider(Provider):
             return self._clients[kind]
 
     def _call(self, call: Callable[[], Any], classify: Callable[[BaseException], Any] = classify) -> Any:
-        return with_backoff(call, classify=classify, sleep=self._sleep)
+        return with_backoff(call, classify=classify, sleep=self._sleep, cancel=self.context.cancel)
 
     def _wait_zone_op(self, zone: str, operation: Any) -> None:
         self._wait(

@@ -12,6 +12,7 @@ exception. The sleep is injected so that tests do not wait.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -33,11 +34,15 @@ def with_backoff(
     max_delay: float = 32.0,
     budget_s: float = 300.0,
     clock: Callable[[], float] = time.monotonic,
+    cancel: threading.Event | None = None,
     on_retry: Callable[[FleetError, float], None] | None = None,
 ) -> T:
     """Run `call`; retry it after a delay while it is throttled or fails transiently, at
-    most `attempts` times and not past `budget_s` seconds of waiting. Errors `classify`
-    maps are raised as the mapped `FleetError` (chained)."""
+    most `attempts` times and not past `budget_s` seconds of waiting, nor once `cancel`
+    is set (a real sleep then ends at once). Errors `classify` maps are raised as the
+    mapped `FleetError` (chained)."""
+    if cancel is not None and sleep is time.sleep:
+        sleep = cancel.wait
     delay = first_delay
     waited = 0.0
     started = clock()
@@ -57,12 +62,14 @@ def with_backoff(
                 if isinstance(mapped, RateLimitError) and mapped.retry_after is not None
                 else delay * (0.5 + random.random() / 2)
             )
-            if attempt == attempts or waited + wait > budget_s:
+            if attempt == attempts or waited + wait > budget_s or (cancel is not None and cancel.is_set()):
                 raise gave_up(mapped, attempt, clock() - started) from exc
             if on_retry is not None:
                 on_retry(mapped, wait)
             sleep(wait)
             waited += wait
+            if cancel is not None and cancel.is_set():
+                raise gave_up(mapped, attempt, clock() - started) from exc
             delay = min(delay * 2, max_delay)
     raise AssertionError("unreachable")
 

@@ -838,7 +838,10 @@ def _handler_for(fake: FakeGce) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up waiting (a read timeout, maybe injected)
 
         def _dispatch(self, method: str) -> tuple[int, Any]:
             url = urlsplit(self.path)
