@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fleet.cli import _open_fleet, err, out
+from fleet.cli_base import err, out
+from fleet.cli_base import open_fleet as _open_fleet
 from fleet.errors import FleetError, JobError
 from fleet.spec.loader import load_job_spec
 from fleet.textsafe import plain
