@@ -1,18 +1,14 @@
 """Jobs across the fleet: put a job on the shared dir, start it on nodes, follow it.
 
-A job lives in `<shared>/jobs/<name>/` on the head (layout in `fleet.worker.layout`);
-this module adds what the control side needs there:
+A job lives in `<shared>/jobs/<name>/` on the head (the worker's files in
+`fleet.worker.layout`; the launcher, its pid, heartbeat, exit and log files and the
+status lines in `fleet.worker.protocol`); this module adds:
 
     job.yaml               the validated spec (interpolated), as submitted, without `env:`
-    .prepared              `prepare` ran (once, on the head)
-    pids/<node>.pid        the launcher's pid = its process group (setsid)
-    pids/<node>.beat       the launcher's heartbeat, rewritten every BEAT_S seconds: a
-                           pid without an exit whose beat is older than STALE_S is a
-                           launcher that was killed (SIGKILL, OOM); `fleet run` restarts it
-    status/<node>.exit     the launcher's exit code, written when it ends
-    logs/<node>.log        everything the node's processes printed
     bulk/packer.log        the head's packer (bulk I/O, `fleet.worker.packer`)
-    cancelled              `fleet cancel` was asked: nothing restarts
+
+A launcher whose heartbeat goes stale on a live node (killed: SIGKILL, OOM) is started
+again (`restart_stale`), after what is left of its process group is stopped.
 
 Nothing on the shared directory is ever executed or imported by a node: any worker can
 write there. Each node keeps what it runs in `~/.fleet/jobs/<name>/` (0700, written by
@@ -31,7 +27,6 @@ process group: the worker then finishes or releases the chunk in hand.
 from __future__ import annotations
 
 import dataclasses
-import json
 import posixpath
 import shlex
 import threading
@@ -46,75 +41,13 @@ from fleet.model import Node
 from fleet.runtime import runtime_check
 from fleet.spec.job import JobSpec
 from fleet.ssh import CommandResult, GroupResult
+from fleet.worker import protocol
+from fleet.worker.protocol import STALE_S
 from fleet.worker.yamlbound import safe_load_bounded
 
 # What the launcher runs for a `serve:` job (as a `run:` command: restarts, stop on signal).
 SERVE_COMMAND = 'exec "$FLEET_PYTHON" -P -m fleet.worker.serve "$(pwd)" --node "$FLEET_NODE_NAME"'
-
-_LAUNCHER = r"""#!/bin/sh
-# fleet job launcher: started by `fleet run` on every selected node (setsid, nohup),
-# from ~/.fleet/jobs/<job>/launch.sh (never from the shared directory), in the job dir.
-# Environment from the caller: FLEET_NODE_NAME FLEET_NODE_RANK FLEET_NUM_NODES FLEET_SHARED
-# FLEET_JOB FLEET_PYTHON FLEET_PROCESSES FLEET_RETRIES FLEET_NOTICE [FLEET_RUN] + the job's env.
-JOB_DIR=$(pwd)
-NODE="$FLEET_NODE_NAME"
-mkdir -p pids status logs metrics
-echo $$ > "pids/.$NODE.pid.tmp" && mv "pids/.$NODE.pid.tmp" "pids/$NODE.pid"
-rm -f "status/$NODE.exit"
-# Trusted copy of our process group, outside the shared directory: a restart after this
-# launcher was killed stops what is left of its group (the worker) before starting anew.
-echo $$ > "${0%/*}/launcher.pid"
-# The heartbeat: written (not touched) so that its time is the head's clock, also through the mount.
-( while kill -0 $$ 2>/dev/null; do
-    echo $$ > "pids/.$NODE.beat.tmp" && mv "pids/.$NODE.beat.tmp" "pids/$NODE.beat"; sleep @BEAT_S@
-  done ) >/dev/null 2>&1 &
-# The node runtime (fleet's virtualenv, installed by `fleet up`) must be there, and be this control plane's.
-if [ -n "$FLEET_RUNTIME" ]; then
-  rc=0
-  ( @RUNTIME_CHECK@ ) || rc=$?
-  if [ "$rc" != 0 ]; then echo "$rc" > "status/.$NODE.exit.tmp" && mv "status/.$NODE.exit.tmp" "status/$NODE.exit"; exit "$rc"; fi
-fi
-"$FLEET_PYTHON" -P -m fleet.worker.sampler --out "metrics/$NODE.jsonl" --node "$NODE" --pid $$ >/dev/null 2>&1 &
-watcher=""
-if [ -n "$FLEET_NOTICE" ] && [ "$FLEET_NOTICE" != local ]; then
-  "$FLEET_PYTHON" -P -m fleet.worker.notice --provider "$FLEET_NOTICE" --pgid $$ &
-  watcher=$!
-fi
-child=""
-stopping=""
-on_term() { stopping=1; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null; }
-trap on_term TERM INT
-attempt=0
-while :; do
-  if [ -n "$FLEET_RUN" ]; then
-    sh -c "$FLEET_RUN" &
-  else
-    "$FLEET_PYTHON" -P -m fleet.worker "$JOB_DIR" --node "$NODE" --processes "$FLEET_PROCESSES" &
-  fi
-  child=$!
-  rc=0
-  wait "$child" || rc=$?
-  # `wait` returns early when a trapped signal arrives: wait for the child to finish its stop.
-  while kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done
-  [ "$rc" = 0 ] && break
-  [ -n "$stopping" ] && break
-  attempt=$((attempt + 1))
-  [ "$attempt" -gt "$FLEET_RETRIES" ] && break
-  echo "fleet: attempt $attempt of $FLEET_RETRIES: restarting after exit code $rc" >&2
-  sleep 1
-done
-# Stopped by a signal (cancel, preemption notice): not finished, a later run resumes here.
-[ -n "$stopping" ] && rc=143
-[ -n "$watcher" ] && kill -TERM "$watcher" 2>/dev/null
-echo "$rc" > "status/.$NODE.exit.tmp" && mv "status/.$NODE.exit.tmp" "status/$NODE.exit"
-rm -f "${0%/*}/launcher.pid"
-exit "$rc"
-"""
-
-
-BEAT_S = 2  # the launcher's heartbeat period
-STALE_S = 8.0  # a launcher whose beat is older is presumed dead (its node confirms before a restart)
-_LAUNCHER = _LAUNCHER.replace("@RUNTIME_CHECK@", runtime_check()).replace("@BEAT_S@", str(BEAT_S))
+_LAUNCHER = protocol.launcher_script(runtime_check())
 
 
 @dataclass(frozen=True)
@@ -285,7 +218,7 @@ class JobRunner:
         failed = self.install([head])
         if failed:
             raise JobError(f"could not write the job's launcher to the head: {failed[head.name]}")
-        self._on_head(head, f"rm -f {job_dir}/cancelled")
+        self._on_head(head, f"rm -f {job_dir}/{protocol.CANCELLED}")
         self.fleet.state.upsert_job(self.job.name, status="submitted", spec=self.spec_text)
         return state
 
@@ -293,8 +226,9 @@ class JobRunner:
         head = self.head(nodes)
         job_dir = self.job_dir_for(head)
         if self.job.prepare:
-            script = (f"if [ -f {job_dir}/.prepared ]; then exit 0; fi; {self.runtime_check()}set -e; "
-                      + "\n".join(self.job.prepare) + f"\ntouch {job_dir}/.prepared")
+            prepared = f"{job_dir}/{protocol.PREPARED}"
+            script = (f"if [ -f {prepared} ]; then exit 0; fi; {self.runtime_check()}set -e; "
+                      + "\n".join(self.job.prepare) + f"\ntouch {prepared}")
             result = self._on_head(head, self._sourced(script), env=self._job_env())
             if not result.ok:
                 raise JobError(f"prepare failed on the head: {self.redact(result.describe())}")
@@ -400,10 +334,10 @@ class JobRunner:
         if head is None or not failed:
             return
         job_dir = self.job_dir_for(head)
-        lines = [f"cd {job_dir} || exit 1; mkdir -p status"]
+        lines = [f"cd {job_dir} || exit 1"]
         for name, result in failed.items():
             code = result.exit_code if result.exit_code not in (None, 0) else 1
-            lines.append(f"echo {int(code)} > status/.{q(name)}.exit.tmp && mv status/.{q(name)}.exit.tmp status/{q(name)}.exit")
+            lines.append(protocol.write_exit(name, code))
         outcome = self._on_head(head, "\n".join(lines))
         if not outcome.ok:
             self.fleet.state.add_event("progress_error", head.name, "could not record failed setups: "
@@ -418,14 +352,15 @@ class JobRunner:
             node = by_name[target.name]
             job_dir = self.job_dir_for(node)
             prefix = self.fleet.node_env_prefix(node, ranks[node.name], count, env)
+            exit_file = protocol.exit_file(node.name)
             return prefix + self._sourced(
                 self.runtime_check() + f"cd {job_dir} || exit 1; "
-                f"if [ -f cancelled ]; then echo cancelled; exit 0; fi; "
-                f"if [ -f status/{q(node.name)}.exit ] && [ \"$(cat status/{q(node.name)}.exit)\" = 0 ]; then echo finished; exit 0; fi; "
-                + valid_group_check(f"pids/{q(node.name)}.pid", self.launcher) +
+                f"if [ -f {protocol.CANCELLED} ]; then echo cancelled; exit 0; fi; "
+                f"if [ -f {exit_file} ] && [ \"$(cat {exit_file})\" = 0 ]; then echo finished; exit 0; fi; "
+                + valid_group_check(protocol.pid_file(node.name), self.launcher) +
                 "if [ -n \"$pg\" ]; then echo running; exit 0; fi; "
                 + self._stop_leftovers() +
-                f"mkdir -p logs; setsid nohup sh {self.launcher} >> logs/{q(node.name)}.log 2>&1 < /dev/null & "
+                f"mkdir -p logs; setsid nohup sh {self.launcher} >> {protocol.log_file(node.name)} 2>&1 < /dev/null & "
                 f"echo started"
             )
 
@@ -437,13 +372,13 @@ class JobRunner:
         its chunk), KILL it after 10 s. The group is read from the node's own copy
         (~/.fleet/jobs/<job>/launcher.pid, 0700 directory), never from the shared one."""
         return (
-            f"old=$(head -c 32 {self.node_dir}/launcher.pid 2>/dev/null | tr -d ' \\n'); "
+            f"old=$(head -c 32 {self.node_dir}/{protocol.LAUNCHER_PID} 2>/dev/null | tr -d ' \\n'); "
             'case "$old" in ""|*[!0-9]*) old="" ;; esac; '
             'if [ -n "$old" ] && [ "$old" -gt 1 ] && kill -0 -- -"$old" 2>/dev/null; then '
             'kill -TERM -- -"$old" 2>/dev/null; '
             'for i in $(seq 1 50); do kill -0 -- -"$old" 2>/dev/null || break; sleep 0.2; done; '
             'kill -KILL -- -"$old" 2>/dev/null; fi; '
-            f"rm -f {self.node_dir}/launcher.pid; "
+            f"rm -f {self.node_dir}/{protocol.LAUNCHER_PID}; "
         )
 
     def restart_stale(self, stale: Sequence[str], nodes: Sequence[Node]) -> list[str]:
@@ -465,40 +400,18 @@ class JobRunner:
         head = self.head(nodes)
         job_dir = self.job_dir_for(head)
         selected = self.selected(nodes)
-        status_script = (
-            f"cd {job_dir} || exit 1; for f in status/*.exit; do [ -f \"$f\" ] && echo \"EXIT $(basename \"$f\" .exit) $(cat \"$f\")\"; done; "
-            f"for f in pids/*.pid; do [ -f \"$f\" ] && echo \"PID $(basename \"$f\" .pid)\"; done; "
-            f"now=$(date +%s); for f in pids/*.beat; do [ -f \"$f\" ] && "
-            f"echo \"BEAT $(basename \"$f\" .beat) $(( now - $(stat -c %Y \"$f\" 2>/dev/null || echo $now) ))\"; done; "
-            f"if [ -f cancelled ]; then echo CANCELLED; fi; true"
-        )
+        status_script = f"cd {job_dir} || exit 1; {protocol.status_script()}"
         if self.job.worker is not None:
             status_script += f"; echo STATUS; {self.runtime_check()}{self.python_word()} -P -m fleet.worker . --status"
         result = self._on_head(head, status_script, timeout=60)
         if not result.ok:
             raise JobError(f"cannot read the job's progress on the head: {self.redact(result.describe())}")
-        exits: dict[str, int] = {}
-        started: set[str] = set()
-        status: dict[str, int] = {}
-        beats: dict[str, int] = {}
-        lines = result.stdout.splitlines()
-        cancelled = "CANCELLED" in lines
-        for i, line in enumerate(lines):
-            if line.startswith("EXIT "):
-                _, name, code = (line.split(" ") + ["1"])[:3]
-                exits[name] = int(code) if code.strip().lstrip("-").isdigit() else 1
-            elif line.startswith("PID "):
-                started.add(line.split(" ", 1)[1])
-            elif line.startswith("BEAT "):
-                _, name, age = (line.split(" ") + ["0"])[:3]
-                beats[name] = int(age) if age.lstrip("-").isdigit() else 0
-            elif line == "STATUS" and i + 1 < len(lines):
-                status = json.loads(lines[i + 1])
+        launchers = protocol.parse_status(result.stdout)
+        exits, started, status, cancelled = launchers.exits, launchers.started, launchers.worker, launchers.cancelled
         selected_names = {n.name for n in selected}
         finished = [name for name in exits if name in selected_names or name in started]
         failed_nodes = [name for name, code in exits.items() if code != 0]
-        stale = tuple(n.name for n in selected if n.name in started and n.name not in exits
-                      and beats.get(n.name, 0) > STALE_S)
+        stale = tuple(n.name for n in selected if launchers.stale(n.name))
         running = len([n for n in selected if n.name in started and n.name not in exits and n.name not in stale])
         if self.job.worker is not None:
             return Progress(total=int(status.get("total", 0)), done=int(status.get("done", 0)),
@@ -553,12 +466,12 @@ class JobRunner:
     # -- cancel / logs --------------------------------------------------------------------
     def cancel(self, nodes: Sequence[Node]) -> GroupResult:
         head = self.head(nodes)
-        self._on_head(head, f"mkdir -p {self.job_dir_for(head)} && touch {self.job_dir_for(head)}/cancelled")
+        self._on_head(head, f"mkdir -p {self.job_dir_for(head)} && touch {self.job_dir_for(head)}/{protocol.CANCELLED}")
         alive = self.fleet.alive(nodes)
 
         def command(target) -> str:
             node = next(n for n in alive if n.name == target.name)
-            pid_file = f"{self.job_dir_for(node)}/pids/{q(node.name)}.pid"
+            pid_file = f"{self.job_dir_for(node)}/{protocol.pid_file(node.name)}"
             return (
                 f"[ -f {pid_file} ] || exit 0; " + valid_group_check(pid_file, self.launcher) +
                 "[ -n \"$pg\" ] || exit 0; "

@@ -50,7 +50,8 @@ SESSIONS_PER_NODE = 8  # below OpenSSH's default MaxSessions (10) channels per c
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 5.0
 KEEPALIVE_S = 5.0  # a ping (that needs an answer) per connection this often
-DEAD_AFTER_S = 10.0  # a ping unanswered this long: the peer is dead, its connection closed
+DEAD_AFTER_S = 15.0  # a ping unanswered this long: the peer is dead, its connection closed (a loaded
+# sshd still answers a global request well within it)
 _CANCEL_POLL_S = 1.0
 
 

@@ -24,9 +24,9 @@ import pytest
 from jobs_fleet import LocalFleet, check_outputs, counted_job, finish_fleet, summary_of, wait_for
 
 from fleet.fleetops import Fleet
-from fleet.jobs import STALE_S
 from fleet.monitor import Monitor
 from fleet.spec.loader import load_fleet_spec
+from fleet.worker.protocol import STALE_S
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_a_launcher_killed_with_sigkill_is_restarted_and_the_job_completes(fault
     run = fault_fleet.popen("run", str(fault_fleet.write_job(job)), "--json")
     try:
         pid_file = fault_fleet.job_dir("relaunch") / "pids" / f"{worker}.pid"
-        wait_for(lambda: pid_file.exists() and any(counts.glob("*.count")), 60, "the job to compute")
+        wait_for(_running(run, lambda: pid_file.exists() and any(counts.glob("*.count"))), 90, "the job to compute")
         launcher = int(pid_file.read_text())
         group = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == launcher]
         # The whole group, SIGKILL, as the OOM killer leaves it: no exit status, no release.
@@ -90,6 +90,16 @@ def test_a_launcher_killed_with_sigkill_is_restarted_and_the_job_completes(fault
     assert [e["node"] for e in restarted] == [worker]
     assert f"{STALE_S:g} s" in restarted[0]["detail"]
     assert int((fault_fleet.job_dir("relaunch") / "pids" / f"{worker}.pid").read_text()) != launcher
+
+
+def _running(run, condition):
+    """`condition`, failing at once with the run's output when `fleet run` ended early."""
+    def check() -> bool:
+        if run.poll() is not None:
+            stdout, stderr = run.communicate()
+            raise AssertionError(f"fleet run ended early ({run.returncode}):\n{stdout}\n{stderr}")
+        return condition()
+    return check
 
 
 def _pgid(pid: int) -> int | None:
@@ -132,7 +142,7 @@ def test_fleet_run_stops_within_its_grace_when_the_head_is_gone(fault_fleet: Loc
     run = fault_fleet.popen("run", str(fault_fleet.write_job(job)))
     try:
         pid_file = fault_fleet.job_dir("headless") / "pids" / f"{fault_fleet.worker(1)}.pid"
-        wait_for(pid_file.exists, 60, "the job to start")
+        wait_for(_running(run, pid_file.exists), 90, "the job to start")
         time.sleep(1)
         assert fault_fleet.cli("preempt", f"{fault_fleet.name}-head").returncode == 0
         gone = time.monotonic()
