@@ -212,7 +212,8 @@ class GcpProvider(Provider):
                 raise ProviderError(f"stopped waiting for operation {operation.name}: fleet is stopping")
             if time.monotonic() > deadline:
                 raise ProviderError(f"operation {operation.name} did not finish in {_OP_TIMEOUT_S:.0f} s")
-            operation = self._call(lambda name=operation.name: one_slice(name)) or operation
+            polled = self._call(lambda name=operation.name: one_slice(name))
+            operation = operation if polled is None else polled
         failure = operation_error(operation, zone=zone)
         if failure is not None:
             raise failure
