@@ -13,38 +13,16 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from fleet import cli_jobs, cli_serve
+from fleet.cli_base import err, out  # the consoles, shared with the command modules
+from fleet.cli_base import open_fleet as _open_fleet
+from fleet.cli_base import spec_path as _spec_path
 from fleet.errors import FleetError, UsageError
 from fleet.spec.loader import load_fleet_spec
 from fleet.textsafe import labelled, plain
-
-# Piped into a log, rich would squeeze tables into 80 columns; COLUMNS still rules.
-_PIPE_WIDTH = None if "COLUMNS" in os.environ else 160
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _PIPE_WIDTH)
-out = Console(highlight=False, width=None if sys.stdout.isatty() else _PIPE_WIDTH)
-
-
-def _spec_path(args: argparse.Namespace) -> Path:
-    return Path(args.file)
-
-
-def _open_fleet(args: argparse.Namespace, *, quiet: bool = False, stream: bool = False):
-    from fleet.fleetops import Fleet
-
-    spec = load_fleet_spec(_spec_path(args))
-
-    def log(message: str) -> None:
-        if not quiet:
-            err.print(labelled(time.strftime('%H:%M:%S'), message, label_style="dim", separator=" "))
-
-    def on_line(node: str, stream_name: str, line: str) -> None:
-        (err if stream_name == "stderr" else out).print(labelled(node, line), soft_wrap=True)
-
-    return Fleet(spec, _spec_path(args), log=log, on_line=on_line if stream else None)
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -286,13 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_job_commands(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
-    try:
-        from fleet import cli_jobs
-    except ImportError:  # the jobs layer is optional while it is being built
-        return
     cli_jobs.register(add)
-    from fleet import cli_serve
-
     cli_serve.register(add)
 
 

@@ -2,7 +2,10 @@
 
 `fleet run` submits the job, starts it on every selected node, runs the monitor in a
 background thread (lost nodes are replaced and given the job), and shows progress until
-every item is done or recorded as failed.
+every item is done or recorded as failed. It ends on its own when nothing can finish
+the job: no node could start it (its setup failed everywhere, after its retries), or
+the head is gone past `monitor.grace` and the monitor is not bringing a new one. A
+launcher whose heartbeat goes stale on a live node is restarted.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import TYPE_CHECKING
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fleet.cli import _open_fleet, err, out
+from fleet.cli_base import err, out
+from fleet.cli_base import open_fleet as _open_fleet
 from fleet.errors import FleetError, JobError
 from fleet.spec.loader import load_job_spec
 from fleet.textsafe import plain
@@ -94,11 +98,20 @@ def running_jobs(fleet) -> list:
 
 def job_monitor(fleet, runner) -> tuple[Monitor, threading.Thread]:
     """The monitor of a running job or serving, in a thread not yet started: each node it
-    brings up in place of a lost one gets the job's processes."""
+    brings up in place of a lost one gets the job's processes. The monitor has SSH
+    connections and cloud clients of its own, whose waits its stop() ends."""
     from fleet.monitor import Monitor
 
-    monitor = Monitor(fleet, on_replaced=hand_over(fleet, lambda: [runner]))
-    return monitor, threading.Thread(target=monitor.run, name="fleet-monitor", daemon=True)
+    session = fleet.session(threading.Event())
+    monitor = Monitor(session, on_replaced=hand_over(session, lambda: [runner]))
+
+    def run() -> None:
+        try:
+            monitor.run()
+        finally:
+            session.close()
+
+    return monitor, threading.Thread(target=run, name="fleet-monitor", daemon=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -132,8 +145,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             monitor.stop()
             thread.join(timeout=60)
+        stopped = summary.pop("stopped", None)
         fleet.state.set_job_status(job.name, "finished" if summary["ok"] else "failed", summary)
         ok = summary.pop("ok")
+        if stopped:
+            err.print(plain(f"job {job.name}: {stopped}", style="red"))
         if args.json:
             print(json.dumps(summary))
         else:
@@ -157,14 +173,21 @@ def _follow(fleet, runner, monitor, started: float, args: argparse.Namespace) ->
     ok = False
     progress = None
     idle_since: float | None = None
+    stopped: str | None = None
+    head_watch = _HeadWatch(fleet, monitor)
     try:
         while True:
-            nodes = fleet.observe()
             try:
+                nodes = fleet.observe()
                 progress = runner.progress(nodes)
-            except JobError as error:
+            except FleetError as error:  # the head or the provider API does not answer
                 progress = None
-                fleet.state.add_event("progress_error", None, str(error))
+                stopped = head_watch.failed(error)
+                if stopped:
+                    fleet.state.add_event("stopped", None, f"job {job.name}: {stopped}")
+                    break
+            else:
+                head_watch.answered()
             elapsed = time.time() - started
             replacements = fleet.state.count_events("replaced", since=started) - replacements_start
             if progress is not None:
@@ -191,6 +214,8 @@ def _follow(fleet, runner, monitor, started: float, args: argparse.Namespace) ->
                 if progress.cancelled:
                     fleet.state.add_event("stopped", None, f"job {job.name} was cancelled")
                     break
+                if progress.stale_nodes and not progress.cancelled:
+                    runner.restart_stale(progress.stale_nodes, nodes)
                 if monitor.exhausted and not any(n for n in selected):
                     break
                 # Every process of a worker job ended and items are left (they crashed, or
@@ -219,7 +244,46 @@ def _follow(fleet, runner, monitor, started: float, args: argparse.Namespace) ->
         "replacements": fleet.state.count_events("replaced", since=started) - replacements_start,
         "seconds": round(time.time() - started, 3),
         "ok": ok,
+        **({"stopped": stopped} if stopped else {}),
     }
+
+
+class _HeadWatch:
+    """How long the job's progress has been unreadable (the head does not answer or is
+    gone, or the cloud API fails past its retries), and when that ends `fleet run`:
+    after `monitor.grace`, unless the monitor is bringing a new head (then until it
+    has had `ssh.ready_timeout` more). One event per outage, not one per second."""
+
+    def __init__(self, fleet, monitor) -> None:
+        self.fleet = fleet
+        self.monitor = monitor
+        self.since: float | None = None
+        self.reported = False
+
+    def answered(self) -> None:
+        if self.since is not None and self.reported:
+            self.fleet.state.add_event("progress_resumed", None, f"the job's progress answers again after "
+                                       f"{time.time() - self.since:.0f} s")
+        self.since, self.reported = None, False
+
+    def failed(self, error: FleetError) -> str | None:
+        now = time.time()
+        if self.since is None:
+            self.since = now
+        if not self.reported:
+            self.reported = True
+            self.fleet.state.add_event("progress_error", None, str(error))
+            err.print(plain(f"cannot read the job's progress: {error}; waiting up to "
+                            f"{self.fleet.spec.monitor.grace:g} s for it", style="yellow"))
+        grace = self.fleet.spec.monitor.grace
+        if self.monitor.replacing_head():
+            grace += self.fleet.spec.ssh.ready_timeout
+        if now - self.since < grace:
+            return None
+        return (f"stopped: the job's progress could not be read for {now - self.since:.0f} s "
+                f"(monitor.grace is {self.fleet.spec.monitor.grace:g} s) and no new head is on its way; "
+                f"last error: {error}. The job's state stays on the head's shared directory: once the "
+                "head is back (`fleet up`), `fleet run` resumes it")
 
 
 def _settle(fleet, runner, progress) -> None:

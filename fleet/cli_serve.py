@@ -21,7 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from fleet.cli import _open_fleet, err, out
+from fleet.cli_base import err, out
+from fleet.cli_base import open_fleet as _open_fleet
 from fleet.cli_jobs import job_monitor
 from fleet.errors import JobError, UsageError
 from fleet.spec.loader import load_job_spec

@@ -114,6 +114,11 @@ class RateLimitError(ProviderError):
         self.retry_after = retry_after
 
 
+class TransientError(ProviderError):
+    """A fault that usually passes: a 5xx, an API that is unavailable, a read timeout,
+    a reset connection. Retried with a budget; what is left after it is a ProviderError."""
+
+
 class CredentialsError(ProviderError):
     """No usable credentials were found in the standard chain."""
 

@@ -14,6 +14,7 @@ import getpass
 import os
 import shlex
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -109,8 +110,10 @@ class Fleet:
         log: Log | None = None,
         on_line: Callable[[str, str, str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.spec = spec
+        self.cancel = cancel or threading.Event()  # set: every wait of this handle ends
         self.spec_path = Path(spec_path)
         self.paths = FleetPaths.for_spec(spec, self.spec_path)
         self.log: Log = log or (lambda message: None)
@@ -147,7 +150,8 @@ class Fleet:
     def provider(self) -> Provider:
         if self._provider is None:
             context = ProviderContext(
-                spec=self.spec, state_dir=self.paths.state_dir, public_key=self.public_key(), ssh_user=self.user
+                spec=self.spec, state_dir=self.paths.state_dir, public_key=self.public_key(), ssh_user=self.user,
+                cancel=self.cancel,
             )
             self._provider = get_provider(context)
         return self._provider
@@ -163,8 +167,15 @@ class Fleet:
                 connect_timeout=self.spec.ssh.connect_timeout,
                 command_timeout=self.spec.ssh.command_timeout,
                 on_line=self._on_line,
+                cancel=self.cancel,
             )
         return self._executor
+
+    def session(self, cancel: threading.Event) -> Fleet:
+        """A handle on the same fleet with SSH connections, cloud clients and a state
+        connection of its own, whose waits end when `cancel` is set: the monitor's, so
+        that a pass never waits on the follower's connections nor outlives its stop."""
+        return Fleet(self.spec, self.spec_path, log=self.log, clock=self.clock, cancel=cancel)
 
     def close(self) -> None:
         if self._executor is not None:
@@ -433,8 +444,7 @@ class Fleet:
         current = {n.name: n for n in nodes}
         deadline = time.monotonic() + self.spec.ssh.ready_timeout
         delay = 0.5
-        while waiting:
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        while waiting and not self.cancel.wait(min(delay, max(0.0, deadline - time.monotonic()))):
             delay = min(delay * 1.5, 5.0)
             for listed in self.provider.list():
                 if listed.name in waiting and listed.name in current:

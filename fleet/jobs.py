@@ -1,15 +1,14 @@
 """Jobs across the fleet: put a job on the shared dir, start it on nodes, follow it.
 
-A job lives in `<shared>/jobs/<name>/` on the head (layout in `fleet.worker.layout`);
-this module adds what the control side needs there:
+A job lives in `<shared>/jobs/<name>/` on the head (the worker's files in
+`fleet.worker.layout`; the launcher, its pid, heartbeat, exit and log files and the
+status lines in `fleet.worker.protocol`); this module adds:
 
     job.yaml               the validated spec (interpolated), as submitted, without `env:`
-    .prepared              `prepare` ran (once, on the head)
-    pids/<node>.pid        the launcher's pid = its process group (setsid)
-    status/<node>.exit     the launcher's exit code, written when it ends
-    logs/<node>.log        everything the node's processes printed
     bulk/packer.log        the head's packer (bulk I/O, `fleet.worker.packer`)
-    cancelled              `fleet cancel` was asked: nothing restarts
+
+A launcher whose heartbeat goes stale on a live node (killed: SIGKILL, OOM) is started
+again (`restart_stale`), after what is left of its process group is stopped.
 
 Nothing on the shared directory is ever executed or imported by a node: any worker can
 write there. Each node keeps what it runs in `~/.fleet/jobs/<name>/` (0700, written by
@@ -27,9 +26,10 @@ process group: the worker then finishes or releases the chunk in hand.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import posixpath
 import shlex
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,63 +40,14 @@ from fleet.fleetops import Fleet, _home_path
 from fleet.model import Node
 from fleet.runtime import runtime_check
 from fleet.spec.job import JobSpec
-from fleet.ssh import GroupResult
+from fleet.ssh import CommandResult, GroupResult
+from fleet.worker import protocol
+from fleet.worker.protocol import STALE_S
 from fleet.worker.yamlbound import safe_load_bounded
 
 # What the launcher runs for a `serve:` job (as a `run:` command: restarts, stop on signal).
 SERVE_COMMAND = 'exec "$FLEET_PYTHON" -P -m fleet.worker.serve "$(pwd)" --node "$FLEET_NODE_NAME"'
-
-_LAUNCHER = r"""#!/bin/sh
-# fleet job launcher: started by `fleet run` on every selected node (setsid, nohup),
-# from ~/.fleet/jobs/<job>/launch.sh (never from the shared directory), in the job dir.
-# Environment from the caller: FLEET_NODE_NAME FLEET_NODE_RANK FLEET_NUM_NODES FLEET_SHARED
-# FLEET_JOB FLEET_PYTHON FLEET_PROCESSES FLEET_RETRIES FLEET_NOTICE [FLEET_RUN] + the job's env.
-JOB_DIR=$(pwd)
-NODE="$FLEET_NODE_NAME"
-mkdir -p pids status logs metrics
-echo $$ > "pids/.$NODE.pid.tmp" && mv "pids/.$NODE.pid.tmp" "pids/$NODE.pid"
-rm -f "status/$NODE.exit"
-# The node runtime (fleet's virtualenv, installed by `fleet up`) must be there, and be this control plane's.
-if [ -n "$FLEET_RUNTIME" ]; then
-  rc=0
-  ( @RUNTIME_CHECK@ ) || rc=$?
-  if [ "$rc" != 0 ]; then echo "$rc" > "status/.$NODE.exit.tmp" && mv "status/.$NODE.exit.tmp" "status/$NODE.exit"; exit "$rc"; fi
-fi
-"$FLEET_PYTHON" -P -m fleet.worker.sampler --out "metrics/$NODE.jsonl" --node "$NODE" --pid $$ >/dev/null 2>&1 &
-watcher=""
-if [ -n "$FLEET_NOTICE" ] && [ "$FLEET_NOTICE" != local ]; then
-  "$FLEET_PYTHON" -P -m fleet.worker.notice --provider "$FLEET_NOTICE" --pgid $$ &
-  watcher=$!
-fi
-child=""
-stopping=""
-on_term() { stopping=1; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null; }
-trap on_term TERM INT
-attempt=0
-while :; do
-  if [ -n "$FLEET_RUN" ]; then
-    sh -c "$FLEET_RUN" &
-  else
-    "$FLEET_PYTHON" -P -m fleet.worker "$JOB_DIR" --node "$NODE" --processes "$FLEET_PROCESSES" &
-  fi
-  child=$!
-  rc=0
-  wait "$child" || rc=$?
-  # `wait` returns early when a trapped signal arrives: wait for the child to finish its stop.
-  while kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done
-  [ "$rc" = 0 ] && break
-  [ -n "$stopping" ] && break
-  attempt=$((attempt + 1))
-  [ "$attempt" -gt "$FLEET_RETRIES" ] && break
-  echo "fleet: attempt $attempt of $FLEET_RETRIES: restarting after exit code $rc" >&2
-  sleep 1
-done
-# Stopped by a signal (cancel, preemption notice): not finished, a later run resumes here.
-[ -n "$stopping" ] && rc=143
-[ -n "$watcher" ] && kill -TERM "$watcher" 2>/dev/null
-echo "$rc" > "status/.$NODE.exit.tmp" && mv "status/.$NODE.exit.tmp" "status/$NODE.exit"
-exit "$rc"
-""".replace("@RUNTIME_CHECK@", runtime_check())
+_LAUNCHER = protocol.launcher_script(runtime_check())
 
 
 @dataclass(frozen=True)
@@ -110,6 +61,7 @@ class Progress:
     chunks: int = 0
     chunks_done: int = 0
     cancelled: bool = False
+    stale_nodes: tuple[str, ...] = ()  # started, no exit, heartbeat older than STALE_S
 
     @property
     def complete(self) -> bool:
@@ -121,7 +73,8 @@ def q(value: str) -> str:
 
 
 REDACTED = "***"
-NODE_JOBS = ".fleet/jobs"  # under the node's home: what each node keeps of its jobs (0700)
+NODE_JOBS = ".fleet/jobs"
+SETUP_RETRY_S = 1.0  # pause between two tries of a job's setup on a node  # under the node's home: what each node keeps of its jobs (0700)
 
 
 def redact(text: str, secrets: Sequence[str]) -> str:
@@ -149,6 +102,7 @@ class JobRunner:
     def __init__(self, fleet: Fleet, job: JobSpec) -> None:
         self.fleet = fleet
         self.job = job
+        self._starting = threading.Lock()  # one start at a time (the follower's restarts, the monitor's replacements)
         # The whole spec (env too) stays in the fleet's state.db (0600); the shared
         # directory, readable by every worker, gets it without the env.
         self.spec_text = yaml.safe_dump(job.model_dump(mode="json", exclude_none=True), sort_keys=False)
@@ -264,7 +218,7 @@ class JobRunner:
         failed = self.install([head])
         if failed:
             raise JobError(f"could not write the job's launcher to the head: {failed[head.name]}")
-        self._on_head(head, f"rm -f {job_dir}/cancelled")
+        self._on_head(head, f"rm -f {job_dir}/{protocol.CANCELLED}")
         self.fleet.state.upsert_job(self.job.name, status="submitted", spec=self.spec_text)
         return state
 
@@ -272,8 +226,9 @@ class JobRunner:
         head = self.head(nodes)
         job_dir = self.job_dir_for(head)
         if self.job.prepare:
-            script = (f"if [ -f {job_dir}/.prepared ]; then exit 0; fi; {self.runtime_check()}set -e; "
-                      + "\n".join(self.job.prepare) + f"\ntouch {job_dir}/.prepared")
+            prepared = f"{job_dir}/{protocol.PREPARED}"
+            script = (f"if [ -f {prepared} ]; then exit 0; fi; {self.runtime_check()}set -e; "
+                      + "\n".join(self.job.prepare) + f"\ntouch {prepared}")
             result = self._on_head(head, self._sourced(script), env=self._job_env())
             if not result.ok:
                 raise JobError(f"prepare failed on the head: {self.redact(result.describe())}")
@@ -316,6 +271,10 @@ class JobRunner:
     def start(self, nodes: Sequence[Node], *, all_nodes: Sequence[Node] | None = None) -> GroupResult:
         """Start the job's processes on these nodes, unless they already run there or
         finished. Ranks are positions among every selected node."""
+        with self._starting:
+            return self._start(nodes, all_nodes)
+
+    def _start(self, nodes: Sequence[Node], all_nodes: Sequence[Node] | None) -> GroupResult:
         ranked = self.selected(all_nodes if all_nodes is not None else nodes)
         ranks = {n.name: i for i, n in enumerate(ranked)}
         targets = [n for n in nodes if n.name in ranks]
@@ -323,15 +282,8 @@ class JobRunner:
         for name, why in not_installed.items():
             self.fleet.state.add_event("job_setup_failed", name, why)
         targets = [n for n in targets if n.name not in not_installed]
-        if self.job.setup:
-            setup = "set -e\n" + "\n".join(self.job.setup)
-            marker = f'"$HOME"/.fleet/jobs/{q(self.job.name)}.setup'
-            script = f"if [ -f {marker} ]; then exit 0; fi; mkdir -p \"$HOME/.fleet/jobs\"; ( {setup}\n) && touch {marker}"
-            results = self.fleet.exec(targets, self._sourced(script), extra_env=self._job_env())
-            bad = [r for r in results.results.values() if not r.ok]
-            for r in bad:
-                self.fleet.state.add_event("job_setup_failed", r.node, self.redact(r.describe()))
-            targets = [n for n in targets if results.results[n.name].ok]
+        setup_failed = self.run_setup(targets, all_nodes if all_nodes is not None else nodes)
+        targets = [n for n in targets if n.name not in setup_failed]
         processes = self.job.processes_per_node
         env = {
             **self._job_env(),
@@ -344,7 +296,52 @@ class JobRunner:
         for name, result in results.results.items():
             if result.ok and result.stdout.strip() == "started":
                 self.fleet.state.add_event("working", name, f"job {self.job.name} started")
-        return results
+        return GroupResult({**results.results, **setup_failed})
+
+    def run_setup(self, nodes: Sequence[Node], all_nodes: Sequence[Node]) -> dict[str, CommandResult]:
+        """The job's `setup:` on each node, tried 1 + `retries` times. A node where it
+        keeps failing is that node's failure: an event, and an exit status on the shared
+        directory (`status/<node>.exit`, what its launcher would have left), so that the
+        job's progress counts the node as ended and failed. Returns node -> its result."""
+        if not self.job.setup or not nodes:
+            return {}
+        setup = "set -e\n" + "\n".join(self.job.setup)
+        marker = f'"$HOME"/.fleet/jobs/{q(self.job.name)}.setup'
+        script = self._sourced(
+            f"if [ -f {marker} ]; then exit 0; fi; mkdir -p \"$HOME/.fleet/jobs\"; ( {setup}\n) && touch {marker}")
+        pending = list(nodes)
+        failed: dict[str, CommandResult] = {}
+        attempts = 1 + self.job.retries
+        for attempt in range(1, attempts + 1):
+            results = self.fleet.exec(pending, script, extra_env=self._job_env())
+            failed = {name: r for name, r in results.results.items() if not r.ok}
+            for name, result in failed.items():
+                self.fleet.state.add_event("job_setup_failed", name, f"attempt {attempt} of {attempts}: "
+                                           + self.redact(result.describe()))
+            pending = [n for n in pending if n.name in failed]
+            if not pending:
+                return {}
+            if attempt < attempts:
+                self.fleet.cancel.wait(SETUP_RETRY_S)
+        failed = {name: dataclasses.replace(r, command="the job's setup", stdout=self.redact(r.stdout),
+                                            stderr=self.redact(r.stderr)) for name, r in failed.items()}
+        self._record_failed(failed, all_nodes)
+        return failed
+
+    def _record_failed(self, failed: dict[str, CommandResult], nodes: Sequence[Node]) -> None:
+        """Write `status/<node>.exit` on the head for nodes whose job could not start."""
+        head = self.fleet.head(nodes)
+        if head is None or not failed:
+            return
+        job_dir = self.job_dir_for(head)
+        lines = [f"cd {job_dir} || exit 1"]
+        for name, result in failed.items():
+            code = result.exit_code if result.exit_code not in (None, 0) else 1
+            lines.append(protocol.write_exit(name, code))
+        outcome = self._on_head(head, "\n".join(lines))
+        if not outcome.ok:
+            self.fleet.state.add_event("progress_error", head.name, "could not record failed setups: "
+                                       + self.redact(outcome.describe()))
 
     def _start_on(self, nodes: Sequence[Node], env: dict[str, str], ranks: dict[str, int], count: int) -> GroupResult:
         by_name = {n.name: n for n in nodes}
@@ -355,61 +352,79 @@ class JobRunner:
             node = by_name[target.name]
             job_dir = self.job_dir_for(node)
             prefix = self.fleet.node_env_prefix(node, ranks[node.name], count, env)
+            exit_file = protocol.exit_file(node.name)
             return prefix + self._sourced(
                 self.runtime_check() + f"cd {job_dir} || exit 1; "
-                f"if [ -f cancelled ]; then echo cancelled; exit 0; fi; "
-                f"if [ -f status/{q(node.name)}.exit ] && [ \"$(cat status/{q(node.name)}.exit)\" = 0 ]; then echo finished; exit 0; fi; "
-                + valid_group_check(f"pids/{q(node.name)}.pid", self.launcher) +
-                f"if [ -n \"$pg\" ]; then echo running; exit 0; fi; "
-                f"mkdir -p logs; setsid nohup sh {self.launcher} >> logs/{q(node.name)}.log 2>&1 < /dev/null & "
+                f"if [ -f {protocol.CANCELLED} ]; then echo cancelled; exit 0; fi; "
+                f"if [ -f {exit_file} ] && [ \"$(cat {exit_file})\" = 0 ]; then echo finished; exit 0; fi; "
+                + valid_group_check(protocol.pid_file(node.name), self.launcher) +
+                "if [ -n \"$pg\" ]; then echo running; exit 0; fi; "
+                + self._stop_leftovers() +
+                f"mkdir -p logs; setsid nohup sh {self.launcher} >> {protocol.log_file(node.name)} 2>&1 < /dev/null & "
                 f"echo started"
             )
 
         return self.fleet.executor.run([self.fleet.target(n) for n in nodes], command)
+
+    def _stop_leftovers(self) -> str:
+        """Shell: the launcher is not running, yet its process group may be (a launcher
+        killed alone leaves its worker behind): TERM what is left (the worker releases
+        its chunk), KILL it after 10 s. The group is read from the node's own copy
+        (~/.fleet/jobs/<job>/launcher.pid, 0700 directory), never from the shared one."""
+        return (
+            f"old=$(head -c 32 {self.node_dir}/{protocol.LAUNCHER_PID} 2>/dev/null | tr -d ' \\n'); "
+            'case "$old" in ""|*[!0-9]*) old="" ;; esac; '
+            'if [ -n "$old" ] && [ "$old" -gt 1 ] && kill -0 -- -"$old" 2>/dev/null; then '
+            'kill -TERM -- -"$old" 2>/dev/null; '
+            'for i in $(seq 1 50); do kill -0 -- -"$old" 2>/dev/null || break; sleep 0.2; done; '
+            'kill -KILL -- -"$old" 2>/dev/null; fi; '
+            f"rm -f {self.node_dir}/{protocol.LAUNCHER_PID}; "
+        )
+
+    def restart_stale(self, stale: Sequence[str], nodes: Sequence[Node]) -> list[str]:
+        """Start the job again on live nodes whose launcher's heartbeat went stale. The
+        node decides: a launcher still running there is left alone. Returns the nodes
+        where a new launcher started."""
+        targets = [n for n in self.fleet.alive(nodes) if n.name in stale]
+        if not targets:
+            return []
+        results = self.start(targets, all_nodes=nodes)
+        restarted = [name for name, r in results.results.items() if r.ok and r.stdout.strip() == "started"]
+        for name in restarted:
+            self.fleet.state.add_event("launcher_restarted", name, f"job {self.job.name}: its launcher stopped "
+                                       f"beating for more than {STALE_S:g} s (killed?); its chunk is taken over")
+        return restarted
 
     # -- progress -------------------------------------------------------------------------
     def progress(self, nodes: Sequence[Node]) -> Progress:
         head = self.head(nodes)
         job_dir = self.job_dir_for(head)
         selected = self.selected(nodes)
-        status_script = (
-            f"cd {job_dir} || exit 1; for f in status/*.exit; do [ -f \"$f\" ] && echo \"EXIT $(basename \"$f\" .exit) $(cat \"$f\")\"; done; "
-            f"for f in pids/*.pid; do [ -f \"$f\" ] && echo \"PID $(basename \"$f\" .pid)\"; done; "
-            f"if [ -f cancelled ]; then echo CANCELLED; fi; true"
-        )
+        status_script = f"cd {job_dir} || exit 1; {protocol.status_script()}"
         if self.job.worker is not None:
             status_script += f"; echo STATUS; {self.runtime_check()}{self.python_word()} -P -m fleet.worker . --status"
         result = self._on_head(head, status_script, timeout=60)
         if not result.ok:
             raise JobError(f"cannot read the job's progress on the head: {self.redact(result.describe())}")
-        exits: dict[str, int] = {}
-        started: set[str] = set()
-        status: dict[str, int] = {}
-        lines = result.stdout.splitlines()
-        cancelled = "CANCELLED" in lines
-        for i, line in enumerate(lines):
-            if line.startswith("EXIT "):
-                _, name, code = (line.split(" ") + ["1"])[:3]
-                exits[name] = int(code) if code.strip().lstrip("-").isdigit() else 1
-            elif line.startswith("PID "):
-                started.add(line.split(" ", 1)[1])
-            elif line == "STATUS" and i + 1 < len(lines):
-                status = json.loads(lines[i + 1])
+        launchers = protocol.parse_status(result.stdout)
+        exits, started, status, cancelled = launchers.exits, launchers.started, launchers.worker, launchers.cancelled
         selected_names = {n.name for n in selected}
         finished = [name for name in exits if name in selected_names or name in started]
         failed_nodes = [name for name, code in exits.items() if code != 0]
-        running = len([n for n in selected if n.name in started and n.name not in exits])
+        stale = tuple(n.name for n in selected if launchers.stale(n.name))
+        running = len([n for n in selected if n.name in started and n.name not in exits and n.name not in stale])
         if self.job.worker is not None:
             return Progress(total=int(status.get("total", 0)), done=int(status.get("done", 0)),
                             failed=int(status.get("failed", 0)), running_nodes=running,
                             finished_nodes=len(finished), failed_nodes=failed_nodes,
                             chunks=int(status.get("chunks", 0)), chunks_done=int(status.get("chunks_done", 0)),
-                            cancelled=cancelled)
+                            cancelled=cancelled, stale_nodes=stale)
         # run: jobs: one unit of work per selected node, done when it exited 0.
         total = len(selected_names | set(exits))
         done = len([name for name, code in exits.items() if code == 0])
         return Progress(total=total, done=done, failed=len(failed_nodes), running_nodes=running,
-                        finished_nodes=len(finished), failed_nodes=failed_nodes, cancelled=cancelled)
+                        finished_nodes=len(finished), failed_nodes=failed_nodes, cancelled=cancelled,
+                        stale_nodes=stale)
 
     # -- the end of a job -----------------------------------------------------------------
     def sweep_temporaries(self, nodes: Sequence[Node], *, age: int = 5) -> int:
@@ -451,12 +466,12 @@ class JobRunner:
     # -- cancel / logs --------------------------------------------------------------------
     def cancel(self, nodes: Sequence[Node]) -> GroupResult:
         head = self.head(nodes)
-        self._on_head(head, f"mkdir -p {self.job_dir_for(head)} && touch {self.job_dir_for(head)}/cancelled")
+        self._on_head(head, f"mkdir -p {self.job_dir_for(head)} && touch {self.job_dir_for(head)}/{protocol.CANCELLED}")
         alive = self.fleet.alive(nodes)
 
         def command(target) -> str:
             node = next(n for n in alive if n.name == target.name)
-            pid_file = f"{self.job_dir_for(node)}/pids/{q(node.name)}.pid"
+            pid_file = f"{self.job_dir_for(node)}/{protocol.pid_file(node.name)}"
             return (
                 f"[ -f {pid_file} ] || exit 0; " + valid_group_check(pid_file, self.launcher) +
                 "[ -n \"$pg\" ] || exit 0; "

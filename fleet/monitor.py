@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -73,7 +72,7 @@ class Monitor:
         self.replacements = 0
         self.applier = Applier(fleet, on_replaced=on_replaced, clock=clock)
         self._replacing_head = False
-        self._stop = threading.Event()
+        self._stop = fleet.cancel  # stop() also ends the waits of the fleet handle's pass
 
     @property
     def exhausted(self) -> bool:
@@ -161,4 +160,6 @@ class Monitor:
                 self._stop.wait(remaining) if self.sleep is time.sleep else self.sleep(remaining)
 
     def stop(self) -> None:
+        """End the loop; a pass in progress gives up its waits (SSH readiness, cloud
+        operations, commands) at once when the fleet handle is the monitor's own session."""
         self._stop.set()

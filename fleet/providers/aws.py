@@ -67,6 +67,8 @@ DELETED_TAG = "fleet-deleted"
 DATA_VOLUME_TAG = "fleet-data-volume"  # on the head: the id of the data volume it attaches
 DATA_DEVICE = "/dev/sdf"  # where the data volume is attached (Nitro: an NVMe device named by its id)
 _VOLUME_WAIT_S = 300.0
+API_ATTEMPTS = 3  # botocore's attempts per call (standard mode), before our own backoff
+API_CONNECT_TIMEOUT_S = 10.0
 SPOT_TERMINATION = "Server.SpotInstanceTermination"
 _STATE_MAP = {"pending": NodeState.PENDING, "running": NodeState.RUNNING}
 _GONE = {"shutting-down", "terminated", "stopping", "stopped"}
@@ -138,9 +140,13 @@ class AwsProvider(Provider):
                 from botocore.config import Config
 
                 self.check()
-                # Our own backoff (with an injectable sleep) instead of botocore's retries.
+                # botocore's standard mode retries transient faults (5xx, throttling, read
+                # timeouts, resets) a few times with jitter and a retry quota; what still
+                # fails goes through our own backoff (`_call`), then up as a clear error.
                 config = Config(
-                    retries={"total_max_attempts": 1, "mode": "standard"},
+                    retries={"total_max_attempts": API_ATTEMPTS, "mode": "standard"},
+                    connect_timeout=API_CONNECT_TIMEOUT_S,
+                    read_timeout=self.aws.api_timeout,
                     max_pool_connections=max(10, self._max_parallel * 2),
                 )
                 self._ec2 = self._boto_session().client("ec2", config=config)
@@ -148,7 +154,8 @@ class AwsProvider(Provider):
 
     def _call(self, method: str, **params: Any) -> Any:
         function: Callable[..., Any] = getattr(self.ec2, method)
-        return with_backoff(lambda: function(**params), classify=classify, sleep=self._sleep)
+        return with_backoff(lambda: function(**params), classify=classify, sleep=self._sleep,
+                            cancel=self.context.cancel)
 
     def _tags(self, extra: dict[str, str]) -> list[dict[str, str]]:
         return [
@@ -627,7 +634,7 @@ class AwsProvider(Provider):
                     found.extend(reservation.get("Instances", []))
             return found
 
-        return with_backoff(fetch, classify=classify, sleep=self._sleep)
+        return with_backoff(fetch, classify=classify, sleep=self._sleep, cancel=self.context.cancel)
 
     def list(self) -> list[Node]:
         nodes = [self.to_node(instance) for instance in self._instances()]

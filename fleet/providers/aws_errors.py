@@ -1,7 +1,9 @@
 """EC2 errors -> `fleet.errors`: the one place where AWS error codes are read.
 
 Capacity codes move creation to the next zone/subnet, limit codes stop it with a clear
-message, throttling backs off. Messages carry the code and AWS's text, never credentials
+message, throttling and transient faults (5xx, `InternalError`, `Unavailable`, read
+timeouts, reset connections) back off and retry (`fleet.providers.retry`), after
+botocore's own standard-mode retries. Messages carry the code and AWS's text, never credentials
 (botocore's errors hold none; we do not add request parameters).
 """
 
@@ -14,6 +16,7 @@ from fleet.errors import (
     ProviderError,
     QuotaError,
     RateLimitError,
+    TransientError,
 )
 
 CAPACITY_CODES = {
@@ -26,6 +29,15 @@ CAPACITY_CODES = {
 }
 QUOTA_CODES = {"VcpuLimitExceeded", "InstanceLimitExceeded", "MaxSpotFleetRequestCountExceeded"}
 RATE_CODES = {"RequestLimitExceeded", "Throttling", "ThrottlingException", "RequestThrottled"}
+TRANSIENT_CODES = {
+    "InternalError",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "Unavailable",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "PriorRequestNotComplete",
+}
 AUTH_CODES = {
     "AuthFailure",
     "InvalidClientTokenId",
@@ -56,6 +68,8 @@ def from_code(code: str, message: str, *, where: str | None = None) -> FleetErro
         return QuotaError(f"AWS limit reached: {text}", quota=code, hint=hint)
     if code in RATE_CODES:
         return RateLimitError(f"AWS API throttled: {text}")
+    if code in TRANSIENT_CODES:
+        return TransientError(f"EC2 API failed transiently: {text}")
     if code in AUTH_CODES:
         return CredentialsError(f"AWS refused the credentials ({code})", hint=_CREDENTIAL_HINT)
     if code == "UnauthorizedOperation":
@@ -68,9 +82,15 @@ def classify(exc: BaseException) -> FleetError | None:
 
     if isinstance(exc, bexc.ClientError):
         error = exc.response.get("Error", {})
-        return from_code(str(error.get("Code", "Unknown")), str(error.get("Message", "")))
+        mapped = from_code(str(error.get("Code", "Unknown")), str(error.get("Message", "")))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if type(mapped) is ProviderError and status >= 500:
+            return TransientError(f"EC2 API answered HTTP {status}: {mapped.message.removeprefix('AWS error ')}")
+        return mapped
     if isinstance(exc, bexc.NoCredentialsError | bexc.PartialCredentialsError):
         return CredentialsError("no AWS credentials found in the default chain", hint=_CREDENTIAL_HINT)
-    if isinstance(exc, bexc.EndpointConnectionError | bexc.ConnectTimeoutError):
-        return ProviderError(f"cannot reach the EC2 API ({type(exc).__name__})")
+    # Read timeouts, resets, a proxy or endpoint that did not answer: HTTPClientError
+    # covers ReadTimeoutError, ConnectTimeoutError, ConnectionClosedError, ProxyConnectionError.
+    if isinstance(exc, bexc.EndpointConnectionError | bexc.HTTPClientError):
+        return TransientError(f"cannot reach the EC2 API ({type(exc).__name__})")
     return None

@@ -9,6 +9,7 @@ find everything the fleet owns even when the local record is gone.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class ProviderContext:
     state_dir: Path  # .fleet/<name>/ beside the spec: keys, known_hosts, state.db
     public_key: str  # the fleet's SSH public key, one OpenSSH line
     ssh_user: str
+    cancel: threading.Event | None = None  # set: long waits (operations) give up at once
 
 
 @dataclass(frozen=True)

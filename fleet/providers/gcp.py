@@ -58,7 +58,7 @@ from fleet.model import (
     data_disk_name,
 )
 from fleet.providers.base import CleanupReport, CreateResult, PlannedNode, Provider, ProviderContext
-from fleet.providers.gcp_errors import classify, operation_error
+from fleet.providers.gcp_errors import classify, classify_insert, operation_error
 from fleet.providers.netaddr import AddressDetector, canonical_ranges, resolve_source_ranges
 from fleet.providers.prices import estimate
 from fleet.providers.retry import Sleep, with_backoff
@@ -69,6 +69,7 @@ from fleet.spec.models import GcpNodeOptions
 _SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
 _PAGE = 500
 _OP_TIMEOUT_S = 900.0
+_WAIT_SLICE_S = 5.0  # one operation wait call: the cancel token is looked at between two
 _STATE_MAP = {
     "PROVISIONING": NodeState.PENDING,
     "STAGING": NodeState.PENDING,
@@ -110,6 +111,28 @@ def resolve_credentials(endpoint: str | None) -> Any:
             hint="run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS "
             "to a service account key file",
         ) from None
+
+
+class _Bounded:
+    """A compute_v1 client whose calls wait `timeout` seconds at most for an answer and
+    do not retry on their own (the client's default retries 503s for up to 600 s, with
+    real sleeps): `with_backoff` retries instead, within its budget."""
+
+    def __init__(self, client: Any, timeout: float) -> None:
+        self._inner = client
+        self._timeout = timeout
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._inner, name)
+        if name.startswith("_") or not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("retry", None)
+            kwargs.setdefault("timeout", self._timeout)
+            return attribute(*args, **kwargs)
+
+        return call
 
 
 class GcpProvider(Provider):
@@ -154,34 +177,52 @@ class GcpProvider(Provider):
                     "disks": compute_v1.DisksClient,
                 }
                 self._clients = {
-                    name: cls(credentials=credentials, client_options=options, transport="rest")
+                    name: _Bounded(cls(credentials=credentials, client_options=options, transport="rest"),
+                                   self.gcp.api_timeout)
                     for name, cls in make.items()
                 }
             return self._clients[kind]
 
-    def _call(self, call: Callable[[], Any]) -> Any:
-        return with_backoff(call, classify=classify, sleep=self._sleep)
+    def _call(self, call: Callable[[], Any], classify: Callable[[BaseException], Any] = classify) -> Any:
+        return with_backoff(call, classify=classify, sleep=self._sleep, cancel=self.context.cancel)
 
     def _wait_zone_op(self, zone: str, operation: Any) -> None:
         self._wait(
             operation,
-            lambda name: self._client("zone_ops").wait(project=self.gcp.project, zone=zone, operation=name),
+            lambda name, timeout: self._client("zone_ops").wait(
+                project=self.gcp.project, zone=zone, operation=name, timeout=timeout),
             zone,
         )
 
     def _wait_global_op(self, operation: Any) -> None:
         self._wait(
             operation,
-            lambda name: self._client("global_ops").wait(project=self.gcp.project, operation=name),
+            lambda name, timeout: self._client("global_ops").wait(
+                project=self.gcp.project, operation=name, timeout=timeout),
             None,
         )
 
-    def _wait(self, operation: Any, wait: Callable[[str], Any], zone: str | None) -> None:
+    def _wait(self, operation: Any, wait: Callable[[str, float], Any], zone: str | None) -> None:
+        """Until the operation is DONE, in waits of `_WAIT_SLICE_S` (the server's wait
+        returns when it is done; a slice that ends first is no error), so that the
+        context's cancel token and the deadline are looked at every few seconds."""
+        import requests
+
+        def one_slice(name: str) -> Any:
+            try:
+                return wait(name, _WAIT_SLICE_S)
+            except requests.exceptions.ReadTimeout:
+                return None
+
         deadline = time.monotonic() + _OP_TIMEOUT_S
+        cancel = self.context.cancel
         while getattr(operation.status, "name", str(operation.status)) != "DONE":
+            if cancel is not None and cancel.is_set():
+                raise ProviderError(f"stopped waiting for operation {operation.name}: fleet is stopping")
             if time.monotonic() > deadline:
                 raise ProviderError(f"operation {operation.name} did not finish in {_OP_TIMEOUT_S:.0f} s")
-            operation = self._call(lambda name=operation.name: wait(name))
+            polled = self._call(lambda name=operation.name: one_slice(name))
+            operation = operation if polled is None else polled
         failure = operation_error(operation, zone=zone)
         if failure is not None:
             raise failure
@@ -473,7 +514,8 @@ class GcpProvider(Provider):
             try:
                 operation = self._call(
                     # A request id per attempt: a retried insert is the same insert.
-                    lambda: client.insert_unary(request=insert_request(self.gcp.project, zone, body, request_id))  # noqa: B023
+                    lambda: client.insert_unary(request=insert_request(self.gcp.project, zone, body, request_id)),  # noqa: B023
+                    classify_insert,
                 )
                 self._wait_zone_op(zone, operation)
             except CapacityError as exc:

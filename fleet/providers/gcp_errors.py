@@ -4,6 +4,9 @@ Codes come two ways: as HTTP errors raised by the client (`errors[].reason`, e.g
 `quotaExceeded`, `rateLimitExceeded`) and as errors inside a finished zone operation
 (`error.errors[].code`, e.g. `ZONE_RESOURCE_POOL_EXHAUSTED`, `QUOTA_EXCEEDED`).
 Messages are kept short and never carry credentials (the client's errors hold none).
+A 5xx, a read timeout or a reset connection is transient (retried); a 503 is a capacity
+error only where GCE means one: an insert whose zone ran out of resources
+(`classify_insert`), never a `list()` or a delete.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from fleet.errors import (
     ProviderError,
     QuotaError,
     RateLimitError,
+    TransientError,
 )
 
 CAPACITY_CODES = {
@@ -69,11 +73,30 @@ def from_code(code: str, message: str, *, zone: str | None = None) -> FleetError
     return ProviderError(f"GCP error {code}: {_short(message)}")
 
 
+_EXHAUSTED = ("resource", "exhausted", "capacity", "enough resources")
+
+
+def classify_insert(exc: BaseException) -> FleetError | None:
+    """`classify` for an instance insert: a 503 that says the zone has no resources left
+    is a capacity error (try the next zone); any other 503 is transient."""
+    mapped = classify(exc)
+    if isinstance(mapped, TransientError) and getattr(exc, "code", None) == 503:
+        message = str(getattr(exc, "message", "") or "").lower()
+        if any(word in message for word in _EXHAUSTED):
+            return CapacityError(f"GCP reports no capacity: {_short(str(getattr(exc, 'message', '')))}")
+    return mapped
+
+
 def classify(exc: BaseException) -> FleetError | None:
     """Map a google-cloud-compute / google-auth exception; None for anything else."""
+    import requests
     from google.api_core import exceptions as gexc
     from google.auth import exceptions as auth_exc
 
+    if isinstance(exc, requests.exceptions.Timeout | requests.exceptions.ConnectionError):
+        return TransientError(f"the Compute Engine API did not answer ({type(exc).__name__})")
+    if isinstance(exc, auth_exc.TransportError):
+        return TransientError(f"the Google token endpoint did not answer ({type(exc).__name__})")
     if isinstance(exc, auth_exc.DefaultCredentialsError | auth_exc.RefreshError):
         return CredentialsError(
             "Google Cloud credentials were refused or could not be refreshed", hint=_CREDENTIAL_HINT
@@ -88,8 +111,8 @@ def classify(exc: BaseException) -> FleetError | None:
             return mapped
     if isinstance(exc, gexc.TooManyRequests):
         return RateLimitError(f"GCP API rate limit: {_short(message)}")
-    if isinstance(exc, gexc.ServiceUnavailable):
-        return CapacityError(f"GCP reports no capacity or is unavailable: {_short(message)}")
+    if isinstance(exc, gexc.ServerError | gexc.DeadlineExceeded):  # 500, 502, 503, 504
+        return TransientError(f"GCP API error {exc.code}: {_short(message)}")
     if isinstance(exc, gexc.Unauthorized):
         return CredentialsError("Google Cloud refused the credentials", hint=_CREDENTIAL_HINT)
     if isinstance(exc, gexc.Forbidden):

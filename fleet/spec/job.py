@@ -76,7 +76,8 @@ class JobSpec(BaseModel):
         None, description="serve a model on the nodes, called item by item with `fleet.connect` (`fleet serve`)"
     )
     retries: int = Field(
-        0, ge=0, le=1000, description="how often a failed `run:` process is restarted on its node"
+        0, ge=0, le=1000,
+        description="how often a failed `run:` process is restarted on its node, and a failed `setup:` tried again"
     )
     python: str | None = Field(
         None, description="Python interpreter that starts the worker on the nodes (default: chosen by fleet)"

@@ -200,6 +200,9 @@ class GcpSpec(Strict):
     use_private_ip: bool = Field(
         False, description="reach nodes by their private address (from inside the VPC)"
     )
+    api_timeout: float = Field(
+        30.0, gt=0, le=600, description="seconds a Compute Engine API call may wait for its answer before it is retried"
+    )
 
 
 class AwsSpec(Strict):
@@ -214,6 +217,9 @@ class AwsSpec(Strict):
     )
     use_private_ip: bool = Field(
         False, description="reach nodes by their private address (from inside the VPC)"
+    )
+    api_timeout: float = Field(
+        30.0, gt=0, le=600, description="seconds an EC2 API call may wait for its answer before it is retried"
     )
 
 

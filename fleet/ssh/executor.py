@@ -7,7 +7,12 @@ Every call returns a `GroupResult` with one `CommandResult` per node; a node's f
 (unreachable, refused key, changed host key, timeout) is its result's `error`, never an
 exception that hides the other nodes. Deadlines: `connect_timeout` covers TCP connect,
 banner, key exchange and auth; `timeout` (per call, default `command_timeout`) covers
-one command, after which its channel is closed.
+one command, after which its channel is closed; the exec request and an SFTP session's
+start get `connect_timeout`. A dead peer (black-holed, frozen, its kernel gone) is found
+by a keepalive that needs an answer: each connection is pinged every `keepalive_s`, and
+one that does not answer within `dead_after_s` is closed, which fails every call on it
+within seconds instead of the TCP retransmission time. `cancel` (an event) ends every
+wait of the executor when set: connection retries, `wait_ready`, running commands.
 """
 
 from __future__ import annotations
@@ -44,12 +49,34 @@ C = TypeVar("C")
 SESSIONS_PER_NODE = 8  # below OpenSSH's default MaxSessions (10) channels per connection
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 5.0
+KEEPALIVE_S = 5.0  # a ping (that needs an answer) per connection this often
+DEAD_AFTER_S = 15.0  # a ping unanswered this long: the peer is dead, its connection closed (a loaded
+# sshd still answers a global request well within it)
+_CANCEL_POLL_S = 1.0
 
 
 @dataclass
 class _Connection:
     key: tuple[str, int, str]
     transport: paramiko.Transport
+    ping_since: float | None = None  # monotonic start of the ping waiting for its answer
+
+
+class Cancelled(SSHError):
+    """The executor's cancel token was set while this call waited."""
+
+
+@contextlib.contextmanager
+def _bounded(channel: paramiko.Channel, seconds: float) -> Iterator[None]:
+    """Close `channel` if the block is still waiting after `seconds` (paramiko waits for
+    the answer to a channel request with no timeout): the wait ends with an error."""
+    timer = threading.Timer(seconds, channel.close)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 class _Output:
@@ -109,6 +136,9 @@ class Executor:
         command_timeout: float = 600,
         on_line: LineCallback | None = None,
         max_output: int = 1 << 20,
+        cancel: threading.Event | None = None,
+        keepalive_s: float = KEEPALIVE_S,
+        dead_after_s: float = DEAD_AFTER_S,
     ) -> None:
         if parallelism < 1:
             raise UsageError(f"ssh parallelism must be at least 1, not {parallelism}")
@@ -126,6 +156,12 @@ class Executor:
         self._node_slots: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self.cancel = cancel or threading.Event()
+        self.keepalive_s = keepalive_s
+        self.dead_after_s = dead_after_s
+        self._dead: dict[str, str] = {}  # node -> why the watchdog closed its connection
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     # -- life cycle ------------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -140,6 +176,7 @@ class Executor:
             self._closed = True
             connections = list(self._connections.values())
             self._connections.clear()
+        self._stopping.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
         # paramiko's close joins the transport thread (up to 0.1 s each): do it in parallel.
         closers = [threading.Thread(target=c.transport.close, daemon=True) for c in connections]
@@ -172,13 +209,61 @@ class Executor:
                     return cached.transport
                 cached.transport.close()
             transport = self._connect(target, retries, timeout)
+            connection = _Connection(key, transport)
             with self._lock:
-                self._connections[target.name] = _Connection(key, transport)
+                self._connections[target.name] = connection
+                self._dead.pop(target.name, None)
+            self._watch(target.name, connection)
             return transport
+
+    # -- liveness --------------------------------------------------------------------
+    def _watch(self, name: str, connection: _Connection) -> None:
+        """Ping the connection (a global request OpenSSH must answer) every `keepalive_s`;
+        the watchdog closes it when an answer is `dead_after_s` late."""
+        if self.keepalive_s <= 0:
+            return
+
+        def pinger() -> None:
+            transport = connection.transport
+            while not self._stopping.wait(self.keepalive_s) and transport.is_active():
+                connection.ping_since = time.monotonic()
+                try:
+                    transport.global_request("keepalive@openssh.com", wait=True)
+                except Exception:  # noqa: BLE001 - a failed send: the transport is closing anyway
+                    return
+                finally:
+                    connection.ping_since = None
+
+        threading.Thread(target=pinger, name=f"fleet-ssh-ping-{name}", daemon=True).start()
+        with self._lock:
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watchdog_loop, name="fleet-ssh-watchdog", daemon=True)
+                self._watchdog.start()
+
+    def _watchdog_loop(self) -> None:
+        while not self._stopping.wait(1.0):
+            now = time.monotonic()
+            with self._lock:
+                late = [(name, c) for name, c in self._connections.items()
+                        if c.ping_since is not None and now - c.ping_since > self.dead_after_s]
+                for name, _ in late:
+                    self._connections.pop(name, None)
+                    self._dead[name] = f"{name} stopped answering (no keepalive answer within {self.dead_after_s:g}s)"
+            for _, connection in late:
+                connection.transport.close()
+
+    def _why_dead(self, name: str) -> str | None:
+        with self._lock:
+            return self._dead.get(name)
+
+    def _check_cancel(self, name: str) -> None:
+        if self.cancel.is_set():
+            raise Cancelled(f"{name}: cancelled (the fleet is stopping)", node=name)
 
     def _connect(self, target: Target, retries: int, timeout: float | None = None) -> paramiko.Transport:
         attempt = 0
         while True:
+            self._check_cancel(target.name)
             try:
                 return open_transport(
                     target,
@@ -190,7 +275,7 @@ class Executor:
             except NodeUnreachable:
                 if attempt >= retries:
                     raise
-                time.sleep(_backoff(attempt))
+                self.cancel.wait(_backoff(attempt))
                 attempt += 1
 
     # -- fan-out ---------------------------------------------------------------------
@@ -249,6 +334,18 @@ class Executor:
 
     def _session(self, target: Target, retries: int) -> paramiko.Channel:
         return self._open(target, retries, lambda t: t.open_session(timeout=self.connect_timeout))
+
+    def _start_sftp(self, transport: paramiko.Transport) -> paramiko.SFTPClient:
+        """`SFTPClient.from_transport` with deadlines: the channel open, the subsystem
+        request and the version exchange each end within `connect_timeout`."""
+        channel = transport.open_session(timeout=self.connect_timeout)
+        channel.settimeout(self.connect_timeout)
+        with _bounded(channel, self.connect_timeout):
+            channel.invoke_subsystem("sftp")
+            sftp = paramiko.SFTPClient(channel)
+        if channel.closed:
+            raise paramiko.SSHException("the sftp subsystem did not start in time")
+        return sftp
 
     # -- commands --------------------------------------------------------------------
     def run(
@@ -311,7 +408,8 @@ class Executor:
         error: FleetError | None = None
         exit_code: int | None = None
         try:
-            exit_code, error = self._exec(channel, target.name, command, deadline, timeout, out, err)
+            exit_code, error = self._exec(channel, target.name, command, deadline, timeout, out, err,
+                                          self.connect_timeout, self.cancel)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             error = SSHError(
                 f"{target.name}: the connection failed during the command: {exc}", node=target.name
@@ -319,6 +417,10 @@ class Executor:
             self.drop(target.name)
         finally:
             channel.close()
+        dead = self._why_dead(target.name) if exit_code is None else None
+        if dead is not None:
+            error = NodeUnreachable(f"{dead}; the command was cut off", node=target.name,
+                                    hint="the node may be frozen, preempted or cut off the network")
         return CommandResult(
             target.name,
             command,
@@ -339,8 +441,11 @@ class Executor:
         timeout: float,
         out: _Output,
         err: _Output,
+        request_timeout: float,
+        cancel: threading.Event,
     ) -> tuple[int | None, FleetError | None]:
-        channel.exec_command(command)
+        with _bounded(channel, request_timeout):
+            channel.exec_command(command)
         channel.shutdown_write()  # no stdin: a command that reads it sees EOF, not a hang
         wakeup = channel.fileno()
         while True:
@@ -359,10 +464,14 @@ class Executor:
                     f"{node}: command still running after {timeout:g}s; its channel was closed",
                     node=node,
                 )
+            if cancel.is_set():
+                return None, Cancelled(f"{node}: cancelled (the fleet is stopping); its channel was closed",
+                                       node=node)
+            slice_s = min(remaining, _CANCEL_POLL_S)
             if channel.eof_received:
-                channel.status_event.wait(remaining)  # output done, exit status on its way
+                channel.status_event.wait(slice_s)  # output done, exit status on its way
             else:
-                select.select([wakeup], [], [], remaining)
+                select.select([wakeup], [], [], slice_s)
         if not channel.exit_status_ready() or channel.exit_status < 0:
             return None, SSHError(
                 f"{node}: the command ended without an exit status (killed by a signal, or the node went away)",
@@ -384,6 +493,10 @@ class Executor:
             last: FleetError | None = None
             while True:
                 remaining = deadline - time.monotonic()
+                if self.cancel.is_set():
+                    return CommandResult(target.name, "true", None, "", "", time.monotonic() - started,
+                                         Cancelled(f"{target.name}: stopped waiting for SSH (the fleet is stopping)",
+                                                   node=target.name))
                 if remaining <= 0:
                     message = f"{target.name} did not become ready within {timeout:g}s"
                     if last is not None:
@@ -413,7 +526,7 @@ class Executor:
                     last = result.error or SSHError(
                         f"`true` exited with {result.exit_code}", node=target.name
                     )
-                time.sleep(min(_backoff(attempt), max(0.0, deadline - time.monotonic())))
+                self.cancel.wait(min(_backoff(attempt), max(0.0, deadline - time.monotonic())))
                 attempt += 1
 
         return self._fan_out(targets, work)
@@ -422,7 +535,7 @@ class Executor:
     @contextlib.contextmanager
     def _sftp(self, target: Target) -> Iterator[paramiko.SFTPClient]:
         with self._slot(target.name):
-            sftp = self._open(target, 0, paramiko.SFTPClient.from_transport)
+            sftp = self._open(target, 0, self._start_sftp)
             if sftp is None:
                 raise SSHError(f"{target.name}: could not start sftp", node=target.name)
             try:

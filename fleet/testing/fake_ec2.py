@@ -18,7 +18,8 @@ middleware in front of it
   instance, bind-mounted at `fleet.model.DATA_MOUNT` (isolated) or FLEET_DATA_DIR
   (loopback); and refuses what EC2 refuses and moto lets through: attaching a volume
   that is in use or in another availability zone;
-- injects the errors moto never raises (capacity, limits, throttling), per action and
+- injects the errors moto never raises (capacity, limits, throttling, 5xx, answers
+  later than the client's read timeout), per action (or every action: "*") and
   zone/subnet, a number of times or until cleared;
 - records every request (action and parameters) so that tests can check what was sent
   and count the calls.
@@ -70,7 +71,8 @@ _IPV4 = re.compile(r"\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")
 _DNS = re.compile(r"<(dnsName|privateDnsName|publicDnsName)>[^<]*</\1>")
 _INSTANCE_ID = re.compile(r"<instanceId>(i-[0-9a-f]+)</instanceId>")
 _REGION = re.compile(r"Credential=[^/]+/\d+/([a-z0-9-]+)/")
-_STATUS = {"RequestLimitExceeded": 503, "InsufficientInstanceCapacity": 500, "InsufficientCapacity": 500}
+_STATUS = {"RequestLimitExceeded": 503, "InsufficientInstanceCapacity": 500, "InsufficientCapacity": 500,
+           "InternalError": 500, "Unavailable": 503}
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Fault:
     times: int | None = None  # None: until cleared
     message: str = ""
     after: bool = False  # answer the error only after moto did the work (a lost reply)
+    delay: float = 0.0  # > 0: no error, the answer comes this many seconds late (a read timeout)
 
 
 def _tags_of(instance: Any) -> dict[str, str]:
@@ -289,6 +292,9 @@ class FakeEc2:
             if refusal is not None:
                 return _error(start_response, *refusal)
             fault = self._fault_for(action, params, region)
+            if fault is not None and fault.delay > 0:
+                time.sleep(fault.delay)
+                fault = None
             if fault is not None and not fault.after:
                 return _error(start_response, fault.code, fault.message or f"injected {fault.code}")
             environ["wsgi.input"] = io.BytesIO(raw)
@@ -359,7 +365,7 @@ class FakeEc2:
     def _fault_for(self, action: str, params: dict[str, str], region: str) -> Fault | None:
         with self._lock:
             for fault in self.faults:
-                if fault.action != action:
+                if fault.action not in (action, "*"):
                     continue
                 if fault.subnet and params.get("SubnetId") != fault.subnet:
                     continue

@@ -4,7 +4,8 @@ It speaks the REST JSON the client sends (`POST /compute/v1/projects/P/zones/Z/i
 `GET .../aggregated/instances?filter=...`, zone and global operations, firewalls,
 disks), keeps state, applies `labels.KEY = "VALUE"` filters, and injects the faults a
 real cloud throws at a fleet: no capacity in a zone, quota exceeded, rate limits, and
-the preemption of an instance. Every instance is backed by a real `LocalNode` (an sshd)
+the preemption of an instance, and HTTP faults (a 5xx, or an answer that comes too late
+for the client's read timeout) for the next N calls. Every instance is backed by a real `LocalNode` (an sshd)
 at its own loopback address (127.0.1.N) on the fleet's SSH port, with the keys of its
 `ssh-keys` metadata, so that SSH to its `natIP` works; a preemption kills that node.
 Disks are inserted, listed and deleted like a cloud's; an instance inserted with an
@@ -22,7 +23,7 @@ maintenance event stops a VM with `onHostMaintenance=TERMINATE`).
 
 or as a process: `python -m fleet.testing.fake_gce --port PORT [--nodes-root DIR]
 [--ssh-port P] [--address-base 127.0.1.1] [--no-backing]`, controlled over HTTP at
-`POST /_fake/{no_capacity,quota,rate_limit,preempt,host_maintenance,reset}` and `GET /_fake/{requests,state}`.
+`POST /_fake/{no_capacity,quota,rate_limit,http_fault,preempt,host_maintenance,reset}` and `GET /_fake/{requests,state}`.
 """
 
 from __future__ import annotations
@@ -113,6 +114,11 @@ class Faults:
     rate_limited: int = 0  # the next N API calls answer rateLimitExceeded
     rate_limit_match: str | None = None  # only calls whose path contains this
     false_host_keys: set[str] = field(default_factory=set)  # instances whose guest attributes lie
+    http_faults: int = 0  # the next N API calls (whose path contains http_fault_match) fail:
+    http_fault_match: str | None = None
+    http_fault_status: int = 503  # answered with this status (reason backendError), or
+    http_fault_delay: float = 0.0  # answered normally only after this many seconds (> 0)
+    http_fault_message: str = "Backend Error (injected)"
 
 
 @dataclass
@@ -217,6 +223,17 @@ class FakeGce:
     def set_rate_limit(self, times: int, path_contains: str | None = None) -> None:
         with self._lock:
             self.faults.rate_limited, self.faults.rate_limit_match = times, path_contains
+
+    def set_http_fault(self, times: int, *, status: int = 503, delay: float = 0.0,
+                       path_contains: str | None = None, message: str | None = None) -> None:
+        """The next `times` calls whose path contains `path_contains` answer `status`
+        (a transient 5xx), or, with `delay`, answer normally `delay` seconds late."""
+        with self._lock:
+            faults = self.faults
+            faults.http_faults, faults.http_fault_match = times, path_contains
+            faults.http_fault_status, faults.http_fault_delay = status, delay
+            if message:
+                faults.http_fault_message = message
 
     def reset_faults(self) -> None:
         with self._lock:
@@ -896,6 +913,10 @@ def _control(fake: FakeGce, action: str, body: dict[str, Any]) -> Any:
         fake.set_quota_exceeded(body.get("quota", "GPUS_ALL_REGIONS"), body.get("zone", "*"))
     elif action == "rate_limit":
         fake.set_rate_limit(int(body["times"]), body.get("path_contains"))
+    elif action == "http_fault":
+        fake.set_http_fault(int(body["times"]), status=int(body.get("status", 503)),
+                            delay=float(body.get("delay", 0.0)), path_contains=body.get("path_contains"),
+                            message=body.get("message"))
     elif action == "preempt":
         fake.preempt(body["name"])
     elif action == "host_maintenance":
@@ -936,7 +957,10 @@ def _handler_for(fake: FakeGce) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up waiting (a read timeout, maybe injected)
 
         def _dispatch(self, method: str) -> tuple[int, Any]:
             url = urlsplit(self.path)
@@ -965,8 +989,18 @@ def _handler_for(fake: FakeGce) -> type[BaseHTTPRequestHandler]:
                     )
                     if limited:
                         fake.faults.rate_limited -= 1
+                    faults = fake.faults
+                    faulty = faults.http_faults > 0 and (
+                        faults.http_fault_match is None or faults.http_fault_match in url.path
+                    )
+                    if faulty:
+                        faults.http_faults -= 1
                 if limited:
                     raise ApiError(403, "rateLimitExceeded", "Rate Limit Exceeded")
+                if faulty and faults.http_fault_delay > 0:
+                    time.sleep(faults.http_fault_delay)
+                elif faulty:
+                    raise ApiError(faults.http_fault_status, "backendError", faults.http_fault_message)
                 for verb, pattern, action in routes:
                     found = pattern.match(url.path)
                     if verb == method and found:

@@ -61,8 +61,8 @@ def test_a_jobs_env_reaches_its_processes_and_nothing_else(fleet: LocalFleet) ->
     failing = {"name": "leaky", "nodes": "workers", "env": {"HF_TOKEN": secret},
                "setup": ['echo "token is $HF_TOKEN" >&2', "exit 3"], "run": "true"}
     started = fleet.cli("run", str(fleet.write_job(failing)), "--detach")
-    assert started.returncode == 0, started.stderr
-    assert secret not in started.stdout + started.stderr
+    assert started.returncode == 1 and "no node could start it" in started.stderr, started.stderr
+    assert "token is ***" in started.stderr and secret not in started.stdout + started.stderr
     events = fleet.cli("events", "--json", check=True).stdout
     setup_failures = [e for e in json.loads(events) if e["kind"] == "job_setup_failed"]
     assert len(setup_failures) == 2 and all("token is ***" in e["detail"] for e in setup_failures)

@@ -16,7 +16,7 @@ from provider_helpers import Sleeps, aws_block, context, fleet_spec, is_test_loc
 
 from fleet.errors import CapacityError, CredentialsError, QuotaError
 from fleet.model import NodeRequest, NodeState, Role, head_name, worker_name
-from fleet.providers.aws import AwsProvider
+from fleet.providers.aws import API_ATTEMPTS, AwsProvider
 from fleet.testing.fake_ec2 import Fault
 
 MUTATING_PREFIXES = (
@@ -237,12 +237,26 @@ def test_limits_stop_with_a_clear_error(tmp_path, fleet_key, fake_ec2, loopback,
 
 def test_throttling_backs_off_and_retries(tmp_path, fleet_key, fake_ec2, loopback, sleeps: Sleeps):
     provider = make(tmp_path, fleet_key[1], port=loopback[1], sleep=sleeps)
-    fake_ec2.add_fault(Fault(action="RunInstances", code="RequestLimitExceeded", times=3))
+    # botocore's standard mode tries each call API_ATTEMPTS times; what still fails goes
+    # through our backoff (its sleeps are the injected ones), then botocore's again.
+    fake_ec2.add_fault(Fault(action="RunInstances", code="RequestLimitExceeded", times=API_ATTEMPTS))
     [result] = provider.create([worker(1)])
-    assert result.error is None and len(sleeps) == 3
-    assert len(fake_ec2.actions("RunInstances")) == 4
-    fake_ec2.add_fault(Fault(action="DescribeInstances", code="RequestLimitExceeded", times=2))
-    assert [n.name for n in provider.list()] == ["ta-w1-g1"] and len(sleeps) == 5
+    assert result.error is None and len(sleeps) == 1
+    assert len(fake_ec2.actions("RunInstances")) == API_ATTEMPTS + 1
+    fake_ec2.add_fault(Fault(action="DescribeInstances", code="RequestLimitExceeded", times=API_ATTEMPTS))
+    assert [n.name for n in provider.list()] == ["ta-w1-g1"] and len(sleeps) == 2
+
+
+def test_5xx_and_read_timeouts_are_ridden_out(tmp_path, fleet_key, fake_ec2, loopback, sleeps: Sleeps):
+    provider = make(tmp_path, fleet_key[1], port=loopback[1], sleep=sleeps, api_timeout=1.0)
+    fake_ec2.add_fault(Fault(action="DescribeInstances", code="InternalError", times=API_ATTEMPTS))
+    assert provider.list() == [] and len(sleeps) == 1
+    # Answers later than aws.api_timeout: botocore's ReadTimeoutError, which escaped as a
+    # traceback; now botocore retries it, then our backoff does.
+    calls = len(fake_ec2.actions("DescribeInstances"))
+    fake_ec2.add_fault(Fault(action="DescribeInstances", code="-", delay=1.3, times=API_ATTEMPTS))
+    assert provider.list() == [] and len(sleeps) == 2
+    assert len(fake_ec2.actions("DescribeInstances")) == calls + API_ATTEMPTS + 1
 
 
 def test_interruption_detected_through_the_server(tmp_path, fleet_key, fake_ec2, loopback):

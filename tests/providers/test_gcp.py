@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from provider_helpers import USER, Sleeps, context, fleet_spec, gcp_block, is_test_local, kill_up_midway
 
-from fleet.errors import CapacityError, CredentialsError, QuotaError
+from fleet.errors import CapacityError, CredentialsError, ProviderError, QuotaError
 from fleet.model import Accelerator, NodeRequest, NodeState, Role, head_name, worker_name
 from fleet.providers.gcp import GcpProvider
 
@@ -188,6 +188,37 @@ def test_rate_limits_back_off_and_retry(tmp_path, fleet_key, fake_gce, loopback,
     fake_gce.set_rate_limit(2, path_contains="/aggregated/")
     assert [n.name for n in provider.list()] == ["tg-w1-g1"]
     assert len(sleeps) == 5
+
+
+def test_a_503_is_transient_except_an_inserts_exhausted_zone(tmp_path, fleet_key, fake_gce, loopback, sleeps: Sleeps):
+    provider = make(tmp_path, fleet_key[1], fake_gce, loopback[1], sleep=sleeps, zones=["us-central1-a", "us-central1-b"])
+    # A list() that meets 503s and a 500 retries them (a 503 was "no capacity" before, for a list).
+    fake_gce.set_http_fault(3, status=503, path_contains="/aggregated/")
+    assert provider.list() == [] and len(sleeps) == 3
+    fake_gce.set_http_fault(1, status=500, path_contains="/aggregated/")
+    assert provider.list() == [] and len(sleeps) == 4
+    # Only an insert's 503 that says the zone is out of resources moves to the next zone.
+    fake_gce.set_http_fault(1, status=503, path_contains="/zones/us-central1-a/instances",
+                            message="The zone 'us-central1-a' does not have enough resources available")
+    [result] = provider.create([worker(1, gpu=False)])
+    assert result.error is None and len(sleeps) == 4
+    assert {i["name"]: i["zone"] for i in fake_gce.state()["instances"]} == {"tg-w1-g1": "us-central1-b"}
+
+
+def test_a_read_timeout_is_ridden_out(tmp_path, fleet_key, fake_gce, loopback, sleeps: Sleeps):
+    provider = make(tmp_path, fleet_key[1], fake_gce, loopback[1], sleep=sleeps, api_timeout=1.0)
+    fake_gce.set_http_fault(1, delay=1.5, path_contains="/aggregated/")
+    assert provider.list() == [] and len(sleeps) == 1
+
+
+def test_after_the_retry_budget_a_clear_error(tmp_path, fleet_key, fake_gce, loopback, sleeps: Sleeps):
+    provider = make(tmp_path, fleet_key[1], fake_gce, loopback[1], sleep=sleeps)
+    fake_gce.set_http_fault(1000, status=503, path_contains="/aggregated/")
+    with pytest.raises(ProviderError) as caught:
+        provider.list()
+    assert type(caught.value) is ProviderError
+    assert "503" in caught.value.message and "still failing after 8 attempt(s)" in caught.value.message
+    assert len(sleeps) == 7
 
 
 def test_preemption_detected_and_confirmed_by_the_operation(tmp_path, fleet_key, fake_gce, loopback):

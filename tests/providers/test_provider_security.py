@@ -30,10 +30,11 @@ def test_a_run_instances_retried_after_a_lost_reply_makes_one_instance(
 ) -> None:
     spec = fleet_spec("tk", "aws", ssh_port=loopback[1], aws=aws_block())
     provider = AwsProvider(context(spec, tmp_path / "state", fleet_key[1]), sleep=sleeps)
-    # EC2 did the work, then the reply was lost to throttling: the client retries.
+    # EC2 did the work, then the reply was lost to throttling: the client (botocore's
+    # standard retry mode) retries with the same token.
     fake_ec2.add_fault(Fault(action="RunInstances", code="RequestLimitExceeded", times=1, after=True))
     [result] = provider.create([_request("tk")])
-    assert result.error is None and len(sleeps) == 1
+    assert result.error is None
     calls = fake_ec2.actions("RunInstances")
     assert len(calls) == 2 and calls[0]["params"]["ClientToken"] == calls[1]["params"]["ClientToken"]
     live = [i for i in fake_ec2.state()["instances"] if i["state"] != "terminated"]
