@@ -283,9 +283,10 @@ def _add_job_commands(add: Callable[[str, Handler, str], argparse.ArgumentParser
     except ImportError:  # the jobs layer is optional while it is being built
         return
     cli_jobs.register(add)
-    from fleet import cli_serve
+    from fleet import cli_ray, cli_serve
 
     cli_serve.register(add)
+    cli_ray.register(add)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
