@@ -26,17 +26,19 @@ class Counter:
         return self.n
 
 
-def main() -> None:
-    ray.init()
+def run() -> dict:
     counters = [Counter.remote() for _ in range(4)]
     [c.increment.remote() for c in counters]
     first = ray.get([c.read.remote() for c in counters])
     for _ in range(10):
         [c.increment.remote() for c in counters]
     second = ray.get([c.read.remote() for c in counters])
-    print(first)
-    print(second)
-    print(json.dumps({"program": "actors", "first": first, "second": second}))
+    return {"program": "actors", "first": first, "second": second}
+
+
+def main() -> None:
+    ray.init()
+    print(json.dumps(run()))
 
 
 if __name__ == "__main__":

@@ -18,11 +18,7 @@ def add(x: int, y: int, seconds: float) -> int:
     return x + y
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=1.0)
-    s = parser.parse_args().seconds
-    ray.init()
+def run(s: float = 1.0) -> dict:
     start = time.time()
     linear = add.remote(1, 2, s)
     for value in range(3, 9):
@@ -36,9 +32,16 @@ def main() -> None:
         level = [add.remote(level[i], level[i + 1], s) for i in range(0, len(level), 2)]
     tree_result = ray.get(level[0])
     tree_s = time.time() - start
-    print(f"linear: {linear_s:.2f} s, tree: {tree_s:.2f} s")
-    print(json.dumps({"program": "aggregate", "linear": linear_result, "tree": tree_result,
-                      "linear_s": round(linear_s, 3), "tree_s": round(tree_s, 3)}))
+    return {"program": "aggregate", "linear": linear_result, "tree": tree_result,
+            "linear_s": round(linear_s, 3), "tree_s": round(tree_s, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=1.0)
+    seconds = parser.parse_args().seconds
+    ray.init()
+    print(json.dumps(run(seconds)))
 
 
 if __name__ == "__main__":

@@ -25,19 +25,22 @@ def multiply_matrices(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.dot(x, y)
 
 
+def run(size: int = 1000) -> dict:
+    start = time.time()
+    x_id = create_matrix.remote([size, size], 1)
+    y_id = create_matrix.remote([size, size], 2)
+    z = ray.get(multiply_matrices.remote(x_id, y_id))
+    expected = np.dot(np.random.default_rng(1).normal(size=[size] * 2), np.random.default_rng(2).normal(size=[size] * 2))
+    return {"program": "dependencies", "shape": list(z.shape), "matches_local": bool(np.allclose(z, expected)),
+            "wall_s": round(time.time() - start, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=1000)
     args = parser.parse_args()
     ray.init()
-    start = time.time()
-    x_id = create_matrix.remote([args.size, args.size], 1)
-    y_id = create_matrix.remote([args.size, args.size], 2)
-    z = ray.get(multiply_matrices.remote(x_id, y_id))
-    expected = np.dot(np.random.default_rng(1).normal(size=[args.size] * 2),
-                      np.random.default_rng(2).normal(size=[args.size] * 2))
-    print(json.dumps({"program": "dependencies", "shape": list(z.shape), "matches_local": bool(np.allclose(z, expected)),
-                      "wall_s": round(time.time() - start, 3)}))
+    print(json.dumps(run(args.size)))
 
 
 if __name__ == "__main__":

@@ -23,14 +23,18 @@ def sum_results(*elements: int) -> int:
     return int(np.sum(elements))
 
 
-def main() -> None:
-    ray.init()
+def run() -> dict:
     items = list(range(100))
     remote_elements = [map_one.remote(i, lambda i: i * 2) for i in items]
     simple = ray.get(sum_results.remote(*remote_elements))
     intermediate = [sum_results.remote(*remote_elements[i * 20:(i + 1) * 20]) for i in range(5)]
     tree = ray.get(sum_results.remote(*intermediate))
-    print(json.dumps({"program": "map_reduce", "simple": simple, "tree": tree}))
+    return {"program": "map_reduce", "simple": simple, "tree": tree}
+
+
+def main() -> None:
+    ray.init()
+    print(json.dumps(run()))
 
 
 if __name__ == "__main__":

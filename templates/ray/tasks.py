@@ -20,20 +20,22 @@ def f(x: int, seconds: float) -> tuple[int, str]:
     return x, os.environ.get("FLEET_NODE_NAME", ray.get_runtime_context().get_node_id())
 
 
+def run(tasks: int = 100, seconds: float = 1.0) -> dict:
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    start = time.time()
+    results = ray.get([f.remote(i, seconds) for i in range(tasks)])
+    wall = time.time() - start
+    return {"program": "tasks", "sum": sum(x for x, _ in results), "tasks": len(results),
+            "wall_s": round(wall, 3), "cpus": cpus, "nodes": sorted({node for _, node in results})}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=1.0)
     args = parser.parse_args()
     ray.init()
-    cpus = int(ray.cluster_resources().get("CPU", 0))
-    start = time.time()
-    results = ray.get([f.remote(i, args.seconds) for i in range(args.tasks)])
-    wall = time.time() - start
-    nodes = sorted({node for _, node in results})
-    print(f"{args.tasks} tasks of {args.seconds:g} s on {cpus} CPUs: {wall:.2f} s")
-    print(json.dumps({"program": "tasks", "sum": sum(x for x, _ in results), "tasks": len(results),
-                      "wall_s": round(wall, 3), "cpus": cpus, "nodes": nodes}))
+    print(json.dumps(run(args.tasks, args.seconds)))
 
 
 if __name__ == "__main__":
