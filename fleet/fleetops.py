@@ -352,6 +352,10 @@ class Fleet:
 
     def up(self) -> UpResult:
         self.provider.check()
+        if self.spec.ray.enabled:  # before anything is created: loopback nodes cannot run Ray
+            from fleet.ray.cluster import RayCluster
+
+            RayCluster(self).check_supported()
         result = UpResult()
         observed = self.observe()
         creates, removes = self.plan_requests(observed)
