@@ -146,7 +146,7 @@ def test_rays_ports_are_reachable_inside_the_fleet_only(ray_fleet: LocalFleet) -
 
 def test_a_preempted_worker_loses_no_task_the_actor_moves_and_the_replacement_joins(ray_fleet: LocalFleet) -> None:
     job = ray_fleet.root / "survive.yaml"
-    job.write_text(f"name: survive\nray:\n  entrypoint: python survive.py --tasks 24 --seconds 1\n"
+    job.write_text(f"name: survive\nray:\n  entrypoint: python survive.py --tasks 12 --seconds 2\n"
                    f"  working_dir: {shlex.quote(str(TEMPLATES))}\n")
     run = ray_fleet.popen("run", str(job))
     try:
@@ -162,7 +162,7 @@ def test_a_preempted_worker_loses_no_task_the_actor_moves_and_the_replacement_jo
             run.wait()
     assert run.returncode == 0, stdout + stderr
     outcome = json_lines(log.read_text())["survive"]
-    assert outcome["lost"] == 0 and outcome["all_results"] and outcome["tasks"] == 24
+    assert outcome["lost"] == 0 and outcome["all_results"] and outcome["tasks"] == 12
     assert outcome["actor_moved"] and outcome["actor_now"] != actor_node
     every_slot = {f"{ray_fleet.name}-head", f"{ray_fleet.name}-w1", f"{ray_fleet.name}-w2"}
 
