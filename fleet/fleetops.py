@@ -373,6 +373,10 @@ class Fleet:
         from fleet.applier import Applier, PassReport
 
         self.provider.check()
+        if self.spec.ray.enabled:  # before anything is created: loopback nodes cannot run Ray
+            from fleet.ray.cluster import RayCluster
+
+            RayCluster(self).check_supported()
         result = UpResult()
         planned = self.plan(self.observe())
         result.nodes = Applier(self, monitor=False).apply(planned, result, PassReport(), prepare=True)
@@ -420,6 +424,10 @@ class Fleet:
         # The wheelhouse lives on the shared directory: workers install from it once mounted.
         before = set(result.failures)
         self.runtime.finish(head, result)
+        if self.spec.ray.enabled:  # Ray needs the runtime (it comes with it): last
+            from fleet.ray.cluster import RayCluster
+
+            RayCluster(self).ensure(head, [n for n in mounted if n.name not in result.failures], result)
         failed = set(result.failures) - before
         done = [n for n in [*[n for n in ready if n.role == Role.HEAD], *mounted] if n.name not in failed]
         self._advance([n for n in done if n.role == Role.WORKER], "mounted")
@@ -700,6 +708,10 @@ class Fleet:
             keys = '"$HOME/.ssh/authorized_keys"'
             script += (f"if [ -f {keys} ]; then (umask 077 && grep -vxF {_q(line)} {keys} > {keys}.fleet-tmp); "
                        f"[ $? -le 1 ] || exit 1; mv {keys}.fleet-tmp {keys} || exit 1; fi; ")
+        if self.spec.ray.enabled:
+            from fleet.ray.cluster import stop_group_script
+
+            script += stop_group_script()
         pid_name = _q(f"{head_name(self.spec.name)}.pid")
         script += (
             f"left=0; for f in {_home_path(self.spec.shared.path)}/jobs/*/pids/{pid_name}; do "

@@ -128,7 +128,10 @@ class JobRunner:
         return f"{self.node_dir}/env.sh"
 
     def env_text(self) -> str:
-        return "".join(f"export {name}={q(value)}\n" for name, value in self.job.env.items())
+        from fleet.ray.jobspec import ray_job_env
+
+        env = {**self.job.env, **ray_job_env(self)}  # a `ray:` job's submission travels here too
+        return "".join(f"export {name}={q(value)}\n" for name, value in env.items())
 
     def install(self, nodes: Sequence[Node]) -> dict[str, str]:
         """Write launch.sh (0700) and env.sh (0600) into ~/.fleet/jobs/<job>/ (0700) on
@@ -218,6 +221,10 @@ class JobRunner:
         failed = self.install([head])
         if failed:
             raise JobError(f"could not write the job's launcher to the head: {failed[head.name]}")
+        if self.job.ray is not None:
+            from fleet.ray.jobspec import put_working_dir
+
+            put_working_dir(self, head)
         self._on_head(head, f"rm -f {job_dir}/{protocol.CANCELLED}")
         self.fleet.state.upsert_job(self.job.name, status="submitted", spec=self.spec_text)
         return state
@@ -290,7 +297,7 @@ class JobRunner:
             "FLEET_PROCESSES": str(processes),
             "FLEET_RETRIES": str(self.job.retries if self.job.run or self.job.serve else 0),
             "FLEET_NOTICE": self.notice_kind(),
-            "FLEET_RUN": self.job.run or (SERVE_COMMAND if self.job.serve else ""),
+            "FLEET_RUN": self.job.run or (SERVE_COMMAND if self.job.serve else "") or self._ray_command(),
         }
         results = self._start_on(targets, env, ranks, len(ranked))
         for name, result in results.results.items():
@@ -342,6 +349,11 @@ class JobRunner:
         if not outcome.ok:
             self.fleet.state.add_event("progress_error", head.name, "could not record failed setups: "
                                        + self.redact(outcome.describe()))
+
+    def _ray_command(self) -> str:
+        from fleet.ray.jobspec import RAY_COMMAND
+
+        return RAY_COMMAND if self.job.ray is not None else ""
 
     def _start_on(self, nodes: Sequence[Node], env: dict[str, str], ranks: dict[str, int], count: int) -> GroupResult:
         by_name = {n.name: n for n in nodes}

@@ -504,6 +504,8 @@ class Runtime:
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self.spec = fleet.spec.runtime
+        if fleet.spec.ray.enabled and "ray" not in self.spec.extras:  # the nodes need Ray (fleet[ray])
+            self.spec = self.spec.model_copy(update={"extras": [*self.spec.extras, "ray"]})
         self.cache = fleet.spec_path.resolve().parent / ".fleet" / "runtime"  # this fleet's: wheelhouse, layouts
         self._artifacts: Artifacts | None = None
         self._layouts: dict[tuple[str, str], dict | None] = {}

@@ -3,7 +3,8 @@
 A `Connection` owns what the CLI's commands use for one invocation (the `Fleet`: its
 spec, local state and SSH executor with pinned host keys), for as long as the program
 runs. Clients of what runs on the fleet hang off it: `serving(name)` for the models of
-`fleet serve`. Close it (or use it as a context manager) to close the SSH connections.
+`fleet serve`, `ray` for the fleet's Ray cluster (`fleet.ray.client`). Close it (or use
+it as a context manager) to close the SSH connections.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Connection:
         self.fleet = fleet
         fleet.executor  # noqa: B018 - built now: the threads that use it later must share one
         self._servings: list[Any] = []
+        self._ray: Any = None
         self._lock = threading.Lock()
         self._closed = False
 
@@ -62,14 +64,29 @@ class Connection:
             self._servings.append(serving)
         return serving
 
+    @property
+    def ray(self):
+        """The fleet's Ray cluster (`ray: {enabled: true}`): `dashboard_url`, `jobs_client()`."""
+        from fleet.ray.client import RayHandle
+
+        with self._lock:
+            if self._closed:
+                raise ServingError("the connection is closed")
+            if self._ray is None:
+                self._ray = RayHandle(self.fleet)
+            return self._ray
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             servings, self._servings = self._servings, []
+            ray, self._ray = self._ray, None
         for serving in servings:
             serving.close()
+        if ray is not None:
+            ray.close()
         self.fleet.close()
 
     def __enter__(self) -> Self:

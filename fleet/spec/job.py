@@ -9,11 +9,13 @@
     worker: {handler: text-embed, inputs: 'corpus/**/*.txt', outputs: embeddings}
     # or:  run: python train.py --rank $${FLEET_NODE_RANK}
     # or:  serve: {handler: text-embed, batch_size: 64, max_wait_ms: 5}   (`fleet serve`)
+    # or:  ray: {entrypoint: python prog.py, working_dir: .}   (a Ray job, docs/ray.md)
     retries: 0                # restarts of a failed `run:` process on its node
 
 Exactly one of `worker:` (the bundled worker, `fleet.worker.config.WorkerConfig`),
-`run:` (any command) and `serve:` (a model served to callers,
-`fleet.worker.serve_config.ServeConfig`) is given. Loading with file:line errors is `fleet.spec.loader`.
+`run:` (any command), `serve:` (a model served to callers,
+`fleet.worker.serve_config.ServeConfig`) and `ray:` (a job of the fleet's Ray cluster,
+`RayJobConfig`; its `nodes` default to `all`, so the samplers cover every node) is given. Loading with file:line errors is `fleet.spec.loader`.
 """
 
 from __future__ import annotations
@@ -31,9 +33,33 @@ from fleet.worker.serve_config import ServeConfig
 NODE_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 NODE_GROUPS = ("workers", "all", "head")
+JOB_KINDS = ("worker", "run", "serve", "ray")
 
 register_pattern_words(HANDLER_PATTERN, "'text-embed', 'checksum' or 'package.module:factory'")
 register_pattern_words(DEVICE_PATTERN, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+class RayJobConfig(BaseModel):
+    """A Ray job: submitted to the fleet's Ray cluster by the head, followed to its end."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    entrypoint: str = Field(min_length=1, description="the driver's command, e.g. 'python prog.py --n 100'")
+    working_dir: str | None = Field(
+        None, description="a directory of this machine (relative: to where `fleet run` runs) uploaded as the "
+        "job's working directory"
+    )
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict, description="Ray's runtime_env (pip, env_vars, py_modules ...); not working_dir"
+    )
+
+    @field_validator("runtime_env")
+    @classmethod
+    def _no_working_dir(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "working_dir" in value:
+            raise SpecValueError("give the working directory as `ray.working_dir`, not in runtime_env",
+                                 at=("working_dir",))
+        return value
 
 
 class JobSpec(BaseModel):
@@ -75,6 +101,7 @@ class JobSpec(BaseModel):
     serve: ServeConfig | None = Field(
         None, description="serve a model on the nodes, called item by item with `fleet.connect` (`fleet serve`)"
     )
+    ray: RayJobConfig | None = Field(None, description="a Ray job on the fleet's Ray cluster (`fleet run`)")
     retries: int = Field(
         0, ge=0, le=1000,
         description="how often a failed `run:` process is restarted on its node, and a failed `setup:` tried again"
@@ -82,6 +109,13 @@ class JobSpec(BaseModel):
     python: str | None = Field(
         None, description="Python interpreter that starts the worker on the nodes (default: chosen by fleet)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ray_jobs_cover_every_node(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("ray") is not None and "nodes" not in data:
+            return {**data, "nodes": "all"}
+        return data
 
     @field_validator("nodes", mode="before")
     @classmethod
@@ -141,25 +175,26 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _worker_xor_run(self) -> JobSpec:
-        problem = worker_or_run_problem({"worker": self.worker, "run": self.run, "serve": self.serve})
+        problem = worker_or_run_problem({kind: getattr(self, kind) for kind in JOB_KINDS})
         if problem is not None:
             raise problem
         return self
 
 
 def worker_or_run_problem(data: Any) -> SpecValueError | None:
-    """The `worker:` / `run:` / `serve:` rule (exactly one) checked on raw data, so that the
+    """The `worker:` / `run:` / `serve:` / `ray:` rule (exactly one) checked on raw data, so that the
     loader can report it alongside other errors (an "after" validator only runs when
     everything else passed)."""
     if not isinstance(data, dict):
         return None
-    given = [key for key in ("worker", "run", "serve") if data.get(key) is not None]
+    given = [key for key in JOB_KINDS if data.get(key) is not None]
     if len(given) > 1:
         return SpecValueError(
             f"give either `{given[0]}:` or `{given[1]}:`, not both" if len(given) == 2
-            else "give only one of `worker:`, `run:` and `serve:`",
+            else "give only one of `worker:`, `run:`, `serve:` and `ray:`",
             at=(given[-1],),
-            hint="`worker:` runs the bundled worker; `run:` runs your own command; `serve:` serves a model",
+            hint="`worker:` runs the bundled worker; `run:` runs your own command; `serve:` serves a model; "
+            "`ray:` submits a Ray job",
         )
     if not given:
         return SpecValueError(

@@ -265,6 +265,32 @@ class RuntimeSpec(Strict):
         return extras
 
 
+class RaySpec(Strict):
+    """A Ray cluster on the fleet (`fleet.ray`): the head node runs the Ray head, every
+    worker (replacements too) joins it; Ray's ports stay inside the fleet, the dashboard
+    and the Jobs API are reached through an SSH tunnel."""
+
+    enabled: bool = Field(False, description="start a Ray cluster on the fleet's nodes (`fleet up`)")
+    gcs_port: int = Field(6380, ge=1024, le=65535, description="the head's GCS port (not Ray's default 6379)")
+    dashboard_port: int = Field(
+        8266, ge=1024, le=65535, description="the dashboard and Jobs API on the head's loopback (not Ray's 8265)"
+    )
+    head_cpus: int = Field(0, ge=0, description="CPUs the head offers to tasks (0: the head runs none)")
+    worker_cpus: int | None = Field(None, ge=1, description="CPUs each worker offers (default: what Ray detects)")
+    object_store_mb: int | None = Field(
+        None, ge=75, description="each node's object store in MB (default: Ray's, 30% of memory)"
+    )
+    health_check_period_ms: int = Field(1000, ge=100, description="how often the GCS checks each node")
+    health_check_timeout_ms: int = Field(2000, ge=100, description="how long a health check may take")
+    health_check_failure_threshold: int = Field(
+        3, ge=1, description="failed checks before a node is marked dead (Ray's default detects it in ~65 s)"
+    )
+    auth: Literal["token", "none"] = Field(
+        "token", description="token: Ray's token authentication with a per-fleet token (0600); none: off"
+    )
+    join_timeout: float = Field(180.0, gt=0, description="how long `up` waits for every node to be alive in Ray")
+
+
 class FleetSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="labels every resource; lowercase, digits, '-'")
     provider: Literal["local", "gcp", "aws"] = Field(description="where the nodes run")
@@ -276,6 +302,7 @@ class FleetSpec(Strict):
     runtime: RuntimeSpec = Field(RuntimeSpec(), description="fleet's own runtime on the nodes (a versioned virtualenv)")
     monitor: MonitorSpec = Field(MonitorSpec(), description="the reconcile loop that replaces lost nodes")
     local: LocalSpec = Field(LocalSpec(), description="options of the local provider")
+    ray: RaySpec = Field(RaySpec(), description="a Ray cluster on the fleet's nodes (docs/ray.md)")
     gcp: GcpSpec | None = Field(None, description="Google Cloud settings (needed with provider: gcp)")
     aws: AwsSpec | None = Field(None, description="AWS settings (needed with provider: aws)")
 
