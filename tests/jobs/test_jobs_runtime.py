@@ -101,6 +101,10 @@ def test_jobs_need_the_runtime_up_restores_it_and_replacements_get_it(make_fleet
     code, summary = up_json(fleet)
     assert code == 0 and summary["failures"] == {}, summary
     assert sorted(runtime_events(fleet)[before:]) == [w1, w2]
+    # The first `up`'s pilot reported its environment's layout: both only unpacked the
+    # prepared tree (no Python, no pip on them).
+    details = [e["detail"] for e in fleet.events() if e["kind"] == "runtime"][before:]
+    assert all("the prepared tree" in detail for detail in details), details
     ran = fleet.cli("run", str(fleet.write_job(job)), "--json", timeout=180)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert json.loads(ran.stdout.strip().splitlines()[-1])["done"] == 20
