@@ -127,9 +127,12 @@ def test_cancel_stops_every_process_and_a_later_run_resumes(module_fleet: LocalF
     # count file stays readable): in this machine's directory on loopback nodes, in each
     # node's home when isolated.
     counts = tmp_path / "counts"
+    ITEMS = 900
     counts.mkdir()
     on_node = "/root/counts-stoppable" if module_fleet.isolated else str(counts)
-    job = counted_job("stoppable", 600, on_node, delay_s=0.05, chunk_size=20, plugin_env=module_fleet.plugin_env())
+    # 900 items, about 15 s of work for the 3 workers: the cancel lands mid-job even when a
+    # loaded machine takes seconds to start the `fleet cancel` command.
+    job = counted_job("stoppable", ITEMS, on_node, delay_s=0.05, chunk_size=20, plugin_env=module_fleet.plugin_env())
     # io: auto picks bulk here (chunks of 20 small files): a stopping worker hands what it
     # finished over as packs, however late the packer's ack, and the next run settles them.
     path = module_fleet.write_job(job)
@@ -143,7 +146,7 @@ def test_cancel_stops_every_process_and_a_later_run_resumes(module_fleet: LocalF
         assert not left, f"worker processes left after cancel: {left}"
         assert not node_processes_matching(module_fleet.name, "launch.sh", module_fleet.root)
         written = check_outputs(module_fleet, job, complete=False)
-        assert 0 < written < 600, written
+        assert 0 < written < ITEMS, written
         # Nothing restarts by itself; the job is recorded as cancelled.
         jobs = json.loads(module_fleet.cli("jobs", "--json", check=True).stdout)
         assert next(j for j in jobs if j["name"] == "stoppable")["status"] == "cancelled"
@@ -151,14 +154,14 @@ def test_cancel_stops_every_process_and_a_later_run_resumes(module_fleet: LocalF
         module_fleet.cli("cancel", "stoppable")
     resumed = module_fleet.cli("run", str(path), "--json", "--timeout", "120")
     assert resumed.returncode == 0, resumed.stderr
-    assert summary_of(resumed)["done"] == 600
-    assert check_outputs(module_fleet, job) == 600
+    assert summary_of(resumed)["done"] == ITEMS
+    assert check_outputs(module_fleet, job) == ITEMS
     # The stop was graceful: chunks in hand were finished or released, nothing computed twice.
     if module_fleet.isolated:
         for slot in (1, 2, 3):
             for path in (module_fleet.node_home(module_fleet.worker(slot)) / "counts-stoppable").glob("*.count"):
                 shutil.copy(path, counts / f"{slot}-{path.name}")
-    assert computed_items(counts) == 600
+    assert computed_items(counts) == ITEMS
     # ... and it went through bulk I/O: the head's packer put the outputs in place.
     packer_log = (module_fleet.job_dir("stoppable") / "bulk" / "packer.log").read_text()
     assert sum(int(n) for n in re.findall(r"unpacked (\d+) outputs", packer_log)) > 0, packer_log
