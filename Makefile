@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 SYSTEM_PACKAGES := openssh-server openssh-client sshfs fuse3 rsync chromium python3-venv iproute2 nftables
 PYTEST_ARGS ?=
+# Test files run in parallel processes (pytest-xdist); each file stays in one process, so a
+# module-scoped fleet is started once. PYTEST_WORKERS=0 runs them serially.
+PYTEST_WORKERS ?= 2
 # The local nodes' image: a read-only virtualenv with the worker's heavy dependencies, which
 # local nodes use the way a cloud node uses its image's torch (fleet's own wheel is not in it:
 # `fleet up` installs that into each node's runtime). Built once, as root (sudo otherwise).
@@ -52,7 +55,7 @@ image:
 	echo '$(IMAGE_PYTHON) $(IMAGE_PACKAGES)' | $$SUDO tee "$(IMAGE)/.fleet-image" >/dev/null
 
 test: install
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh

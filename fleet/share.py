@@ -38,13 +38,14 @@ with `restrict,command="internal-sftp -d <shared>"` (see `fallback_key_line`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pwd
 import shlex
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,10 @@ OWNERS = f"{SHARE_ROOT}/.owners"
 KEYS = f"{SHARE_ROOT}/.keys"
 SFTP_PATH = "/shared"  # the shared directory as the share account sees it (chroot-relative)
 DROP_IN = "/etc/ssh/sshd_config.d/fleet-share-{account}.conf"
+# Serialises the shared root's bookkeeping between fleets on one host (two local fleets in
+# loopback mode): a fleet going down removes `.keys`/`.owners` when it leaves them empty,
+# which must not happen between another fleet's `install -d` and its writes into them.
+SHARE_LOCK = "/run/fleet-share.lock"
 SHARE_FILE = ".fleet/share.json"  # per worker, 0600: how to reach the share
 NODE_MARKER = "/etc/fleet/node"  # written by fleet's startup script (templates/startup/node.sh.j2)
 DATA_MARKER = "/etc/fleet/data"  # the mounted data disk's path, written by the startup script
@@ -121,6 +126,7 @@ def confine_script(*, shared_path: str, head_user_word: str, mount_public_key: s
         "fi",
         data_disk_check(),
         'account="fs-$(printf %s "$ident" | sha256sum | cut -c1-12)"',
+        f"exec 9>>{q(SHARE_LOCK)}; if command -v flock >/dev/null 2>&1; then flock 9; fi",
         f"root={q(SHARE_ROOT)}; chroot=\"$root/$account\"; owner={head_user_word}; link={shared_path}",
         f"data={DATA_DIR_WORD}",
         'install -d -m 0755 -o root -g root "$root" "$root/.owners" "$root/.keys"',
@@ -219,8 +225,25 @@ def release_orphan_share_accounts(prefix: str) -> list[str]:
 
 
 def _release(matches: Callable[[str], bool]) -> list[str]:
+    if os.geteuid() != 0 or not Path(OWNERS).is_dir():
+        return []
+    with _share_lock():
+        return _release_locked(matches)
+
+
+@contextlib.contextmanager
+def _share_lock() -> Iterator[None]:
+    fd = os.open(SHARE_LOCK, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _release_locked(matches: Callable[[str], bool]) -> list[str]:
     owners = Path(OWNERS)
-    if os.geteuid() != 0 or not owners.is_dir():
+    if not owners.is_dir():
         return []
     removed = []
     for owner_file in owners.iterdir():
