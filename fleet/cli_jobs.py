@@ -69,8 +69,9 @@ def _runner(fleet, job):
 def hand_over(fleet, runners) -> OnReplaced:
     """The monitor's `on_replaced`: every node it brought up (a replacement, a node
     brought forward, a restarted or new head) gets the processes of the jobs `runners()`
-    returns (one start at a time; starting is idempotent). A new head first gets the
-    job's launcher and env back, and its packer."""
+    returns (one start at a time). Processes such a node still runs are stopped first:
+    they hold a mount that died with its head (a fresh node has none). A new head first
+    gets the job's launcher and env back, and its packer."""
     from fleet.model import Role
 
     lock = threading.Lock()
@@ -82,6 +83,7 @@ def hand_over(fleet, runners) -> OnReplaced:
                     for head in (n for n in new_nodes if n.role == Role.HEAD):
                         runner.install([head])
                         runner.start_packer(head)
+                    runner.stop_processes(new_nodes)
                     runner.start(new_nodes, all_nodes=alive)
                 except FleetError as error:
                     fleet.state.add_event("handover_failed", None, f"job {runner.job.name}: {error}")

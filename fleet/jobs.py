@@ -479,6 +479,15 @@ class JobRunner:
     def cancel(self, nodes: Sequence[Node]) -> GroupResult:
         head = self.head(nodes)
         self._on_head(head, f"mkdir -p {self.job_dir_for(head)} && touch {self.job_dir_for(head)}/{protocol.CANCELLED}")
+        results = self.stop_processes(nodes)
+        self.stop_packer(head)
+        self.fleet.state.set_job_status(self.job.name, "cancelled")
+        self.fleet.state.add_event("cancelled", None, f"job {self.job.name}")
+        return results
+
+    def stop_processes(self, nodes: Sequence[Node]) -> GroupResult:
+        """Stop the job's launcher (and its process group) on each alive node of `nodes`,
+        the one its pid file records and only if it leads that group."""
         alive = self.fleet.alive(nodes)
 
         def command(target) -> str:
@@ -492,11 +501,7 @@ class JobRunner:
                 "kill -KILL -- -\"$pg\" 2>/dev/null; exit 0"
             )
 
-        results = self.fleet.executor.run([self.fleet.target(n) for n in alive], command, timeout=60)
-        self.stop_packer(head)
-        self.fleet.state.set_job_status(self.job.name, "cancelled")
-        self.fleet.state.add_event("cancelled", None, f"job {self.job.name}")
-        return results
+        return self.fleet.executor.run([self.fleet.target(n) for n in alive], command, timeout=60)
 
     def stop_packer(self, head: Node) -> None:
         """After the workers stopped (their last deliveries are unpacked by then): SIGTERM
