@@ -77,17 +77,11 @@ def job_monitor(fleet, runner) -> tuple[Monitor, threading.Thread]:
         with lock:
             runner.start(new_nodes, all_nodes=alive)
 
-    # The monitor's own SSH connections and cloud clients, whose waits its stop() ends.
-    session = fleet.session(threading.Event())
-    monitor = Monitor(session, on_replaced=on_replaced)
-
-    def run() -> None:
-        try:
-            monitor.run()
-        finally:
-            session.close()
-
-    return monitor, threading.Thread(target=run, name="fleet-monitor", daemon=True)
+    # TODO(issue 12): run it on `fleet.session(...)` (its own SSH pool, cloud clients, and
+    # waits that stop() ends); on a session, replacements under `fleet run` went wrong in
+    # test_jobs_preempt (not found in time), so the follower's handle is shared for now.
+    monitor = Monitor(fleet, on_replaced=on_replaced)
+    return monitor, threading.Thread(target=monitor.run, name="fleet-monitor", daemon=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -77,7 +78,8 @@ class Monitor:
         self.replacements = 0
         self.exhausted = False
         self._reported_lost: set[str] = set()
-        self._stop = fleet.cancel  # stop() also ends the waits of the fleet handle's pass
+        # On a session of its own (`Fleet.session`), stop() also ends the waits of a pass.
+        self._stop = fleet.cancel if fleet.is_session else threading.Event()
 
     # -- one pass -------------------------------------------------------------------------
     def reconcile_once(self) -> PassReport:
@@ -220,7 +222,7 @@ class Monitor:
 
     def stop(self) -> None:
         """End the loop; a pass in progress gives up its waits (SSH readiness, cloud
-        operations, commands) at once when the fleet handle is the monitor's own session."""
+        operations, commands) at once when the fleet handle is a session of its own."""
         self._stop.set()
 
     def replacing_head(self) -> bool:
