@@ -100,20 +100,14 @@ def running_jobs(fleet) -> list:
 
 def job_monitor(fleet, runner) -> tuple[Monitor, threading.Thread]:
     """The monitor of a running job or serving, in a thread not yet started: each node it
-    brings up in place of a lost one gets the job's processes. The monitor has SSH
-    connections and cloud clients of its own, whose waits its stop() ends."""
+    brings up in place of a lost one gets the job's processes."""
     from fleet.monitor import Monitor
 
-    session = fleet.session(threading.Event())
-    monitor = Monitor(session, on_replaced=hand_over(session, lambda: [runner]))
-
-    def run() -> None:
-        try:
-            monitor.run()
-        finally:
-            session.close()
-
-    return monitor, threading.Thread(target=run, name="fleet-monitor", daemon=True)
+    # TODO(issue 12): run it on `fleet.session(...)` (its own SSH pool, cloud clients, and
+    # waits that stop() ends); on a session, replacements under `fleet run` went wrong in
+    # test_jobs_preempt (not found in time), so the follower's handle is shared for now.
+    monitor = Monitor(fleet, on_replaced=hand_over(fleet, lambda: [runner]))
+    return monitor, threading.Thread(target=monitor.run, name="fleet-monitor", daemon=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

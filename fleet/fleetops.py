@@ -114,6 +114,7 @@ class Fleet:
     ) -> None:
         self.spec = spec
         self.cancel = cancel or threading.Event()  # set: every wait of this handle ends
+        self.is_session = False  # made by session(): a monitor's own handle
         self.spec_path = Path(spec_path)
         self.paths = FleetPaths.for_spec(spec, self.spec_path)
         self.log: Log = log or (lambda message: None)
@@ -175,7 +176,9 @@ class Fleet:
         """A handle on the same fleet with SSH connections, cloud clients and a state
         connection of its own, whose waits end when `cancel` is set: the monitor's, so
         that a pass never waits on the follower's connections nor outlives its stop."""
-        return Fleet(self.spec, self.spec_path, log=self.log, clock=self.clock, cancel=cancel)
+        session = Fleet(self.spec, self.spec_path, log=self.log, clock=self.clock, cancel=cancel)
+        session.is_session = True
+        return session
 
     def close(self) -> None:
         if self._executor is not None:

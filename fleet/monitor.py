@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -72,7 +73,8 @@ class Monitor:
         self.replacements = 0
         self.applier = Applier(fleet, on_replaced=on_replaced, clock=clock)
         self._replacing_head = False
-        self._stop = fleet.cancel  # stop() also ends the waits of the fleet handle's pass
+        # On a session of its own (`Fleet.session`), stop() also ends the waits of a pass.
+        self._stop = fleet.cancel if fleet.is_session else threading.Event()
 
     @property
     def exhausted(self) -> bool:
@@ -161,5 +163,5 @@ class Monitor:
 
     def stop(self) -> None:
         """End the loop; a pass in progress gives up its waits (SSH readiness, cloud
-        operations, commands) at once when the fleet handle is the monitor's own session."""
+        operations, commands) at once when the fleet handle is a session of its own."""
         self._stop.set()
