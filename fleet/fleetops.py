@@ -588,7 +588,9 @@ class Fleet:
                    f"> \"$HOME/.fleet/known_hosts\") || exit 1; ")
         return (
             pin +
-            f"if mountpoint -q {mount} && timeout 10 ls {mount} >/dev/null 2>&1; then exit 0; fi; "
+            # statfs asks the head every time; `ls` can be answered from sshfs's directory
+            # cache by a mount whose head is gone (a replaced head then stayed unmounted).
+            f"if mountpoint -q {mount} && timeout 10 stat -f {mount} >/dev/null 2>&1; then exit 0; fi; "
             # Whatever is left (a mount whose head went away answers neither `mountpoint`
             # nor `ls`: ENOTCONN) goes first; nothing mounted: the unmounts fail quietly.
             f"fusermount3 -u -z {mount} 2>/dev/null || fusermount -u -z {mount} 2>/dev/null "

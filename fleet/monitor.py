@@ -121,9 +121,10 @@ class Monitor:
         mounts = {n.name for n in nodes if n.role == Role.WORKER and n.name in records
                   and records[n.name].step in ("mounted", "job_started")}
         mount = _home_path(self.spec.shared.mount)
-        # Dead (the head went away under sshfs): UNMOUNTED. Slow (timeout's 124): the
+        # Dead (the head went away under sshfs): UNMOUNTED; statfs, unlike `ls`, is never
+        # answered from sshfs's cache. Slow (timeout's 124): the
         # head's own probe judges that; the mount counts as there.
-        check = (f"if ! mountpoint -q {mount}; then echo UNMOUNTED; else timeout 1 ls {mount} >/dev/null 2>&1; "
+        check = (f"if ! mountpoint -q {mount}; then echo UNMOUNTED; else timeout 1 stat -f {mount} >/dev/null 2>&1; "
                  "rc=$?; if [ $rc = 0 ] || [ $rc = 124 ]; then echo MOUNTED; else echo UNMOUNTED; fi; fi")
 
         def command(target) -> str:
