@@ -83,7 +83,7 @@ def hand_over(fleet, runners) -> OnReplaced:
                     for head in (n for n in new_nodes if n.role == Role.HEAD):
                         runner.install([head])
                         runner.start_packer(head)
-                    runner.stop_processes(new_nodes)
+                    runner.stop_processes(new_nodes, handover=True)
                     runner.start(new_nodes, all_nodes=alive)
                 except FleetError as error:
                     fleet.state.add_event("handover_failed", None, f"job {runner.job.name}: {error}")

@@ -485,17 +485,21 @@ class JobRunner:
         self.fleet.state.add_event("cancelled", None, f"job {self.job.name}")
         return results
 
-    def stop_processes(self, nodes: Sequence[Node]) -> GroupResult:
+    def stop_processes(self, nodes: Sequence[Node], *, handover: bool = False) -> GroupResult:
         """Stop the job's launcher (and its process group) on each alive node of `nodes`,
-        the one its pid file records and only if it leads that group."""
+        the one its pid file records and only if it leads that group. `handover`: it is
+        started again at once, so it leaves no exit status (the node has not ended)."""
         alive = self.fleet.alive(nodes)
 
         def command(target) -> str:
             node = next(n for n in alive if n.name == target.name)
-            pid_file = f"{self.job_dir_for(node)}/{protocol.pid_file(node.name)}"
+            job_dir = self.job_dir_for(node)
+            pid_file = f"{job_dir}/{protocol.pid_file(node.name)}"
+            mark = (f"mkdir -p {job_dir}/status && : > {job_dir}/{protocol.handover_file(node.name)}; "
+                    if handover else "")
             return (
                 f"[ -f {pid_file} ] || exit 0; " + valid_group_check(pid_file, self.launcher) +
-                "[ -n \"$pg\" ] || exit 0; "
+                "[ -n \"$pg\" ] || exit 0; " + mark +
                 "kill -TERM -- -\"$pg\" 2>/dev/null || exit 0; "
                 "for i in $(seq 1 100); do kill -0 -- -\"$pg\" 2>/dev/null || exit 0; sleep 0.1; done; "
                 "kill -KILL -- -\"$pg\" 2>/dev/null; exit 0"

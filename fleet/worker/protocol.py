@@ -47,6 +47,13 @@ def exit_file(node: str) -> str:
     return f"status/{shlex.quote(node)}.exit"
 
 
+def handover_file(node: str) -> str:
+    """Written by the control plane before it stops a node's launcher to start it again at
+    once (the head moved under it): that launcher then leaves no exit status, so that no
+    progress read in between counts the node as ended (and failed)."""
+    return f"status/{shlex.quote(node)}.handover"
+
+
 def log_file(node: str) -> str:
     return f"logs/{shlex.quote(node)}.log"
 
@@ -66,7 +73,7 @@ JOB_DIR=$(pwd)
 NODE="$FLEET_NODE_NAME"
 mkdir -p pids status logs metrics
 echo $$ > "pids/.$NODE.pid.tmp" && mv "pids/.$NODE.pid.tmp" "pids/$NODE.pid"
-rm -f "status/$NODE.exit"
+rm -f "status/$NODE.exit" "status/$NODE.handover"
 # Trusted copy of our process group, outside the shared directory: a restart after this
 # launcher was killed stops what is left of its group (the worker) before starting anew.
 echo $$ > "${0%/*}/launcher.pid"
@@ -112,6 +119,8 @@ done
 # Stopped by a signal (cancel, preemption notice): not finished, a later run resumes here.
 [ -n "$stopping" ] && rc=143
 [ -n "$watcher" ] && kill -TERM "$watcher" 2>/dev/null
+# Stopped to be started again at once (a handover): no exit status, the node has not ended.
+if [ -n "$stopping" ] && [ -f "status/$NODE.handover" ]; then rm -f "status/$NODE.handover" "${0%/*}/launcher.pid"; exit "$rc"; fi
 echo "$rc" > "status/.$NODE.exit.tmp" && mv "status/.$NODE.exit.tmp" "status/$NODE.exit"
 rm -f "${0%/*}/launcher.pid"
 exit "$rc"

@@ -137,6 +137,26 @@ def test_monitor_stop_interrupts_a_pass_waiting_for_ssh(fault_fleet: LocalFleet)
         fleet.close()
 
 
+def test_a_run_job_rides_out_a_restarted_head(fault_fleet: LocalFleet) -> None:
+    # The monitor starts the stopped head again and hands the workers over: the launcher
+    # it stops there (it holds the old mount) must not count as the node's end.
+    head = f"{fault_fleet.name}-head"
+    job = {"name": "restarted", "nodes": [fault_fleet.worker(1)], "run": "sleep 15"}
+    run = fault_fleet.popen("run", str(fault_fleet.write_job(job)))
+    try:
+        pid_file = fault_fleet.job_dir("restarted") / "pids" / f"{fault_fleet.worker(1)}.pid"
+        wait_for(_running(run, pid_file.exists), 90, "the job to start")
+        time.sleep(1)
+        assert fault_fleet.cli("preempt", head).returncode == 0
+        stdout, stderr = run.communicate(timeout=150)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 0, stdout + stderr
+    assert any(e["kind"] == "started" and e["node"] == head for e in fault_fleet.events())
+
+
 def test_fleet_run_stops_within_its_grace_when_the_head_is_gone(fault_fleet: LocalFleet) -> None:
     # Gone for good: the machine is deleted (its data disk stays) and the monitor may not
     # create another (max_replacements: 0), so nothing brings a head back. The last test of
