@@ -155,7 +155,14 @@ def _restart_with_new_host_key(node_dir: Path) -> None:
     for suffix in ("", ".pub"):
         (local.sshd_dir / f"host_key{suffix}").unlink()
     generate_ed25519_keypair(local.sshd_dir / "host_key", "impostor")
-    started, log = local._start_sshd(find_sshd())  # same config, same port
+    # Same config, same port. A connection's sshd child forked just before the SIGKILL can
+    # hold the listening socket for a moment: the port is free again once it is gone.
+    deadline = time.monotonic() + 10
+    while True:
+        started, log = local._start_sshd(find_sshd())
+        if started or "Address already in use" not in log or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert started, log
 
 
