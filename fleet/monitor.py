@@ -25,8 +25,6 @@ that tests of the decisions do not wait for real.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +34,7 @@ from fleet.applier import Applier, OnReplaced, PassReport
 from fleet.fleetops import Fleet, UpResult, _home_path
 from fleet.model import Node, NodeState, Role, head_name
 from fleet.reconcile import Create, Probe, Start
-from fleet.state import make_private_dir
+from fleet.state import exclusive_lock, make_private_dir
 
 __all__ = ["MONITOR_LOCK", "Monitor", "OnReplaced", "PassReport", "monitor_lock"]
 MONITOR_LOCK = "monitor.lock"
@@ -46,12 +44,8 @@ MONITOR_LOCK = "monitor.lock"
 def monitor_lock(state_dir: Path) -> Iterator[None]:
     """The fleet's one monitor lock (`.fleet/<name>/monitor.lock`, flock), held for a pass."""
     make_private_dir(state_dir)
-    fd = os.open(state_dir / MONITOR_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive_lock(state_dir / MONITOR_LOCK):
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 class Monitor:

@@ -38,16 +38,17 @@ with `restrict,command="internal-sftp -d <shared>"` (see `fallback_key_line`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import pwd
 import shlex
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from fleet.state import exclusive_lock
 
 SHARE_ROOT = "/srv/fleet-share"
 OWNERS = f"{SHARE_ROOT}/.owners"
@@ -227,18 +228,8 @@ def release_orphan_share_accounts(prefix: str) -> list[str]:
 def _release(matches: Callable[[str], bool]) -> list[str]:
     if os.geteuid() != 0 or not Path(OWNERS).is_dir():
         return []
-    with _share_lock():
+    with exclusive_lock(Path(SHARE_LOCK)):
         return _release_locked(matches)
-
-
-@contextlib.contextmanager
-def _share_lock() -> Iterator[None]:
-    fd = os.open(SHARE_LOCK, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _release_locked(matches: Callable[[str], bool]) -> list[str]:
