@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "jobs"))
 sys.path.insert(0, str(HERE))
 
-from jobs_fleet import LocalFleet, finish_fleet, wait_for
+from jobs_fleet import LocalFleet, finish_fleet, launched_processes_matching, wait_for
 from tiny_items import bundled_worker_rate
 
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
@@ -58,19 +58,6 @@ def submit(fleet: LocalFleet, *command: str, timeout: float = 900) -> str:
     if result.returncode != 0:
         raise SystemExit(f"ray submit {' '.join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result.stdout
-
-
-def ray_processes(name: str) -> list[str]:
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("FLEET_FLEET") == name and "ray" in " ".join(proc.cmdline()):
-                found.append(" ".join(proc.cmdline())[:100])
-        except (psutil.Error, OSError):
-            continue
-    return found
 
 
 def preemption(fleet: LocalFleet) -> dict[str, Any]:
@@ -153,7 +140,7 @@ def main() -> int:
         if down.returncode != 0:
             raise SystemExit(f"fleet down exited {down.returncode}: {down.stdout}\n{down.stderr}")
         time.sleep(2)
-        figures["ray_processes_left"] = len(ray_processes(fleet.name))
+        figures["ray_processes_left"] = len(launched_processes_matching(fleet.name, "ray"))
         figures["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
         figures["reference"] = ("ideal_s = ceil(tasks / (workers x CPUs)); records_items_s: the bundled worker's "
                                 "records mode (checksum, one process) on as many items, in this run")

@@ -76,6 +76,14 @@ def fleet_processes(fleet_name: str, root: Path | None = None) -> list[psutil.Pr
     return found
 
 
+def launched_processes_matching(fleet_name: str, text: str) -> list[str]:
+    """Command lines containing `text` of the processes anywhere on this machine that
+    fleet started on a node of `fleet_name` (they inherit the launcher's
+    FLEET_FLEET=<name>): found also once the nodes' namespaces are gone."""
+    return [cmd for proc in psutil.process_iter()
+            if _environ(proc).get("FLEET_FLEET") == fleet_name and text in (cmd := _cmdline(proc))]
+
+
 def node_processes_matching(fleet_name: str, text: str, root: Path | None = None) -> list[str]:
     """Command lines of the fleet's node processes that contain `text` (like
     `pgrep -f TEXT`, limited to the nodes' processes; give `root` for isolated nodes)."""

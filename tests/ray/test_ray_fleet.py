@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,7 +20,7 @@ JOBS_TESTS = REPO / "tests" / "jobs"
 if str(JOBS_TESTS) not in sys.path:
     sys.path.insert(0, str(JOBS_TESTS))
 
-from jobs_fleet import LocalFleet, finish_fleet, wait_for
+from jobs_fleet import LocalFleet, finish_fleet, launched_processes_matching, wait_for
 
 from fleet.providers.localns import missing_for_namespaces
 
@@ -59,19 +58,6 @@ def json_lines(text: str) -> dict[str, dict]:
         if line.startswith("{") and '"program"' in line:
             record = json.loads(line)
             found[record["program"]] = record
-    return found
-
-
-def fleet_ray_processes(name: str) -> list[str]:
-    """Processes anywhere on this machine that a node of fleet `name` started for Ray
-    (the launcher exports FLEET_FLEET=<name>; Ray's processes inherit it)."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("FLEET_FLEET") == name and "ray" in " ".join(proc.cmdline()):
-                found.append(" ".join(proc.cmdline())[:120])
-        except (psutil.Error, OSError):
-            continue
     return found
 
 
@@ -178,7 +164,7 @@ def test_a_preempted_worker_loses_no_task_the_actor_moves_and_the_replacement_jo
 
 
 def test_down_leaves_no_ray_process(ray_fleet: LocalFleet) -> None:
-    assert fleet_ray_processes(ray_fleet.name), "the fleet's Ray processes are not found: the check is blind"
+    assert launched_processes_matching(ray_fleet.name, "ray"), "the fleet's Ray processes are not found: the check is blind"
     result = ray_fleet.down()
     assert result.returncode == 0, result.stdout + result.stderr
-    wait_for(lambda: not fleet_ray_processes(ray_fleet.name), 30, "no Ray process of the fleet")
+    wait_for(lambda: not launched_processes_matching(ray_fleet.name, "ray"), 30, "no Ray process of the fleet")
