@@ -136,7 +136,7 @@ class LocalProvider(Provider):
 
         if not requests:
             return []
-        with ThreadPoolExecutor(max_workers=min(16, len(requests))) as pool:
+        with ThreadPoolExecutor(max_workers=min(32, len(requests))) as pool:
             return list(pool.map(one, requests))
 
     def _to_node(self, local: LocalNode) -> Node:

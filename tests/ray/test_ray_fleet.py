@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shlex
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -59,6 +60,27 @@ def json_lines(text: str) -> dict[str, dict]:
             record = json.loads(line)
             found[record["program"]] = record
     return found
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError as exc:
+        return f"({exc})"
+
+
+def survive_diagnostics(fleet: LocalFleet) -> str:
+    """What a stuck Ray job leaves to read: the head launcher's log, the Ray driver's and
+    the GCS's logs on the head, the fleet's events and Ray's view of the nodes."""
+    head = f"{fleet.name}-head"
+    parts = [f"--- head launcher log\n{_tail(fleet.job_dir('survive') / 'logs' / f'{head}.log')}"]
+    ray_logs = fleet.on_node(head, "/tmp/ray/session_latest/logs")
+    for pattern in ("job-driver-survive-*.log", "gcs_server.out", "raylet.out"):
+        for path in sorted(ray_logs.glob(pattern))[-1:]:
+            parts.append(f"--- {path.name}\n{_tail(path)}")
+    parts.append("--- events\n" + "\n".join(json.dumps(e) for e in fleet.events()[-25:]))
+    parts.append("--- ray status\n" + fleet.cli("ray", "status", "--json", timeout=60).stdout[-3000:])
+    return "\n".join(parts)
 
 
 def test_up_starts_a_head_and_joins_every_worker_with_its_cpus(ray_fleet: LocalFleet) -> None:
@@ -141,7 +163,10 @@ def test_a_preempted_worker_loses_no_task_the_actor_moves_and_the_replacement_jo
         actor_node = log.read_text().split("ACTOR_NODE ", 1)[1].split()[0]
         assert actor_node.startswith(f"{ray_fleet.name}-w")
         ray_fleet.cli("preempt", actor_node, check=True)
-        stdout, stderr = run.communicate(timeout=240)
+        try:
+            stdout, stderr = run.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the survive job did not end in 240 s\n{survive_diagnostics(ray_fleet)}")
     finally:
         if run.poll() is None:
             run.kill()
