@@ -671,10 +671,13 @@ class Runtime:
             tree = layout_tree(art.tree, layout)
             self.fleet.log(f"installing the node runtime {DIST} {__version__} on {len(group)} node(s) "
                            "from the prepared tree")
-            alive = self._upload(group, result, tree, f"{incoming}/{TREE}", 0o600)
-            command = prepared_shell(layout, real, stamp, incoming, _sha256(tree))
-            ran = self.fleet.executor.run([self.fleet.target(n) for n in alive], command, timeout=300)
-            for node in alive:
+            # One SSH operation per node: the tree comes on the command's stdin.
+            receive = (f'umask 077; mkdir -p "$HOME"/{incoming} && cat > "$HOME"/{incoming}/{TREE}.part && '
+                       f'mv -f "$HOME"/{incoming}/{TREE}.part "$HOME"/{incoming}/{TREE} || exit 1\n')
+            command = receive + prepared_shell(layout, real, stamp, incoming, _sha256(tree))
+            ran = self.fleet.executor.run([self.fleet.target(n) for n in group], command, timeout=300,
+                                          stdin=tree.read_bytes())
+            for node in group:
                 outcome = ran[node.name]
                 if outcome.ok:
                     done.append(node)

@@ -79,6 +79,12 @@ def _bounded(channel: paramiko.Channel, seconds: float) -> Iterator[None]:
         timer.cancel()
 
 
+def _send_stdin(channel: paramiko.Channel, data: bytes) -> None:
+    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+        channel.sendall(data)
+        channel.shutdown_write()
+
+
 class _Output:
     """One stream of one command: keeps the last `limit` bytes, emits whole lines."""
 
@@ -357,12 +363,15 @@ class Executor:
         timeout: float | None = None,
         stream: bool = False,
         retries_connect: int = 0,
+        stdin: bytes | None = None,
     ) -> GroupResult:
         """Run a command (or one per target) on every target, at most `parallelism` at once.
 
         `env` (a mapping, or a function of the target) is exported in front of the
         command, every value quoted. `stream=True` sends each output line to `on_line`
         as it arrives. `retries_connect` retries a node that does not answer (booting).
+        `stdin` is sent to every command's standard input (then EOF); without it the
+        command reads EOF at once.
         """
         limit = self.command_timeout if timeout is None else timeout
         on_line = self.on_line if stream else None
@@ -370,7 +379,7 @@ class Executor:
         commands = {target.name: self._command_for(target, command, env) for target in targets}
 
         def work(target: Target) -> CommandResult:
-            return self._run_one(target, commands[target.name], limit, on_line, retries_connect)
+            return self._run_one(target, commands[target.name], limit, on_line, retries_connect, stdin)
 
         return self._fan_out(targets, work)
 
@@ -383,11 +392,12 @@ class Executor:
         return with_env(text, values)
 
     def _run_one(
-        self, target: Target, command: str, timeout: float, on_line: LineCallback | None, retries: int
+        self, target: Target, command: str, timeout: float, on_line: LineCallback | None, retries: int,
+        stdin: bytes | None = None,
     ) -> CommandResult:
         started = time.monotonic()
         with self._slot(target.name):
-            return self._run_in_slot(target, command, timeout, on_line, retries, started)
+            return self._run_in_slot(target, command, timeout, on_line, retries, started, stdin)
 
     def _run_in_slot(
         self,
@@ -397,6 +407,7 @@ class Executor:
         on_line: LineCallback | None,
         retries: int,
         started: float,
+        stdin: bytes | None = None,
     ) -> CommandResult:
         try:
             channel = self._session(target, retries)
@@ -409,7 +420,7 @@ class Executor:
         exit_code: int | None = None
         try:
             exit_code, error = self._exec(channel, target.name, command, deadline, timeout, out, err,
-                                          self.connect_timeout, self.cancel)
+                                          self.connect_timeout, self.cancel, stdin)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             error = SSHError(
                 f"{target.name}: the connection failed during the command: {exc}", node=target.name
@@ -443,10 +454,17 @@ class Executor:
         err: _Output,
         request_timeout: float,
         cancel: threading.Event,
+        stdin: bytes | None = None,
     ) -> tuple[int | None, FleetError | None]:
         with _bounded(channel, request_timeout):
             channel.exec_command(command)
-        channel.shutdown_write()  # no stdin: a command that reads it sees EOF, not a hang
+        if stdin:
+            # From a thread of its own: a command that writes before it reads must not
+            # wait on us. Closing the channel (deadline, cancel) ends a blocked send.
+            threading.Thread(target=_send_stdin, args=(channel, stdin), daemon=True,
+                             name=f"stdin-{node}").start()
+        else:
+            channel.shutdown_write()  # no stdin: a command that reads it sees EOF, not a hang
         wakeup = channel.fileno()
         while True:
             if channel.recv_ready():

@@ -259,3 +259,19 @@ def test_channels_per_node_stay_below_sshds_max_sessions(
     assert all(result.ok for result in results), [r.summary() for r in results]
     seen = [int(line) for line in (tmp_path / "seen").read_text().split()]
     assert max(seen) == SESSIONS_PER_NODE
+
+
+def test_stdin_reaches_every_command_also_one_that_writes_before_it_reads(
+    trio: SshLab, trio_targets: list[Target]
+) -> None:
+    data = bytes(range(256)) * 12_000  # 3 MB: more than one SSH window
+    digest = __import__("hashlib").sha256(data).hexdigest()
+    with trio.executor() as executor:
+        # 4 MB of output before the command reads its input: neither side may wait on the other.
+        result = executor.run(trio_targets, "head -c 4000000 /dev/zero | tr '\\0' x >&2; sha256sum", stdin=data,
+                              timeout=60)
+        plain = executor.run(trio_targets[:1], "cat; echo end", timeout=10)
+    for target in trio_targets:
+        assert result[target.name].ok, result[target.name].describe()
+        assert result[target.name].stdout.split()[0] == digest
+    assert plain[trio_targets[0].name].stdout == "end\n"  # without stdin a reader sees EOF at once
