@@ -6,8 +6,12 @@ Real namespaces, a real bridge and nftables; every test removes its fleet's netw
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
+import shutil
 import socket
+import stat
+import subprocess
 import threading
 import time
 import uuid
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet.model import DATA_MOUNT
 from fleet.providers.localnode import generate_ed25519_keypair
 from fleet.providers.localns import FleetNetwork, IsolatedNode, missing_for_namespaces
 from fleet.providers.startup import render_startup_script
@@ -126,3 +131,73 @@ def test_nodes_reach_each_other_and_nothing_outside_the_bridge(fleet_root: tuple
         executor.close()
         on_loopback.close()
         on_all.close()
+
+
+@contextlib.contextmanager
+def loop_disk(path: Path, size_mb: int = 64) -> Iterator[str]:
+    """A blank block device (a loop device over a sparse file): a cloud's new disk."""
+    with open(path, "wb") as image:
+        image.truncate(size_mb << 20)
+    device = subprocess.run(["losetup", "--find", "--show", str(path)], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    try:
+        yield device
+    finally:
+        for _ in range(100):  # the node's mount of it goes with its mount namespace, soon after its init
+            if subprocess.run(["losetup", "-d", device], check=False, capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+
+
+def _startups(node: IsolatedNode) -> int:
+    log = node.console / "boot.log"
+    return log.read_text(errors="replace").count("startup script begins") if log.exists() else 0
+
+
+def _attach_when_booting(node: IsolatedNode, device: str, name: str, boot: threading.Thread, before: int) -> None:
+    """The disk appears in the node's /dev while its startup script waits for it (a
+    cloud attaches a disk to a booting instance the same way: some time after boot)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and boot.is_alive():
+        if node.init_pid and _startups(node) > before:
+            os.mknod(f"/proc/{node.init_pid}/root/dev/{name}", stat.S_IFBLK | 0o600, os.stat(device).st_rdev)
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the node did not start its startup script: {node.boot_problem()}")
+
+
+@pytest.mark.skipif(shutil.which("losetup") is None or shutil.which("mkfs.ext4") is None
+                    or not os.path.exists("/dev/loop-control"), reason="needs loop devices and mkfs.ext4")
+def test_a_blank_data_disk_is_formatted_once_and_mounted_on_every_boot(fleet_root: tuple[Path, str],
+                                                                        tmp_path: Path) -> None:
+    """The cloud path of the head's data disk (blkid, mkfs.ext4, mount), which the
+    providers' fakes skip by bind-mounting a directory: run by the real startup script
+    in an isolated node, on a real block device."""
+    root, name = fleet_root
+    public = generate_ed25519_keypair(tmp_path / "id_ed25519", "ns-test")
+    script = render_startup_script(provider="local", fleet_name=name, node=f"{name}-head", role="head",
+                                   user="root", public_key=public, ssh_port=22, data_disk=True,
+                                   data_devices=["/dev/fleet-test-data"])
+    node = IsolatedNode.reserve(root, name=f"{name}-head", fleet=name, user="root")
+    with loop_disk(tmp_path / "disk.img") as device:
+        def booted(action: object) -> None:
+            before = _startups(node)
+            thread = threading.Thread(target=action)
+            thread.start()
+            _attach_when_booting(node, device, "fleet-test-data", thread, before)
+            thread.join(90)
+            assert not thread.is_alive() and node.is_running(), node.boot_problem()
+            mounts = (Path(f"/proc/{node.init_pid}/mounts")).read_text().splitlines()
+            assert any(line.split()[1] == DATA_MOUNT and line.split()[2] == "ext4" for line in mounts), mounts
+            assert node.host_path("/etc/fleet/data").read_text().strip() == DATA_MOUNT
+            assert not node.host_path("/etc/fleet/data.error").exists()
+
+        booted(lambda: node.start(script, boot_timeout=60))
+        label = subprocess.run(["blkid", "-s", "LABEL", "-o", "value", device], check=True, capture_output=True,
+                               text=True)
+        assert label.stdout.strip() == "fleet-data"  # formatted: it was blank
+        node.host_path(DATA_MOUNT).joinpath("kept.txt").write_text("outputs\n")
+        node.kill(preempted=False)  # stopped; its disk stays
+        booted(lambda: node.boot(boot_timeout=60))
+        assert node.host_path(DATA_MOUNT).joinpath("kept.txt").read_text() == "outputs\n"  # not formatted again
+        node.destroy()
