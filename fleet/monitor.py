@@ -116,9 +116,11 @@ class Monitor:
                   and records[n.name].step in ("mounted", "job_started")}
         mount = _home_path(self.spec.shared.mount)
         # Dead (the head went away under sshfs): UNMOUNTED; statfs, unlike `ls`, is never
-        # answered from sshfs's cache. Slow (timeout's 124): the
-        # head's own probe judges that; the mount counts as there.
-        check = (f"if ! mountpoint -q {mount}; then echo UNMOUNTED; else timeout 1 stat -f {mount} >/dev/null 2>&1; "
+        # answered from sshfs's cache. Slow (timeout's 124; `mountpoint` itself stats the
+        # mount and hangs as long as sshfs waits on a dead connection): the head's own
+        # probe judges that; the mount counts as there.
+        check = (f"timeout 1 mountpoint -q {mount}; rc=$?; if [ $rc != 0 ] && [ $rc != 124 ]; then echo UNMOUNTED; "
+                 f"elif [ $rc = 124 ]; then echo MOUNTED; else timeout 1 stat -f {mount} >/dev/null 2>&1; "
                  "rc=$?; if [ $rc = 0 ] || [ $rc = 124 ]; then echo MOUNTED; else echo UNMOUNTED; fi; fi")
 
         def command(target) -> str:

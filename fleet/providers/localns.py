@@ -238,7 +238,11 @@ class FleetNetwork:
         netns, veth, peer = self.netns(nid), self.veth(nid), f"fp{self.key}{nid}"
         _run("ip", "netns", "add", netns)
         try:
-            _run("ip", "link", "add", veth, "type", "veth", "peer", "name", peer)
+            # eth0's MAC follows from its address, so that a node booted again (a stopped
+            # instance started) keeps it, as a cloud's NIC does: the other nodes' ARP
+            # entries for the address stay right (a new random MAC left them sending to
+            # the old one until their entry went stale, and their mounts failed meanwhile).
+            _run("ip", "link", "add", veth, "type", "veth", "peer", "name", peer, "address", _mac_of(address))
             _run("ip", "link", "set", peer, "netns", netns)
             _run("ip", "link", "set", veth, "master", self.bridge)
             _run("ip", "link", "set", veth, "up")
@@ -303,6 +307,11 @@ def local_default_policy(subnet: ipaddress.IPv4Network, network: FleetNetwork) -
         Rule(sources=(nodes,), targets=(nodes,), protocol="all", name="fleet-internal"),
         Rule(sources=(str(host),), targets=(nodes,), protocol="tcp", ports=("22",), name="fleet-ssh"),
     ])
+
+
+def _mac_of(address: str) -> str:
+    """A locally administered unicast MAC (02:fa:...) made of an IPv4 address."""
+    return "02:fa:" + ":".join(f"{int(part):02x}" for part in address.split("."))
 
 
 def kill_netns_processes(netns: str) -> None:
@@ -656,6 +665,7 @@ class IsolatedNode(LocalNode):
             self._save()
 
     def destroy(self) -> None:
+        self.mark_deleting()
         self.kill(preempted=False)
         if not any(pid and _pid_alive(pid) for pid in (self.init_pid, self.starter_pid)):
             shutil.rmtree(self.dir, ignore_errors=True)
