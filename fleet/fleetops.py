@@ -595,8 +595,10 @@ class Fleet:
             pin +
             # statfs asks the head every time; `ls` can be answered from sshfs's directory
             # cache by a mount whose head is gone (a replaced head then stayed unmounted).
-            # (`mountpoint` stats the mount too: bounded, as it hangs on a dead sshfs.)
-            f"if timeout 10 mountpoint -q {mount} && timeout 10 stat -f {mount} >/dev/null 2>&1; then exit 0; fi; "
+            # (`mountpoint` stats the mount too; bounded as in the monitor's probe: a wait on
+            # a dead sshfs ends with nothing, and must not hold the session's output.)
+            f"if timeout -s KILL 10 mountpoint -q {mount} </dev/null >/dev/null 2>&1 "
+            f"&& timeout -s KILL 10 stat -f {mount} </dev/null >/dev/null 2>&1; then exit 0; fi; "
             # Whatever is left (a mount whose head went away answers neither `mountpoint`
             # nor `ls`: ENOTCONN) goes first; nothing mounted: the unmounts fail quietly.
             f"fusermount3 -u -z {mount} 2>/dev/null || fusermount -u -z {mount} 2>/dev/null "
