@@ -45,6 +45,7 @@ from fleet.providers.localnode import (
     LocalNode,
     find_sftp_server,
     find_sshd,
+    fuse_mounts_under,
     kill_fleet_orphans,
     require_sshfs,
 )
@@ -179,6 +180,9 @@ class LocalProvider(Provider):
     def delete(self, names: Sequence[str]) -> list[str]:
         deleted = []
         for name in names:
+            for left in (self.root / self.spec.name).glob(f".{name}.deleted-*"):  # an interrupted delete's
+                if not fuse_mounts_under(left):
+                    shutil.rmtree(left, ignore_errors=True)
             local = self._local(name, deleting=True)
             if local is None:
                 continue

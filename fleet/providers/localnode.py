@@ -482,7 +482,21 @@ ForceCommand {d / 'enter'}
         release_share_accounts(self.sshd_dir / "sshd_config")
         # A mount still attached would make rmtree walk into the head's shared files.
         if not fuse_mounts_under(self.dir):
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self.remove_dir()
+
+    def remove_dir(self) -> None:
+        """Delete the node's directory, moved out of the way first (one rename): a node
+        made under the same name meanwhile (a replaced head) gets a directory of its own,
+        never one that is half removed. What is left of an interrupted removal is a
+        `.<name>.deleted-<id>` directory that the next delete of the name removes."""
+        trash = self.dir.with_name(f".{self.name}.deleted-{self.id}")
+        try:
+            os.rename(self.dir, trash)
+        except FileNotFoundError:
+            return
+        except OSError:
+            trash = self.dir
+        shutil.rmtree(trash, ignore_errors=True)
 
     # -- persistence -------------------------------------------------------------------
     def _record(self) -> dict[str, object]:

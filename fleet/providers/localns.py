@@ -668,7 +668,7 @@ class IsolatedNode(LocalNode):
         self.mark_deleting()
         self.kill(preempted=False)
         if not any(pid and _pid_alive(pid) for pid in (self.init_pid, self.starter_pid)):
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self.remove_dir()
 
 
 def _children(pid: int) -> list[int]:

@@ -293,6 +293,30 @@ def test_a_node_being_deleted_is_never_listed_as_stopped(lab: Lab, monkeypatch: 
     cut.kill(preempted=False)
     assert monitor.list() == [] and monitor.start([worker.name]) == []
     assert provider.delete([worker.name]) and not (provider.root / name / worker.name).exists()
+    assert _left(provider) == []
+
+    # A node made under the name of one being deleted (a replaced head) gets a directory
+    # of its own, never the half-removed one.
+    again = provider.create([_request(f"{name}-head", role=Role.HEAD, slot=0, spot=False)])[0].node
+    old = LocalNode.load(provider.root / name / again.name)
+
+    def replaced_meanwhile(config: Path) -> list[str]:
+        new = provider.create([_request(f"{name}-head", role=Role.HEAD, slot=0, spot=False)])[0]
+        assert new.error is not None and "already exists" in str(new.error)  # not yet: as a cloud's 409
+        return release(config)
+
+    monkeypatch.setattr(localnode, "release_share_accounts", replaced_meanwhile)
+    old.destroy()
+    monkeypatch.setattr(localnode, "release_share_accounts", release)
+    fresh = provider.create([_request(f"{name}-head", role=Role.HEAD, slot=0, spot=False)])[0].node
+    assert fresh is not None and fresh.state is NodeState.RUNNING
+    assert [n.name for n in monitor.list()] == [fresh.name]
+    assert provider.delete([fresh.name]) and _left(provider) == []
+
+
+def _left(provider: LocalProvider) -> list[str]:
+    """What is left in the fleet's directory besides its data disk (the head's `.data`)."""
+    return sorted(p.name for p in (provider.root / provider.spec.name).iterdir() if p.name != ".data")
 
 
 def test_delete_is_idempotent_and_ignores_unknown_names(lab: Lab) -> None:
