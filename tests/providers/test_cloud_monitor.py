@@ -1,10 +1,10 @@
-"""The monitor on the fake GCE, through the real client:
+"""The monitor on the fake clouds, through the real clients:
 
 - zone cool-down: the replacement of a preempted worker meets a zone without capacity
   and lands in the next allowed zone; that zone then cools down (`monitor.zone_cooldown`),
   so the next replacement is not asked of it at all, even though it has capacity again,
   until the cool-down is over (an injected clock);
-- a head stopped by host maintenance is started (`instances.start`), keeps its data
+- a head stopped (GCE host maintenance, an EC2 stop) is started again, keeps its data
   disk, and the worker remounts it at its internal address."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from provider_helpers import CLOUD_RUNTIME, USER, gcp_block
+from provider_helpers import CLOUD_RUNTIME, USER, aws_block, gcp_block
 
 from fleet.fleetops import Fleet
 from fleet.model import Role
@@ -35,12 +35,13 @@ class Clock:
         return self.now
 
 
-def _spec(name: str, fake: Any, port: int, key: Path, connect_timeout: float = 10, **monitor: float) -> FleetSpec:
+def _spec(name: str, fake: Any, port: int, key: Path, connect_timeout: float = 10, cloud: str = "gcp",
+          **monitor: float) -> FleetSpec:
     return FleetSpec.model_validate({
-        "name": name, "provider": "gcp", "workers": {"count": 1},
+        "name": name, "provider": cloud, "workers": {"count": 1},
         "ssh": {"user": USER, "port": port, "key": str(key), "ready_timeout": 60, "connect_timeout": connect_timeout},
         "runtime": CLOUD_RUNTIME, "monitor": {"grace": 30, "backoff": 1, **monitor},
-        "gcp": gcp_block(fake, zones=ZONES),
+        cloud: gcp_block(fake, zones=ZONES) if cloud == "gcp" else aws_block(),
     })
 
 
@@ -89,11 +90,13 @@ def test_a_zone_without_capacity_is_skipped_for_its_cooldown(tmp_path: Path, fle
             fleet.down()
 
 
-def test_a_head_stopped_by_host_maintenance_is_started_with_its_data(tmp_path: Path, fleet_key, fake_gce: Any,
-                                                                     loopback: tuple[str, int]) -> None:
+@pytest.mark.parametrize("cloud", ["gcp", "aws"])
+def test_a_stopped_head_is_started_with_its_data_and_remounted(tmp_path: Path, fleet_key, loopback: tuple[str, int],
+                                                                cloud: str, request: pytest.FixtureRequest) -> None:
+    fake = request.getfixturevalue("fake_gce" if cloud == "gcp" else "fake_ec2")
     # sshfs's reconnect under the worker's mount waits up to the connect timeout (its
     # ConnectTimeout) on the stopped head: the monitor's probe of the mount must not.
-    spec = _spec("hstart", fake_gce, loopback[1], fleet_key[0], connect_timeout=20)
+    spec = _spec(f"hstart{cloud[0]}", fake, loopback[1], fleet_key[0], connect_timeout=20, cloud=cloud)
     with Fleet(spec, tmp_path / "fleet.yaml") as fleet:
         try:
             up = fleet.up()
@@ -102,7 +105,10 @@ def test_a_head_stopped_by_host_maintenance_is_started_with_its_data(tmp_path: P
             [worker] = [n.name for n in up.nodes if n.role is Role.WORKER]
             wrote = fleet.exec([head], 'echo kept > "$FLEET_SHARED/keep.txt"')
             assert wrote.ok, wrote.results
-            fake_gce.host_maintenance(head.name)
+            if cloud == "gcp":
+                fake.host_maintenance(head.name)  # TERMINATED, disks kept
+            else:
+                assert fleet.provider.stop([head.name]) == [head.name]  # as EC2 stops an instance
             started = time.monotonic()
             report = Monitor(fleet).reconcile_once()
             took = time.monotonic() - started
