@@ -154,25 +154,22 @@ class Applier:
         fleet = self.fleet
         names = [s.node.name for s in starts]
         fleet.log(f"starting stopped node(s): {', '.join(names)}")
-        start = getattr(fleet.provider, "start", None)
         error = ""
         try:
-            # What was started, described ("local node demo-head"): a node not named in it was not.
-            done = start(names) if start is not None else []
+            done = set(fleet.provider.start(names))  # a node not named in it was not started
         except FleetError as failure:
-            done, error = [], str(failure)
+            done, error = set(), str(failure)
         nodes = []
         for item in starts:
             name = item.node.name
             fleet.executor.drop(name)
-            if any(name in entry.split() or entry == name for entry in done):
+            if name in done:
                 fleet.state.add_event("started", name, "a stopped node was started (its disks kept)")
                 report.started.append(name)
                 # PENDING: the bring-up lists it again until it has its (maybe new) address.
                 nodes.append(dataclasses.replace(item.node, state=NodeState.PENDING, address=None))
                 continue
-            why = error or (f"the provider cannot start it ({item.node.state.value})" if start is not None
-                            else f"provider {fleet.provider.name} cannot start nodes")
+            why = error or f"the provider cannot start it ({item.node.state.value})"
             fleet.state.add_event("start_failed", name, f"{why}; replacing it")
             result.deleted.extend(fleet.delete_nodes([item.node], "could not be started: replaced"))
             creates.append(item.fallback)

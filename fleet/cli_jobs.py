@@ -100,14 +100,23 @@ def running_jobs(fleet) -> list:
 
 def job_monitor(fleet, runner) -> tuple[Monitor, threading.Thread]:
     """The monitor of a running job or serving, in a thread not yet started: each node it
-    brings up in place of a lost one gets the job's processes."""
+    brings up in place of a lost one gets the job's processes. It runs on a session of
+    its own (`Fleet.session`: SSH connections, cloud clients, state connection), so that
+    it never waits on the follower's connections and `end_monitor` cuts its pass short."""
     from fleet.monitor import Monitor
 
-    # TODO(issue 12): run it on `fleet.session(...)` (its own SSH pool, cloud clients, and
-    # waits that stop() ends); on a session, replacements under `fleet run` went wrong in
-    # test_jobs_preempt (not found in time), so the follower's handle is shared for now.
-    monitor = Monitor(fleet, on_replaced=hand_over(fleet, lambda: [runner]))
+    monitor = Monitor(fleet.session(threading.Event()), on_replaced=hand_over(fleet, lambda: [runner]))
     return monitor, threading.Thread(target=monitor.run, name="fleet-monitor", daemon=True)
+
+
+def end_monitor(monitor: Monitor, thread: threading.Thread) -> None:
+    """Stop a `job_monitor`: a pass in progress gives up its waits (SSH readiness, cloud
+    operations, commands) at once; then its session's connections are closed."""
+    monitor.stop()
+    if thread.is_alive():
+        thread.join(timeout=60)
+    if not thread.is_alive():
+        monitor.fleet.close()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -139,8 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             summary = _follow(fleet, runner, monitor, started, args)
         finally:
-            monitor.stop()
-            thread.join(timeout=60)
+            end_monitor(monitor, thread)
         stopped = summary.pop("stopped", None)
         fleet.state.set_job_status(job.name, "finished" if summary["ok"] else "failed", summary)
         ok = summary.pop("ok")

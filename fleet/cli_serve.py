@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fleet.cli_base import err, out
 from fleet.cli_base import open_fleet as _open_fleet
-from fleet.cli_jobs import job_monitor
+from fleet.cli_jobs import end_monitor, job_monitor
 from fleet.errors import JobError, UsageError
 from fleet.spec.loader import load_job_spec
 
@@ -104,9 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pass
         finally:
             signal.signal(signal.SIGTERM, previous)
-            monitor.stop()
-            if thread.is_alive():
-                thread.join(timeout=60)
+            end_monitor(monitor, thread)
             if not cancelled:
                 runner.cancel(fleet.observe())
                 fleet.state.set_job_status(job.name, "stopped")

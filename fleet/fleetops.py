@@ -298,7 +298,8 @@ class Fleet:
              now: float | None = None, replacements_left: int | None = None) -> Plan:
         """The reconciler's plan for this fleet (`fleet.reconcile.plan`); `probes=None`: `up`'s."""
         return plan_actions(self.spec, observed, self.state.nodes(include_gone=True), probes,
-                            self.clock() if now is None else now, replacements_left=replacements_left)
+                            self.clock() if now is None else now, replacements_left=replacements_left,
+                            stockouts=self.state.stockouts())
 
     def plan_requests(self, observed: Sequence[Node]) -> tuple[list[NodeRequest], list[Node]]:
         """What `up` would create and delete (`up --dry-run`): stopped nodes it would
@@ -332,6 +333,10 @@ class Fleet:
         created: list[Node] = []
         for outcome in self.provider.create(requests):
             name = outcome.request.name
+            for zone in outcome.stockouts:
+                self.state.record_stockout(zone, f"no capacity for {name}")
+                self.state.add_event("zone_stockout", name, f"no capacity in {zone}: new nodes avoid it for "
+                                     f"monitor.zone_cooldown ({self.spec.monitor.zone_cooldown:g} s)")
             if outcome.node is None:
                 message = str(outcome.error or "unknown error")
                 result.failures[name] = message
@@ -590,7 +595,10 @@ class Fleet:
             pin +
             # statfs asks the head every time; `ls` can be answered from sshfs's directory
             # cache by a mount whose head is gone (a replaced head then stayed unmounted).
-            f"if mountpoint -q {mount} && timeout 10 stat -f {mount} >/dev/null 2>&1; then exit 0; fi; "
+            # (`mountpoint` stats the mount too; bounded as in the monitor's probe: a wait on
+            # a dead sshfs ends with nothing, and must not hold the session's output.)
+            f"if timeout -s KILL 10 mountpoint -q {mount} </dev/null >/dev/null 2>&1 "
+            f"&& timeout -s KILL 10 stat -f {mount} </dev/null >/dev/null 2>&1; then exit 0; fi; "
             # Whatever is left (a mount whose head went away answers neither `mountpoint`
             # nor `ls`: ENOTCONN) goes first; nothing mounted: the unmounts fail quietly.
             f"fusermount3 -u -z {mount} 2>/dev/null || fusermount -u -z {mount} 2>/dev/null "

@@ -85,6 +85,9 @@ class NodeRequest:
     machine: str | None = None
     accelerators: Accelerator | None = None
     disk_gb: int | None = None
+    # The zones (AWS: subnets or zones) to try, in order; None: every zone of the spec.
+    # The reconciler leaves out zones that ran out of capacity lately (zone cool-down).
+    zones: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

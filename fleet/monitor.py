@@ -116,10 +116,16 @@ class Monitor:
                   and records[n.name].step in ("mounted", "job_started")}
         mount = _home_path(self.spec.shared.mount)
         # Dead (the head went away under sshfs): UNMOUNTED; statfs, unlike `ls`, is never
-        # answered from sshfs's cache. Slow (timeout's 124): the
-        # head's own probe judges that; the mount counts as there.
-        check = (f"if ! mountpoint -q {mount}; then echo UNMOUNTED; else timeout 1 stat -f {mount} >/dev/null 2>&1; "
-                 "rc=$?; if [ $rc = 0 ] || [ $rc = 124 ]; then echo MOUNTED; else echo UNMOUNTED; fi; fi")
+        # answered from sshfs's cache. Slow (137: given up after 1 s; `mountpoint` stats the
+        # mount too): the head's own probe judges that; the mount counts as there. A
+        # process waiting on a dead sshfs stays in its FUSE request whatever the signal,
+        # and the session ends only when nothing holds its output: so SIGKILL (`timeout`
+        # returns at once, not after its child) and no stdio from the session (the
+        # probe took as long as sshfs waited on its dead connection: 10 s a check).
+        quiet = "</dev/null >/dev/null 2>&1"
+        check = (f"timeout -s KILL 1 mountpoint -q {mount} {quiet}; rc=$?; if [ $rc = 137 ]; then echo MOUNTED; "
+                 f"elif [ $rc != 0 ]; then echo UNMOUNTED; else timeout -s KILL 1 stat -f {mount} {quiet}; "
+                 "rc=$?; if [ $rc = 0 ] || [ $rc = 137 ]; then echo MOUNTED; else echo UNMOUNTED; fi; fi")
 
         def command(target) -> str:
             return check if target.name in mounts else "true"

@@ -12,12 +12,18 @@ A node's lifecycle, in its record: requested -> created -> ssh_ready -> runtime 
 setup_done -> exported (the head) / mounted (a worker) -> job_started. A live node
 whose record is behind (its export failed, its create timed out after the machine
 existed, `up` was killed midway, its mount died with the head) is brought forward.
+
+Zone cool-down: a zone (AWS: a subnet or zone) that answered "no capacity" (`stockouts`,
+zone -> when) is left out of the zones a new node may use for `monitor.zone_cooldown`
+seconds, so replacements go to another allowed zone at once instead of asking the empty
+one first every pass. When every zone is cooling down, all are tried, the one that ran
+out longest ago first. A head whose data disk exists still goes to the disk's zone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fleet.model import Accelerator, Node, NodeRequest, NodeState, Role, head_name, worker_name
 from fleet.spec.models import FleetSpec
@@ -134,6 +140,28 @@ def worker_request(spec: FleetSpec, slot: int, generation: int) -> NodeRequest:
     )
 
 
+def allowed_zones(spec: FleetSpec) -> list[str]:
+    """The zones (AWS: subnets, else zones) a new node may go to, in the spec's order;
+    [] where the provider places nodes itself (local, an AWS region without zones)."""
+    if spec.provider == "gcp" and spec.gcp is not None:
+        return list(spec.gcp.zones)
+    if spec.provider == "aws" and spec.aws is not None:
+        return list(spec.aws.subnets or spec.aws.zones)
+    return []
+
+
+def zones_to_try(spec: FleetSpec, stockouts: Mapping[str, float], now: float) -> tuple[str, ...] | None:
+    """The zones a new node is asked for, without those cooling down after a stockout;
+    None: every allowed zone, in the spec's order (none is cooling down)."""
+    allowed = allowed_zones(spec)
+    cooldown = spec.monitor.zone_cooldown
+    cooling = {zone: stockouts[zone] for zone in allowed if zone in stockouts and now - stockouts[zone] < cooldown}
+    if not cooling:
+        return None
+    rest = tuple(zone for zone in allowed if zone not in cooling)
+    return rest or tuple(sorted(allowed, key=lambda zone: cooling[zone]))
+
+
 def next_generation(role: Role, slot: int, observed: Sequence[Node], records: Sequence[NodeRecord]) -> int:
     """The generation of a slot's next node: one more than any the fleet ever recorded
     or the provider lists for it (a record may be lost, a listing may lag)."""
@@ -174,12 +202,19 @@ def plan(
     now: float,
     *,
     replacements_left: int | None = None,
+    stockouts: Mapping[str, float] | None = None,
 ) -> Plan:
     """The actions that bring the fleet to its spec. `probes=None` is `fleet up`: no
     node judged by SSH, every live node brought forward, back-off ignored.
     `replacements_left` (the monitor's `max_replacements` budget; None: no limit)
-    bounds the nodes created in place of lost ones."""
+    bounds the nodes created in place of lost ones. `stockouts` (zone -> when it had no
+    capacity) cools zones down: new nodes are asked for in the other zones."""
     up = probes is None
+    zones = zones_to_try(spec, stockouts or {}, now)
+
+    def placed(request: NodeRequest) -> NodeRequest:
+        return request if zones is None else replace(request, zones=zones)
+
     probes = probes or {}
     grace = spec.monitor.grace
     out = Plan()
@@ -250,14 +285,15 @@ def plan(
             if lost_head.state in DOWN:  # stopped (host maintenance, a stopped instance): start it
                 lose(lost_head, head_record, stopped=True)
                 if due(head_record):
-                    fallback = Create(head_request(spec), (lost_head.name,), head_attempt, replacement=True)
+                    fallback = Create(placed(head_request(spec)), (lost_head.name,), head_attempt, replacement=True)
                     out.actions.append(Start(lost_head, fallback, attempt=head_attempt))
                     head_moves = True
             else:  # running, silent past the grace: a new head gets the data disk
                 lose(lost_head, head_record)
                 if due(head_record) and take_budget():
                     out.actions.extend(Delete(n, "remains of a lost head") for n in heads)
-                    out.actions.append(Create(head_request(spec), (lost_head.name,), head_attempt, replacement=True))
+                    out.actions.append(Create(placed(head_request(spec)), (lost_head.name,), head_attempt,
+                                              replacement=True))
                     head_moves = True
         else:
             if head_record is not None and not head_record.gone:
@@ -265,7 +301,7 @@ def plan(
             first = head_record is None or (head_record.gone and head_record.failures == 0 and up)
             if due(head_record) and (first or take_budget()):
                 replaces = (head_record.name,) if head_record is not None and not first else ()
-                out.actions.append(Create(head_request(spec), replaces, head_attempt, replacement=not first))
+                out.actions.append(Create(placed(head_request(spec)), replaces, head_attempt, replacement=not first))
                 head_moves = True
 
     # -- the workers -----------------------------------------------------------------------
@@ -300,8 +336,8 @@ def plan(
         out.actions.extend(Delete(n, "remains of a lost node") for n in in_slot)
         gone = [n.name for n in in_slot] + [r.name for r in slot_records if not r.gone and r.name not in listed]
         failures = latest.failures if latest is not None and latest.retry_at is not None else 0
-        out.actions.append(Create(worker_request(spec, slot, next_generation(Role.WORKER, slot, observed, records)),
-                                  tuple(gone), failures + 1, replacement=bool(slot_records or in_slot)))
+        request = worker_request(spec, slot, next_generation(Role.WORKER, slot, observed, records))
+        out.actions.append(Create(placed(request), tuple(gone), failures + 1, replacement=bool(slot_records or in_slot)))
     out.actions.extend(Delete(n, "beyond workers.count") for n in workers if n.slot > spec.workers.count)
     if exhausted:
         out.actions.append(Exhausted(f"monitor.max_replacements={spec.monitor.max_replacements} reached; "

@@ -54,6 +54,11 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL,
     detail TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS stockouts (
+    zone TEXT PRIMARY KEY,
+    t REAL NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
 CREATE TABLE IF NOT EXISTS jobs (
     name TEXT PRIMARY KEY,
     status TEXT NOT NULL,
@@ -161,8 +166,15 @@ class State:
         try:
             make_private_dir(self.path.parent)
             # It holds job specs (and their env): 0600 before SQLite writes a byte; its
-            # -wal and -shm files take the database's permissions.
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            # -wal and -shm files take the database's permissions. Never open (and close)
+            # a file SQLite may already have open in this process: closing any descriptor
+            # of it drops the process's POSIX locks on it, another process then takes the
+            # database for unused, checkpoints and deletes the WAL under the open
+            # connections, and what they write next is lost.
+            try:
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
             os.chmod(self.path, 0o600)
             self._db().executescript(_SCHEMA)
             self._migrate()
@@ -298,6 +310,18 @@ class State:
     def forget_nodes(self) -> None:
         with self._tx() as db:
             db.execute("UPDATE nodes SET gone=1, setup_done=0, mounted=0")
+
+    # -- zones -------------------------------------------------------------------------
+    def record_stockout(self, zone: str, detail: str = "", *, t: float | None = None) -> None:
+        """`zone` (AWS: a subnet or zone) answered "no capacity" at `t` (default: now)."""
+        with self._tx() as db:
+            db.execute("INSERT INTO stockouts (zone, t, detail) VALUES (?,?,?) "
+                       "ON CONFLICT(zone) DO UPDATE SET t=excluded.t, detail=excluded.detail",
+                       (zone, self.clock() if t is None else t, detail))
+
+    def stockouts(self) -> dict[str, float]:
+        """zone -> when it last answered "no capacity" (the reconciler's zone cool-down)."""
+        return {row["zone"]: row["t"] for row in self._db().execute("SELECT zone, t FROM stockouts")}
 
     # -- events --------------------------------------------------------------------------
     def add_event(self, kind: str, node: str | None = None, detail: str = "", *, t: float | None = None) -> Event:

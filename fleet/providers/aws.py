@@ -171,12 +171,19 @@ class AwsProvider(Provider):
             return request.machine
         return "g4dn.xlarge" if request.accelerators else "m5.large"
 
-    def _placements(self) -> list[tuple[str, dict[str, Any]]]:
+    def _placements(self, request: NodeRequest | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """(where, placement) in the order tried: the spec's subnets, else its zones, else
+        the region; only the request's `zones`, in their order, when it names some."""
         if self.aws.subnets:
-            return [(subnet, {"SubnetId": subnet}) for subnet in self.aws.subnets]
-        if self.aws.zones:
-            return [(zone, {"Placement": {"AvailabilityZone": zone}}) for zone in self.aws.zones]
-        return [(self.aws.region, {})]
+            found = [(subnet, {"SubnetId": subnet}) for subnet in self.aws.subnets]
+        elif self.aws.zones:
+            found = [(zone, {"Placement": {"AvailabilityZone": zone}}) for zone in self.aws.zones]
+        else:
+            return [(self.aws.region, {})]
+        if request is None or not request.zones:
+            return found
+        by_where = dict(found)
+        return [(where, by_where[where]) for where in request.zones if where in by_where] or found
 
     # -- plan / prepare ----------------------------------------------------------------
     def _live_spot_price(self, instance_type: str) -> float | None:
@@ -199,8 +206,8 @@ class AwsProvider(Provider):
     def plan(self, requests: Sequence[NodeRequest]) -> list[PlannedNode]:
         live: dict[str, float | None] = {}
         planned = []
-        where = " > ".join(self.aws.subnets or self.aws.zones or [self.aws.region])
         for request in requests:
+            where = " > ".join(w for w, _ in self._placements(request))
             instance_type = self._instance_type(request)
             price, source = None, None
             if request.spot and self._live_prices:
@@ -424,20 +431,24 @@ class AwsProvider(Provider):
         stop: list[QuotaError] = []
 
         def one(request: NodeRequest) -> CreateResult:
+            ran_out: list[str] = []
             try:
-                return CreateResult(request, node=self._create_one(request, exhausted, stop))
+                node = self._create_one(request, exhausted, stop, ran_out)
             except FleetError as exc:
-                return CreateResult(request, error=exc)
+                return CreateResult(request, error=exc, stockouts=tuple(ran_out))
+            return CreateResult(request, node=node, stockouts=tuple(ran_out))
 
         with ThreadPoolExecutor(max_workers=min(self._max_parallel, len(requests))) as pool:
             return list(pool.map(one, requests))
 
-    def _create_one(self, request: NodeRequest, exhausted: set[str], stop: list[QuotaError]) -> Node:
+    def _create_one(self, request: NodeRequest, exhausted: set[str], stop: list[QuotaError],
+                    ran_out: list[str]) -> Node:
         if self.wants_data_disk(request):
-            return self._create_head_with_data(request, exhausted, stop)
+            return self._create_head_with_data(request, exhausted, stop, ran_out)
         base = self.run_params(request)
         last: CapacityError | None = None
-        for where, placement in self._placements():
+        placements = self._placements(request)
+        for where, placement in placements:
             if stop:
                 raise stop[0]
             if where in exhausted:
@@ -448,6 +459,7 @@ class AwsProvider(Provider):
                 reply = self._call("run_instances", **base, **placement, ClientToken=uuid.uuid4().hex)
             except CapacityError as exc:
                 exhausted.add(where)
+                ran_out.append(where)
                 last = exc
                 continue
             except QuotaError as exc:
@@ -455,7 +467,7 @@ class AwsProvider(Provider):
                 raise
             return self.to_node(reply["Instances"][0])
         raise CapacityError(
-            f"no spot/on-demand capacity for {request.name} in {', '.join(w for w, _ in self._placements())}"
+            f"no spot/on-demand capacity for {request.name} in {', '.join(w for w, _ in placements)}"
             + (f": {last.message}" if last else ""),
             hint="add zones or subnets, raise workers.aws.max_price, or choose another instance type",
         )
@@ -470,11 +482,12 @@ class AwsProvider(Provider):
         volumes = self._call("describe_volumes", Filters=filters).get("Volumes", [])
         return [v for v in volumes if v.get("State") not in ("deleting", "deleted")]
 
-    def _zone_placements(self, zone: str | None) -> list[tuple[str, dict[str, Any], str]]:
+    def _zone_placements(self, zone: str | None, request: NodeRequest) -> list[tuple[str, dict[str, Any], str]]:
         """(where, placement, availability zone) of each placement, in order; only those in
-        `zone` when given (the data volume's AZ: a head can attach it only there)."""
+        `zone` when given (the data volume's AZ: a head can attach it only there, whatever
+        zones the request prefers)."""
         found = []
-        for where, placement in self._placements():
+        for where, placement in self._placements(request if zone is None else None):
             if "SubnetId" in placement:
                 subnets = self._call("describe_subnets", SubnetIds=[placement["SubnetId"]])["Subnets"]
                 az = str(subnets[0]["AvailabilityZone"])
@@ -538,10 +551,11 @@ class AwsProvider(Provider):
                     raise
             self._sleep(2.0)
 
-    def _create_head_with_data(self, request: NodeRequest, exhausted: set[str], stop: list[QuotaError]) -> Node:
+    def _create_head_with_data(self, request: NodeRequest, exhausted: set[str], stop: list[QuotaError],
+                               ran_out: list[str]) -> Node:
         existing = next(iter(self.data_volumes()), None)
         volume = self._wait_volume(existing["VolumeId"], free=True) if existing else None
-        placements = self._zone_placements(volume["AvailabilityZone"] if volume else None)
+        placements = self._zone_placements(volume["AvailabilityZone"] if volume else None, request)
         last: CapacityError | None = None
         for where, placement, az in placements:
             if stop:
@@ -560,6 +574,7 @@ class AwsProvider(Provider):
                     stop.append(exc)
                     raise
                 exhausted.add(where)
+                ran_out.append(where)
                 last = exc
                 continue
             instance = reply["Instances"][0]
@@ -682,7 +697,7 @@ class AwsProvider(Provider):
         ]
         if targets:
             self._call(f"{verb}_instances", InstanceIds=[instance_id for _n, instance_id, _z in targets])
-        return [f"instance {name} {instance_id} ({zone})" for name, instance_id, zone in targets]
+        return [name for name, _id, _zone in targets]
 
     def start(self, names: Sequence[str]) -> list[str]:
         return self._start_stop(names, "start")

@@ -52,6 +52,9 @@ class CreateResult:
     request: NodeRequest
     node: Node | None = None
     error: FleetError | None = None
+    # The zones (AWS: subnets) that answered "no capacity" for this request, in the order
+    # tried, also when another zone then took it: the reconciler cools them down.
+    stockouts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -112,7 +115,10 @@ class Provider(ABC):
     @abstractmethod
     def create(self, requests: Sequence[NodeRequest]) -> list[CreateResult]:
         """Create the nodes (in parallel where the API allows), one result per request.
-        A failed request does not fail the others. Returned nodes may still be PENDING."""
+        A failed request does not fail the others. Returned nodes may still be PENDING.
+        A request's `zones` (when set) are the only zones tried, in that order (a head
+        whose data disk exists still goes to the disk's zone); the zones that had no
+        capacity are named in each result's `stockouts`."""
 
     @abstractmethod
     def list(self) -> list[Node]:
@@ -129,13 +135,14 @@ class Provider(ABC):
         a stopped EC2 instance, a local node that is down): same name, same disks, a new
         boot. Running or unknown names are ignored, and so are machines that cannot be
         started (a terminated EC2 instance, a spot VM the cloud deleted): a caller that gets
-        nothing back replaces the node instead. Returns what was started; the nodes may
-        still be PENDING."""
+        nothing back replaces the node instead. Returns the names of the nodes started;
+        they may still be PENDING."""
 
     @abstractmethod
     def stop(self, names: Sequence[str]) -> list[str]:
         """Stop these nodes the way the cloud does (GCE host maintenance -> TERMINATED, EC2
-        stop): the machine keeps its disks and can be `start`ed. Returns what was stopped."""
+        stop): the machine keeps its disks and can be `start`ed. Returns the names of the
+        nodes stopped."""
 
     @abstractmethod
     def preempt(self, name: str, *, notice_s: float = 0.0) -> None:

@@ -264,7 +264,7 @@ class GcpProvider(Provider):
                 PlannedNode(
                     name=request.name,
                     role=request.role.value,
-                    zone=" > ".join(self.gcp.zones),
+                    zone=" > ".join(request.zones or self.gcp.zones),
                     machine=self._machine(request),
                     accelerators=f"{gpu.count}x {gpu.type}" if gpu else None,
                     spot=request.spot,
@@ -437,10 +437,12 @@ class GcpProvider(Provider):
         stop: list[QuotaError] = []  # a quota error ends the whole call
 
         def one(request: NodeRequest) -> CreateResult:
+            ran_out: list[str] = []
             try:
-                return CreateResult(request, node=self._create_one(request, exhausted, stop))
+                node = self._create_one(request, exhausted, stop, ran_out)
             except FleetError as exc:
-                return CreateResult(request, error=exc)
+                return CreateResult(request, error=exc, stockouts=tuple(ran_out))
+            return CreateResult(request, node=node, stockouts=tuple(ran_out))
 
         if not requests:
             return []
@@ -482,11 +484,12 @@ class GcpProvider(Provider):
 
     def _zones_for_request(self, request: NodeRequest) -> tuple[list[str], Any]:
         """The zones to try and the data disk the head must attach (None: made per zone)."""
+        zones = list(request.zones or self.gcp.zones)
         if not self.wants_data_disk(request):
-            return list(self.gcp.zones), None
+            return zones, None
         found = self.data_disks()
         if not found:
-            return list(self.gcp.zones), None
+            return zones, None
         zone, disk = found[0]
         if disk.users:
             raise ProviderError(
@@ -496,7 +499,8 @@ class GcpProvider(Provider):
         # The data lives there: a replacement head goes to the disk's zone, listed or not.
         return [zone], disk
 
-    def _create_one(self, request: NodeRequest, exhausted: set[str], stop: list[QuotaError]) -> Node:
+    def _create_one(self, request: NodeRequest, exhausted: set[str], stop: list[QuotaError],
+                    ran_out: list[str]) -> Node:
         client = self._client("instances")
         last: CapacityError | None = None
         zones, data_disk = self._zones_for_request(request)
@@ -520,6 +524,7 @@ class GcpProvider(Provider):
                 self._wait_zone_op(zone, operation)
             except CapacityError as exc:
                 exhausted.add(zone)
+                ran_out.append(zone)
                 last = exc
                 if new_disk is not None:  # blank, made for this zone: the next zone gets its own
                     self._delete_disk(zone, new_disk.name)
@@ -691,12 +696,12 @@ class GcpProvider(Provider):
             call = client.start_unary if verb == "start" else client.stop_unary
             operation = self._call(lambda: call(project=self.gcp.project, zone=zone, instance=name))
             self._wait_zone_op(zone, operation)
-            return f"instance {name} ({zone})"
+            return name
 
         if not found:
             return []
         with ThreadPoolExecutor(max_workers=min(self._max_parallel, len(found))) as pool:
-            return [line for line in pool.map(one, found.items()) if line]
+            return [name for name in pool.map(one, found.items()) if name]
 
     def start(self, names: Sequence[str]) -> list[str]:
         return self._start_stop(names, "start")

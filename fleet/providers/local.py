@@ -45,6 +45,7 @@ from fleet.providers.localnode import (
     LocalNode,
     find_sftp_server,
     find_sshd,
+    fuse_mounts_under,
     kill_fleet_orphans,
     require_sshfs,
 )
@@ -166,16 +167,23 @@ class LocalProvider(Provider):
             labels=dict(labels),
         )
 
-    def _local(self, name: str) -> LocalNode | None:
-        return LocalNode.load(self.root / self.spec.name / name)
+    def _local(self, name: str, *, deleting: bool = False) -> LocalNode | None:
+        """The node named `name`; one being deleted only when `deleting` (to finish that)."""
+        local = LocalNode.load(self.root / self.spec.name / name)
+        return local if local is not None and (deleting or not local.deleting) else None
 
     def list(self) -> list[Node]:
-        return [self._to_node(local) for local in LocalNode.list(self.root, self.spec.name)]
+        # A node being deleted is gone already: seen half-way (sshd killed, directory not
+        # yet removed) it would look stopped, and a monitor would start it again.
+        return [self._to_node(local) for local in LocalNode.list(self.root, self.spec.name) if not local.deleting]
 
     def delete(self, names: Sequence[str]) -> list[str]:
         deleted = []
         for name in names:
-            local = self._local(name)
+            for left in (self.root / self.spec.name).glob(f".{name}.deleted-*"):  # an interrupted delete's
+                if not fuse_mounts_under(left):
+                    shutil.rmtree(left, ignore_errors=True)
+            local = self._local(name, deleting=True)
             if local is None:
                 continue
             local.destroy()
@@ -193,7 +201,7 @@ class LocalProvider(Provider):
                 local.boot(boot_timeout=self.spec.ssh.ready_timeout)
             else:
                 local.boot()
-            started.append(f"local node {name}")
+            started.append(name)
         return started
 
     def stop(self, names: Sequence[str]) -> list[str]:
@@ -203,7 +211,7 @@ class LocalProvider(Provider):
             if local is None or not local.is_running():
                 continue
             local.kill(preempted=False)
-            stopped.append(f"local node {name}")
+            stopped.append(name)
         return stopped
 
     def preempt(self, name: str, *, notice_s: float = 0.0) -> None:

@@ -220,6 +220,9 @@ class LocalNode:
     # The data disk this node has attached (a head's): a directory outside the node's own,
     # which outlives it; "" for none.
     data_dir: str = ""
+    # Being deleted (recorded before anything is killed): listed by no one, started by no
+    # one, so that a monitor pass during the delete never sees a stopped node to start.
+    deleting: bool = False
 
     # -- paths -------------------------------------------------------------------------
     @property
@@ -465,13 +468,35 @@ ForceCommand {d / 'enter'}
         if self.dir.exists():
             self._save()
 
+    def mark_deleting(self) -> None:
+        """Recorded (atomically) before a delete kills anything: from now on the node is
+        gone for the provider's `list()`, as a cloud's instance is once deleted."""
+        if self.dir.exists():
+            self.deleting = True
+            self._save()
+
     def destroy(self) -> None:
         """Kill the node, remove the share account it served, delete its directory."""
+        self.mark_deleting()
         self.kill(preempted=False)
         release_share_accounts(self.sshd_dir / "sshd_config")
         # A mount still attached would make rmtree walk into the head's shared files.
         if not fuse_mounts_under(self.dir):
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self.remove_dir()
+
+    def remove_dir(self) -> None:
+        """Delete the node's directory, moved out of the way first (one rename): a node
+        made under the same name meanwhile (a replaced head) gets a directory of its own,
+        never one that is half removed. What is left of an interrupted removal is a
+        `.<name>.deleted-<id>` directory that the next delete of the name removes."""
+        trash = self.dir.with_name(f".{self.name}.deleted-{self.id}")
+        try:
+            os.rename(self.dir, trash)
+        except FileNotFoundError:
+            return
+        except OSError:
+            trash = self.dir
+        shutil.rmtree(trash, ignore_errors=True)
 
     # -- persistence -------------------------------------------------------------------
     def _record(self) -> dict[str, object]:
@@ -487,6 +512,7 @@ ForceCommand {d / 'enter'}
             "preempted": self.preempted,
             "isolation": self.isolation,
             "data_dir": self.data_dir,
+            "deleting": self.deleting,
         }
 
     def _save(self) -> None:

@@ -238,8 +238,13 @@ class FleetNetwork:
         netns, veth = self.netns(nid), self.veth(nid)
         # Two `ip` processes (batches) instead of nine: sixteen nodes are plugged in at once.
         try:
+            # eth0's MAC follows from its address, so that a node booted again (a stopped
+            # instance started) keeps it, as a cloud's NIC does: the other nodes' ARP
+            # entries for the address stay right (a new random MAC left them sending to
+            # the old one until their entry went stale, and their mounts failed meanwhile).
             _run("ip", "-batch", "-", input_text=f"netns add {netns}\n"
-                 f"link add {veth} master {self.bridge} up type veth peer name eth0 netns {netns}\n")
+                 f"link add {veth} master {self.bridge} up type veth peer name eth0 "
+                 f"address {_mac_of(address)} netns {netns}\n")
             _run("ip", "-n", netns, "-batch", "-", input_text=f"addr add {address}/{subnet.prefixlen} dev eth0\n"
                  "link set eth0 up\nlink set lo up\n")
         except ProviderError:
@@ -299,6 +304,11 @@ def local_default_policy(subnet: ipaddress.IPv4Network, network: FleetNetwork) -
         Rule(sources=(nodes,), targets=(nodes,), protocol="all", name="fleet-internal"),
         Rule(sources=(str(host),), targets=(nodes,), protocol="tcp", ports=("22",), name="fleet-ssh"),
     ])
+
+
+def _mac_of(address: str) -> str:
+    """A locally administered unicast MAC (02:fa:...) made of an IPv4 address."""
+    return "02:fa:" + ":".join(f"{int(part):02x}" for part in address.split("."))
 
 
 def kill_netns_processes(netns: str) -> None:
@@ -653,9 +663,10 @@ class IsolatedNode(LocalNode):
             self._save()
 
     def destroy(self) -> None:
+        self.mark_deleting()
         self.kill(preempted=False)
         if not any(pid and _pid_alive(pid) for pid in (self.init_pid, self.starter_pid)):
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self.remove_dir()
 
 
 def _children(pid: int) -> list[int]:

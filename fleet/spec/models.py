@@ -171,7 +171,7 @@ class MonitorSpec(Strict):
     grace: float = Field(30.0, ge=0, description="how long a node may be unreachable before it is replaced")
     max_replacements: int = Field(100, ge=0, description="stop replacing nodes after this many replacements")
     backoff: float = Field(5.0, ge=0, description="first delay after a failed replacement (doubles)")
-    zone_cooldown: float = Field(300.0, ge=0, description="how long a zone without capacity is skipped")
+    zone_cooldown: float = Field(300.0, ge=0, description="how long new nodes avoid a zone that had no capacity")
 
 
 class LocalSpec(Strict):

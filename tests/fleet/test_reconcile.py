@@ -135,6 +135,44 @@ def test_two_vanished_slots_in_one_pass_are_both_replaced_each_naming_its_own() 
     assert sorted(a.name for a in result.of(Lost)) == [w(1), w(3)]
 
 
+ZONES = ["europe-west4-a", "europe-west4-b", "europe-west4-c"]
+
+
+def cloud_spec(cloud: str = "gcp", workers: int = 2, cooldown: float = 300) -> FleetSpec:
+    block = ({"project": "p", "zones": ZONES} if cloud == "gcp"
+             else {"region": "eu-west-1", "ami": "ami-1", "zones": ["eu-west-1a"], "subnets": ZONES})
+    return FleetSpec.model_validate({"name": FLEET, "provider": cloud, "workers": {"count": workers}, cloud: block,
+                                     "monitor": {"grace": 30, "backoff": 5, "zone_cooldown": cooldown}})
+
+
+@pytest.mark.parametrize("cloud", ["gcp", "aws"])
+def test_a_zone_without_capacity_is_avoided_for_its_cooldown_then_tried_again(cloud: str) -> None:
+    nodes, records = healthy_fleet()
+    nodes[2] = dataclasses.replace(nodes[2], state=NodeState.PREEMPTED, spot=True)
+    ran_out = {ZONES[0]: NOW - 10}  # a create found no capacity there 10 s ago
+    result = plan(cloud_spec(cloud), nodes, records, ok_probes(nodes), NOW, stockouts=ran_out)
+    assert creates(result) == [w(2, 2)]
+    assert result.of(Create)[0].request.zones == (ZONES[1], ZONES[2])  # AWS: the subnets
+    # The cool-down over, every zone again, in the spec's order (None: the provider's own).
+    later = plan(cloud_spec(cloud), nodes, records, ok_probes(nodes), NOW + 290, stockouts=ran_out)
+    assert [c.request.zones for c in later.of(Create)] == [None]
+    # No cool-down: no zone is avoided.
+    assert plan(cloud_spec(cloud, cooldown=0), nodes, records, ok_probes(nodes), NOW,
+                stockouts=ran_out).of(Create)[0].request.zones is None
+
+
+def test_with_every_zone_cooling_down_the_one_that_ran_out_longest_ago_comes_first() -> None:
+    nodes, records = healthy_fleet()
+    gone = nodes[1:]  # the head is lost too: its replacement avoids the zones the same way
+    ran_out = {ZONES[0]: NOW - 5, ZONES[1]: NOW - 60, ZONES[2]: NOW - 30, "elsewhere-1": NOW - 1}
+    result = plan(cloud_spec(), gone, records, ok_probes(gone), NOW, stockouts=ran_out)
+    assert [(c.request.name, c.request.zones) for c in result.of(Create)] == [(HEAD, (ZONES[1], ZONES[2], ZONES[0]))]
+    partly = plan(cloud_spec(), gone, records, ok_probes(gone), NOW, stockouts={ZONES[1]: NOW - 1})
+    assert partly.of(Create)[0].request.zones == (ZONES[0], ZONES[2])
+    # The local provider has no zones: nothing to avoid.
+    assert plan(spec(), gone, records, ok_probes(gone), NOW, stockouts=ran_out).of(Create)[0].request.zones is None
+
+
 @pytest.mark.parametrize("state", [NodeState.TERMINATED, NodeState.PREEMPTED])
 def test_a_stopped_head_is_started_never_deleted(state: NodeState) -> None:
     nodes, records = healthy_fleet()

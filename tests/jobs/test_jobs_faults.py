@@ -25,7 +25,7 @@ import yaml
 from jobs_fleet import LocalFleet, check_outputs, counted_job, finish_fleet, summary_of, wait_for
 
 from fleet.fleetops import Fleet
-from fleet.monitor import Monitor, monitor_lock
+from fleet.monitor import Monitor
 from fleet.spec.loader import load_fleet_spec
 from fleet.worker.protocol import STALE_S
 
@@ -137,6 +137,39 @@ def test_monitor_stop_interrupts_a_pass_waiting_for_ssh(fault_fleet: LocalFleet)
         fleet.close()
 
 
+def test_stopping_fleet_run_cuts_short_its_monitor_pass(fault_fleet: LocalFleet) -> None:
+    # `fleet run`'s monitor runs on a session of its own: Ctrl-C ends the pass that runs a
+    # slow fleet `setup:` on a replacement at once, instead of holding `fleet run` for the
+    # monitor thread's join (60 s). The setup runs only on nodes not set up yet.
+    before = fault_fleet.spec_path.read_text()
+    fault_fleet.spec_path.write_text(yaml.safe_dump({**fault_fleet.spec, "setup": ["sleep 90"]}, sort_keys=False))
+    job = {"name": "cutshort", "nodes": [fault_fleet.worker(1)], "run": "sleep 120"}
+    run = fault_fleet.popen("run", str(fault_fleet.write_job(job)))
+    try:
+        with Fleet(load_fleet_spec(fault_fleet.spec_path), fault_fleet.spec_path) as fleet:
+            pid_file = fault_fleet.job_dir("cutshort") / "pids" / f"{fault_fleet.worker(1)}.pid"
+            wait_for(_running(run, pid_file.exists), 90, "the job to start")
+            victim = max((n for n in fleet.observe() if n.slot == 2), key=lambda n: n.generation)
+            fleet.preempt(victim.name)
+            replacement = fault_fleet.worker(2, victim.generation + 1)
+            wait_for(_running(run, lambda: any(e.kind == "runtime" and e.node == replacement
+                                               for e in fleet.state.events())), 60, "the replacement's setup")
+        time.sleep(2)  # in its setup now
+        asked = time.monotonic()
+        run.send_signal(signal.SIGINT)
+        stdout, stderr = run.communicate(timeout=120)
+        took = time.monotonic() - asked
+    finally:
+        fault_fleet.spec_path.write_text(before)
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+        fault_fleet.cli("cancel", "cutshort")
+    assert run.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr, stderr
+    assert took < 20, f"fleet run took {took:.1f} s to stop"
+
+
 def test_a_run_job_rides_out_a_restarted_head(fault_fleet: LocalFleet) -> None:
     # The monitor starts the stopped head again and hands the workers over: the launcher
     # it stops there (it holds the old mount) must not count as the node's end.
@@ -170,8 +203,8 @@ def test_fleet_run_stops_within_its_grace_when_the_head_is_gone(fault_fleet: Loc
         pid_file = fault_fleet.job_dir("headless") / "pids" / f"{fault_fleet.worker(1)}.pid"
         wait_for(_running(run, pid_file.exists), 90, "the job to start")
         time.sleep(1)
-        with Fleet(load_fleet_spec(fault_fleet.spec_path), fault_fleet.spec_path) as fleet, \
-                monitor_lock(fleet.paths.state_dir):  # deleted whole, as a cloud does, not seen half-way
+        with Fleet(load_fleet_spec(fault_fleet.spec_path), fault_fleet.spec_path) as fleet:
+            # `fleet run`'s monitor lists it meanwhile: gone, never a stopped head to start.
             assert fleet.provider.delete([f"{fault_fleet.name}-head"])
         gone = time.monotonic()
         stdout, stderr = run.communicate(timeout=90)

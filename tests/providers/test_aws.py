@@ -4,6 +4,7 @@ failover, limits, throttling, interruptions, dry-run and cleanup after a killed 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -209,6 +210,18 @@ def test_capacity_errors_move_to_the_next_zone(tmp_path, fleet_key, fake_ec2, lo
     assert {r.node.zone for r in results} == {"us-east-1c"}
     zones = [r["params"].get("Placement.AvailabilityZone") for r in fake_ec2.actions("RunInstances")]
     assert zones.count("us-east-1c") == 2
+
+
+def test_a_request_is_placed_only_in_its_zones_and_its_result_names_the_stockouts(tmp_path, fleet_key, fake_ec2,
+                                                                                  loopback):
+    fake_ec2.add_fault(Fault(action="RunInstances", code="InsufficientInstanceCapacity", zone="us-east-1c"))
+    provider = make(tmp_path, fleet_key[1], port=loopback[1], zones=["us-east-1a", "us-east-1b", "us-east-1c"])
+    provider.prepare()
+    [result] = provider.create([dataclasses.replace(worker(1), zones=("us-east-1c", "us-east-1b"))])
+    assert result.error is None and result.node.zone == "us-east-1b"
+    assert result.stockouts == ("us-east-1c",)
+    zones = [r["params"].get("Placement.AvailabilityZone") for r in fake_ec2.actions("RunInstances")]
+    assert list(dict.fromkeys(zones)) == ["us-east-1c", "us-east-1b"]  # (botocore retries a 500 itself)
 
 
 @pytest.mark.parametrize("code", ["UnfulfillableCapacity", "MaxSpotInstanceCountExceeded"])

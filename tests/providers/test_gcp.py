@@ -3,6 +3,7 @@ rate limits, preemption, credentials, dry-run, and cleanup after a killed `up`."
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,22 @@ def test_capacity_error_moves_to_the_next_zone_and_remembers_it(tmp_path, fleet_
     zones = [r["path"].split("/zones/")[1].split("/")[0] for r in inserts(fake_gce)]
     # Every request in flight may hit the empty zone once; after that it is skipped.
     assert zones.count("us-central1-a") <= 3 and zones.count("us-central1-b") == 3
+
+
+def test_a_request_is_placed_only_in_its_zones_and_its_result_names_the_stockouts(tmp_path, fleet_key, fake_gce,
+                                                                                  loopback):
+    # The reconciler's zone cool-down: it asks for the zones not cooling down, in order.
+    fake_gce.set_no_capacity("us-central1-b")
+    provider = make(tmp_path, fleet_key[1], fake_gce, loopback[1],
+                    zones=["us-central1-a", "us-central1-b", "us-central1-c"])
+    request = dataclasses.replace(worker(1, gpu=False), zones=("us-central1-b", "us-central1-c"))
+    [result] = provider.create([request])
+    assert result.error is None and result.node.zone == "us-central1-c"
+    assert result.stockouts == ("us-central1-b",)
+    assert [r["path"].split("/zones/")[1].split("/")[0] for r in inserts(fake_gce)] == ["us-central1-b",
+                                                                                         "us-central1-c"]
+    [failed] = provider.create([dataclasses.replace(worker(2, gpu=False), zones=("us-central1-b",))])
+    assert isinstance(failed.error, CapacityError) and failed.stockouts == ("us-central1-b",)
 
 
 def test_every_zone_without_capacity_is_a_capacity_error(tmp_path, fleet_key, fake_gce, loopback):

@@ -264,6 +264,61 @@ def test_destroy_all_leaves_a_same_named_fleet_under_another_root_alone(lab: Lab
     )
 
 
+def test_a_node_being_deleted_is_never_listed_as_stopped(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a monitor pass (another process) lists while `delete` runs: the node's sshd is
+    # killed before its directory is removed. Seen then as TERMINATED, a stopped head, the
+    # monitor started it again under the delete; a node being deleted is gone, as on a cloud.
+    provider = lab.provider()
+    name = provider.spec.name
+    head = provider.create([_request(f"{name}-head", role=Role.HEAD, slot=0, spot=False)])[0].node
+    monitor = LocalProvider(provider.context)
+    seen: list[list[tuple[str, NodeState]]] = []
+    release = localnode.release_share_accounts
+
+    def halfway(config: Path) -> list[str]:  # after the kill, before the directory goes
+        seen.append([(n.name, n.state) for n in monitor.list()])
+        assert monitor.start([head.name]) == []
+        return release(config)
+
+    monkeypatch.setattr(localnode, "release_share_accounts", halfway)
+    assert provider.delete([head.name])
+    assert seen == [[]]
+    assert monitor.list() == [] and not (provider.root / name / head.name).exists()
+
+    # A delete cut short (the node marked, its sshd killed, its directory left) is finished
+    # by the next one, and lists as nothing meanwhile.
+    worker = provider.create([_request(f"{name}-w1-g1")])[0].node
+    cut = LocalNode.load(provider.root / name / worker.name)
+    cut.mark_deleting()
+    cut.kill(preempted=False)
+    assert monitor.list() == [] and monitor.start([worker.name]) == []
+    assert provider.delete([worker.name]) and not (provider.root / name / worker.name).exists()
+    assert _left(provider) == []
+
+    # A node made under the name of one being deleted (a replaced head) gets a directory
+    # of its own, never the half-removed one.
+    again = provider.create([_request(f"{name}-head", role=Role.HEAD, slot=0, spot=False)])[0].node
+    old = LocalNode.load(provider.root / name / again.name)
+
+    def replaced_meanwhile(config: Path) -> list[str]:
+        new = provider.create([_request(f"{name}-head", role=Role.HEAD, slot=0, spot=False)])[0]
+        assert new.error is not None and "already exists" in str(new.error)  # not yet: as a cloud's 409
+        return release(config)
+
+    monkeypatch.setattr(localnode, "release_share_accounts", replaced_meanwhile)
+    old.destroy()
+    monkeypatch.setattr(localnode, "release_share_accounts", release)
+    fresh = provider.create([_request(f"{name}-head", role=Role.HEAD, slot=0, spot=False)])[0].node
+    assert fresh is not None and fresh.state is NodeState.RUNNING
+    assert [n.name for n in monitor.list()] == [fresh.name]
+    assert provider.delete([fresh.name]) and _left(provider) == []
+
+
+def _left(provider: LocalProvider) -> list[str]:
+    """What is left in the fleet's directory besides its data disk (the head's `.data`)."""
+    return sorted(p.name for p in (provider.root / provider.spec.name).iterdir() if p.name != ".data")
+
+
 def test_delete_is_idempotent_and_ignores_unknown_names(lab: Lab) -> None:
     provider = lab.provider()
     name = provider.spec.name
