@@ -197,7 +197,9 @@ def test_a_blank_data_disk_is_formatted_once_and_mounted_on_every_boot(fleet_roo
                                text=True)
         assert label.stdout.strip() == "fleet-data"  # formatted: it was blank
         node.host_path(DATA_MOUNT).joinpath("kept.txt").write_text("outputs\n")
+        mac = node.host_path("/sys/class/net/eth0/address").read_text()
         node.kill(preempted=False)  # stopped; its disk stays
         booted(lambda: node.boot(boot_timeout=60))
         assert node.host_path(DATA_MOUNT).joinpath("kept.txt").read_text() == "outputs\n"  # not formatted again
+        assert node.host_path("/sys/class/net/eth0/address").read_text() == mac  # its NIC, as a cloud's, is kept
         node.destroy()
