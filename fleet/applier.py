@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from fleet.bringup import BringUp
 from fleet.errors import FleetError
 from fleet.model import Node, NodeState, Role, head_name
 from fleet.reconcile import BringForward, Create, Delete, Exhausted, Lost, Plan, Start
@@ -100,7 +101,7 @@ class Applier:
         nodes.sort(key=lambda n: n.role != Role.HEAD)
         if not nodes:
             return []
-        ready = fleet.bring_up(nodes, result)
+        ready = BringUp(fleet).bring_up(nodes, result)
         ready_names = {n.name for n in ready}
         head = head_name(fleet.spec.name)
         head_failure = result.failures.get(head) if head not in ready_names else None

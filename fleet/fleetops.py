@@ -1,11 +1,12 @@
-"""Turn a spec into running, set-up, mounted nodes, and back to nothing.
+"""One command's session with a fleet, and `up`.
 
-`Fleet` is one command's session with a fleet: its spec, its files under
-`.fleet/<name>/` (keys, known_hosts, ssh_config, state.db), its provider and its SSH
-executor (connections opened once, reused across phases). `up()` converges: it creates
-only what is missing, replaces dead nodes with a new generation, and re-runs setup and
-mounts only where they are not done; a failed node is reported and the others carry
-on. `down()` deletes everything the provider finds by label, even with no local state.
+`Fleet` holds the session's resources: its spec, its files under `.fleet/<name>/`
+(keys, known_hosts, ssh_config, state.db), its provider and its SSH executor
+(connections opened once, reused across phases), and the views of its nodes. `up()`
+converges once: the reconciler's plan (`fleet.reconcile`) carried out by the one
+applier (`fleet.applier`), whose bring-up steps are `fleet.bringup`'s; a failed node is
+reported and the others carry on. Teardown is `fleet.teardown` (`down()` here calls it):
+everything the provider finds by label, even with no local state.
 """
 
 from __future__ import annotations
@@ -21,30 +22,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from fleet.errors import FleetError, ProviderError, UsageError
+from fleet.errors import ProviderError, UsageError
 from fleet.model import Node, NodeRequest, NodeState, Role, head_name
 from fleet.providers import Provider, ProviderContext, get_provider
 from fleet.providers.base import CleanupReport
 from fleet.providers.localnode import generate_ed25519_keypair
-from fleet.reconcile import Create, Delete, Plan, Probe, head_request, step_rank, worker_request
+from fleet.reconcile import Create, Delete, Plan, Probe, head_request, worker_request
 from fleet.reconcile import plan as plan_actions
 from fleet.runtime import Runtime, env_assignments
-from fleet.share import (
-    SHARE_FILE,
-    ShareEndpoint,
-    as_root,
-    confine_script,
-    data_disk_check,
-    fallback_key_line,
-    link_data_script,
-    parse_share,
-)
+from fleet.share import ShareEndpoint
 from fleet.spec.models import FleetSpec
-from fleet.ssh import CommandResult, Executor, GroupResult, HostKeyStore, Target, write_ssh_config
+from fleet.ssh import Executor, GroupResult, HostKeyStore, Target, write_ssh_config
+from fleet.ssh.quote import home_path
 from fleet.state import State, exclusive_lock, make_private_dir
 
 Log = Callable[[str], None]
-SSHFS_KEX = "curve25519-sha256"  # one name: sshfs splits -o values at commas
 UP_LOCK = "up.lock"  # in .fleet/<name>/: one `fleet up` of a fleet at a time
 
 
@@ -91,12 +83,6 @@ def _q(value: str) -> str:
     return shlex.quote(value)
 
 
-def _home_path(path: str) -> str:
-    """A shell word for a path as the node sees it: relative paths are under $HOME."""
-    if path.startswith("/"):
-        return _q(path)
-    path = path.removeprefix("~/")
-    return f'"$HOME"/{_q(path)}'
 
 
 class Fleet:
@@ -272,7 +258,7 @@ class Fleet:
             f"FLEET_NODE_RANK={rank}",
             f"FLEET_NUM_NODES={count}",
             f"FLEET_FLEET={_q(self.spec.name)}",
-            f"FLEET_SHARED={_home_path(self.shared_path_for(node))}",
+            f"FLEET_SHARED={home_path(self.shared_path_for(node))}",
         ]
         # umask 002: the head user and the share account share the shared dir by group.
         if self.runtime.enabled:
@@ -391,273 +377,6 @@ class Fleet:
         self.write_ssh_config(result.nodes)
         return result
 
-    def bring_up(self, nodes: Sequence[Node], result: UpResult) -> list[Node]:
-        """SSH ready -> setup -> head export -> worker mounts, each node as far as it gets."""
-        nodes = self.await_addresses(nodes, result)
-        if not nodes:
-            return []
-        self.fetch_vouched_host_keys(nodes)
-        self.log(f"waiting for SSH on {len(nodes)} node(s)")
-        ready_results = self.executor.wait_ready([self.target(n) for n in nodes], timeout=self.spec.ssh.ready_timeout)
-        ready = self._keep_ok(nodes, ready_results, result, "ssh_ready", "SSH answers")
-        self._advance(ready, "ssh_ready")
-        ready = self.runtime.ensure(ready, result)
-        self._advance(ready, "runtime")
-        needs_setup = [n for n in ready if not self._flag(n.name, "setup_done")]
-        if needs_setup and self.spec.setup:
-            self.log(f"running setup on {len(needs_setup)} node(s)")
-            script = "set -e\n" + "\n".join(self.spec.setup)
-            setup_results = self.exec(needs_setup, script)
-            ok = self._keep_ok(needs_setup, setup_results, result, "setup_done", "setup commands succeeded")
-            ready = [n for n in ready if n in ok or n not in needs_setup]
-        for node in needs_setup:
-            if node in ready:
-                self.state.set_node_flags(node.name, setup_done=True)
-        self._advance(ready, "setup_done")
-        head = next((n for n in ready if n.role == Role.HEAD), None)
-        workers = [n for n in ready if n.role == Role.WORKER]
-        if head is None and workers:
-            # Replacements come up without their head: it is already running and exported.
-            head = self.head()
-        if head is None:
-            for node in workers:
-                result.failures.setdefault(node.name, "no head node is up: the shared directory cannot be mounted")
-            self.runtime.finish(None, result)
-            return [n for n in ready if n.name not in result.failures]
-        if not self.export_shared(head, result):
-            self.state.add_event("exported_failed", head.name, result.failures.get(head.name, ""))
-            return [n for n in ready if n.role != Role.WORKER]
-        self._advance([head], "exported")
-        mounted = self.mount_shared(head, workers, result) if workers else []
-        # The wheelhouse lives on the shared directory: workers install from it once mounted.
-        before = set(result.failures)
-        self.runtime.finish(head, result)
-        if self.spec.ray.enabled:  # Ray needs the runtime (it comes with it): last
-            from fleet.ray.cluster import RayCluster
-
-            RayCluster(self).ensure(head, [n for n in mounted if n.name not in result.failures], result)
-        failed = set(result.failures) - before
-        done = [n for n in [*[n for n in ready if n.role == Role.HEAD], *mounted] if n.name not in failed]
-        self._advance([n for n in done if n.role == Role.WORKER], "mounted")
-        return done
-
-    def _advance(self, nodes: Sequence[Node], step: str) -> None:
-        """Record that `nodes` completed `step` (never moving a record back)."""
-        for node in nodes:
-            record = self.state.node(node.name)
-            if record is not None and step_rank(record.step) <= step_rank(step):
-                self.state.set_step(node.name, step)
-
-    def await_addresses(self, nodes: Sequence[Node], result: UpResult) -> list[Node]:
-        """Nodes as the provider lists them once each is RUNNING with an address. A cloud
-        answers a create with pending instances that have no public address yet (EC2's
-        run_instances, GCE while PROVISIONING): list again, with backoff, until they have
-        one or `ssh.ready_timeout` passes (then that node fails alone)."""
-        waiting = {n.name for n in nodes if n.state == NodeState.PENDING or not n.address}
-        if not waiting:
-            return list(nodes)
-        self.log(f"waiting for {len(waiting)} pending node(s) to get an address")
-        current = {n.name: n for n in nodes}
-        deadline = time.monotonic() + self.spec.ssh.ready_timeout
-        delay = 0.5
-        while waiting and not self.cancel.wait(min(delay, max(0.0, deadline - time.monotonic()))):
-            delay = min(delay * 1.5, 5.0)
-            for listed in self.provider.list():
-                if listed.name in waiting and listed.name in current:
-                    current[listed.name] = listed
-                    if listed.state == NodeState.RUNNING and listed.address:
-                        waiting.discard(listed.name)
-                        self.state.upsert_node(listed)
-                    elif not listed.is_alive:
-                        waiting.discard(listed.name)
-            if waiting and time.monotonic() >= deadline:
-                break
-        ready = []
-        for name, node in current.items():
-            if node.state == NodeState.RUNNING and node.address:
-                ready.append(node)
-                continue
-            message = (f"still {node.state.value} without an address after {self.spec.ssh.ready_timeout:g}s"
-                       if node.is_alive else f"{node.state.value} before it got an address")
-            result.failures[name] = message
-            self.state.add_event("ssh_ready_failed", name, message)
-            self.log(f"{name}: {message}")
-        return ready
-
-    def _flag(self, name: str, flag: str) -> bool:
-        record = self.state.node(name)
-        return bool(record and getattr(record, flag))
-
-    def _keep_ok(self, nodes: Sequence[Node], results: GroupResult, result: UpResult, event: str, detail: str) -> list[Node]:
-        ok = []
-        for node in nodes:
-            outcome: CommandResult | None = results.results.get(node.name)
-            if outcome is not None and outcome.ok:
-                ok.append(node)
-                self.state.add_event(event, node.name, detail)
-            else:
-                message = outcome.describe() if outcome is not None else "no result"
-                result.failures[node.name] = message
-                self.state.add_event(f"{event}_failed", node.name, message)
-                self.log(f"{node.name}: {message}")
-        return ok
-
-    def mount_public_key(self) -> str:
-        pub = Path(f"{self.paths.mount_key}.pub")
-        if pub.exists() and self.paths.mount_key.exists():
-            return pub.read_text().strip()
-        return generate_ed25519_keypair(self.paths.mount_key, f"fleet-{self.spec.name}-mount")
-
-    def export_shared(self, head: Node, result: UpResult) -> bool:
-        """Create the shared directory on the head and let the workers' mount key in:
-        confined to a share account (see fleet.share) where the head can be root and fleet
-        created it; else on the head user's account with forced SFTP."""
-        shared = _home_path(self.spec.shared.path)
-        keys = '"$HOME/.ssh/authorized_keys"'
-        # Earlier versions authorised the mount key with `restrict` alone: drop that line.
-        legacy = _q(f"restrict {self.mount_public_key()}")
-        drop_legacy = (f"if [ -f {keys} ] && grep -qxF {legacy} {keys}; then (umask 077 && grep -vxF {legacy} {keys} "
-                       f"> {keys}.fleet-tmp) ; mv {keys}.fleet-tmp {keys}; fi; ")
-        if not self.spec.head.host:
-            confine = drop_legacy + as_root(confine_script(shared_path=shared, head_user_word='"$(id -un)"',
-                                                           mount_public_key=self.mount_public_key()))
-            outcome = self.executor.run([self.target(head)], confine).results[head.name]
-            if not outcome.ok:
-                result.failures[head.name] = f"could not confine the share account: {outcome.describe()}"
-                return False
-            found = parse_share(outcome.stdout)
-            if found is not None:
-                if self.share is None or self.share.user != found[0]:
-                    # The head user joined the share group: its next login must see it.
-                    self.executor.drop(head.name)
-                self.share = ShareEndpoint(user=found[0], path=found[1], confined=True)
-                return True
-            reason = outcome.stdout.strip().removeprefix("UNCONFINED ") or "no root on the head"
-            self.log(f"warning: {head.name}: the mount key is not confined to a share account ({reason}); "
-                     "it gets forced SFTP on the head user's account")
-        line = self.mount_key_line()
-        script = drop_legacy + (
-            f"set -e; {data_disk_check()}; {link_data_script(shared)}; mkdir -p {shared}; umask 077; "
-            "mkdir -p \"$HOME/.ssh\"; "
-            f"touch \"$HOME/.ssh/authorized_keys\"; "
-            f"grep -qxF {_q(line)} \"$HOME/.ssh/authorized_keys\" || echo {_q(line)} >> \"$HOME/.ssh/authorized_keys\""
-        )
-        outcome = self.executor.run([self.target(head)], script).results[head.name]
-        if not outcome.ok:
-            result.failures[head.name] = f"could not export the shared directory: {outcome.describe()}"
-            return False
-        self.share = self._unconfined_share(head)
-        return True
-
-    def _unconfined_share(self, head: Node) -> ShareEndpoint:
-        # The key's forced `internal-sftp -d <shared>` starts there: paths are relative to it.
-        return ShareEndpoint(user=self.target(head).user, path=".", confined=False)
-
-    def mount_key_line(self) -> str:
-        """The mount key's line in the head user's authorized_keys (unconfined heads)."""
-        shared = self.spec.shared.path
-        if not shared.startswith("/"):
-            shared = "%d/" + shared.removeprefix("~/")  # %d: sshd's token for the home directory
-        return fallback_key_line(self.mount_public_key(), shared)
-
-    def mount_command(self, head: Node, head_key: str | None = None) -> str:
-        """The shell command that mounts the head's shared directory on a worker. With
-        `head_key`, it first pins the head's (public) host key in the worker's
-        known_hosts, which saves an upload per worker."""
-        shared = self.spec.shared
-        share = self.share or self._unconfined_share(head)
-        address = head.internal_address or head.address
-        options = [
-            'IdentityFile="$HOME/.fleet/mount_key"',
-            'UserKnownHostsFile="$HOME/.fleet/known_hosts"',
-            f"HostKeyAlias={_q(head.name)}",
-            "StrictHostKeyChecking=yes",
-            "BatchMode=yes",
-            # The spec's connect timeout (a dropped mount fails in that time, not a hang), but
-            # at least 5 s: the head's sshd answers many mounting workers at once.
-            f"ConnectTimeout={max(5, round(self.spec.ssh.connect_timeout))}",
-            f"port={head.port}",
-            *[_q(option) for option in shared.options],
-        ]
-        if not any(option.lower().startswith("kexalgorithms") for option in shared.options):
-            # The key exchange the executor's own (paramiko) connections use: OpenSSH's
-            # default sntrup761 hybrid costs the head ~0.1 s of CPU per mounting worker.
-            options.append(f"KexAlgorithms={SSHFS_KEX}")
-        if shared.max_conns > 1:
-            options.append(f"max_conns={shared.max_conns}")
-        remote = _q(f"{share.user}@{address}:{share.path}")
-        mount = _home_path(shared.mount)
-        pin = ""
-        if head_key is not None:
-            pin = (f"(umask 077 && mkdir -p \"$HOME/.fleet\" && printf '%s\\n' {_q(f'{head.name} {head_key}')} "
-                   f"> \"$HOME/.fleet/known_hosts\") || exit 1; ")
-        return (
-            pin +
-            # statfs asks the head every time; `ls` can be answered from sshfs's directory
-            # cache by a mount whose head is gone (a replaced head then stayed unmounted).
-            # (`mountpoint` stats the mount too; bounded as in the monitor's probe: a wait on
-            # a dead sshfs ends with nothing, and must not hold the session's output.)
-            f"if timeout -s KILL 10 mountpoint -q {mount} </dev/null >/dev/null 2>&1 "
-            f"&& timeout -s KILL 10 stat -f {mount} </dev/null >/dev/null 2>&1; then exit 0; fi; "
-            # Whatever is left (a mount whose head went away answers neither `mountpoint`
-            # nor `ls`: ENOTCONN) goes first; nothing mounted: the unmounts fail quietly.
-            f"fusermount3 -u -z {mount} 2>/dev/null || fusermount -u -z {mount} 2>/dev/null "
-            f"|| umount -l {mount} 2>/dev/null; "
-            f"mkdir -p {mount}; "
-            f"command -v sshfs >/dev/null || {{ echo 'sshfs is not installed on this node (apt-get install sshfs)' >&2; exit 127; }}; "
-            f"sshfs -o {','.join(options)} {remote} {mount}"
-        )
-
-    def mount_shared(self, head: Node, workers: Sequence[Node], result: UpResult) -> list[Node]:
-        head_key = self.executor.known_hosts.get(head.name)
-        if head_key is None:
-            for node in workers:
-                result.failures[node.name] = f"the head's host key is not pinned yet ({head.name})"
-            return []
-        targets = [self.target(n) for n in workers]
-        private = self.paths.mount_key.read_bytes()
-        share = self.share or self._unconfined_share(head)
-        described = share.describe(host=head.internal_address or head.address or "", port=head.port,
-                                   identity_file="~/.fleet/mount_key", known_hosts="~/.fleet/known_hosts",
-                                   alias=head.name)
-        puts = [self.executor.put(targets, private, ".fleet/mount_key", mode=0o600, dir_mode=0o700),
-                self.executor.put(targets, described.encode(), SHARE_FILE, mode=0o600, dir_mode=0o700)]
-        ok_workers = []
-        for node in workers:
-            failed = [p.results[node.name] for p in puts if not p.results[node.name].ok]
-            if failed:
-                result.failures[node.name] = f"could not upload the mount key: {failed[0].describe()}"
-            else:
-                ok_workers.append(node)
-        self.log(f"mounting the shared directory on {len(ok_workers)} worker(s)")
-        mounts = self.exec(ok_workers, self.mount_command(head, head_key))
-        mounted = self._keep_ok(ok_workers, mounts, result, "mounted", f"{head.name}:{self.spec.shared.path}")
-        self._name_missing_rule(head, ok_workers, mounts, result)
-        for node in mounted:
-            self.state.set_node_flags(node.name, mounted=True)
-        return mounted
-
-    def _name_missing_rule(self, head: Node, workers: Sequence[Node], mounts: GroupResult,
-                           result: UpResult) -> None:
-        """Workers whose mount failed: when they cannot even open a TCP connection to the
-        head (sshfs only says "read: Connection reset by peer"), the network dropped it:
-        name the rule the provider needs, in that worker's error."""
-        rule = self.provider.intra_fleet_rule()
-        failed = [n for n in workers if n.name in mounts.results and not mounts.results[n.name].ok]
-        if not rule or not failed:
-            return
-        address, port = head.internal_address or head.address, head.port
-        seconds = max(1, round(self.spec.ssh.connect_timeout))
-        probe = self.exec(failed, f"timeout {seconds} bash -c {_q(f'exec 3<>/dev/tcp/{address}/{port}')}",
-                          timeout=seconds + 30)
-        for node in failed:
-            outcome = probe.results.get(node.name)
-            if outcome is not None and outcome.exit_code not in (0, None):
-                result.failures[node.name] = (
-                    f"cannot connect to the head {head.name} at {address}:{port} within {seconds}s, so the "
-                    f"shared directory cannot be mounted: {rule}")
-                self.state.add_event("mounted_failed", node.name, result.failures[node.name])
-
     def write_ssh_config(self, nodes: Sequence[Node]) -> None:
         alive = [n for n in nodes if n.address]
         write_ssh_config(self.paths.ssh_config, self.spec.name, [self.target(n) for n in alive],
@@ -676,67 +395,17 @@ class Fleet:
         self.state.add_event("preempt_requested", name, f"fleet preempt (notice {notice_s:g} s)")
 
     def down(self, *, keep_data: bool = False) -> CleanupReport:
-        """Delete everything the provider finds for this fleet (the head's data disk too,
-        unless `keep_data`); clean up an existing head; remove the fleet's temporary keys
-        and connection files."""
-        report = self.provider.destroy_all(keep_data=keep_data)
-        head = self.existing_head()
-        if head is not None:
-            try:
-                outcome = self.executor.run([self.target(head)], self.existing_head_cleanup(), timeout=90)[head.name]
-            except FleetError as error:
-                report.errors.append(f"existing head {head.address}: {error}")
-            else:
-                if outcome.ok:
-                    stopped = outcome.stdout.count("STOPPED ")
-                    report.deleted.append(f"the fleet's mount key and {stopped} job process group(s) on "
-                                          f"existing head {head.address}")
-                else:
-                    report.errors.append(f"existing head {head.address}: cleanup failed: {outcome.describe()}")
+        """`fleet.teardown.down` on this session."""
+        from fleet.teardown import down
+
+        return down(self, keep_data=keep_data)
+
+    def close_connections(self) -> None:
+        """Close this session's SSH connections (a later call opens new ones)."""
         if self._executor is not None:
             self._executor.close()
             self._executor = None
-        for record in self.state.nodes():
-            self.state.mark_gone(record.name)
-        self.state.add_event("down", None, f"deleted {len(report.deleted)} resource(s)")
-        for path in (self.paths.mount_key, Path(f"{self.paths.mount_key}.pub"), self.paths.known_hosts,
-                     self.paths.ssh_config):
-            path.unlink(missing_ok=True)
-        if self.paths.generated_key:
-            self.paths.key.unlink(missing_ok=True)
-            Path(f"{self.paths.key}.pub").unlink(missing_ok=True)
-        return report
 
-    def existing_head_cleanup(self) -> str:
-        """Shell for an existing head (a machine fleet does not own): remove the mount
-        key, and stop the job process groups the head's launchers recorded, each checked
-        to be led by that job's launcher (never a pattern over command lines). Prints
-        `STOPPED <pg>` per group; exits non-zero if one is still alive."""
-        from fleet.jobs import NODE_JOBS, valid_group_check
-
-        mount_pub = Path(f"{self.paths.mount_key}.pub")
-        script = "set -u; "
-        if mount_pub.exists():
-            line = self.mount_key_line()
-            keys = '"$HOME/.ssh/authorized_keys"'
-            script += (f"if [ -f {keys} ]; then (umask 077 && grep -vxF {_q(line)} {keys} > {keys}.fleet-tmp); "
-                       f"[ $? -le 1 ] || exit 1; mv {keys}.fleet-tmp {keys} || exit 1; fi; ")
-        if self.spec.ray.enabled:
-            from fleet.ray.cluster import stop_group_script
-
-            script += stop_group_script()
-        pid_name = _q(f"{head_name(self.spec.name)}.pid")
-        script += (
-            f"left=0; for f in {_home_path(self.spec.shared.path)}/jobs/*/pids/{pid_name}; do "
-            '[ -f "$f" ] || continue; j=${f%/pids/*}; j=${j##*/}; '
-            + valid_group_check('"$f"', f'"$HOME"/{NODE_JOBS}/"$j"/launch.sh') +
-            '[ -n "$pg" ] || continue; kill -TERM -- -"$pg" 2>/dev/null; i=0; '
-            'while kill -0 -- -"$pg" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done; '
-            'kill -KILL -- -"$pg" 2>/dev/null; sleep 0.1; '
-            'if kill -0 -- -"$pg" 2>/dev/null; then echo "ALIVE $pg"; left=1; else echo "STOPPED $pg"; fi; '
-            'done; exit $left'
-        )
-        return script
 
 
 def remove_state_dir(paths: FleetPaths) -> None:

@@ -36,11 +36,12 @@ from dataclasses import dataclass
 import yaml
 
 from fleet.errors import JobError, UsageError
-from fleet.fleetops import Fleet, _home_path
+from fleet.fleetops import Fleet
 from fleet.model import Node
 from fleet.runtime import runtime_check
 from fleet.spec.job import JobSpec
 from fleet.ssh import CommandResult, GroupResult
+from fleet.ssh.quote import home_path
 from fleet.worker import protocol
 from fleet.worker.protocol import STALE_S
 from fleet.worker.yamlbound import safe_load_bounded
@@ -160,7 +161,7 @@ class JobRunner:
     def job_dir_for(self, node: Node) -> str:
         """Shell word for the job dir on a node (head: the export; workers: the mount)."""
         base = self.fleet.shared_path_for(node).rstrip("/")
-        return _home_path(f"{base}/{self.rel_dir}")
+        return home_path(f"{base}/{self.rel_dir}")
 
     def python_word(self) -> str:
         """The interpreter of the job's processes as a shell word: the job's `python:`,
@@ -460,9 +461,9 @@ class JobRunner:
         inside = "" if self.job.worker.outputs.startswith(("/", "~")) else 'case "$o" in "$s"/*) ;; *) o="" ;; esac; '
         script = (
             f"cutoff=$(( $(date +%s) - {age} )); "
-            f"s=$(cd {_home_path(shared)} && pwd -P) && j=$(cd {self.job_dir_for(head)} && pwd -P) || {{ echo 0; exit 0; }}; "
+            f"s=$(cd {home_path(shared)} && pwd -P) && j=$(cd {self.job_dir_for(head)} && pwd -P) || {{ echo 0; exit 0; }}; "
             f'case "$j" in "$s"/*) ;; *) echo 0; exit 0 ;; esac; set -- "$j"; h=$(cd && pwd -P); '
-            f"o=$(cd {_home_path(outputs_dir)} 2>/dev/null && pwd -P) || o=''; " + inside +
+            f"o=$(cd {home_path(outputs_dir)} 2>/dev/null && pwd -P) || o=''; " + inside +
             'case "$o/" in /|//|"$h"/) o="" ;; esac; case "$j/" in "$o"/*) o="" ;; esac; '
             '[ -n "$o" ] && set -- "$@" "$o"; '
             "find -P \"$@\" -xdev -name '.*.tmp' -type f "

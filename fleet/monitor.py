@@ -31,9 +31,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from fleet.applier import Applier, OnReplaced, PassReport
-from fleet.fleetops import Fleet, UpResult, _home_path
+from fleet.fleetops import Fleet, UpResult
 from fleet.model import Node, NodeState, Role, head_name
 from fleet.reconcile import Create, Probe, Start
+from fleet.ssh.quote import home_path
 from fleet.state import exclusive_lock, make_private_dir
 
 __all__ = ["MONITOR_LOCK", "Monitor", "OnReplaced", "PassReport", "monitor_lock"]
@@ -114,7 +115,7 @@ class Monitor:
         records = {r.name: r for r in fleet.state.nodes()}
         mounts = {n.name for n in nodes if n.role == Role.WORKER and n.name in records
                   and records[n.name].step in ("mounted", "job_started")}
-        mount = _home_path(self.spec.shared.mount)
+        mount = home_path(self.spec.shared.mount)
         # Dead (the head went away under sshfs): UNMOUNTED; statfs, unlike `ls`, is never
         # answered from sshfs's cache. Slow (137: given up after 1 s; `mountpoint` stats the
         # mount too): the head's own probe judges that; the mount counts as there. A

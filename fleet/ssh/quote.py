@@ -52,3 +52,11 @@ def env_prefix(env: Mapping[str, str] | None) -> str:
 def with_env(command: str, env: Mapping[str, str] | None) -> str:
     """The command with its environment exported in front of it."""
     return env_prefix(env) + command
+
+
+def home_path(path: str) -> str:
+    """A shell word for a path as the node sees it: relative paths are under $HOME."""
+    if path.startswith("/"):
+        return shlex.quote(path)
+    path = path.removeprefix("~/")
+    return f'"$HOME"/{shlex.quote(path)}'

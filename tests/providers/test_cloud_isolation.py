@@ -19,6 +19,7 @@ import boto3
 import pytest
 from provider_helpers import CLOUD_RUNTIME, USER, aws_block, gcp_block
 
+from fleet.bringup import BringUp
 from fleet.fleetops import Fleet, UpResult
 from fleet.model import Role
 from fleet.providers.localns import missing_for_namespaces
@@ -78,7 +79,7 @@ def _remount(fleet: Fleet) -> tuple[UpResult, float]:
     assert unmounted.ok, unmounted.results
     result = UpResult()
     started = time.monotonic()
-    fleet.mount_shared(head, workers, result)
+    BringUp(fleet).mount_shared(head, workers, result)
     return result, time.monotonic() - started
 
 
