@@ -41,7 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "jobs"))
 
-from jobs_fleet import LocalFleet, finish_fleet, wait_for  # the tests' real local fleet
+import psutil
+from jobs_fleet import LocalFleet, finish_fleet, fleet_processes, wait_for  # the tests' real local fleet
 
 import fleet
 from fleet.serve.registry import ready_nodes
@@ -49,6 +50,7 @@ from fleet.worker.handlers.checksum import ChecksumHandler
 
 N_ITEMS = int(os.environ.get("BENCH_ITEMS", "1024"))
 MAX_WAIT_MS = float(os.environ.get("BENCH_MAX_WAIT_MS", "20"))
+MODEL_THREADS = os.environ.get("BENCH_MODEL_THREADS", "1")  # "": torch's default (all cores)
 CALLERS = 64
 STATIC_BATCH = 64
 INTERVAL = 2.0
@@ -84,6 +86,42 @@ def mean_batch(lf: LocalFleet, job: str, before: tuple[int, int] = (0, 0)) -> tu
         items, batches = items + health["items"], batches + health["batches"]
     ran = batches - before[1]
     return (items, batches), round((items - before[0]) / ran, 1) if ran else 0.0
+
+
+def mean_requests(lf: LocalFleet, job: str, before: tuple[int, int] = (0, 0)) -> tuple[tuple[int, int], float]:
+    """(items, requests) the job's servers took so far, and the items per request since `before`."""
+    items = requests = 0
+    for record in registry(lf, job):
+        health = lf.server_health(record)
+        items, requests = items + health["items"], requests + health["requests"]
+    took = requests - before[1]
+    return (items, requests), round((items - before[0]) / took, 1) if took else 0.0
+
+
+class CpuMeter:
+    """CPU seconds spent by this process (the caller: threads, SSH client) and by the
+    fleet's node processes (servers, sshd sessions, samplers) between two readings: on a
+    shared machine, where the time goes per item."""
+
+    def __init__(self, lf: LocalFleet) -> None:
+        self.lf = lf
+        self.me = psutil.Process()
+
+    def read(self) -> tuple[float, float]:
+        mine = self.me.cpu_times()
+        nodes = 0.0
+        for proc in fleet_processes(self.lf.name, self.lf.root):
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            nodes += times.user + times.system
+        return mine.user + mine.system, nodes
+
+    def per_item_ms(self, before: tuple[float, float], items: int) -> dict[str, float]:
+        caller, nodes = self.read()
+        return {"caller": round((caller - before[0]) * 1000 / items, 2),
+                "nodes": round((nodes - before[1]) * 1000 / items, 2)}
 
 
 def static_run(embed, items: list[str], processes: int) -> float:
@@ -199,10 +237,12 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     lf = LocalFleet(base / "fleet", workers=2, monitor={"interval": INTERVAL, "grace": 4})
     process = None
-    figures: dict = {"items": N_ITEMS, "callers": CALLERS, "workers": 2, "monitor_interval_s": INTERVAL}
+    figures: dict = {"items": N_ITEMS, "callers": CALLERS, "workers": 2, "monitor_interval_s": INTERVAL,
+                     "model_threads": MODEL_THREADS or "default"}
     try:
         lf.up()
-        embed_job = lf.write_job({"name": "embed",
+        threads = {"OMP_NUM_THREADS": MODEL_THREADS} if MODEL_THREADS else {}
+        embed_job = lf.write_job({"name": "embed", "env": threads,
                                   "serve": {"handler": "text-embed", "batch_size": 64,
                                             "max_wait_ms": MAX_WAIT_MS}})
         noop_job = lf.write_job({"name": "noop",
@@ -218,11 +258,19 @@ def main() -> int:
             embed = f.serving("embed", timeout=300)
             noop = f.serving("noop", timeout=60)
             static_run(embed, items[:256], processes)  # warm-up: channels open, models warm
+            meter = CpuMeter(lf)
             counts, _ = mean_batch(lf, "embed")
+            taken, _ = mean_requests(lf, "embed")
+            cpu = meter.read()
             static = static_run(embed, items, processes)
+            static_cpu = meter.per_item_ms(cpu, len(items))
             counts, static_batch = mean_batch(lf, "embed", counts)
+            taken, static_per_request = mean_requests(lf, "embed", taken)
+            cpu = meter.read()
             concurrent, latencies = concurrent_run(embed, items)
+            concurrent_cpu = meter.per_item_ms(cpu, len(items))
             counts, concurrent_batch = mean_batch(lf, "embed", counts)
+            taken, concurrent_per_request = mean_requests(lf, "embed", taken)
             figures.update({
                 "static_items_s": round(static, 1),
                 "concurrent_items_s": round(concurrent, 1),
@@ -231,6 +279,10 @@ def main() -> int:
                 "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
                 "static_mean_batch": static_batch,
                 "concurrent_mean_batch": concurrent_batch,
+                "static_items_per_request": static_per_request,
+                "concurrent_items_per_request": concurrent_per_request,
+                "static_cpu_ms_per_item": static_cpu,
+                "concurrent_cpu_ms_per_item": concurrent_cpu,
                 "max_wait_ms": MAX_WAIT_MS,
             })
             noop_ms, local_ms = noop_overhead(noop)
