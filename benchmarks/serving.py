@@ -9,19 +9,34 @@ handler (a no-op next to a model) with `fleet serve --detach`. Measured in the s
    threads per server process, so every model always has its next batch waiting:
    `static_items_s`;
 2. concurrent: the same texts, each its own `batched_run(text)` from 64 caller threads
-   (the servers batch them together): `concurrent_items_s`, `ratio` (= concurrent /
-   static, goal >= 0.9), per-call latency `p50_ms`, `p99_ms`; `static_mean_batch` and
-   `concurrent_mean_batch` are the batch sizes the servers ran (64 callers over 2 servers
-   make batches of 32 at most: on a CPU, batches of 32 run ~0.8x the items/s of 64);
+   (the client sends the items of concurrent calls together, the servers batch them):
+   `concurrent_items_s`, `ratio` (= concurrent / static, goal >= 0.9), per-call latency
+   `p50_ms`, `p99_ms`; `static_mean_batch` and `concurrent_mean_batch` are the batch
+   sizes the servers ran (64 callers over 2 servers make batches of 32 at most),
+   `*_items_per_request` what each request the servers took carried, and
+   `*_cpu_ms_per_item` the CPU time per item of this process (`caller`: its threads and
+   SSH client) and of the nodes' processes (`nodes`: models, sshd, samplers);
 3. path overhead: one thread calling the checksum serving with one 100-byte item,
-   `noop_p50_ms`, against `local_p50_ms`, the same handler called in this process;
+   `noop_p50_ms`, against `local_p50_ms`, the same handler called in this process; and
+   1 and 2 again with that no-op model (BENCH_NOOP_ITEMS items of 100 bytes, default
+   4096), where the path is all there is to pay, as with a fast GPU model:
+   `noop_static_items_s`, `noop_concurrent_items_s`, `noop_ratio`;
 4. failover: 64 callers loop on single items; worker 1 is preempted without notice
    (`fleet preempt`). `lost` (calls without an answer), `answered_twice` (answers
    beyond one per call), `failover_max_latency_s` (kill -> answer, the longest of the
    calls in flight at the kill; goal <= monitor detection (the interval) + 2 s),
    `rejoin_s` (kill -> the first answer from the replacement), `resent`.
 
-Env: BENCH_ITEMS (default 1024), BENCH_KEEP=1 keeps the temporary directory.
+Model threads: the two workers of a local fleet share this machine's cores, and each
+model process would start torch with a thread per core. Oversubscribed OpenMP threads
+spin at every barrier, which costs small batches most: with two threads per model,
+batches of 16-23 cost 1.5-2x the CPU per item of batches of 64 here, with one thread
+the same (measured: `*_cpu_ms_per_item`). So the model job gets OMP_NUM_THREADS=
+BENCH_MODEL_THREADS (default 1: a core per model process, as one model per GPU; empty:
+torch's default), the same for both phases.
+
+Env: BENCH_ITEMS (default 1024), BENCH_MAX_WAIT_MS, BENCH_MODEL_THREADS, BENCH_NOOP_ITEMS,
+BENCH_KEEP=1 keeps the temporary directory.
 Last line: one JSON object with the figures above.
 """
 
@@ -51,6 +66,7 @@ from fleet.worker.handlers.checksum import ChecksumHandler
 N_ITEMS = int(os.environ.get("BENCH_ITEMS", "1024"))
 MAX_WAIT_MS = float(os.environ.get("BENCH_MAX_WAIT_MS", "20"))
 MODEL_THREADS = os.environ.get("BENCH_MODEL_THREADS", "1")  # "": torch's default (all cores)
+NOOP_ITEMS = int(os.environ.get("BENCH_NOOP_ITEMS", "4096"))
 CALLERS = 64
 STATIC_BATCH = 64
 INTERVAL = 2.0
@@ -287,6 +303,14 @@ def main() -> int:
             })
             noop_ms, local_ms = noop_overhead(noop)
             figures.update({"noop_p50_ms": round(noop_ms, 3), "local_p50_ms": round(local_ms, 4)})
+            # The same comparison where the model costs nothing (a GPU's regime, seen from
+            # the caller): what is left is the path's cost per call and per request.
+            small = [os.urandom(100) for _ in range(NOOP_ITEMS)]
+            noop_static = static_run(noop, small, len(registry(lf, "noop")))
+            noop_concurrent, _ = concurrent_run(noop, small)
+            figures.update({"noop_static_items_s": round(noop_static, 1),
+                            "noop_concurrent_items_s": round(noop_concurrent, 1),
+                            "noop_ratio": round(noop_concurrent / noop_static, 3)})
             print(f"throughput and overhead: {json.dumps(figures)}", file=sys.stderr, flush=True)
             figures.update(failover(lf, embed, items))
     finally:

@@ -33,6 +33,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import h11
@@ -69,12 +70,14 @@ class _Channel:
         self.aborted = True
         self.channel.close()
 
-    def post(self, path: str, body: bytes, deadline: float) -> tuple[int, dict[str, str], bytes]:
+    def post(self, path: str, body: bytes, deadline: float, *, no_wait: bool = False) -> tuple[int, dict[str, str], bytes]:
         http = self.http
         left_ms = max(0, int((deadline - time.monotonic()) * 1000))  # the server drops the items after it
-        data = http.send(h11.Request(method="POST", target=path, headers=[
-            ("Host", "fleet"), ("Content-Type", wire.CONTENT_TYPE), ("Content-Length", str(len(body))),
-            (wire.TIMEOUT_HEADER, str(left_ms))]))
+        headers = [("Host", "fleet"), ("Content-Type", wire.CONTENT_TYPE), ("Content-Length", str(len(body))),
+                   (wire.TIMEOUT_HEADER, str(left_ms))]
+        if no_wait:
+            headers.append((wire.NO_WAIT_HEADER, "1"))
+        data = http.send(h11.Request(method="POST", target=path, headers=headers))
         data = (data or b"") + (http.send(h11.Data(data=body)) or b"") + (http.send(h11.EndOfMessage()) or b"")
         try:
             self.channel.settimeout(max(0.01, deadline - time.monotonic()))
@@ -346,7 +349,7 @@ class Serving:
         self._pool.start()
         serve = job.serve
         self.batch_size = serve.batch_size if serve is not None else 64
-        self._coalescer = Coalescer(self._request, name=self.name, max_items=self.batch_size,
+        self._coalescer = Coalescer(partial(self._request, no_wait=True), name=self.name, max_items=self.batch_size,
                                     max_wait_s=(serve.max_wait_ms if serve is not None else 5.0) / 1000.0,
                                     servers=self._pool.usable_count)
 
@@ -402,9 +405,11 @@ class Serving:
                                  hint="pass a longer `timeout=` to serving() or batched_run()")
         return answers
 
-    def _request(self, values: list[Any], deadline: float) -> list[tuple[Any, str]]:
+    def _request(self, values: list[Any], deadline: float, *, no_wait: bool = False) -> list[tuple[Any, str]]:
         """One request with `values` to the least loaded server (sent again elsewhere when
-        its channel breaks or a draining server turns it away): (result, node) per item."""
+        its channel breaks or a draining server turns it away): (result, node) per item.
+        `no_wait`: the server runs them without waiting `max_wait_ms` for more (the
+        coalescer sent what it had; the rest waits for the next request)."""
         try:
             body = wire.encode(values)
         except wire.WireError as exc:
@@ -413,7 +418,7 @@ class Serving:
         while True:
             server = pool.pick(len(values), deadline)
             try:
-                status, _headers, payload = self._attempt(server, body, deadline)
+                status, _headers, payload = self._attempt(server, body, deadline, no_wait=no_wait)
             except _Lost:
                 pool.failed(server)
                 self._count("resent")
@@ -440,11 +445,12 @@ class Serving:
                 self._answered_by[server.node] += 1
             return [(result, server.node) for result in results]
 
-    def _attempt(self, server: _Server, body: bytes, deadline: float) -> tuple[int, dict[str, str], bytes]:
+    def _attempt(self, server: _Server, body: bytes, deadline: float, *,
+                 no_wait: bool) -> tuple[int, dict[str, str], bytes]:
         channel = self._pool.channel(server, deadline)
         reusable = False
         try:
-            answer = channel.post("/infer", body, deadline)
+            answer = channel.post("/infer", body, deadline, no_wait=no_wait)
             reusable = True
             return answer
         except TimeoutError:

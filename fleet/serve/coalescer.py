@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _POLL_S = 0.25  # the dispatcher re-counts the usable servers at least this often
+_MAX_SENDERS = 256  # threads sending requests (started as needed; 2 per server process are used)
 
 
 @dataclass(slots=True, eq=False)
@@ -63,7 +64,7 @@ class Coalescer:
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._senders = ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"fleet-send-{name}")
+        self._senders = ThreadPoolExecutor(max_workers=_MAX_SENDERS, thread_name_prefix=f"fleet-send-{name}")
         self._thread = threading.Thread(target=self._dispatch, name=f"fleet-coalesce-{name}", daemon=True)
         self._thread.start()
 
@@ -87,7 +88,9 @@ class Coalescer:
         for item in left:
             item.future.cancel()
         self._thread.join(timeout=10)
-        self._senders.shutdown(wait=False, cancel_futures=True)
+        # Requests handed to a sender still run: they end at once with the pool closed,
+        # and their callers hear so instead of waiting for their deadline.
+        self._senders.shutdown(wait=False)
 
     # -- the dispatcher thread -------------------------------------------------------------
     def _dispatch(self) -> None:
