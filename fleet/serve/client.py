@@ -5,6 +5,8 @@
   at the same time by any threads travel together, in requests of up to `batch_size`
   items (`fleet.serve.coalescer`: one request per server in flight, the next one
   gathering meanwhile); a call with `batch_size` items or more is a request of its own.
+  Coalesced requests say so (`X-Fleet-No-Wait`): the server runs them without waiting
+  `max_wait_ms` for more.
   The servers put the items of all requests into one dynamic batcher per model process.
 - Transport: HTTP/1.1 (h11) over SSH direct-tcpip channels of the fleet's existing
   paramiko connections to `127.0.0.1:<port>` of the node (`fleet.worker.serve`); idle
@@ -350,7 +352,6 @@ class Serving:
         serve = job.serve
         self.batch_size = serve.batch_size if serve is not None else 64
         self._coalescer = Coalescer(partial(self._request, no_wait=True), name=self.name, max_items=self.batch_size,
-                                    max_wait_s=(serve.max_wait_ms if serve is not None else 5.0) / 1000.0,
                                     servers=self._pool.usable_count)
 
     # -- calls -----------------------------------------------------------------------------

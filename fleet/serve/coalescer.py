@@ -6,17 +6,15 @@ sending one item made 64 requests where one would do. So the calls of all thread
 their (pre-processed) items into one queue, and a dispatcher thread sends them in
 requests of up to `batch_size` items:
 
-- nothing in flight: the queued items go at once (a lone caller waits for nobody);
-- requests in flight (the servers are busy, a request sent now would queue there):
-  the items wait up to `max_wait_ms` (counted from the oldest) for more to join, or
-  until `batch_size` are queued;
-- one request per usable server process is in flight; while each has one, items
-  gather in the queue and the next free server takes what gathered (so the busier the
-  servers, the larger the requests), up to a fair share of the items in flight and
-  queued (so a server that got one item of a burst does not keep getting one while
-  another gets the rest). A second request per server (`depth`) goes only
-  with a full batch: then the model has its next batch waiting, as with static batches;
-  a partial one waits here, where it still grows, rather than there.
+- a server process with nothing in flight gets what is queued at once (a lone caller
+  waits for nobody, and a free model never waits for company), up to a fair share of
+  the items in flight and queued (so a server that got one item of a burst does not
+  keep getting one while another gets the rest);
+- while every server has a request, items gather here, and the next server that
+  answers takes what gathered: the busier the servers, the larger the requests
+  ("batching while busy"; no timer). A second request per server (`depth`) goes only
+  with a full batch: then the model has its next batch waiting, as with static
+  batches; a partial one waits here, where it still grows, rather than there.
 
 Each request is sent by a sender thread through `send(values, deadline)` (the
 serving's one request path: the least-loaded server, failover, 503 redirects), with the
@@ -44,7 +42,6 @@ _MAX_SENDERS = 256  # threads sending requests (started as needed; 2 per server 
 class _Item:
     value: Any
     deadline: float
-    arrived: float
     future: Future = field(default_factory=Future)
 
 
@@ -52,10 +49,9 @@ class Coalescer:
     """One queue of items for a serving, sent in shared requests (see the module docstring)."""
 
     def __init__(self, send: Callable[[list[Any], float], list[Any]], *, name: str, max_items: int,
-                 max_wait_s: float, servers: Callable[[], int], depth: int = 2) -> None:
+                 servers: Callable[[], int], depth: int = 2) -> None:
         self.send = send
         self.max_items = max(1, max_items)
-        self.max_wait_s = max(0.0, max_wait_s)
         self.servers = servers
         self.depth = max(1, depth)
         self.in_flight = 0  # requests out now
@@ -70,8 +66,7 @@ class Coalescer:
 
     def submit(self, values: list[Any], deadline: float) -> list[Future]:
         """Queue the items of one call; their futures give (result, node) or raise."""
-        now = time.monotonic()
-        items = [_Item(value, deadline, now) for value in values]
+        items = [_Item(value, deadline) for value in values]
         with self._cond:
             if self._closed:
                 raise RuntimeError("the serving was closed")
@@ -119,17 +114,12 @@ class Coalescer:
                 self._cond.wait()
                 continue
             servers = max(1, self.servers())
-            if self.in_flight >= servers:
+            if self.in_flight >= servers and (self.in_flight >= servers * self.depth
+                                              or len(queue) < self.max_items):
                 # every server has a request: another one goes only with a full batch
                 # (it waits there for the model); less waits here, where it still grows
-                if self.in_flight >= servers * self.depth or len(queue) < self.max_items:
-                    self._cond.wait(_POLL_S)
-                    continue
-            elif self.in_flight and len(queue) < self.max_items:
-                ripe = queue[0].arrived + self.max_wait_s - time.monotonic()
-                if ripe > 0:
-                    self._cond.wait(min(ripe, _POLL_S))
-                    continue
+                self._cond.wait(_POLL_S)
+                continue
             # A fair share of the items in the system: an idle server that takes all that
             # gathered while another holds few would keep that split for good.
             share = -(-(len(queue) + self.in_flight_items) // servers)
