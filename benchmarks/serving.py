@@ -9,19 +9,34 @@ handler (a no-op next to a model) with `fleet serve --detach`. Measured in the s
    threads per server process, so every model always has its next batch waiting:
    `static_items_s`;
 2. concurrent: the same texts, each its own `batched_run(text)` from 64 caller threads
-   (the servers batch them together): `concurrent_items_s`, `ratio` (= concurrent /
-   static, goal >= 0.9), per-call latency `p50_ms`, `p99_ms`; `static_mean_batch` and
-   `concurrent_mean_batch` are the batch sizes the servers ran (64 callers over 2 servers
-   make batches of 32 at most: on a CPU, batches of 32 run ~0.8x the items/s of 64);
+   (the client sends the items of concurrent calls together, the servers batch them):
+   `concurrent_items_s`, `ratio` (= concurrent / static, goal >= 0.9), per-call latency
+   `p50_ms`, `p99_ms`; `static_mean_batch` and `concurrent_mean_batch` are the batch
+   sizes the servers ran (64 callers over 2 servers make batches of 32 at most),
+   `*_items_per_request` what each request the servers took carried, and
+   `*_cpu_ms_per_item` the CPU time per item of this process (`caller`: its threads and
+   SSH client) and of the nodes' processes (`nodes`: models, sshd, samplers);
 3. path overhead: one thread calling the checksum serving with one 100-byte item,
-   `noop_p50_ms`, against `local_p50_ms`, the same handler called in this process;
+   `noop_p50_ms`, against `local_p50_ms`, the same handler called in this process; and
+   1 and 2 again with that no-op model (BENCH_NOOP_ITEMS items of 100 bytes, default
+   4096), where the path is all there is to pay, as with a fast GPU model:
+   `noop_static_items_s`, `noop_concurrent_items_s`, `noop_ratio`;
 4. failover: 64 callers loop on single items; worker 1 is preempted without notice
    (`fleet preempt`). `lost` (calls without an answer), `answered_twice` (answers
    beyond one per call), `failover_max_latency_s` (kill -> answer, the longest of the
    calls in flight at the kill; goal <= monitor detection (the interval) + 2 s),
    `rejoin_s` (kill -> the first answer from the replacement), `resent`.
 
-Env: BENCH_ITEMS (default 1024), BENCH_KEEP=1 keeps the temporary directory.
+Model threads: the two workers of a local fleet share this machine's cores, and each
+model process would start torch with a thread per core. Oversubscribed OpenMP threads
+spin at every barrier, which costs small batches most: with two threads per model,
+batches of 16-23 cost 1.5-2x the CPU per item of batches of 64 here, with one thread
+the same (measured: `*_cpu_ms_per_item`). So the model job gets OMP_NUM_THREADS=
+BENCH_MODEL_THREADS (default 1: a core per model process, as one model per GPU; empty:
+torch's default), the same for both phases.
+
+Env: BENCH_ITEMS (default 1024), BENCH_MAX_WAIT_MS, BENCH_MODEL_THREADS, BENCH_NOOP_ITEMS,
+BENCH_KEEP=1 keeps the temporary directory.
 Last line: one JSON object with the figures above.
 """
 
@@ -41,7 +56,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "jobs"))
 
-from jobs_fleet import LocalFleet, finish_fleet, wait_for  # the tests' real local fleet
+import psutil
+from jobs_fleet import LocalFleet, finish_fleet, fleet_processes, wait_for  # the tests' real local fleet
 
 import fleet
 from fleet.serve.registry import ready_nodes
@@ -49,6 +65,8 @@ from fleet.worker.handlers.checksum import ChecksumHandler
 
 N_ITEMS = int(os.environ.get("BENCH_ITEMS", "1024"))
 MAX_WAIT_MS = float(os.environ.get("BENCH_MAX_WAIT_MS", "20"))
+MODEL_THREADS = os.environ.get("BENCH_MODEL_THREADS", "1")  # "": torch's default (all cores)
+NOOP_ITEMS = int(os.environ.get("BENCH_NOOP_ITEMS", "4096"))
 CALLERS = 64
 STATIC_BATCH = 64
 INTERVAL = 2.0
@@ -84,6 +102,42 @@ def mean_batch(lf: LocalFleet, job: str, before: tuple[int, int] = (0, 0)) -> tu
         items, batches = items + health["items"], batches + health["batches"]
     ran = batches - before[1]
     return (items, batches), round((items - before[0]) / ran, 1) if ran else 0.0
+
+
+def mean_requests(lf: LocalFleet, job: str, before: tuple[int, int] = (0, 0)) -> tuple[tuple[int, int], float]:
+    """(items, requests) the job's servers took so far, and the items per request since `before`."""
+    items = requests = 0
+    for record in registry(lf, job):
+        health = lf.server_health(record)
+        items, requests = items + health["items"], requests + health["requests"]
+    took = requests - before[1]
+    return (items, requests), round((items - before[0]) / took, 1) if took else 0.0
+
+
+class CpuMeter:
+    """CPU seconds spent by this process (the caller: threads, SSH client) and by the
+    fleet's node processes (servers, sshd sessions, samplers) between two readings: on a
+    shared machine, where the time goes per item."""
+
+    def __init__(self, lf: LocalFleet) -> None:
+        self.lf = lf
+        self.me = psutil.Process()
+
+    def read(self) -> tuple[float, float]:
+        mine = self.me.cpu_times()
+        nodes = 0.0
+        for proc in fleet_processes(self.lf.name, self.lf.root):
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            nodes += times.user + times.system
+        return mine.user + mine.system, nodes
+
+    def per_item_ms(self, before: tuple[float, float], items: int) -> dict[str, float]:
+        caller, nodes = self.read()
+        return {"caller": round((caller - before[0]) * 1000 / items, 2),
+                "nodes": round((nodes - before[1]) * 1000 / items, 2)}
 
 
 def static_run(embed, items: list[str], processes: int) -> float:
@@ -199,10 +253,12 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     lf = LocalFleet(base / "fleet", workers=2, monitor={"interval": INTERVAL, "grace": 4})
     process = None
-    figures: dict = {"items": N_ITEMS, "callers": CALLERS, "workers": 2, "monitor_interval_s": INTERVAL}
+    figures: dict = {"items": N_ITEMS, "callers": CALLERS, "workers": 2, "monitor_interval_s": INTERVAL,
+                     "model_threads": MODEL_THREADS or "default"}
     try:
         lf.up()
-        embed_job = lf.write_job({"name": "embed",
+        threads = {"OMP_NUM_THREADS": MODEL_THREADS} if MODEL_THREADS else {}
+        embed_job = lf.write_job({"name": "embed", "env": threads,
                                   "serve": {"handler": "text-embed", "batch_size": 64,
                                             "max_wait_ms": MAX_WAIT_MS}})
         noop_job = lf.write_job({"name": "noop",
@@ -218,11 +274,19 @@ def main() -> int:
             embed = f.serving("embed", timeout=300)
             noop = f.serving("noop", timeout=60)
             static_run(embed, items[:256], processes)  # warm-up: channels open, models warm
+            meter = CpuMeter(lf)
             counts, _ = mean_batch(lf, "embed")
+            taken, _ = mean_requests(lf, "embed")
+            cpu = meter.read()
             static = static_run(embed, items, processes)
+            static_cpu = meter.per_item_ms(cpu, len(items))
             counts, static_batch = mean_batch(lf, "embed", counts)
+            taken, static_per_request = mean_requests(lf, "embed", taken)
+            cpu = meter.read()
             concurrent, latencies = concurrent_run(embed, items)
+            concurrent_cpu = meter.per_item_ms(cpu, len(items))
             counts, concurrent_batch = mean_batch(lf, "embed", counts)
+            taken, concurrent_per_request = mean_requests(lf, "embed", taken)
             figures.update({
                 "static_items_s": round(static, 1),
                 "concurrent_items_s": round(concurrent, 1),
@@ -231,10 +295,22 @@ def main() -> int:
                 "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
                 "static_mean_batch": static_batch,
                 "concurrent_mean_batch": concurrent_batch,
+                "static_items_per_request": static_per_request,
+                "concurrent_items_per_request": concurrent_per_request,
+                "static_cpu_ms_per_item": static_cpu,
+                "concurrent_cpu_ms_per_item": concurrent_cpu,
                 "max_wait_ms": MAX_WAIT_MS,
             })
             noop_ms, local_ms = noop_overhead(noop)
             figures.update({"noop_p50_ms": round(noop_ms, 3), "local_p50_ms": round(local_ms, 4)})
+            # The same comparison where the model costs nothing (a GPU's regime, seen from
+            # the caller): what is left is the path's cost per call and per request.
+            small = [os.urandom(100) for _ in range(NOOP_ITEMS)]
+            noop_static = static_run(noop, small, len(registry(lf, "noop")))
+            noop_concurrent, _ = concurrent_run(noop, small)
+            figures.update({"noop_static_items_s": round(noop_static, 1),
+                            "noop_concurrent_items_s": round(noop_concurrent, 1),
+                            "noop_ratio": round(noop_concurrent / noop_static, 3)})
             print(f"throughput and overhead: {json.dumps(figures)}", file=sys.stderr, flush=True)
             figures.update(failover(lf, embed, items))
     finally:

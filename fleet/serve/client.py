@@ -1,17 +1,22 @@
 """`Serving`: one served model, called by any number of threads of the caller.
 
-- `batched_run(item)` / `batched_run([items])` sends the (pre-processed) items in one
-  request and blocks until their results come back (post-processed, same order). The
-  servers put the items of all requests into one dynamic batcher per model process, so
-  64 threads with one item each make batches of up to 64 on the nodes.
+- `batched_run(item)` / `batched_run([items])` blocks until the results of its
+  (pre-processed) items come back (post-processed, same order). The items of calls made
+  at the same time by any threads travel together, in requests of up to `batch_size`
+  items (`fleet.serve.coalescer`: one request per server in flight, the next one
+  gathering meanwhile); a call with `batch_size` items or more is a request of its own.
+  Coalesced requests say so (`X-Fleet-No-Wait`): the server runs them without waiting
+  `max_wait_ms` for more.
+  The servers put the items of all requests into one dynamic batcher per model process.
 - Transport: HTTP/1.1 (h11) over SSH direct-tcpip channels of the fleet's existing
   paramiko connections to `127.0.0.1:<port>` of the node (`fleet.worker.serve`); idle
   channels are kept per server and reused, one request at a time each.
 - Spread: each request goes to the server process with the least outstanding items
   (each process is one model, so a node counts as many times as it has processes).
-- Deadline: every request has one (`timeout`); when it passes, `ServingTimeout`. The
-  server is told the time left (a header): past it, it drops the items it has not
-  started (the caller has given up) and answers 504.
+- Deadline: every call has one (`timeout`); when it passes, `ServingTimeout`, also when
+  its items share a request with those of callers who wait longer. A request carries
+  the latest deadline of its items; the server is told the time left (a header): past
+  it, it drops the items it has not started (every caller has given up) and answers 504.
 - Failover: a request whose channel breaks (node preempted, killed, unreachable) or
   that a draining server turns away (503) is sent again to another server: at least
   once to a model, exactly once to the caller (only one attempt is ever in flight).
@@ -28,7 +33,9 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import h11
@@ -37,6 +44,7 @@ import paramiko
 from fleet.errors import FleetError
 from fleet.jobs import JobRunner
 from fleet.model import NodeState
+from fleet.serve.coalescer import Coalescer, wait_for_items
 from fleet.serve.errors import ServingError, ServingTimeout
 from fleet.serve.registry import read_registry
 from fleet.spec.job import JobSpec
@@ -64,12 +72,14 @@ class _Channel:
         self.aborted = True
         self.channel.close()
 
-    def post(self, path: str, body: bytes, deadline: float) -> tuple[int, dict[str, str], bytes]:
+    def post(self, path: str, body: bytes, deadline: float, *, no_wait: bool = False) -> tuple[int, dict[str, str], bytes]:
         http = self.http
         left_ms = max(0, int((deadline - time.monotonic()) * 1000))  # the server drops the items after it
-        data = http.send(h11.Request(method="POST", target=path, headers=[
-            ("Host", "fleet"), ("Content-Type", wire.CONTENT_TYPE), ("Content-Length", str(len(body))),
-            (wire.TIMEOUT_HEADER, str(left_ms))]))
+        headers = [("Host", "fleet"), ("Content-Type", wire.CONTENT_TYPE), ("Content-Length", str(len(body))),
+                   (wire.TIMEOUT_HEADER, str(left_ms))]
+        if no_wait:
+            headers.append((wire.NO_WAIT_HEADER, "1"))
+        data = http.send(h11.Request(method="POST", target=path, headers=headers))
         data = (data or b"") + (http.send(h11.Data(data=body)) or b"") + (http.send(h11.EndOfMessage()) or b"")
         try:
             self.channel.settimeout(max(0.01, deadline - time.monotonic()))
@@ -183,16 +193,21 @@ class _Pool:
                     return server
                 remaining = deadline - now
                 if remaining <= 0:
-                    raise ServingTimeout(self._nobody(), hint="`fleet jobs` / `fleet logs "
+                    raise ServingTimeout(self.nobody(self.serving.timeout), hint="`fleet jobs` / `fleet logs "
                                          f"{self.serving.name}` show whether its servers run")
                 self._wake.set()
                 self.cond.wait(min(remaining, _POLL_S))
 
-    def _nobody(self) -> str:
+    def nobody(self, budget: float) -> str:
         known = len(self.servers)
         why = f": {self.problem}" if self.problem else ""
         return (f"no server of {self.serving.name!r} on fleet {self.fleet.spec.name} could take the request "
-                f"within {self.serving.timeout:g} s ({known} known, none usable){why}")
+                f"within {budget:g} s ({known} known, none usable){why}")
+
+    def usable_count(self) -> int:
+        with self.cond:
+            now = time.monotonic()
+            return sum(1 for s in self.servers.values() if s.usable(now))
 
     def release(self, server: _Server, items: int) -> None:
         with self.cond:
@@ -334,6 +349,10 @@ class Serving:
         self._answered_by: Counter[str] = Counter()
         self._pool = _Pool(self)
         self._pool.start()
+        serve = job.serve
+        self.batch_size = serve.batch_size if serve is not None else 64
+        self._coalescer = Coalescer(partial(self._request, no_wait=True), name=self.name, max_items=self.batch_size,
+                                    servers=self._pool.usable_count)
 
     # -- calls -----------------------------------------------------------------------------
     def batched_run(self, items: Any, *, timeout: float | None = None) -> Any:
@@ -342,7 +361,18 @@ class Serving:
         values = list(items) if several else [items]
         if self.preprocess is not None:
             values = [self.preprocess(value) for value in values]
-        results = self._call(values, time.monotonic() + (timeout if timeout is not None else self.timeout))
+        budget = timeout if timeout is not None else self.timeout
+        deadline = time.monotonic() + budget
+        if len(values) >= self.batch_size:  # a batch already: a request of its own
+            answers = self._request(values, deadline)
+        else:
+            answers = self._coalesced(values, deadline, budget)
+        results = []
+        for index, (result, node) in enumerate(answers):
+            if isinstance(result, wire.ItemError):
+                raise ServingError(f"{self.name}: item {index} failed on {node}: {result.message}")
+            results.append(result)
+        self._count("calls")
         if self.postprocess is not None:
             results = [self.postprocess(result) for result in results]
         return results if several else results[0]
@@ -362,7 +392,25 @@ class Serving:
             while window:
                 yield window.popleft().result()
 
-    def _call(self, values: list[Any], deadline: float) -> list[Any]:
+    def _coalesced(self, values: list[Any], deadline: float, budget: float) -> list[tuple[Any, str]]:
+        """The items sent with those of other threads' calls (`fleet.serve.coalescer`)."""
+        try:
+            answers = wait_for_items(self._coalescer.submit(values, deadline), deadline)
+        except (RuntimeError, CancelledError):
+            raise ServingError(f"{self.name}: the serving was closed") from None
+        if answers is None:
+            if not self._pool.usable_count():
+                raise ServingTimeout(self._pool.nobody(budget), hint="`fleet jobs` / `fleet logs "
+                                     f"{self.name}` show whether its servers run")
+            raise ServingTimeout(f"{self.name}: no answer within the deadline ({budget:g} s)",
+                                 hint="pass a longer `timeout=` to serving() or batched_run()")
+        return answers
+
+    def _request(self, values: list[Any], deadline: float, *, no_wait: bool = False) -> list[tuple[Any, str]]:
+        """One request with `values` to the least loaded server (sent again elsewhere when
+        its channel breaks or a draining server turns it away): (result, node) per item.
+        `no_wait`: the server runs them without waiting `max_wait_ms` for more (the
+        coalescer sent what it had; the rest waits for the next request)."""
         try:
             body = wire.encode(values)
         except wire.WireError as exc:
@@ -371,7 +419,7 @@ class Serving:
         while True:
             server = pool.pick(len(values), deadline)
             try:
-                status, _headers, payload = self._attempt(server, body, deadline)
+                status, _headers, payload = self._attempt(server, body, deadline, no_wait=no_wait)
             except _Lost:
                 pool.failed(server)
                 self._count("resent")
@@ -396,16 +444,14 @@ class Serving:
                 self._stats["requests"] += 1
                 self._stats["items"] += len(values)
                 self._answered_by[server.node] += 1
-            for index, result in enumerate(results):
-                if isinstance(result, wire.ItemError):
-                    raise ServingError(f"{self.name}: item {index} failed on {server.node}: {result.message}")
-            return results
+            return [(result, server.node) for result in results]
 
-    def _attempt(self, server: _Server, body: bytes, deadline: float) -> tuple[int, dict[str, str], bytes]:
+    def _attempt(self, server: _Server, body: bytes, deadline: float, *,
+                 no_wait: bool) -> tuple[int, dict[str, str], bytes]:
         channel = self._pool.channel(server, deadline)
         reusable = False
         try:
-            answer = channel.post("/infer", body, deadline)
+            answer = channel.post("/infer", body, deadline, no_wait=no_wait)
             reusable = True
             return answer
         except TimeoutError:
@@ -427,13 +473,16 @@ class Serving:
                      "usable": s.usable(time.monotonic())} for s in self._pool.servers.values()]
 
     def stats(self) -> dict[str, Any]:
-        """Counts since the start: requests and items answered, `resent` (attempts lost with
-        their channel and sent again), `redirected` (turned away by a draining server
-        before it took them), and requests answered per node."""
+        """Counts since the start: `calls` answered (of batched_run, map's included),
+        `requests` answered (the items of concurrent calls travel together, so fewer),
+        their `items`, `resent` (attempts lost with their channel and sent again),
+        `redirected` (turned away by a draining server before it took them), and
+        requests answered per node."""
         with self._lock:
-            return {"requests": self._stats["requests"], "items": self._stats["items"],
+            return {"calls": self._stats["calls"], "requests": self._stats["requests"], "items": self._stats["items"],
                     "resent": self._stats["resent"], "redirected": self._stats["redirected"],
                     "answered_by": dict(self._answered_by)}
 
     def close(self) -> None:
+        self._coalescer.close()
         self._pool.close()

@@ -3,7 +3,8 @@
 `BatchQueue` is the primitive (a Condition, no busy waiting): `get_batch(max_size,
 max_wait_s, max_tokens=None)` waits for a first item, then up to `max_wait_s` (counted
 from when the oldest queued item arrived) for the batch to fill (`max_size` items, or
-items whose sizes add up to `max_tokens`), like Triton's `max_queue_delay_microseconds`.
+items whose sizes add up to `max_tokens`), like Triton's `max_queue_delay_microseconds`;
+not at all while items put as `ripe` are queued (their sender has no more to add).
 
 With a `size_of` function it buckets by length. A batch costs count x longest (what
 the model computes, padding included) and must fit `max_tokens` (a single item always
@@ -48,6 +49,7 @@ class _Entry(Generic[T]):
     arrived: float
     size: int
     item: T
+    ripe: bool = False
 
 
 class BatchQueue(Generic[T]):
@@ -65,6 +67,7 @@ class BatchQueue(Generic[T]):
         self._wanted = 1  # how many queued items would end a waiting consumer's wait
         self._wanted_size: int | None = None  # ... or what sum of sizes
         self._queued_size = 0
+        self._ripe = 0  # queued items put with ripe=True
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -76,8 +79,10 @@ class BatchQueue(Generic[T]):
     def put(self, item: T) -> None:
         self.put_many((item,))
 
-    def put_many(self, items: Iterable[T]) -> None:
-        """Add items; blocks while the queue is at capacity (may overshoot by one call)."""
+    def put_many(self, items: Iterable[T], *, ripe: bool = False) -> None:
+        """Add items; blocks while the queue is at capacity (may overshoot by one call).
+        `ripe`: no more items are coming for their batch (the sender sent what it had),
+        so the batch they are in does not wait `max_wait_s` for more."""
         size_of = self.size_of
         with self._lock:
             while self.capacity is not None and len(self._entries) >= self.capacity and not self._closed:
@@ -91,12 +96,14 @@ class BatchQueue(Generic[T]):
             added = 0
             for item in items:
                 size = size_of(item) if size_of else 0
-                append(_Entry(seq, now, size, item))
+                append(_Entry(seq, now, size, item, ripe))
                 added += size
                 seq += 1
+            if ripe:
+                self._ripe += seq - self._seq
             self._seq = seq
             self._queued_size += added
-            # Wake consumers only when it matters: the first item, or a full batch.
+            # Wake consumers only when it matters: the first item, a full batch, ripe items.
             if was_empty or self._full():
                 self._not_empty.notify_all()
 
@@ -113,6 +120,7 @@ class BatchQueue(Generic[T]):
             items = [entry.item for entry in self._entries]
             self._entries.clear()
             self._queued_size = 0
+            self._ripe = 0
             self._not_full.notify_all()
             return items
 
@@ -124,8 +132,8 @@ class BatchQueue(Generic[T]):
             return max_tokens is not None and self.size_of is not None and self._queued_size >= max_tokens
 
     def _full(self) -> bool:
-        """Enough is queued to end a waiting consumer's wait."""
-        if len(self._entries) >= self._wanted:
+        """Enough is queued to end a waiting consumer's wait (or ripe items)."""
+        if len(self._entries) >= self._wanted or self._ripe:
             return True
         return self._wanted_size is not None and self._queued_size >= self._wanted_size
 
@@ -158,7 +166,9 @@ class BatchQueue(Generic[T]):
         entries = self._entries
         if self.size_of is None:
             count = min(max_size, len(entries))
-            return [entries.popleft().item for _ in range(count)]
+            taken = [entries.popleft() for _ in range(count)]
+            self._ripe -= sum(1 for entry in taken if entry.ripe)
+            return [entry.item for entry in taken]
         ordered = sorted(entries, key=lambda entry: entry.size)
         oldest = entries[0]
         window = max(self.capacity or 0, max_size * 4)
@@ -174,6 +184,7 @@ class BatchQueue(Generic[T]):
         else:
             self._entries = deque(entry for entry in entries if id(entry) not in taken)
         self._queued_size -= sum(entry.size for entry in chosen)
+        self._ripe -= sum(1 for entry in chosen if entry.ripe)
         return [entry.item for entry in chosen]
 
 
@@ -276,10 +287,12 @@ class DynamicBatcher(Generic[T, R]):
             raise RuntimeError("submit() on a closed DynamicBatcher") from None
         return future
 
-    def submit_many(self, items: Iterable[T]) -> list[Future[R]]:
+    def submit_many(self, items: Iterable[T], *, ripe: bool = False) -> list[Future[R]]:
+        """Futures of the items' results; `ripe`: their batch runs without waiting for
+        more (see `BatchQueue.put_many`)."""
         requests = [_Request(item, Future()) for item in items]
         try:
-            self._queue.put_many(requests)
+            self._queue.put_many(requests, ripe=ripe)
         except QueueClosed:
             raise RuntimeError("submit_many() on a closed DynamicBatcher") from None
         return [request.future for request in requests]

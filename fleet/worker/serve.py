@@ -5,7 +5,9 @@ Started by the job launcher (`fleet serve`) for a job with a `serve:` section
 `open`), then answers `POST /infer` on the node's loopback only (127.0.0.1, a free
 port); callers reach it through SSH direct-tcpip channels, never through an open port.
 Items of every request go into one `DynamicBatcher`, so items from all callers are
-batched together (`batch_size`, `max_wait_ms`). Bodies are `fleet.worker.wire` values.
+batched together (`batch_size`, `max_wait_ms`; a request marked `X-Fleet-No-Wait: 1`,
+whose client sent all it had, does not wait for more). Bodies are `fleet.worker.wire`
+values.
 
     JOB_DIR/servers/<node>.<proc>.json   {"node", "proc", "port", "pid", "state": "ready"|
                                           "draining", "handler", "device", "t"}: written when
@@ -157,7 +159,9 @@ class ModelServer:
             return self._expired(len(items))
         self.requests += 1
         try:
-            futures = self.batcher.submit_many(items)
+            # A client that coalesced its callers' items sent all it had: the batch does not
+            # wait max_wait_ms for more from it (what other callers send meanwhile joins).
+            futures = self.batcher.submit_many(items, ripe=request.headers.get(wire.NO_WAIT_HEADER) == "1")
             gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
             try:
                 # Past the caller's deadline the items not started yet are dropped (their

@@ -22,6 +22,7 @@ from typing import Any
 MAGIC = b"FLW1"
 CONTENT_TYPE = "application/x-fleet-values"
 TIMEOUT_HEADER = "X-Fleet-Timeout-Ms"  # a request's time left, in ms, relative (no clock is shared)
+NO_WAIT_HEADER = "X-Fleet-No-Wait"  # "1": the sender has no more items now; run without waiting for more
 _HEAD = struct.Struct("<BQ")
 _COUNT = struct.Struct("<I")
 _DIM = struct.Struct("<Q")

@@ -1,4 +1,6 @@
-"""The model server drops the items of a request whose caller's deadline passed.
+"""The model server drops the items of a request whose caller's deadline passed, and
+runs a request marked no-wait (a coalescing client sent all it had) without waiting
+`max_wait_ms` for more.
 
 The real `ModelServer` (aiohttp on the loopback, its dynamic batcher) in this process,
 called over HTTP; the handler holds its first batch until the test lets it go, so what
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +39,11 @@ class HeldChecksum(ChecksumHandler):
         return super().infer(batch)
 
 
-def post(port: int, items: list[Any], timeout_ms: int | None) -> tuple[int, bytes]:
+def post(port: int, items: list[Any], timeout_ms: int | None, *, no_wait: bool = False) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     headers = {"Content-Type": wire.CONTENT_TYPE}
+    if no_wait:
+        headers[wire.NO_WAIT_HEADER] = "1"
     if timeout_ms is not None:
         headers[wire.TIMEOUT_HEADER] = str(timeout_ms)
     try:
@@ -49,13 +54,17 @@ def post(port: int, items: list[Any], timeout_ms: int | None) -> tuple[int, byte
         connection.close()
 
 
-def test_the_server_drops_the_items_of_a_caller_that_gave_up(tmp_path: Path) -> None:
-    job = tmp_path / "shared" / "jobs" / "deadline"
+def model_server(tmp_path: Path, handler: ChecksumHandler, config: ServeConfig) -> ModelServer:
+    job = tmp_path / "shared" / "jobs" / "served"
     job.mkdir(parents=True)
-    handler = HeldChecksum()
     metrics = WorkerMetrics(JsonLinesLog(tmp_path / "metrics.jsonl"), node="n0", proc=0, device="cpu")
-    server = ModelServer(handler, ServeConfig(handler="checksum", batch_size=1, max_wait_ms=0),
-                         layout=JobLayout.at(job), node="n0", proc=0, of=1, device="cpu", metrics=metrics)
+    return ModelServer(handler, config, layout=JobLayout.at(job), node="n0", proc=0, of=1, device="cpu",
+                       metrics=metrics)
+
+
+def test_the_server_drops_the_items_of_a_caller_that_gave_up(tmp_path: Path) -> None:
+    handler = HeldChecksum()
+    server = model_server(tmp_path, handler, ServeConfig(handler="checksum", batch_size=1, max_wait_ms=0))
     answers: dict[str, tuple[int, bytes]] = {}
 
     async def scenario() -> None:
@@ -86,3 +95,30 @@ def test_the_server_drops_the_items_of_a_caller_that_gave_up(tmp_path: Path) -> 
     assert answers["after"][0] == 200 and wire.decode(answers["after"][1]) == reference.infer([b"after"])
     assert handler.computed == [b"first", b"after"]  # a, b, c were dropped, not computed
     assert server.expired == 3
+
+
+def test_a_no_wait_request_does_not_wait_max_wait_for_company(tmp_path: Path) -> None:
+    server = model_server(tmp_path, ChecksumHandler(), ServeConfig(handler="checksum", batch_size=64,
+                                                                   max_wait_ms=1500))
+    took: dict[str, float] = {}
+
+    async def scenario() -> None:
+        serving = asyncio.create_task(server.run())
+        try:
+            while not server.port:
+                await asyncio.sleep(0.01)
+            for name, no_wait in (("no_wait", True), ("plain", False)):
+                started = time.monotonic()
+                status, body = await asyncio.to_thread(post, server.port, [name.encode()], 30_000, no_wait=no_wait)
+                took[name] = time.monotonic() - started
+                assert status == 200 and wire.decode(body) == ChecksumHandler().infer([name.encode()])
+        finally:
+            server.begin_drain()
+            await serving
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.batcher.close()
+    assert took["plain"] >= 1.4  # a partial batch waits max_wait_ms for more callers
+    assert took["no_wait"] < 1.0, took

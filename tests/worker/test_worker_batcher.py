@@ -90,6 +90,24 @@ def test_full_batch_does_not_wait() -> None:
     assert time.monotonic() - started < 0.5
 
 
+def test_ripe_items_end_the_wait_of_a_partial_batch() -> None:
+    """Items whose sender has no more to add (a client that coalesced its callers) do not
+    wait max_wait for company: not when queued first, nor when they join a waiting batch."""
+    queue: BatchQueue[int] = BatchQueue()
+    queue.put_many([1, 2], ripe=True)
+    started = time.monotonic()
+    assert queue.get_batch(64, 10.0) == [1, 2]
+    assert time.monotonic() - started < 0.5
+    queue.put(3)  # not ripe: its batch waits for more
+    threading.Timer(0.2, queue.put_many, args=([4],), kwargs={"ripe": True}).start()
+    started = time.monotonic()
+    assert queue.get_batch(64, 10.0) == [3, 4]
+    assert 0.15 <= time.monotonic() - started < 2.0
+    queue.put(5)  # the ripe items are gone: this one waits max_wait again
+    started = time.monotonic()
+    assert queue.get_batch(64, 0.2) == [5] and time.monotonic() - started >= 0.15
+
+
 def test_capacity_blocks_producers_until_consumed() -> None:
     queue: BatchQueue[int] = BatchQueue(capacity=10)
     queue.put_many(range(10))
