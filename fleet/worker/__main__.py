@@ -96,7 +96,7 @@ def _run_processes(job_dir: str, node: str, device: str | None, count: int, gpus
     def start(proc: int) -> Any:
         child = context.Process(
             target=run_child,
-            args=(job_dir, node, proc, gpus[proc] if gpus else None, device),
+            args=(job_dir, node, proc, gpus[proc] if gpus else None, device, count),
             name=f"fleet-worker-{proc}",
         )
         child.start()

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fleet.worker.claims import ChunkQueue
+from fleet.worker.cpus import share_cpus
 from fleet.worker.errors import WorkerError, WorkerFailed
 from fleet.worker.handlers import HandlerContext, load_handler, resolve_device, resolve_dtype
 from fleet.worker.inputs import freeze
@@ -231,12 +232,15 @@ class _Heartbeat:
         self._thread.join(timeout=10)
 
 
-def run_child(job_dir: str, node: str, proc: int, gpu: str | None, device: str | None) -> None:
-    """Entry point of one spawned worker process (`--processes`): pins its GPU first,
-    before anything can initialise CUDA."""
+def run_child(job_dir: str, node: str, proc: int, gpu: str | None, device: str | None, of: int = 1) -> None:
+    """Entry point of one spawned worker process (`--processes`, `of` of them): pins its
+    GPU first, before anything can initialise CUDA; without one, takes its share of the
+    node's cores."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
         device = "cuda"
+    else:
+        share_cpus(of)
     try:
         summary = run_worker(job_dir, node=node, proc=proc, device=device)
     except WorkerError as exc:

@@ -38,6 +38,7 @@ from typing import Any
 
 from fleet.worker import wire
 from fleet.worker.batcher import DynamicBatcher
+from fleet.worker.cpus import share_cpus
 from fleet.worker.errors import WorkerError
 from fleet.worker.handlers import Handler, HandlerContext, load_handler, resolve_device
 from fleet.worker.layout import JobLayout, load_job_section, write_atomic
@@ -251,6 +252,8 @@ def serve_process(job_dir: str, node: str, proc: int, of: int, gpu: str | None) 
     """One model process: load the model, serve until SIGTERM, drain. Returns an exit code."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    else:
+        share_cpus(of)
     layout = JobLayout.at(job_dir)
     config = load_serve_config(layout)
     handler = load_handler(config.handler, config.handler_options)

@@ -85,3 +85,15 @@ def test_bad_job_yaml_is_one_clear_error(tmp_path: Path, text: str, message: str
     with pytest.raises(WorkerError) as info:
         load_worker_config(JobLayout.at(job))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cpu_processes_share_the_cores_and_a_users_choice_is_kept() -> None:
+    from fleet.worker.cpus import share_cpus, usable_cpus
+
+    env: dict[str, str] = {}
+    assert share_cpus(1, env) is None and env == {}  # one process: torch's own default
+    expected = max(1, usable_cpus() // 2)
+    assert share_cpus(2, env) == expected
+    assert env == {"OMP_NUM_THREADS": str(expected), "MKL_NUM_THREADS": str(expected)}
+    chosen = {"OMP_NUM_THREADS": "3"}
+    assert share_cpus(4, chosen) is None and chosen == {"OMP_NUM_THREADS": "3"}

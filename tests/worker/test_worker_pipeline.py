@@ -202,12 +202,12 @@ def test_rerun_of_a_finished_job_does_nothing(shared: Path, tmp_path: Path) -> N
     run_worker(job, node="n", install_signal_handlers=False)
     before = {p: p.stat().st_mtime_ns for p in visible_files(shared / "o")}
     metrics_before = metric_lines(job)
-    assert len(open_log.read_text().split()) == 1
+    assert len(open_log.read_text().splitlines()) == 1
     again = run_worker(job, node="late", install_signal_handlers=False)
     assert again["reason"] == "nothing-to-do"
     assert {p: p.stat().st_mtime_ns for p in visible_files(shared / "o")} == before
     assert metric_lines(job) == metrics_before
-    assert len(open_log.read_text().split()) == 1, "the handler (model) must not be loaded again"
+    assert len(open_log.read_text().splitlines()) == 1, "the handler (model) must not be loaded again"
 
 
 def test_stop_releases_the_chunk_and_the_next_worker_skips_written_outputs(shared: Path) -> None:

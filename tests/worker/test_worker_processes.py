@@ -136,14 +136,15 @@ def test_sigterm_stops_within_seconds_and_exits_zero(shared: Path, tmp_path: Pat
     assert status["done"] < 400 and status["claimed"] == 0
 
 
-def test_processes_two_spawns_two_workers(shared: Path) -> None:
+def test_processes_two_spawns_two_workers_each_with_its_share_of_the_cores(shared: Path, tmp_path: Path) -> None:
     inputs = write_files(shared / "corpus", 200)
+    opened = tmp_path / "opened.txt"
     job = make_job(
         shared,
         "pp",
         {
             "handler": "worker_plugins:slow_checksum",
-            "handler_options": {"delay_s": 0.02},
+            "handler_options": {"delay_s": 0.02, "open_log": str(opened)},
             "inputs": "corpus/**/*.txt",
             "outputs": "out",
             "chunk_size": 10,
@@ -155,6 +156,9 @@ def test_processes_two_spawns_two_workers(shared: Path) -> None:
     assert_checksum_outputs(shared / "corpus", shared / "out", inputs)
     assert sorted(p.name for p in (job / "metrics").iterdir()) == ["box.worker0.jsonl", "box.worker1.jsonl"]
     assert done_chunk_counts(job) == {c: 1 for c in chunk_ids(job)}
+    # Two CPU processes on one machine: torch's pool in each is half the cores, not all of them.
+    threads = [line.split()[1] for line in opened.read_text().splitlines()]
+    assert threads == [str(max(1, len(os.sched_getaffinity(0)) // 2))] * 2, threads
 
 
 def test_init_status_and_node_name_from_environment(shared: Path) -> None:
