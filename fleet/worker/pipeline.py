@@ -15,6 +15,21 @@ A chunk "settles" when every one of its items is written or recorded as failed: 
 (another worker took it) or the chunk is incomplete (stopped mid-way), in which case it
 is released with its outputs so far kept.
 
+Where a chunk's outputs reach the head together (bulk I/O: one pack per chunk; records
+mode: one rows file), a kill loses every chunk partly computed. So there the chunks are
+computed one after another, in claim order (the batch queue's groups: the length buckets
+are chosen within the oldest chunk, a batch it cannot fill is topped up from the next),
+and the worker claims ahead only one chunk plus a batch of items: the chunk after the
+current one is fetched and prepared while the current one computes, never more. A kill
+loses at most the chunk being computed (and, for the moment its pack is written, the
+few items of the next one that topped up its last batch). In files mode through the
+mount, outputs land one by one, and the queue is one window of `prefetch` batches.
+
+Stopping (SIGTERM, a preemption notice): with outputs that land one by one, what is
+queued is computed within the grace. With bulk I/O a notice may be short: no new batch
+is started; the batch in flight is finished, and every chunk in hand goes to the head at
+once, complete ones as done, the others as partial packs that the next holder skips.
+
 The compute thread starts batch N+1 (`infer_async`) before it waits on batch N's
 results, so the device never waits for the CPU's collate or the copies back; when no
 full batch is queued it collects the batch in flight first.
@@ -106,6 +121,7 @@ class ChunkRun:
         self.started = time.monotonic()
         self.settled = threading.Event()
         self.outcome = ""
+        self.group = 0  # its group in the batch queue (claim order where chunks go in order)
         # Bulk I/O (fleet.worker.bulk): the chunk's fetched inputs and its gathered outputs.
         self.local: dict[str, bytes | Path] | None = None
         self.outputs: OutputPack | None = None
@@ -161,7 +177,6 @@ class Pipeline:
         self._model_s = 0.0  # device time of the split retries of the current batch
         self.max_wait_s = config.max_wait_ms / 1000.0
         capacity = config.prefetch * config.batch_size
-        self.want_backlog = config.batch_size
         sized = type(handler).size is not Handler.size  # size() defined
         bucket = sized and (config.bucket_by_length or config.max_batch_tokens is not None)
         self.batches: BatchQueue[Item] = BatchQueue(
@@ -171,7 +186,8 @@ class Pipeline:
         self.runs: dict[str, ChunkRun] = {}
         self._by_id = chunks.by_id()
         self._lock = threading.Lock()
-        self._backlog = 0
+        self._backlog = 0  # items in hand not in the batch queue yet (unread, being prepared)
+        self._claimed = 0  # chunks added so far: each one's group in the batch queue
         self._made_dirs: set[Path] = set()
         self._stopping = threading.Event()
         self._abandon = threading.Event()
@@ -184,6 +200,9 @@ class Pipeline:
             queue.prefer = self.bulk.packed
             # Deliveries wait for the head's ack: off the writer threads.
             self.deliveries = ThreadPoolExecutor(2, thread_name_prefix="fleet-deliver")
+        # Outputs delivered per chunk: chunks in claim order, one chunk (+ a batch) ahead.
+        self.in_order = self.records or self.bulk is not None
+        self.want_ahead = config.batch_size + (chunks.chunk_size if self.in_order else capacity)
         self._compute = threading.Thread(
             target=self._guarded(self._compute_loop), name="fleet-compute", daemon=True
         )
@@ -191,8 +210,13 @@ class Pipeline:
 
     # -- control (runner thread) -------------------------------------------------------
     def wants_work(self) -> bool:
-        """True when fewer than a batch of claimed items are waiting to be read."""
-        return self._backlog < self.want_backlog and not self._stopping.is_set()
+        """True when the claimed items that no batch has taken yet are fewer than
+        `want_ahead` (a chunk and a batch; in files mode through the mount, the queue's
+        capacity and a batch)."""
+        return self._ahead() < self.want_ahead and not self._stopping.is_set()
+
+    def _ahead(self) -> int:
+        return self._backlog + len(self.batches)
 
     def idle(self) -> bool:
         return not self.runs
@@ -202,6 +226,9 @@ class Pipeline:
         run = ChunkRun(claim, chunk)
         with self._lock:
             self.runs[chunk.id] = run
+            if self.in_order:
+                run.group = self._claimed
+            self._claimed += 1
         if self.records:
             with run.lock:
                 run.pending += len(chunk.segments)
@@ -255,7 +282,7 @@ class Pipeline:
         run.outputs = self.bulk.output_pack()
         handler, memo, batch = self.handler, self.memo is not None, self.config.batch_size
         items: list[Item] = []
-        for done, (position, rel) in enumerate(todo):
+        for position, rel in todo:
             value = local.pop(rel, None)
             if value is None:
                 self.readers.submit(self._guarded(self._read_file), run, position, rel)
@@ -269,26 +296,29 @@ class Pipeline:
                 continue
             items.append(Item(run, (0, position), rel, data, time.perf_counter() - started,
                               handler.digest(data) if memo else None))
-            if len(items) >= batch:
-                self._read_done(len(items))
-                if not self._enqueue(self._prepare(run, items)):  # stopping: the rest is never read
-                    rest = len(todo) - done - 1
-                    run.incomplete = True
-                    self._read_done(rest)
-                    self._resolve(run, rest)
-                    items = []
-                    break
-                items = []
-        if items:
-            self._read_done(len(items))
-            self._enqueue(self._prepare(run, items))
+        # Prepared (tokenised) a batch at a time, then queued at once: the chunk enters the
+        # batching window whole, so its batches never wait on its own tokeniser.
+        prepared: list[Item] = []
+        seen = 0
+        while seen < len(items):
+            if self._stopping.is_set():  # stopping: a chunk not started is not worth preparing
+                run.incomplete = True
+                self._read_done(len(items) - seen)
+                self._resolve(run, len(items) - seen)
+                break
+            prepared.extend(self._prepare(run, items[seen : seen + batch]))
+            seen += batch
+        self._enqueue(prepared)
+        self._read_done(min(seen, len(items)))  # in the queue now (or failed, or dropped)
         self._resolve(run)  # the fetch task
 
     def stop(self, grace_s: float) -> None:
-        """Stop reading; finish what is queued within `grace_s`, then drop the rest.
-        Returns when every chunk in hand is settled (done or released)."""
+        """Stop reading; finish what is queued within `grace_s` (bulk I/O: at once, see
+        the module docstring), then drop the rest. Returns when every chunk in hand is
+        settled (done or released)."""
         self._stopping.set()
-        self._wait_settled(time.monotonic() + grace_s)
+        if self.bulk is None:
+            self._wait_settled(time.monotonic() + grace_s)
         if self.runs:
             self._abandon.set()
             self.batches.close()
@@ -320,11 +350,16 @@ class Pipeline:
             self._backlog += n
 
     def _read_done(self, n: int) -> None:
+        """`n` items of the backlog are in the batch queue now, or failed, or dropped."""
         with self._lock:
-            before = self._backlog
             self._backlog -= n
-            wake = before >= self.want_backlog > self._backlog  # just crossed: want another chunk
-        if wake:
+        self._fewer_ahead(n)
+
+    def _fewer_ahead(self, n: int) -> None:
+        """`n` items stopped waiting ahead: wake the claim loop when that crossed
+        `want_ahead` (time to claim the next chunk)."""
+        after = self._ahead()
+        if after + n >= self.want_ahead > after:
             self.on_change()
 
     def _existing_outputs(self, rels: list[str]) -> set[str]:
@@ -383,11 +418,11 @@ class Pipeline:
         item = Item(run, (0, position), rel, data, 0.0)
         if self.memo is not None:
             item.digest = self.handler.digest(data)
-        self._read_done(1)
         prepared = self._prepare(run, [item])
         item.load_s = time.perf_counter() - started
         if prepared:
             self._enqueue(prepared)
+        self._read_done(1)
 
     def _read_segment(self, run: ChunkRun, number: int, segment: Segment) -> None:
         rel = self.chunks.files[segment.file]
@@ -431,7 +466,7 @@ class Pipeline:
             items.append(Item(run, (number, line), key, data, 0.0, handler.digest(data) if memo else None))
         with run.lock:
             run.pending += len(items) + len(failed)
-        self._read_done(segment.items)
+        self._read_done(segment.items - len(items))  # the rest leave the backlog as they are queued
         for key, exc in failed:
             self._item_failed(run, key, "load", exc)
         read_share = (time.perf_counter() - started) / len(items) if items else 0.0
@@ -447,7 +482,9 @@ class Pipeline:
                 item.load_s = share
             if group and not self._enqueue(group):
                 self._drop(items[start + step :])  # stopping: the rest is never computed
+                self._read_done(len(items) - start)
                 break
+            self._read_done(min(step, len(items) - start))
         self._resolve(run)  # this read task
 
     def _prepare(self, run: ChunkRun, items: list[Item]) -> list[Item]:
@@ -472,8 +509,11 @@ class Pipeline:
         return items
 
     def _enqueue(self, items: list[Item]) -> bool:
+        """Queue one chunk's items (in its group); False when the queue is closed."""
+        if not items:
+            return True
         try:
-            self.batches.put_many(items)
+            self.batches.put_many(items, items[0].run.group)
             return True
         except QueueClosed:
             self._drop(items)
@@ -497,10 +537,14 @@ class Pipeline:
                         self._finish(inflight)
                     return
                 continue
+            self._fewer_ahead(len(batch))
             if self._abandon.is_set():
-                self._drop(batch)
+                self._drop(batch)  # never started: nothing of it is lost
                 if inflight is not None:
-                    self._drop(inflight.batch)
+                    if self.fatal is None:
+                        self._finish(inflight)  # computed (or nearly): its outputs are kept
+                    else:
+                        self._drop(inflight.batch)
                     inflight = None
                 continue
             if inflight is not None and self._awaits(batch, inflight):
