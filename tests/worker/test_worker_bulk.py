@@ -404,15 +404,17 @@ def test_a_stopping_worker_does_not_wait_for_an_input_pack(shared: Path) -> None
     assert time.monotonic() - started < 0.3 + PACK_WAIT_S / 4
 
 
-def _ledger_job(shared: Path, name: str, ledger: Path, **options: object) -> tuple[Path, list[Path]]:
-    """A bulk job of 200 inputs of varied lengths (bucketed by length), chunks of 20,
-    batches of 5, the default prefetch, whose handler notes every computation in `ledger`;
-    options (delay, hang) apply to node "victim" only."""
+def _ledger_job(
+    shared: Path, name: str, ledger: Path, batch_size: int, **options: object
+) -> tuple[Path, list[Path]]:
+    """A bulk job of 200 inputs of varied lengths (bucketed by length), chunks of 20, the
+    default prefetch (8 batches: 2-4 chunks), whose handler notes every computation in
+    `ledger`; options (delay, hang) apply to node "victim" only."""
     inputs = write_files(shared / "corpus", 200, per_dir=100, text=lambda i: "x" * (i * 7 % 61) + f"item {i}\n")
     job = make_job(shared, name, {
         "handler": "worker_plugins:LedgerChecksum",
         "handler_options": {"ledger": str(ledger), "node": "victim", **options},
-        "inputs": "corpus/**/*.txt", "outputs": "out", "chunk_size": 20, "batch_size": 5,
+        "inputs": "corpus/**/*.txt", "outputs": "out", "chunk_size": 20, "batch_size": batch_size,
         "lease_seconds": 2, "heartbeat_seconds": 0.5, "io": "bulk",
     })
     assert run_cli(str(job), "--init").returncode == 0
@@ -425,11 +427,12 @@ def _recomputed(ledger: Path) -> int:
 
 
 def test_a_killed_bulk_worker_leaves_at_most_one_chunk_to_recompute(shared: Path, tmp_path: Path) -> None:
-    """SIGKILL at a known point: the victim's device hangs after 50 items (2.5 chunks)
-    computed. Chunks are computed in the order they were claimed and each is delivered
-    when it is complete, so only the chunk it was computing is lost: 10 items."""
+    """SIGKILL at a known point: the victim's device (0.1 s a batch, so that its queue
+    fills up) hangs after 50 items (2.5 chunks) computed. Chunks are computed in the order
+    they were claimed and each is delivered when it is complete, so only the chunk it was
+    computing is lost: 10 items (50 before, from 4 chunks computed side by side)."""
     ledger = tmp_path / "ledger"
-    job, inputs = _ledger_job(shared, "bulkloss", ledger, hang_after=50)
+    job, inputs = _ledger_job(shared, "bulkloss", ledger, 10, delay_s=0.1, hang_after=50)
     packer = start_packer(job, tmp_path / "packer.log")
     try:
         victim = start_worker(job, "--node", "victim", log=tmp_path / "victim.log")
@@ -458,17 +461,18 @@ def test_a_killed_bulk_worker_leaves_at_most_one_chunk_to_recompute(shared: Path
 def test_a_bulk_worker_stopped_by_a_notice_loses_nothing(shared: Path, tmp_path: Path) -> None:
     """A preemption notice: SIGTERM, and the machine is gone NOTICE_S later (SIGKILL;
     the clouds give 30 s or 2 min, the local provider 5 s), while the victim holds more
-    work than it could compute meanwhile (0.4 s a batch). Everything it computed reaches
+    work than it could compute meanwhile (0.3 s a batch of 4). Everything it computed reaches
     the head in time (complete chunks done, the others as partial packs of the released
     chunks), so no item is computed twice."""
     notice_s = 3.0
     ledger = tmp_path / "ledger"
-    job, inputs = _ledger_job(shared, "bulknotice", ledger, delay_s=0.4)
+    job, inputs = _ledger_job(shared, "bulknotice", ledger, 4, delay_s=0.3)
     packer = start_packer(job, tmp_path / "packer.log")
     try:
         victim = start_worker(job, "--node", "victim", log=tmp_path / "victim.log")
         try:
-            wait_for(lambda: ledger.exists() and len(ledger.read_text().splitlines()) >= 25, 60, "25 items computed")
+            # 7 batches: the second chunk is partly computed (3 of its batches to go)
+            wait_for(lambda: ledger.exists() and len(ledger.read_text().splitlines()) >= 28, 60, "28 items computed")
             kill_group(victim, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 victim.wait(timeout=notice_s)
@@ -480,6 +484,6 @@ def test_a_bulk_worker_stopped_by_a_notice_loses_nothing(shared: Path, tmp_path:
     finally:
         kill_group(packer, signal.SIGKILL)
     assert_checksum_outputs(shared / "corpus", shared / "out", inputs)
+    assert _recomputed(ledger) == 0, f"{_recomputed(ledger)} items computed twice"
     chunks = [r for r in metric_lines(job) if r["kind"] == "chunk"]
     assert any(r["node"] == "victim" and r["outcome"] == "released" and r["items"] > 0 for r in chunks), chunks
-    assert _recomputed(ledger) == 0, f"{_recomputed(ledger)} items computed twice"
