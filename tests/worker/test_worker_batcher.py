@@ -164,3 +164,51 @@ def test_submit_after_close_is_an_error_and_pending_items_still_run() -> None:
     assert future.result(timeout=5) == 2
     with pytest.raises(RuntimeError):
         batcher.submit(2)
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["buckets", "fifo"])
+def test_groups_are_taken_oldest_first_and_topped_up_in_order(sized: bool) -> None:
+    """Groups (a bulk worker's chunks in claim order): a batch holds a later group's items
+    only with every queued item of the earlier ones; buckets are chosen within a group."""
+    rng = random.Random(3)
+    queue: BatchQueue[tuple[int, int]] = BatchQueue(capacity=1000, size_of=(lambda x: x[1]) if sized else None)
+    for group in (2, 0, 1):  # queued out of order: the group number decides
+        queue.put_many([(group, rng.randint(1, 500)) for _ in range(25)], group=group)
+    batches = []
+    while len(queue):
+        batches.append(queue.get_batch(10, 0))
+    assert sum(map(len, batches)) == 75
+    # Full while a later group can top them up (the last group's tail is cut by padding).
+    assert all(len(batch) == 10 for batch in batches if {group for group, _ in batch} != {2}), batches
+    finished: set[int] = set()
+    for batch in batches:
+        groups = sorted({group for group, _ in batch})
+        assert not finished & set(groups), batches  # a group never comes back once passed
+        assert len(groups) <= 2, batches
+        if len(groups) == 2:  # the older one ends with this batch
+            finished.add(groups[0])
+    assert [group for batch in batches for group, _ in batch] == sorted(
+        group for batch in batches for group, _ in batch
+    )
+    if sized:  # within a group, similar sizes go together (random order spreads ~480)
+        spreads = [max(s for _, s in b) - min(s for _, s in b) for b in batches if len({g for g, _ in b}) == 1]
+        assert sum(spreads) / len(spreads) < 300
+
+
+def test_the_oldest_group_is_not_kept_out_by_younger_ones() -> None:
+    """Younger groups' items fill the queue: the oldest group's producer is not held back."""
+    queue: BatchQueue[int] = BatchQueue(capacity=10)
+    queue.put_many(range(100, 110), group=5)
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (queue.put_many(range(3), group=4), done.set()))
+    thread.start()
+    assert done.wait(5), "the oldest group's put must not wait for the younger ones"
+    thread.join()
+    blocked = threading.Event()
+    late = threading.Thread(target=lambda: (queue.put_many([200], group=6), blocked.set()))
+    late.start()
+    assert queue.get_batch(3, 0) == [0, 1, 2]  # the oldest group first
+    assert not blocked.wait(0.2), "a younger group's put waits while the queue is full"
+    assert queue.get_batch(5, 0) == [100, 101, 102, 103, 104]
+    assert blocked.wait(5)
+    late.join()
