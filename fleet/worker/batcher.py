@@ -16,14 +16,6 @@ they go in a batch of their own, the rest right after. An item passed over while
 windows of items went by is taken first, so none starves.
 A `capacity` bounds the queue: producers block while it is full (bounded prefetch).
 
-Groups (`put_many(items, group=N)`, the bulk pipeline's chunks in claim order): a batch
-holds items of a later group only when it holds every queued item of the earlier ones,
-so the groups are computed one after another, oldest first. The length buckets are
-chosen among the oldest group's items; a batch it cannot fill is topped up from the
-next groups, in their order. A producer whose group is older than every queued item is
-never held back by the capacity (younger groups' items must not keep the oldest out).
-Without groups (all items in group 0) the whole queue is one window, as above.
-
 `DynamicBatcher` is the reusable online component built on it: any number of threads
 `submit(item)` and get a `concurrent.futures.Future` for their own result; one or more
 batch threads run `run_batch(items) -> results` (one result per item, same order). A
@@ -33,7 +25,6 @@ The bulk pipeline (`fleet.worker.pipeline`) uses `BatchQueue` directly.
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 from collections import deque
@@ -57,7 +48,6 @@ class _Entry(Generic[T]):
     arrived: float
     size: int
     item: T
-    group: int = 0
 
 
 class BatchQueue(Generic[T]):
@@ -66,9 +56,7 @@ class BatchQueue(Generic[T]):
     def __init__(self, capacity: int | None = None, size_of: Callable[[T], int] | None = None) -> None:
         self.capacity = capacity
         self.size_of = size_of
-        self._groups: dict[int, deque[_Entry[T]]] = {}  # group -> its entries, in arrival order
-        self._order: list[int] = []  # the queued groups, oldest (smallest) first
-        self._count = 0
+        self._entries: deque[_Entry[T]] = deque()
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)  # consumers wait here
         self._not_full = threading.Condition(self._lock)  # producers wait here (capacity)
@@ -79,7 +67,7 @@ class BatchQueue(Generic[T]):
         self._queued_size = 0
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._entries)
 
     @property
     def closed(self) -> bool:
@@ -88,46 +76,29 @@ class BatchQueue(Generic[T]):
     def put(self, item: T) -> None:
         self.put_many((item,))
 
-    def put_many(self, items: Iterable[T], group: int = 0) -> None:
-        """Add items (of `group`); blocks while the queue is at capacity, unless the group
-        is older than every queued item (may overshoot by one call)."""
+    def put_many(self, items: Iterable[T]) -> None:
+        """Add items; blocks while the queue is at capacity (may overshoot by one call)."""
         size_of = self.size_of
         with self._lock:
-            while (
-                self.capacity is not None
-                and self._count >= self.capacity
-                and not self._closed
-                and not (self._order and group < self._order[0])
-            ):
+            while self.capacity is not None and len(self._entries) >= self.capacity and not self._closed:
                 self._not_full.wait()
             if self._closed:
                 raise QueueClosed("the batch queue is closed")
-            was_empty = not self._count
+            was_empty = not self._entries
             now = time.monotonic()
             seq = self._seq
-            entries = self._groups.get(group)
-            if entries is None:
-                entries = self._groups[group] = deque()
-                bisect.insort(self._order, group)
-            append = entries.append
+            append = self._entries.append
             added = 0
             for item in items:
                 size = size_of(item) if size_of else 0
-                append(_Entry(seq, now, size, item, group))
+                append(_Entry(seq, now, size, item))
                 added += size
                 seq += 1
-            self._count += seq - self._seq
             self._seq = seq
             self._queued_size += added
-            if not entries:
-                self._forget(group)
             # Wake consumers only when it matters: the first item, or a full batch.
             if was_empty or self._full():
                 self._not_empty.notify_all()
-
-    def _forget(self, group: int) -> None:
-        del self._groups[group]
-        self._order.remove(group)
 
     def close(self) -> None:
         """No more puts; consumers get what is left, then empty batches."""
@@ -139,10 +110,8 @@ class BatchQueue(Generic[T]):
     def drain(self) -> list[T]:
         """Remove and return everything queued (used when stopping)."""
         with self._lock:
-            items = [entry.item for group in self._order for entry in self._groups[group]]
-            self._groups.clear()
-            self._order.clear()
-            self._count = 0
+            items = [entry.item for entry in self._entries]
+            self._entries.clear()
             self._queued_size = 0
             self._not_full.notify_all()
             return items
@@ -150,18 +119,15 @@ class BatchQueue(Generic[T]):
     def ready(self, max_size: int, max_tokens: int | None = None) -> bool:
         """A full batch is queued (get_batch would not wait), or the queue is closed."""
         with self._lock:
-            if self._closed or self._count >= max_size:
+            if self._closed or len(self._entries) >= max_size:
                 return True
             return max_tokens is not None and self.size_of is not None and self._queued_size >= max_tokens
 
     def _full(self) -> bool:
         """Enough is queued to end a waiting consumer's wait."""
-        if self._count >= self._wanted:
+        if len(self._entries) >= self._wanted:
             return True
         return self._wanted_size is not None and self._queued_size >= self._wanted_size
-
-    def _oldest_arrival(self) -> float:
-        return min(self._groups[group][0].arrived for group in self._order)
 
     def get_batch(
         self, max_size: int, max_wait_s: float, timeout: float | None = None, max_tokens: int | None = None
@@ -170,12 +136,12 @@ class BatchQueue(Generic[T]):
         single item always fits). Returns [] on timeout (no first item) or when closed
         and empty."""
         with self._lock:
-            if not self._count and not self._closed:
+            if not self._entries and not self._closed:
                 self._wanted = 1
-                self._not_empty.wait_for(lambda: self._count or self._closed, timeout)
-            if not self._count:
+                self._not_empty.wait_for(lambda: self._entries or self._closed, timeout)
+            if not self._entries:
                 return []
-            deadline = self._oldest_arrival() + max_wait_s
+            deadline = self._entries[0].arrived + max_wait_s
             self._wanted = max_size
             self._wanted_size = max_tokens if self.size_of is not None else None
             while not self._full() and not self._closed:
@@ -185,40 +151,14 @@ class BatchQueue(Generic[T]):
                 self._not_empty.wait(remaining)
             self._wanted, self._wanted_size = 1, None
             batch = self._take(max_size, max_tokens)
-            self._count -= len(batch)
-            self._queued_size -= sum(entry.size for entry in batch)
             self._not_full.notify_all()
-            return [entry.item for entry in batch]
+            return batch
 
-    def _take(self, max_size: int, max_tokens: int | None) -> list[_Entry[T]]:
-        """The next batch's entries, removed from their groups: the oldest group's first."""
-        taken: list[_Entry[T]] = []
-        longest = 0
-        for group in list(self._order):
-            entries = self._groups[group]
-            if self.size_of is None:
-                while entries and len(taken) < max_size:
-                    taken.append(entries.popleft())
-            else:
-                biggest = max(entry.size for entry in entries)
-                if _fits(len(taken) + len(entries), max(longest, biggest), max_size, max_tokens) and (
-                    taken or len(self._order) > 1
-                ):
-                    taken.extend(entries)  # the whole group: it is complete with this batch
-                    entries.clear()
-                    longest = max(longest, biggest)
-                elif not taken:
-                    taken = self._take_run(entries, max_size, max_tokens)
-                else:
-                    taken.extend(self._top_up(entries, len(taken), longest, max_size, max_tokens))
-            if not entries:
-                self._forget(group)
-            if len(taken) >= max_size or (self.size_of is not None and group in self._groups):
-                break
-        return taken
-
-    def _take_run(self, entries: deque[_Entry[T]], max_size: int, max_tokens: int | None) -> list[_Entry[T]]:
-        """The best run of similar sizes among one group's entries (module docstring)."""
+    def _take(self, max_size: int, max_tokens: int | None) -> list[T]:
+        entries = self._entries
+        if self.size_of is None:
+            count = min(max_size, len(entries))
+            return [entries.popleft().item for _ in range(count)]
         ordered = sorted(entries, key=lambda entry: entry.size)
         oldest = entries[0]
         window = max(self.capacity or 0, max_size * 4)
@@ -228,40 +168,13 @@ class BatchQueue(Generic[T]):
             position = next(i for i, entry in enumerate(ordered) if entry is oldest)
             lo, hi = _run_from(position, [entry.size for entry in ordered], max_size, max_tokens)
         chosen = ordered[lo:hi]
-        _remove(entries, chosen)
-        return chosen
-
-    @staticmethod
-    def _top_up(
-        entries: deque[_Entry[T]], count: int, longest: int, max_size: int, max_tokens: int | None
-    ) -> list[_Entry[T]]:
-        """Entries of a later group that fill a batch up: first those no longer than its
-        longest item (they add no padding), the longest of them first; then the shortest
-        others, while the batch fits."""
-        ordered = sorted(entries, key=lambda entry: entry.size)
-        split = bisect.bisect_right([entry.size for entry in ordered], longest)
-        chosen: list[_Entry[T]] = []
-        for entry in reversed(ordered[:split]):
-            if not _fits(count + len(chosen) + 1, longest, max_size, max_tokens):
-                break
-            chosen.append(entry)
-        for entry in ordered[split:]:
-            if not _fits(count + len(chosen) + 1, entry.size, max_size, max_tokens):
-                break
-            chosen.append(entry)
-            longest = entry.size
-        _remove(entries, chosen)
-        return chosen
-
-
-def _remove(entries: deque[_Entry[T]], chosen: list[_Entry[T]]) -> None:
-    if len(chosen) == len(entries):
-        entries.clear()
-        return
-    taken = {id(entry) for entry in chosen}
-    kept = [entry for entry in entries if id(entry) not in taken]
-    entries.clear()
-    entries.extend(kept)
+        taken = {id(entry) for entry in chosen}
+        if len(taken) == len(entries):
+            entries.clear()
+        else:
+            self._entries = deque(entry for entry in entries if id(entry) not in taken)
+        self._queued_size -= sum(entry.size for entry in chosen)
+        return [entry.item for entry in chosen]
 
 
 def _fits(count: int, longest: int, max_size: int, max_tokens: int | None) -> bool:

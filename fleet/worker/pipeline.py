@@ -121,7 +121,9 @@ class ChunkRun:
         self.started = time.monotonic()
         self.settled = threading.Event()
         self.outcome = ""
-        self.group = 0  # its group in the batch queue (claim order where chunks go in order)
+        self.parts: list[str] = []  # bulk: tokens of the partial packs delivered so far
+        self.unsent = 0  # bulk: outputs in `outputs`, not delivered yet
+        self.sending = threading.Lock()  # bulk: held while a pack of this chunk is written
         # Bulk I/O (fleet.worker.bulk): the chunk's fetched inputs and its gathered outputs.
         self.local: dict[str, bytes | Path] | None = None
         self.outputs: OutputPack | None = None
@@ -187,7 +189,8 @@ class Pipeline:
         self._by_id = chunks.by_id()
         self._lock = threading.Lock()
         self._backlog = 0  # items in hand not in the batch queue yet (unread, being prepared)
-        self._claimed = 0  # chunks added so far: each one's group in the batch queue
+        self._unsent = 0  # bulk: outputs computed and not delivered yet, over every chunk
+        self._flushing = False
         self._made_dirs: set[Path] = set()
         self._stopping = threading.Event()
         self._abandon = threading.Event()
@@ -200,9 +203,14 @@ class Pipeline:
             queue.prefer = self.bulk.packed
             # Deliveries wait for the head's ack: off the writer threads.
             self.deliveries = ThreadPoolExecutor(2, thread_name_prefix="fleet-deliver")
-        # Outputs delivered per chunk: chunks in claim order, one chunk (+ a batch) ahead.
-        self.in_order = self.records or self.bulk is not None
-        self.want_ahead = config.batch_size + (chunks.chunk_size if self.in_order else capacity)
+        # Claims ahead: where outputs reach the head per chunk, a chunk (or the length
+        # buckets' window, when bigger) and a batch; through the mount, the queue and a batch.
+        per_chunk = self.records or self.bulk is not None
+        window = capacity if bucket else 0
+        self.want_ahead = config.batch_size + (max(chunks.chunk_size, window) if per_chunk else capacity)
+        # Bulk: outputs computed but not on the head yet are what a kill loses; past half a
+        # chunk's worth (over every chunk in hand) they go to the head as partial packs.
+        self.flush_at = max(1, chunks.chunk_size // 2)
         self._compute = threading.Thread(
             target=self._guarded(self._compute_loop), name="fleet-compute", daemon=True
         )
@@ -211,8 +219,7 @@ class Pipeline:
     # -- control (runner thread) -------------------------------------------------------
     def wants_work(self) -> bool:
         """True when the claimed items that no batch has taken yet are fewer than
-        `want_ahead` (a chunk and a batch; in files mode through the mount, the queue's
-        capacity and a batch)."""
+        `want_ahead` (see __init__)."""
         return self._ahead() < self.want_ahead and not self._stopping.is_set()
 
     def _ahead(self) -> int:
@@ -226,9 +233,6 @@ class Pipeline:
         run = ChunkRun(claim, chunk)
         with self._lock:
             self.runs[chunk.id] = run
-            if self.in_order:
-                run.group = self._claimed
-            self._claimed += 1
         if self.records:
             with run.lock:
                 run.pending += len(chunk.segments)
@@ -509,11 +513,11 @@ class Pipeline:
         return items
 
     def _enqueue(self, items: list[Item]) -> bool:
-        """Queue one chunk's items (in its group); False when the queue is closed."""
+        """False when the queue is closed (the items are dropped)."""
         if not items:
             return True
         try:
-            self.batches.put_many(items, items[0].run.group)
+            self.batches.put_many(items)
             return True
         except QueueClosed:
             self._drop(items)
@@ -741,14 +745,20 @@ class Pipeline:
     def _write_files(self, pairs: list[tuple[Item, Any]], tracker: _BatchWrites) -> None:
         started = time.perf_counter()
         suffix = self.handler.file_suffix
+        packed = 0
         for item, result in pairs:
             try:
                 data = self.handler.serialize(result)
             except Exception as exc:  # noqa: BLE001
                 self._item_failed(item.run, item.key, "write", exc)
                 continue
-            if item.run.outputs is not None:
-                item.run.outputs.add(item.key + suffix, data)
+            run = item.run
+            if run.outputs is not None:
+                with run.lock:  # a flush may swap the pack (`_take_outputs`)
+                    if run.outputs is not None:
+                        run.outputs.add(item.key + suffix, data)
+                        run.unsent += 1
+                        packed += 1
             else:
                 path = self.out_dir / (item.key + suffix)
                 parent = path.parent
@@ -756,10 +766,62 @@ class Pipeline:
                     parent.mkdir(parents=True, exist_ok=True)
                     self._made_dirs.add(parent)
                 write_atomic(path, data)
-            with item.run.lock:
-                item.run.ok += 1
-            self._resolve(item.run)
+            with run.lock:
+                run.ok += 1
+            self._resolve(run)
         tracker.part_done(time.perf_counter() - started)
+        if packed:
+            self._unsent_changed(packed)
+
+    def _unsent_changed(self, n: int) -> None:
+        """Bulk: `n` more (or, negative, fewer) outputs are computed and not on the head;
+        from `flush_at` on, a flush sends them (one at a time, on the delivery threads)."""
+        with self._lock:
+            self._unsent += n
+            flush = self._unsent >= self.flush_at and not self._flushing and not self._stopping.is_set()
+            if flush:
+                self._flushing = True
+        if flush:
+            try:
+                self.deliveries.submit(self._guarded(self._flush))
+            except RuntimeError:  # shutting down: the settles deliver what is left
+                self._flushing = False
+
+    def _flush(self) -> None:
+        """Every chunk in hand sends the outputs it computed since its last pack, as a
+        partial pack (`<chunk>.<token><part>`, atomic like any pack; its ack is awaited
+        before the chunk is marked done). A kill then loses at most what came after."""
+        assert self.bulk is not None
+        try:
+            for run in list(self.runs.values()):
+                if not run.sending.acquire(blocking=False):
+                    continue  # being delivered (settled) right now
+                try:
+                    pack = self._take_outputs(run, keep=True)
+                    if pack is None:
+                        continue
+                    token = f"{run.claim.token}{len(run.parts):04x}"
+                    if not self.bulk.deliver(run.chunk.id, token, pack, wait_s=0):
+                        run.parts.append(token)  # a pack on the head (else: through the mount)
+                finally:
+                    run.sending.release()
+        finally:
+            with self._lock:
+                self._flushing = False
+        self._unsent_changed(0)  # more came in meanwhile: flush again
+
+    def _take_outputs(self, run: ChunkRun, *, keep: bool) -> OutputPack | None:
+        """The chunk's gathered outputs (None when it has none to send), replaced by an
+        empty pack when `keep` (a flush) and the chunk has one."""
+        with run.lock:
+            pack, sent = run.outputs, run.unsent
+            if pack is None or (keep and not sent):
+                return None
+            run.outputs = self.bulk.output_pack() if keep and self.bulk is not None else None
+            run.unsent = 0
+        if sent:
+            self._unsent_changed(-sent)
+        return pack
 
     # -- settling ----------------------------------------------------------------------------
     def _resolve(self, run: ChunkRun, n: int = 1) -> None:
@@ -830,32 +892,47 @@ class Pipeline:
         self.on_change()
 
     def _deliver(self, run: ChunkRun) -> bool:
-        """A finished chunk's outputs to the head; False when they were handed over instead
-        (the worker is stopping and the ack is late): the chunk is then released."""
-        outputs, run.outputs = run.outputs, None
-        assert outputs is not None and self.bulk is not None
+        """A finished chunk's outputs to the head, and every partial pack it sent before
+        in place; False when they were handed over instead (the worker is stopping and an
+        ack is late): the chunk is then released."""
+        assert self.bulk is not None
         self._discard_bulk(run)
-        return self.bulk.deliver(run.chunk.id, run.claim.token, outputs, stopping=self._stopping)
+        with run.sending:  # after a flush's pack of it is written
+            outputs = self._take_outputs(run, keep=False)
+            if outputs is not None and not self.bulk.deliver(
+                run.chunk.id, run.claim.token, outputs, stopping=self._stopping
+            ):
+                return False
+            if run.parts:
+                names = {rel + self.handler.file_suffix for rel in self.chunks.chunk_files(run.chunk)}
+                for token in run.parts:
+                    if not self.bulk.await_part(run.chunk.id, token, names, stopping=self._stopping):
+                        return False
+            return True
 
     def _hand_over(self, run: ChunkRun) -> None:
         """What a released chunk finished goes to the head as a pack, with no wait for the
         ack: the next holder settles it (bulk.BulkClient.handed_over), so nothing is computed
         twice however slow the packer is."""
-        outputs, run.outputs = run.outputs, None
-        if outputs is None or self.bulk is None:
+        if self.bulk is None:
             return
         self._discard_bulk(run)
-        try:
-            self.bulk.deliver(run.chunk.id, run.claim.token, outputs, wait_s=0)
-        except OSError:
-            pass  # best effort on the way out: the next holder computes them again
+        with run.sending:
+            outputs = self._take_outputs(run, keep=False)
+            if outputs is None:
+                return
+            try:
+                self.bulk.deliver(run.chunk.id, run.claim.token, outputs, wait_s=0)
+            except OSError:
+                pass  # best effort on the way out: the next holder computes them again
 
     def _discard_bulk(self, run: ChunkRun) -> None:
         BulkClient.discard(run.local)
         run.local = None
-        if run.outputs is not None and run.claim.lost:
-            run.outputs.close()
-            run.outputs = None
+        if run.claim.lost:
+            outputs = self._take_outputs(run, keep=False)
+            if outputs is not None:
+                outputs.close()
 
     def _write_rows(self, run: ChunkRun) -> None:
         run.rows.sort(key=lambda row: row[0])

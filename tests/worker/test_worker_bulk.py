@@ -428,9 +428,11 @@ def _recomputed(ledger: Path) -> int:
 
 def test_a_killed_bulk_worker_leaves_at_most_one_chunk_to_recompute(shared: Path, tmp_path: Path) -> None:
     """SIGKILL at a known point: the victim's device (0.1 s a batch, so that its queue
-    fills up) hangs after 50 items (2.5 chunks) computed. Chunks are computed in the order
-    they were claimed and each is delivered when it is complete, so only the chunk it was
-    computing is lost: 10 items (50 before, from 4 chunks computed side by side)."""
+    fills up with 4 chunks, mixed by the length buckets) hangs after 50 items computed
+    (2.5 chunks' worth). What it computed reaches the head as it goes (partial packs once
+    half a chunk's worth is not there), so a kill loses at most a chunk: here the batch
+    it had computed last, whose outputs were never written (50 before: the outputs of
+    4 chunks computed side by side, each delivered only when complete)."""
     ledger = tmp_path / "ledger"
     job, inputs = _ledger_job(shared, "bulkloss", ledger, 10, delay_s=0.1, hang_after=50)
     packer = start_packer(job, tmp_path / "packer.log")
@@ -438,10 +440,10 @@ def test_a_killed_bulk_worker_leaves_at_most_one_chunk_to_recompute(shared: Path
         victim = start_worker(job, "--node", "victim", log=tmp_path / "victim.log")
         try:
             wait_for(lambda: ledger.exists() and len(ledger.read_text().splitlines()) >= 50, 60, "50 items computed")
-            # The two chunks it completed reach the head (acked, done); not waited for on the
-            # old code, where no chunk was complete: the assertions below say what was lost.
+            # The outputs of its first 4 batches reach the head (unpacked by the packer); not
+            # waited for on the old code, which had none there: the assertions say what was lost.
             deadline = time.monotonic() + 15
-            while len(visible_files(job / "done")) < 2 and time.monotonic() < deadline:
+            while len(visible_files(shared / "out")) < 40 and time.monotonic() < deadline:
                 time.sleep(0.05)
             kill_group(victim, signal.SIGKILL)
             victim.wait(timeout=10)
