@@ -15,15 +15,16 @@ A chunk "settles" when every one of its items is written or recorded as failed: 
 (another worker took it) or the chunk is incomplete (stopped mid-way), in which case it
 is released with its outputs so far kept.
 
-Where a chunk's outputs reach the head together (bulk I/O: one pack per chunk; records
-mode: one rows file), a kill loses every chunk partly computed. So there the chunks are
-computed one after another, in claim order (the batch queue's groups: the length buckets
-are chosen within the oldest chunk, a batch it cannot fill is topped up from the next),
-and the worker claims ahead only one chunk plus a batch of items: the chunk after the
-current one is fetched and prepared while the current one computes, never more. A kill
-loses at most the chunk being computed (and, for the moment its pack is written, the
-few items of the next one that topped up its last batch). In files mode through the
-mount, outputs land one by one, and the queue is one window of `prefetch` batches.
+Bulk I/O delivers a chunk's outputs as packs, not one by one; what is computed and not
+on the head yet is what a kill loses. The length buckets mix the items of every chunk in
+the queue, so each batch's outputs are added to their chunk's pack, and once the outputs
+not on the head reach half a chunk's worth (over every chunk in hand), a flush sends each
+chunk's new outputs as a partial pack (atomic like any pack; the chunk is marked done
+only once the packer acknowledged all of them). A kill loses at most that half chunk and
+the batches in flight. A chunk's items are queued whole once prepared (so they reach the
+device about in claim order), and the worker claims ahead only a chunk (or the buckets'
+window, when larger) and a batch of items that no batch has taken yet: the next chunk is
+fetched and tokenised while the current one computes, and few chunks are held at once.
 
 Stopping (SIGTERM, a preemption notice): with outputs that land one by one, what is
 queued is computed within the grace. With bulk I/O a notice may be short: no new batch
