@@ -211,7 +211,9 @@ class Pipeline:
         self.want_ahead = config.batch_size + (max(chunks.chunk_size, window) if per_chunk else capacity)
         # Bulk: outputs computed but not on the head yet are what a kill loses; past half a
         # chunk's worth (over every chunk in hand) they go to the head as partial packs.
-        self.flush_at = max(1, chunks.chunk_size // 2)
+        # Without length buckets the chunks are computed one after another (queued whole,
+        # first in first out), so a chunk's worth is only reached by a chunk that is done.
+        self.flush_at = max(1, chunks.chunk_size // 2 if bucket else chunks.chunk_size)
         self._compute = threading.Thread(
             target=self._guarded(self._compute_loop), name="fleet-compute", daemon=True
         )
