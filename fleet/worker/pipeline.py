@@ -21,10 +21,11 @@ the queue, so each batch's outputs are added to their chunk's pack, and once the
 not on the head reach half a chunk's worth (over every chunk in hand), a flush sends each
 chunk's new outputs as a partial pack (atomic like any pack; the chunk is marked done
 only once the packer acknowledged all of them). A kill loses at most that half chunk and
-the batches in flight. A chunk's items are queued whole once prepared (so they reach the
-device about in claim order), and the worker claims ahead only a chunk (or the buckets'
-window, when larger) and a batch of items that no batch has taken yet: the next chunk is
-fetched and tokenised while the current one computes, and few chunks are held at once.
+the batches in flight. Without length buckets a chunk's items, queued whole once
+prepared, are computed first in first out: the chunks finish one after another and a
+flush is only needed past a whole chunk's worth. The worker claims ahead while the items
+that no batch has taken yet are fewer than the queue's window (or a chunk) and a batch:
+the next chunks are fetched and tokenised while the current one computes.
 
 Stopping (SIGTERM, a preemption notice): with outputs that land one by one, what is
 queued is computed within the grace. With bulk I/O a notice may be short: no new batch
@@ -204,11 +205,10 @@ class Pipeline:
             queue.prefer = self.bulk.packed
             # Deliveries wait for the head's ack: off the writer threads.
             self.deliveries = ThreadPoolExecutor(2, thread_name_prefix="fleet-deliver")
-        # Claims ahead: where outputs reach the head per chunk, a chunk (or the length
-        # buckets' window, when bigger) and a batch; through the mount, the queue and a batch.
-        per_chunk = self.records or self.bulk is not None
-        window = capacity if bucket else 0
-        self.want_ahead = config.batch_size + (max(chunks.chunk_size, window) if per_chunk else capacity)
+        # Claims ahead: the queue's window (`prefetch` batches: the length buckets, reads
+        # and bulk fetches of the next chunks in parallel) or a chunk, whichever is more,
+        # and a batch. What a kill loses does not grow with it (see the module docstring).
+        self.want_ahead = config.batch_size + max(chunks.chunk_size, capacity)
         # Bulk: outputs computed but not on the head yet are what a kill loses; past half a
         # chunk's worth (over every chunk in hand) they go to the head as partial packs.
         # Without length buckets the chunks are computed one after another (queued whole,
