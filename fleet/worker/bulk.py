@@ -21,12 +21,16 @@ that an unpacker would have to refuse).
                                        paths relative to the inputs' base
     JOB_DIR/bulk/out/<chunk>.<token>.pack  one holder's outputs of the chunk (members:
                                        <input path><handler suffix>), written under a
-                                       temporary name and renamed: never seen partial
+                                       temporary name and renamed: never seen partial;
+                                       <token> is the claim's token, or the token and a
+                                       4-digit part number for a partial pack (a flush)
     JOB_DIR/bulk/out/<chunk>.<token>.ok    the packer put every member in place (each one
                                        tmp + rename); JSON {"files": N, "rejected": [...]}
 
 The worker marks the chunk done only after the `.ok` (the done marker stays last). A
-worker that dies mid-chunk leaves at most a hidden temporary file; its chunk is redone.
+worker that dies mid-chunk leaves at most a hidden temporary file and the partial packs
+it flushed (`Pipeline._flush`: whenever half a chunk's worth of outputs over the chunks
+in hand is not on the head); the next holder skips what those put in place.
 
 Handing over (graceful stop: `fleet cancel`, a preemption notice): a stopping worker does
 not wait for acks. Once its output pack is renamed into `bulk/out/`, the outputs are on
@@ -360,6 +364,34 @@ class BulkClient:
         if rejected or not isinstance(info, dict) or info.get("files") != len(pack.names):
             raise RuntimeError(f"the head's packer did not accept the outputs of {chunk}: {info}")
         return True
+
+    def await_part(
+        self, chunk: str, token: str, outputs: set[str], *, stopping: threading.Event | None = None
+    ) -> bool:
+        """A partial pack this worker delivered earlier without waiting (`deliver(wait_s=0)`):
+        True once its outputs are in place (the packer's ack; or, when no packer answers
+        within ACK_WAIT_S, unpacked here through the mount: only names in `outputs`). False
+        when `stopping` is set and no ack came within STOP_ACK_S: the pack is handed over."""
+        ack, pack = out_ack(self.layout, chunk, token), out_pack(self.layout, chunk, token)
+        deadline = time.monotonic() + ACK_WAIT_S
+        stop_deadline: float | None = None
+        while True:
+            info = _read_ack(ack)
+            if info is not None:
+                if not isinstance(info, dict) or info.get("rejected"):
+                    raise RuntimeError(f"the head's packer did not accept the outputs of {chunk}: {info}")
+                return True
+            now = time.monotonic()
+            if stopping is not None and stopping.is_set():
+                stop_deadline = stop_deadline or now + STOP_ACK_S
+                if now > stop_deadline:
+                    return False
+            if not self.active() or now > deadline:
+                if self._unpack_through_mount(pack, outputs) is not None:
+                    return True
+                if _read_ack(ack) is None and now > deadline:
+                    raise RuntimeError(f"the partial pack {pack.name} of {chunk} vanished unacknowledged")
+            time.sleep(_POLL_S)
 
     # -- handovers (a resumed claim) -------------------------------------------------------
     def handed_over(self, chunk: str, outputs: set[str]) -> set[str]:

@@ -15,6 +15,23 @@ A chunk "settles" when every one of its items is written or recorded as failed: 
 (another worker took it) or the chunk is incomplete (stopped mid-way), in which case it
 is released with its outputs so far kept.
 
+Bulk I/O delivers a chunk's outputs as packs, not one by one; what is computed and not
+on the head yet is what a kill loses. The length buckets mix the items of every chunk in
+the queue, so each batch's outputs are added to their chunk's pack, and once the outputs
+not on the head reach half a chunk's worth (over every chunk in hand), a flush sends each
+chunk's new outputs as a partial pack (atomic like any pack; the chunk is marked done
+only once the packer acknowledged all of them). A kill loses at most that half chunk and
+the batches in flight. Without length buckets a chunk's items, queued whole once
+prepared, are computed first in first out: the chunks finish one after another and a
+flush is only needed past a whole chunk's worth. The worker claims ahead while the items
+that no batch has taken yet are fewer than the queue's window (or a chunk) and a batch:
+the next chunks are fetched and tokenised while the current one computes.
+
+Stopping (SIGTERM, a preemption notice): with outputs that land one by one, what is
+queued is computed within the grace. With bulk I/O a notice may be short: no new batch
+is started; the batch in flight is finished, and every chunk in hand goes to the head at
+once, complete ones as done, the others as partial packs that the next holder skips.
+
 The compute thread starts batch N+1 (`infer_async`) before it waits on batch N's
 results, so the device never waits for the CPU's collate or the copies back; when no
 full batch is queued it collects the batch in flight first.
@@ -106,6 +123,9 @@ class ChunkRun:
         self.started = time.monotonic()
         self.settled = threading.Event()
         self.outcome = ""
+        self.parts: list[str] = []  # bulk: tokens of the partial packs delivered so far
+        self.unsent = 0  # bulk: outputs in `outputs`, not delivered yet
+        self.sending = threading.Lock()  # bulk: held while a pack of this chunk is written
         # Bulk I/O (fleet.worker.bulk): the chunk's fetched inputs and its gathered outputs.
         self.local: dict[str, bytes | Path] | None = None
         self.outputs: OutputPack | None = None
@@ -161,7 +181,6 @@ class Pipeline:
         self._model_s = 0.0  # device time of the split retries of the current batch
         self.max_wait_s = config.max_wait_ms / 1000.0
         capacity = config.prefetch * config.batch_size
-        self.want_backlog = config.batch_size
         sized = type(handler).size is not Handler.size  # size() defined
         bucket = sized and (config.bucket_by_length or config.max_batch_tokens is not None)
         self.batches: BatchQueue[Item] = BatchQueue(
@@ -171,7 +190,9 @@ class Pipeline:
         self.runs: dict[str, ChunkRun] = {}
         self._by_id = chunks.by_id()
         self._lock = threading.Lock()
-        self._backlog = 0
+        self._backlog = 0  # items in hand not in the batch queue yet (unread, being prepared)
+        self._unsent = 0  # bulk: outputs computed and not delivered yet, over every chunk
+        self._flushing = False
         self._made_dirs: set[Path] = set()
         self._stopping = threading.Event()
         self._abandon = threading.Event()
@@ -184,6 +205,15 @@ class Pipeline:
             queue.prefer = self.bulk.packed
             # Deliveries wait for the head's ack: off the writer threads.
             self.deliveries = ThreadPoolExecutor(2, thread_name_prefix="fleet-deliver")
+        # Claims ahead: the queue's window (`prefetch` batches: the length buckets, reads
+        # and bulk fetches of the next chunks in parallel) or a chunk, whichever is more,
+        # and a batch. What a kill loses does not grow with it (see the module docstring).
+        self.want_ahead = config.batch_size + max(chunks.chunk_size, capacity)
+        # Bulk: outputs computed but not on the head yet are what a kill loses; past half a
+        # chunk's worth (over every chunk in hand) they go to the head as partial packs.
+        # Without length buckets the chunks are computed one after another (queued whole,
+        # first in first out), so a chunk's worth is only reached by a chunk that is done.
+        self.flush_at = max(1, chunks.chunk_size // 2 if bucket else chunks.chunk_size)
         self._compute = threading.Thread(
             target=self._guarded(self._compute_loop), name="fleet-compute", daemon=True
         )
@@ -191,8 +221,12 @@ class Pipeline:
 
     # -- control (runner thread) -------------------------------------------------------
     def wants_work(self) -> bool:
-        """True when fewer than a batch of claimed items are waiting to be read."""
-        return self._backlog < self.want_backlog and not self._stopping.is_set()
+        """True when the claimed items that no batch has taken yet are fewer than
+        `want_ahead` (see __init__)."""
+        return self._ahead() < self.want_ahead and not self._stopping.is_set()
+
+    def _ahead(self) -> int:
+        return self._backlog + len(self.batches)
 
     def idle(self) -> bool:
         return not self.runs
@@ -255,7 +289,7 @@ class Pipeline:
         run.outputs = self.bulk.output_pack()
         handler, memo, batch = self.handler, self.memo is not None, self.config.batch_size
         items: list[Item] = []
-        for done, (position, rel) in enumerate(todo):
+        for position, rel in todo:
             value = local.pop(rel, None)
             if value is None:
                 self.readers.submit(self._guarded(self._read_file), run, position, rel)
@@ -269,26 +303,29 @@ class Pipeline:
                 continue
             items.append(Item(run, (0, position), rel, data, time.perf_counter() - started,
                               handler.digest(data) if memo else None))
-            if len(items) >= batch:
-                self._read_done(len(items))
-                if not self._enqueue(self._prepare(run, items)):  # stopping: the rest is never read
-                    rest = len(todo) - done - 1
-                    run.incomplete = True
-                    self._read_done(rest)
-                    self._resolve(run, rest)
-                    items = []
-                    break
-                items = []
-        if items:
-            self._read_done(len(items))
-            self._enqueue(self._prepare(run, items))
+        # Prepared (tokenised) a batch at a time, then queued at once: the chunk enters the
+        # batching window whole, so its batches never wait on its own tokeniser.
+        prepared: list[Item] = []
+        seen = 0
+        while seen < len(items):
+            if self._stopping.is_set():  # stopping: a chunk not started is not worth preparing
+                run.incomplete = True
+                self._read_done(len(items) - seen)
+                self._resolve(run, len(items) - seen)
+                break
+            prepared.extend(self._prepare(run, items[seen : seen + batch]))
+            seen += batch
+        self._enqueue(prepared)
+        self._read_done(min(seen, len(items)))  # in the queue now (or failed, or dropped)
         self._resolve(run)  # the fetch task
 
     def stop(self, grace_s: float) -> None:
-        """Stop reading; finish what is queued within `grace_s`, then drop the rest.
-        Returns when every chunk in hand is settled (done or released)."""
+        """Stop reading; finish what is queued within `grace_s` (bulk I/O: at once, see
+        the module docstring), then drop the rest. Returns when every chunk in hand is
+        settled (done or released)."""
         self._stopping.set()
-        self._wait_settled(time.monotonic() + grace_s)
+        if self.bulk is None:
+            self._wait_settled(time.monotonic() + grace_s)
         if self.runs:
             self._abandon.set()
             self.batches.close()
@@ -320,11 +357,16 @@ class Pipeline:
             self._backlog += n
 
     def _read_done(self, n: int) -> None:
+        """`n` items of the backlog are in the batch queue now, or failed, or dropped."""
         with self._lock:
-            before = self._backlog
             self._backlog -= n
-            wake = before >= self.want_backlog > self._backlog  # just crossed: want another chunk
-        if wake:
+        self._fewer_ahead(n)
+
+    def _fewer_ahead(self, n: int) -> None:
+        """`n` items stopped waiting ahead: wake the claim loop when that crossed
+        `want_ahead` (time to claim the next chunk)."""
+        after = self._ahead()
+        if after + n >= self.want_ahead > after:
             self.on_change()
 
     def _existing_outputs(self, rels: list[str]) -> set[str]:
@@ -383,11 +425,11 @@ class Pipeline:
         item = Item(run, (0, position), rel, data, 0.0)
         if self.memo is not None:
             item.digest = self.handler.digest(data)
-        self._read_done(1)
         prepared = self._prepare(run, [item])
         item.load_s = time.perf_counter() - started
         if prepared:
             self._enqueue(prepared)
+        self._read_done(1)
 
     def _read_segment(self, run: ChunkRun, number: int, segment: Segment) -> None:
         rel = self.chunks.files[segment.file]
@@ -431,7 +473,7 @@ class Pipeline:
             items.append(Item(run, (number, line), key, data, 0.0, handler.digest(data) if memo else None))
         with run.lock:
             run.pending += len(items) + len(failed)
-        self._read_done(segment.items)
+        self._read_done(segment.items - len(items))  # the rest leave the backlog as they are queued
         for key, exc in failed:
             self._item_failed(run, key, "load", exc)
         read_share = (time.perf_counter() - started) / len(items) if items else 0.0
@@ -447,7 +489,9 @@ class Pipeline:
                 item.load_s = share
             if group and not self._enqueue(group):
                 self._drop(items[start + step :])  # stopping: the rest is never computed
+                self._read_done(len(items) - start)
                 break
+            self._read_done(min(step, len(items) - start))
         self._resolve(run)  # this read task
 
     def _prepare(self, run: ChunkRun, items: list[Item]) -> list[Item]:
@@ -472,6 +516,9 @@ class Pipeline:
         return items
 
     def _enqueue(self, items: list[Item]) -> bool:
+        """False when the queue is closed (the items are dropped)."""
+        if not items:
+            return True
         try:
             self.batches.put_many(items)
             return True
@@ -497,10 +544,14 @@ class Pipeline:
                         self._finish(inflight)
                     return
                 continue
+            self._fewer_ahead(len(batch))
             if self._abandon.is_set():
-                self._drop(batch)
+                self._drop(batch)  # never started: nothing of it is lost
                 if inflight is not None:
-                    self._drop(inflight.batch)
+                    if self.fatal is None:
+                        self._finish(inflight)  # computed (or nearly): its outputs are kept
+                    else:
+                        self._drop(inflight.batch)
                     inflight = None
                 continue
             if inflight is not None and self._awaits(batch, inflight):
@@ -697,14 +748,20 @@ class Pipeline:
     def _write_files(self, pairs: list[tuple[Item, Any]], tracker: _BatchWrites) -> None:
         started = time.perf_counter()
         suffix = self.handler.file_suffix
+        packed = 0
         for item, result in pairs:
             try:
                 data = self.handler.serialize(result)
             except Exception as exc:  # noqa: BLE001
                 self._item_failed(item.run, item.key, "write", exc)
                 continue
-            if item.run.outputs is not None:
-                item.run.outputs.add(item.key + suffix, data)
+            run = item.run
+            if run.outputs is not None:
+                with run.lock:  # a flush may swap the pack (`_take_outputs`)
+                    if run.outputs is not None:
+                        run.outputs.add(item.key + suffix, data)
+                        run.unsent += 1
+                        packed += 1
             else:
                 path = self.out_dir / (item.key + suffix)
                 parent = path.parent
@@ -712,10 +769,62 @@ class Pipeline:
                     parent.mkdir(parents=True, exist_ok=True)
                     self._made_dirs.add(parent)
                 write_atomic(path, data)
-            with item.run.lock:
-                item.run.ok += 1
-            self._resolve(item.run)
+            with run.lock:
+                run.ok += 1
+            self._resolve(run)
         tracker.part_done(time.perf_counter() - started)
+        if packed:
+            self._unsent_changed(packed)
+
+    def _unsent_changed(self, n: int) -> None:
+        """Bulk: `n` more (or, negative, fewer) outputs are computed and not on the head;
+        from `flush_at` on, a flush sends them (one at a time, on the delivery threads)."""
+        with self._lock:
+            self._unsent += n
+            flush = self._unsent >= self.flush_at and not self._flushing and not self._stopping.is_set()
+            if flush:
+                self._flushing = True
+        if flush:
+            try:
+                self.deliveries.submit(self._guarded(self._flush))
+            except RuntimeError:  # shutting down: the settles deliver what is left
+                self._flushing = False
+
+    def _flush(self) -> None:
+        """Every chunk in hand sends the outputs it computed since its last pack, as a
+        partial pack (`<chunk>.<token><part>`, atomic like any pack; its ack is awaited
+        before the chunk is marked done). A kill then loses at most what came after."""
+        assert self.bulk is not None
+        try:
+            for run in list(self.runs.values()):
+                if not run.sending.acquire(blocking=False):
+                    continue  # being delivered (settled) right now
+                try:
+                    pack = self._take_outputs(run, keep=True)
+                    if pack is None:
+                        continue
+                    token = f"{run.claim.token}{len(run.parts):04x}"
+                    if not self.bulk.deliver(run.chunk.id, token, pack, wait_s=0):
+                        run.parts.append(token)  # a pack on the head (else: through the mount)
+                finally:
+                    run.sending.release()
+        finally:
+            with self._lock:
+                self._flushing = False
+        self._unsent_changed(0)  # more came in meanwhile: flush again
+
+    def _take_outputs(self, run: ChunkRun, *, keep: bool) -> OutputPack | None:
+        """The chunk's gathered outputs (None when it has none to send), replaced by an
+        empty pack when `keep` (a flush) and the chunk has one."""
+        with run.lock:
+            pack, sent = run.outputs, run.unsent
+            if pack is None or (keep and not sent):
+                return None
+            run.outputs = self.bulk.output_pack() if keep and self.bulk is not None else None
+            run.unsent = 0
+        if sent:
+            self._unsent_changed(-sent)
+        return pack
 
     # -- settling ----------------------------------------------------------------------------
     def _resolve(self, run: ChunkRun, n: int = 1) -> None:
@@ -786,32 +895,47 @@ class Pipeline:
         self.on_change()
 
     def _deliver(self, run: ChunkRun) -> bool:
-        """A finished chunk's outputs to the head; False when they were handed over instead
-        (the worker is stopping and the ack is late): the chunk is then released."""
-        outputs, run.outputs = run.outputs, None
-        assert outputs is not None and self.bulk is not None
+        """A finished chunk's outputs to the head, and every partial pack it sent before
+        in place; False when they were handed over instead (the worker is stopping and an
+        ack is late): the chunk is then released."""
+        assert self.bulk is not None
         self._discard_bulk(run)
-        return self.bulk.deliver(run.chunk.id, run.claim.token, outputs, stopping=self._stopping)
+        with run.sending:  # after a flush's pack of it is written
+            outputs = self._take_outputs(run, keep=False)
+            if outputs is not None and not self.bulk.deliver(
+                run.chunk.id, run.claim.token, outputs, stopping=self._stopping
+            ):
+                return False
+            if run.parts:
+                names = {rel + self.handler.file_suffix for rel in self.chunks.chunk_files(run.chunk)}
+                for token in run.parts:
+                    if not self.bulk.await_part(run.chunk.id, token, names, stopping=self._stopping):
+                        return False
+            return True
 
     def _hand_over(self, run: ChunkRun) -> None:
         """What a released chunk finished goes to the head as a pack, with no wait for the
         ack: the next holder settles it (bulk.BulkClient.handed_over), so nothing is computed
         twice however slow the packer is."""
-        outputs, run.outputs = run.outputs, None
-        if outputs is None or self.bulk is None:
+        if self.bulk is None:
             return
         self._discard_bulk(run)
-        try:
-            self.bulk.deliver(run.chunk.id, run.claim.token, outputs, wait_s=0)
-        except OSError:
-            pass  # best effort on the way out: the next holder computes them again
+        with run.sending:
+            outputs = self._take_outputs(run, keep=False)
+            if outputs is None:
+                return
+            try:
+                self.bulk.deliver(run.chunk.id, run.claim.token, outputs, wait_s=0)
+            except OSError:
+                pass  # best effort on the way out: the next holder computes them again
 
     def _discard_bulk(self, run: ChunkRun) -> None:
         BulkClient.discard(run.local)
         run.local = None
-        if run.outputs is not None and run.claim.lost:
-            run.outputs.close()
-            run.outputs = None
+        if run.claim.lost:
+            outputs = self._take_outputs(run, keep=False)
+            if outputs is not None:
+                outputs.close()
 
     def _write_rows(self, run: ChunkRun) -> None:
         run.rows.sort(key=lambda row: row[0])

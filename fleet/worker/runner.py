@@ -11,7 +11,8 @@ only), and loops:
 
 A heartbeat thread keeps the leases of the chunks in hand alive. SIGTERM or SIGINT (or
 setting `stop`) stops claiming; the chunks in hand are finished within `STOP_GRACE_S`
-or released, and the function returns normally. A job that is already finished returns
+or released (bulk I/O: at once, with what was computed, see `fleet.worker.pipeline`),
+and the function returns normally. A job that is already finished returns
 at once, without loading the model.
 """
 

@@ -152,3 +152,39 @@ class CountingChecksum(SlowChecksum):
     def infer(self, batch: list[bytes]) -> list[str]:
         CALLS.setdefault("computed", []).extend(batch)
         return super().infer(batch)
+
+
+class LedgerChecksum(ChecksumHandler):
+    """Sized checksum (size = bytes, so batches are bucketed by length) that appends every
+    input it computes to `ledger` (one line each, O_APPEND: the lines survive a SIGKILL of
+    the process), and on node `node` only: takes `delay_s` per batch, and hangs, as a
+    device that stopped answering, before the batch that would go past `hang_after` items."""
+
+    def __init__(self, ledger: str, node: str = "", delay_s: float = 0.0, hang_after: int | None = None) -> None:
+        self.ledger = ledger
+        self.node = node
+        self.delay_s = delay_s
+        self.hang_after = hang_after
+        self.slow = False
+        self.computed = 0
+
+    def open(self, context: HandlerContext) -> None:
+        self.slow = context.node == self.node
+
+    def size(self, item: bytes) -> int:
+        return len(item)
+
+    def infer(self, batch: list[bytes]) -> list[str]:
+        if self.slow and self.hang_after is not None and self.computed + len(batch) > self.hang_after:
+            import threading
+
+            threading.Event().wait()  # never answers; the test SIGKILLs the process
+        if self.slow and self.delay_s:
+            time.sleep(self.delay_s)
+        fd = os.open(self.ledger, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, b"".join(item.rstrip(b"\n") + b"\n" for item in batch))
+        finally:
+            os.close(fd)
+        self.computed += len(batch)
+        return super().infer(batch)
