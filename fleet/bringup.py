@@ -54,6 +54,20 @@ def mount_key_line(fleet: Fleet) -> str:
     return fallback_key_line(mount_public_key(fleet), shared)
 
 
+def receive_files(files: Sequence[tuple[str, int]]) -> str:
+    """Shell that writes the first bytes of its stdin to these files (home-relative paths,
+    their sizes), each 0600 in a 0700 directory, written beside and renamed over. `dd`
+    reads exactly a file's bytes; exits 1 when stdin ends early."""
+    lines = ["umask 077"]
+    for path, size in files:
+        word = home_path(path)
+        lines.append(f'mkdir -p "$(dirname {word})" && chmod 700 "$(dirname {word})" && '
+                     f"dd of={word}.part bs={size} count=1 iflag=fullblock status=none && "
+                     f'[ "$(stat -c %s {word}.part)" = {size} ] && mv -f {word}.part {word} '
+                     f"|| {{ echo 'fleet: could not write '{word}' from stdin' >&2; exit 1; }}")
+    return "\n".join(lines) + "\n"
+
+
 class BringUp:
     """The steps that take nodes from created to mounted, on one fleet session."""
 
@@ -273,25 +287,19 @@ class BringUp:
             for node in workers:
                 result.failures[node.name] = f"the head's host key is not pinned yet ({head.name})"
             return []
-        targets = [self.fleet.target(n) for n in workers]
         private = self.paths.mount_key.read_bytes()
         share = self.fleet.share or self._unconfined_share(head)
         described = share.describe(host=head.internal_address or head.address or "", port=head.port,
                                    identity_file="~/.fleet/mount_key", known_hosts="~/.fleet/known_hosts",
-                                   alias=head.name)
-        puts = [self.fleet.executor.put(targets, private, ".fleet/mount_key", mode=0o600, dir_mode=0o700),
-                self.fleet.executor.put(targets, described.encode(), SHARE_FILE, mode=0o600, dir_mode=0o700)]
-        ok_workers = []
-        for node in workers:
-            failed = [p.results[node.name] for p in puts if not p.results[node.name].ok]
-            if failed:
-                result.failures[node.name] = f"could not upload the mount key: {failed[0].describe()}"
-            else:
-                ok_workers.append(node)
-        self.log(f"mounting the shared directory on {len(ok_workers)} worker(s)")
-        mounts = self.fleet.exec(ok_workers, self.mount_command(head, head_key))
-        mounted = self._keep_ok(ok_workers, mounts, result, "mounted", f"{head.name}:{self.spec.shared.path}")
-        self._name_missing_rule(head, ok_workers, mounts, result)
+                                   alias=head.name).encode()
+        # One SSH operation per worker: the mount key and the share's description come on
+        # the mount command's stdin (never on a command line, which other users can read).
+        self.log(f"mounting the shared directory on {len(workers)} worker(s)")
+        command = receive_files([(".fleet/mount_key", len(private)), (SHARE_FILE, len(described))]) \
+            + self.mount_command(head, head_key)
+        mounts = self.fleet.exec(workers, command, stdin=private + described)
+        mounted = self._keep_ok(workers, mounts, result, "mounted", f"{head.name}:{self.spec.shared.path}")
+        self._name_missing_rule(head, workers, mounts, result)
         for node in mounted:
             self.fleet.state.set_node_flags(node.name, mounted=True)
         return mounted

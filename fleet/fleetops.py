@@ -269,7 +269,8 @@ class Fleet:
 
     # -- exec ----------------------------------------------------------------------------
     def exec(self, nodes: Sequence[Node], command: str, *, timeout: float | None = None,
-             stream: bool = False, extra_env: dict[str, str] | None = None) -> GroupResult:
+             stream: bool = False, extra_env: dict[str, str] | None = None,
+             stdin: bytes | None = None) -> GroupResult:
         ranks = {n.name: i for i, n in enumerate(nodes)}
         by_name = {n.name: n for n in nodes}
 
@@ -277,7 +278,8 @@ class Fleet:
             node = by_name[target.name]
             return self.node_env_prefix(node, ranks[node.name], len(nodes), extra_env) + command
 
-        return self.executor.run([self.target(n) for n in nodes], command_for, timeout=timeout, stream=stream)
+        return self.executor.run([self.target(n) for n in nodes], command_for, timeout=timeout, stream=stream,
+                                 stdin=stdin)
 
     # -- up ------------------------------------------------------------------------------
     def plan(self, observed: Sequence[Node], probes: Mapping[str, Probe] | None = None, *,

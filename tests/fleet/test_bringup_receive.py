@@ -1,0 +1,37 @@
+"""The mount step's files come on the mount command's stdin (`receive_files`): exactly
+their bytes, 0600 in a 0700 directory, and a short stdin fails the command."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+from fleet.bringup import receive_files
+
+
+def run(script: str, data: bytes, home: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["bash", "-c", script + "cat > rest.bin"], input=data, capture_output=True, cwd=home,
+                          env={"HOME": str(home), "PATH": os.environ["PATH"]}, timeout=30, check=False)
+
+
+def test_each_file_gets_exactly_its_bytes_private_and_the_rest_is_left_on_stdin(tmp_path: Path) -> None:
+    key, share = b"-----BEGIN KEY-----\nsecret\n" * 40, b'{"user": "fleet-share"}\n'
+    script = receive_files([(".fleet/mount_key", len(key)), (".fleet/share.json", len(share))])
+    done = run(script, key + share + b"what the command reads next", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / ".fleet/mount_key").read_bytes() == key
+    assert (tmp_path / ".fleet/share.json").read_bytes() == share
+    assert (tmp_path / "rest.bin").read_bytes() == b"what the command reads next"
+    assert stat.S_IMODE((tmp_path / ".fleet").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / ".fleet/mount_key").stat().st_mode) == 0o600
+    assert not list((tmp_path / ".fleet").glob("*.part"))
+
+
+def test_a_short_stdin_fails_and_leaves_the_old_file(tmp_path: Path) -> None:
+    (tmp_path / ".fleet").mkdir(mode=0o700)
+    (tmp_path / ".fleet/mount_key").write_bytes(b"old key")
+    short = run(receive_files([(".fleet/mount_key", 100)]), b"only 20 bytes here..", tmp_path)
+    assert short.returncode == 1 and b"could not write" in short.stderr
+    assert (tmp_path / ".fleet/mount_key").read_bytes() == b"old key"
