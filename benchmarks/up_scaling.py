@@ -11,13 +11,14 @@ can run them, else loopback). In namespaces mode it also times the boot of one
 isolated node (namespaces, bridge port, overlay root, startup script, host key, sshd)
 against the start of one loopback node (an sshd), measured the same way in this run.
 
-Run: .venv/bin/python benchmarks/up_scaling.py [--repeats N] [--isolation MODE]
+Run: .venv/bin/python benchmarks/up_scaling.py [--repeats N] [--isolation MODE] [--tmpfs]
 Last line: {"up_1_s", "up_16_s", "ratio", "isolation", "node_boot_s", ...}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ import uuid
 from pathlib import Path
 
 import yaml
+from _tmpfs import private_tmpfs
 
 BIN = Path(sys.executable).parent
 FLEET = [str(BIN / "fleet")] if (BIN / "fleet").exists() else [sys.executable, "-m", "fleet"]
@@ -116,9 +118,16 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tmpfs", action="store_true",
+                        help="the fleets' files on a private tmpfs (see benchmarks/_tmpfs.py)")
     parser.add_argument("--isolation", choices=("namespaces", "loopback"),
                         default="namespaces" if missing_for_namespaces() is None else "loopback")
     args = parser.parse_args()
+    with private_tmpfs() if args.tmpfs else contextlib.nullcontext():
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> int:
     times: dict[int, list[float]] = {1: [], 16: []}
     fleet_env_check = subprocess.run([*FLEET, "--version"], check=False, capture_output=True, text=True)
     if fleet_env_check.returncode != 0:
@@ -137,7 +146,8 @@ def main() -> int:
         print(f"one isolated node boots in {boots['node_boot_s']:.3f} s; "
               f"a loopback node starts in {boots['loopback_node_start_s']:.3f} s")
     print(json.dumps({"up_1_s": round(up_1, 3), "up_16_s": round(up_16, 3), "ratio": round(ratio, 3),
-                      "goal_ratio": GOAL, "repeats": args.repeats, "isolation": args.isolation, **boots,
+                      "goal_ratio": GOAL, "repeats": args.repeats, "isolation": args.isolation,
+                      "disk": "tmpfs" if args.tmpfs else "tmp", **boots,
                       "up_1_runs_s": [round(t, 3) for t in times[1]],
                       "up_16_runs_s": [round(t, 3) for t in times[16]]}))
     return 0
