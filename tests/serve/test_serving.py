@@ -53,6 +53,27 @@ def _health(served, record: dict) -> dict:
     return served.fleet.server_health(record)
 
 
+def _callers_at_once(count: int, work) -> list[BaseException]:
+    """`work(k)` in `count` threads started together; what they raised."""
+    start = threading.Barrier(count)
+    failures: list[BaseException] = []
+
+    def caller(k: int) -> None:
+        try:
+            start.wait()
+            work(k)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failures.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert not any(t.is_alive() for t in threads), "callers still blocked"
+    return failures
+
+
 def _terminate(served, record: dict) -> None:
     """SIGTERM the server process, what a preemption notice or `fleet cancel` sends (its
     pid is the node's: an isolated node has a PID namespace of its own)."""
@@ -74,27 +95,16 @@ def test_64_threads_with_single_items_get_their_own_results(served_fleet, refere
     items_before, batches_before = _batches(served_fleet, "embed")
     got: dict[str, list[np.ndarray]] = {}
     lock = threading.Lock()
-    start = threading.Barrier(64)
-    failures: list[BaseException] = []
     with fleet.connect(served_fleet.fleet.spec_path) as f:
         embed = f.serving("embed", timeout=120)
 
         def caller(k: int) -> None:
-            try:
-                start.wait()
-                for text in TEXTS[k::64]:
-                    vector = embed.batched_run(text)
-                    with lock:
-                        got.setdefault(text, []).append(vector)
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                failures.append(exc)
+            for text in TEXTS[k::64]:
+                vector = embed.batched_run(text)
+                with lock:
+                    got.setdefault(text, []).append(vector)
 
-        threads = [threading.Thread(target=caller, args=(k,)) for k in range(64)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=180)
-        assert not any(t.is_alive() for t in threads), "callers still blocked"
+        failures = _callers_at_once(64, caller)
         assert not failures, failures[:3]
         stats = embed.stats()
     assert sorted(got) == sorted(TEXTS)
@@ -112,24 +122,9 @@ def test_single_items_of_concurrent_callers_share_requests(served_fleet) -> None
     """The servers' own counts: 64 callers' single items reach them in few requests, so
     their batches are not capped by what one request carries."""
     before = [_health(served_fleet, record) for record in served_fleet.registry("embed")]
-    start = threading.Barrier(64)
-    failures: list[BaseException] = []
     with fleet.connect(served_fleet.fleet.spec_path) as f:
         embed = f.serving("embed", timeout=120)
-
-        def caller(k: int) -> None:
-            try:
-                start.wait()
-                for text in TEXTS[k::64]:
-                    embed.batched_run(text)
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                failures.append(exc)
-
-        threads = [threading.Thread(target=caller, args=(k,)) for k in range(64)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=180)
+        failures = _callers_at_once(64, lambda k: [embed.batched_run(text) for text in TEXTS[k::64]])
         assert not failures, failures[:3]
         stats = embed.stats()
     after = {(h["node"], h["proc"]): h for h in
