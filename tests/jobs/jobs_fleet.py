@@ -152,6 +152,18 @@ class LocalFleet:
         return subprocess.Popen(command, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=self.env())
 
+    @contextlib.contextmanager
+    def running(self, *args: str) -> Iterator[subprocess.Popen[str]]:
+        """`popen(*args)`, killed and reaped on the way out when it still runs (a test
+        that failed or timed out leaves no `fleet` process behind)."""
+        process = self.popen(*args)
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
     @staticmethod
     def env() -> dict[str, str]:
         return {**os.environ, "COLUMNS": "200", "TERM": "dumb"}

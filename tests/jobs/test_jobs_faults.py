@@ -69,8 +69,7 @@ def test_a_launcher_killed_with_sigkill_is_restarted_and_the_job_completes(fault
     worker = fault_fleet.worker(1)
     job = counted_job("relaunch", 120, counts, delay_s=0.05, chunk_size=20, lease_seconds=4,
                       nodes=[worker])
-    run = fault_fleet.popen("run", str(fault_fleet.write_job(job)), "--json")
-    try:
+    with fault_fleet.running("run", str(fault_fleet.write_job(job)), "--json") as run:
         pid_file = fault_fleet.job_dir("relaunch") / "pids" / f"{worker}.pid"
         wait_for(_running(run, lambda: pid_file.exists() and any(counts.glob("*.count"))), 90, "the job to compute")
         launcher = int(pid_file.read_text())
@@ -79,10 +78,6 @@ def test_a_launcher_killed_with_sigkill_is_restarted_and_the_job_completes(fault
         os.killpg(launcher, signal.SIGKILL)
         assert group, "the launcher's process group was not found"
         stdout, stderr = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
     assert run.returncode == 0, stdout + stderr
     summary = summary_of((run.returncode, stdout, stderr))
     assert summary["done"] == 120 and summary["failed"] == 0
@@ -144,26 +139,23 @@ def test_stopping_fleet_run_cuts_short_its_monitor_pass(fault_fleet: LocalFleet)
     before = fault_fleet.spec_path.read_text()
     fault_fleet.spec_path.write_text(yaml.safe_dump({**fault_fleet.spec, "setup": ["sleep 90"]}, sort_keys=False))
     job = {"name": "cutshort", "nodes": [fault_fleet.worker(1)], "run": "sleep 120"}
-    run = fault_fleet.popen("run", str(fault_fleet.write_job(job)))
     try:
-        with Fleet(load_fleet_spec(fault_fleet.spec_path), fault_fleet.spec_path) as fleet:
-            pid_file = fault_fleet.job_dir("cutshort") / "pids" / f"{fault_fleet.worker(1)}.pid"
-            wait_for(_running(run, pid_file.exists), 90, "the job to start")
-            victim = max((n for n in fleet.observe() if n.slot == 2), key=lambda n: n.generation)
-            fleet.preempt(victim.name)
-            replacement = fault_fleet.worker(2, victim.generation + 1)
-            wait_for(_running(run, lambda: any(e.kind == "runtime" and e.node == replacement
-                                               for e in fleet.state.events())), 60, "the replacement's setup")
-        time.sleep(2)  # in its setup now
-        asked = time.monotonic()
-        run.send_signal(signal.SIGINT)
-        stdout, stderr = run.communicate(timeout=120)
-        took = time.monotonic() - asked
+        with fault_fleet.running("run", str(fault_fleet.write_job(job))) as run:
+            with Fleet(load_fleet_spec(fault_fleet.spec_path), fault_fleet.spec_path) as fleet:
+                pid_file = fault_fleet.job_dir("cutshort") / "pids" / f"{fault_fleet.worker(1)}.pid"
+                wait_for(_running(run, pid_file.exists), 90, "the job to start")
+                victim = max((n for n in fleet.observe() if n.slot == 2), key=lambda n: n.generation)
+                fleet.preempt(victim.name)
+                replacement = fault_fleet.worker(2, victim.generation + 1)
+                wait_for(_running(run, lambda: any(e.kind == "runtime" and e.node == replacement
+                                                   for e in fleet.state.events())), 60, "the replacement's setup")
+            time.sleep(2)  # in its setup now
+            asked = time.monotonic()
+            run.send_signal(signal.SIGINT)
+            stdout, stderr = run.communicate(timeout=120)
+            took = time.monotonic() - asked
     finally:
         fault_fleet.spec_path.write_text(before)
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
         fault_fleet.cli("cancel", "cutshort")
     assert run.returncode == 130, stdout + stderr
     assert "Traceback" not in stderr, stderr
@@ -175,17 +167,12 @@ def test_a_run_job_rides_out_a_restarted_head(fault_fleet: LocalFleet) -> None:
     # it stops there (it holds the old mount) must not count as the node's end.
     head = f"{fault_fleet.name}-head"
     job = {"name": "restarted", "nodes": [fault_fleet.worker(1)], "run": "sleep 15"}
-    run = fault_fleet.popen("run", str(fault_fleet.write_job(job)))
-    try:
+    with fault_fleet.running("run", str(fault_fleet.write_job(job))) as run:
         pid_file = fault_fleet.job_dir("restarted") / "pids" / f"{fault_fleet.worker(1)}.pid"
         wait_for(_running(run, pid_file.exists), 90, "the job to start")
         time.sleep(1)
         assert fault_fleet.cli("preempt", head).returncode == 0
         stdout, stderr = run.communicate(timeout=150)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
     assert run.returncode == 0, stdout + stderr
     assert any(e["kind"] == "started" and e["node"] == head for e in fault_fleet.events())
 
@@ -198,8 +185,7 @@ def test_fleet_run_stops_within_its_grace_when_the_head_is_gone(fault_fleet: Loc
     fault_fleet.spec_path.write_text(yaml.safe_dump(fault_fleet.spec, sort_keys=False))
     job = {"name": "headless", "nodes": [fault_fleet.worker(1)], "run": "sleep 120"}
     errors_before = len(_events(fault_fleet, "progress_error"))
-    run = fault_fleet.popen("run", str(fault_fleet.write_job(job)))
-    try:
+    with fault_fleet.running("run", str(fault_fleet.write_job(job))) as run:
         pid_file = fault_fleet.job_dir("headless") / "pids" / f"{fault_fleet.worker(1)}.pid"
         wait_for(_running(run, pid_file.exists), 90, "the job to start")
         time.sleep(1)
@@ -208,10 +194,6 @@ def test_fleet_run_stops_within_its_grace_when_the_head_is_gone(fault_fleet: Loc
             assert fleet.provider.delete([f"{fault_fleet.name}-head"])
         gone = time.monotonic()
         stdout, stderr = run.communicate(timeout=90)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
     assert run.returncode == 1, stdout + stderr
     assert time.monotonic() - gone < 60  # grace 4 s, plus a progress read that times out
     assert "could not be read" in stderr and "monitor.grace" in stderr and "Traceback" not in stderr, stdout + stderr

@@ -156,8 +156,7 @@ def test_a_preempted_worker_loses_no_task_the_actor_moves_and_the_replacement_jo
     job = ray_fleet.root / "survive.yaml"
     job.write_text(f"name: survive\nray:\n  entrypoint: python survive.py --tasks 12 --seconds 2\n"
                    f"  working_dir: {shlex.quote(str(TEMPLATES))}\n")
-    run = ray_fleet.popen("run", str(job))
-    try:
+    with ray_fleet.running("run", str(job)) as run:
         log = ray_fleet.job_dir("survive") / "logs" / f"{ray_fleet.name}-head.log"
         wait_for(lambda: log.exists() and "ACTOR_NODE " in log.read_text(), 120, "the actor's first answer")
         actor_node = log.read_text().split("ACTOR_NODE ", 1)[1].split()[0]
@@ -167,10 +166,6 @@ def test_a_preempted_worker_loses_no_task_the_actor_moves_and_the_replacement_jo
             stdout, stderr = run.communicate(timeout=240)
         except subprocess.TimeoutExpired:
             pytest.fail(f"the survive job did not end in 240 s\n{survive_diagnostics(ray_fleet)}")
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
     assert run.returncode == 0, stdout + stderr
     outcome = json_lines(log.read_text())["survive"]
     assert outcome["lost"] == 0 and outcome["all_results"] and outcome["tasks"] == 12

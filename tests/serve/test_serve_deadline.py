@@ -13,6 +13,7 @@ import asyncio
 import http.client
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,32 +63,43 @@ def model_server(tmp_path: Path, handler: ChecksumHandler, config: ServeConfig) 
                        metrics=metrics)
 
 
+def serve_during(server: ModelServer, scenario: Callable[[int], Awaitable[None]],
+                 on_exit: Callable[[], None] = lambda: None) -> None:
+    """Run the server, then `scenario(port)` once it listens; then `on_exit()`, a drain
+    and the batcher's close, also when the scenario failed."""
+
+    async def main() -> None:
+        serving = asyncio.create_task(server.run())
+        try:
+            while not server.port:
+                await asyncio.sleep(0.01)
+            await scenario(server.port)
+        finally:
+            on_exit()
+            server.begin_drain()
+            await serving
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.batcher.close()
+
+
 def test_the_server_drops_the_items_of_a_caller_that_gave_up(tmp_path: Path) -> None:
     handler = HeldChecksum()
     server = model_server(tmp_path, handler, ServeConfig(handler="checksum", batch_size=1, max_wait_ms=0))
     answers: dict[str, tuple[int, bytes]] = {}
 
-    async def scenario() -> None:
-        serving = asyncio.create_task(server.run())
-        try:
-            while not server.port:
-                await asyncio.sleep(0.01)
-            first = asyncio.create_task(asyncio.to_thread(post, server.port, ["first"], None))
-            assert await asyncio.to_thread(handler.started.wait, 30)  # the model holds "first"
-            # Queued behind it with 200 ms to live: dropped when they pass, never computed.
-            answers["late"] = await asyncio.to_thread(post, server.port, ["a", "b", "c"], 200)
-            handler.release.set()
-            answers["first"] = await first
-            answers["after"] = await asyncio.to_thread(post, server.port, ["after"], 30_000)
-        finally:
-            handler.release.set()
-            server.begin_drain()
-            await serving
+    async def scenario(port: int) -> None:
+        first = asyncio.create_task(asyncio.to_thread(post, port, ["first"], None))
+        assert await asyncio.to_thread(handler.started.wait, 30)  # the model holds "first"
+        # Queued behind it with 200 ms to live: dropped when they pass, never computed.
+        answers["late"] = await asyncio.to_thread(post, port, ["a", "b", "c"], 200)
+        handler.release.set()
+        answers["first"] = await first
+        answers["after"] = await asyncio.to_thread(post, port, ["after"], 30_000)
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        server.batcher.close()
+    serve_during(server, scenario, on_exit=handler.release.set)
     assert answers["late"][0] == 504, answers["late"]
     reference = ChecksumHandler()
     assert answers["first"][0] == 200
@@ -102,23 +114,13 @@ def test_a_no_wait_request_does_not_wait_max_wait_for_company(tmp_path: Path) ->
                                                                    max_wait_ms=1500))
     took: dict[str, float] = {}
 
-    async def scenario() -> None:
-        serving = asyncio.create_task(server.run())
-        try:
-            while not server.port:
-                await asyncio.sleep(0.01)
-            for name, no_wait in (("no_wait", True), ("plain", False)):
-                started = time.monotonic()
-                status, body = await asyncio.to_thread(post, server.port, [name.encode()], 30_000, no_wait=no_wait)
-                took[name] = time.monotonic() - started
-                assert status == 200 and wire.decode(body) == ChecksumHandler().infer([name.encode()])
-        finally:
-            server.begin_drain()
-            await serving
+    async def scenario(port: int) -> None:
+        for name, no_wait in (("no_wait", True), ("plain", False)):
+            started = time.monotonic()
+            status, body = await asyncio.to_thread(post, port, [name.encode()], 30_000, no_wait=no_wait)
+            took[name] = time.monotonic() - started
+            assert status == 200 and wire.decode(body) == ChecksumHandler().infer([name.encode()])
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        server.batcher.close()
+    serve_during(server, scenario)
     assert took["plain"] >= 1.4  # a partial batch waits max_wait_ms for more callers
     assert took["no_wait"] < 1.0, took
