@@ -30,7 +30,7 @@ from fleet.share import (
     parse_share,
 )
 from fleet.ssh import CommandResult, GroupResult
-from fleet.ssh.quote import home_path
+from fleet.ssh.quote import home_path, receive_files
 
 if TYPE_CHECKING:
     from fleet.fleetops import Fleet, UpResult
@@ -52,20 +52,6 @@ def mount_key_line(fleet: Fleet) -> str:
     if not shared.startswith("/"):
         shared = "%d/" + shared.removeprefix("~/")  # %d: sshd's token for the home directory
     return fallback_key_line(mount_public_key(fleet), shared)
-
-
-def receive_files(files: Sequence[tuple[str, int]]) -> str:
-    """Shell that writes the first bytes of its stdin to these files (home-relative paths,
-    their sizes), each 0600 in a 0700 directory, written beside and renamed over. `dd`
-    reads exactly a file's bytes; exits 1 when stdin ends early."""
-    lines = ["umask 077"]
-    for path, size in files:
-        word = home_path(path)
-        lines.append(f'mkdir -p "$(dirname {word})" && chmod 700 "$(dirname {word})" && '
-                     f"dd of={word}.part bs={size} count=1 iflag=fullblock status=none && "
-                     f'[ "$(stat -c %s {word}.part)" = {size} ] && mv -f {word}.part {word} '
-                     f"|| {{ echo 'fleet: could not write '{word}' from stdin' >&2; exit 1; }}")
-    return "\n".join(lines) + "\n"
 
 
 class BringUp:

@@ -47,6 +47,7 @@ from fleet import __version__
 from fleet.errors import FleetError, UsageError
 from fleet.model import Node, Role
 from fleet.ssh import CommandResult, GroupResult
+from fleet.ssh.quote import receive_files
 
 if TYPE_CHECKING:
     from fleet.fleetops import Fleet, UpResult
@@ -672,11 +673,10 @@ class Runtime:
             self.fleet.log(f"installing the node runtime {DIST} {__version__} on {len(group)} node(s) "
                            "from the prepared tree")
             # One SSH operation per node: the tree comes on the command's stdin.
-            receive = (f'umask 077; mkdir -p "$HOME"/{incoming} && cat > "$HOME"/{incoming}/{TREE}.part && '
-                       f'mv -f "$HOME"/{incoming}/{TREE}.part "$HOME"/{incoming}/{TREE} || exit 1\n')
-            command = receive + prepared_shell(layout, real, stamp, incoming, _sha256(tree))
-            ran = self.fleet.executor.run([self.fleet.target(n) for n in group], command, timeout=300,
-                                          stdin=tree.read_bytes())
+            data = tree.read_bytes()
+            command = receive_files([(f"{incoming}/{TREE}", len(data))]) \
+                + prepared_shell(layout, real, stamp, incoming, hashlib.sha256(data).hexdigest())
+            ran = self.fleet.executor.run([self.fleet.target(n) for n in group], command, timeout=300, stdin=data)
             for node in group:
                 outcome = ran[node.name]
                 if outcome.ok:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from fleet.errors import UsageError
 
@@ -60,3 +60,17 @@ def home_path(path: str) -> str:
         return shlex.quote(path)
     path = path.removeprefix("~/")
     return f'"$HOME"/{shlex.quote(path)}'
+
+
+def receive_files(files: Sequence[tuple[str, int]]) -> str:
+    """Shell that writes the first bytes of its stdin to these files (home-relative paths,
+    their sizes), each 0600 in a 0700 directory, written beside and renamed over. `dd`
+    reads exactly a file's bytes; exits 1 when stdin ends early."""
+    lines = ["umask 077"]
+    for path, size in files:
+        word = home_path(path)
+        lines.append(f'mkdir -p "$(dirname {word})" && chmod 700 "$(dirname {word})" && '
+                     f"dd of={word}.part bs={size} count=1 iflag=fullblock status=none && "
+                     f'[ "$(stat -c %s {word}.part)" = {size} ] && mv -f {word}.part {word} '
+                     f"|| {{ echo 'fleet: could not write '{word}' from stdin' >&2; exit 1; }}")
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""The mount step's files come on the mount command's stdin (`receive_files`): exactly
+"""Files that come on a command's stdin (`receive_files`: the mount step's key, a runtime tree): exactly
 their bytes, 0600 in a 0700 directory, and a short stdin fails the command."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from fleet.bringup import receive_files
+from fleet.ssh.quote import receive_files
 
 
 def run(script: str, data: bytes, home: Path) -> subprocess.CompletedProcess[bytes]:
