@@ -11,6 +11,7 @@ benchmarks report their figures both ways.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -22,8 +23,6 @@ from pathlib import Path
 def private_tmpfs(size: str = "4g") -> Iterator[Path]:
     """A fresh tmpfs as the temporary directory of this process (and of the `fleet`
     commands it runs, through TMPDIR), unmounted at the end."""
-    import os
-
     mount = Path(tempfile.mkdtemp(prefix="fleet-bench-tmpfs-"))
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "fleet-bench", str(mount)], check=True)
     previous, previous_env = tempfile.tempdir, os.environ.get("TMPDIR")

@@ -93,25 +93,16 @@ def registry(fleet_: LocalFleet, job: str) -> list[dict]:
     return records
 
 
-def mean_batch(lf: LocalFleet, job: str, before: tuple[int, int] = (0, 0)) -> tuple[tuple[int, int], float]:
-    """(items, batches) the job's servers ran so far (their /health, seen from their
-    nodes), and the mean batch size since `before`."""
-    items = batches = 0
+def items_per(lf: LocalFleet, job: str, counter: str,
+              before: tuple[int, int] = (0, 0)) -> tuple[tuple[int, int], float]:
+    """(items, `counter`) the job's servers counted so far (their /health, seen from their
+    nodes: `batches` run or `requests` taken), and the items per one since `before`."""
+    items = count = 0
     for record in registry(lf, job):
         health = lf.server_health(record)
-        items, batches = items + health["items"], batches + health["batches"]
-    ran = batches - before[1]
-    return (items, batches), round((items - before[0]) / ran, 1) if ran else 0.0
-
-
-def mean_requests(lf: LocalFleet, job: str, before: tuple[int, int] = (0, 0)) -> tuple[tuple[int, int], float]:
-    """(items, requests) the job's servers took so far, and the items per request since `before`."""
-    items = requests = 0
-    for record in registry(lf, job):
-        health = lf.server_health(record)
-        items, requests = items + health["items"], requests + health["requests"]
-    took = requests - before[1]
-    return (items, requests), round((items - before[0]) / took, 1) if took else 0.0
+        items, count = items + health["items"], count + health[counter]
+    since = count - before[1]
+    return (items, count), round((items - before[0]) / since, 1) if since else 0.0
 
 
 class CpuMeter:
@@ -275,18 +266,18 @@ def main() -> int:
             noop = f.serving("noop", timeout=60)
             static_run(embed, items[:256], processes)  # warm-up: channels open, models warm
             meter = CpuMeter(lf)
-            counts, _ = mean_batch(lf, "embed")
-            taken, _ = mean_requests(lf, "embed")
+            counts, _ = items_per(lf, "embed", "batches")
+            taken, _ = items_per(lf, "embed", "requests")
             cpu = meter.read()
             static = static_run(embed, items, processes)
             static_cpu = meter.per_item_ms(cpu, len(items))
-            counts, static_batch = mean_batch(lf, "embed", counts)
-            taken, static_per_request = mean_requests(lf, "embed", taken)
+            counts, static_batch = items_per(lf, "embed", "batches", counts)
+            taken, static_per_request = items_per(lf, "embed", "requests", taken)
             cpu = meter.read()
             concurrent, latencies = concurrent_run(embed, items)
             concurrent_cpu = meter.per_item_ms(cpu, len(items))
-            counts, concurrent_batch = mean_batch(lf, "embed", counts)
-            taken, concurrent_per_request = mean_requests(lf, "embed", taken)
+            counts, concurrent_batch = items_per(lf, "embed", "batches", counts)
+            taken, concurrent_per_request = items_per(lf, "embed", "requests", taken)
             figures.update({
                 "static_items_s": round(static, 1),
                 "concurrent_items_s": round(concurrent, 1),
