@@ -9,8 +9,11 @@ environment (interpreter, image contents). The first node of each fingerprint (t
 pilot) gets `fleet/runtime_node.py` in one zip with the tree and does the full job in
 Python (virtualenv, requirements, pip if something is missing); every other node of that
 fingerprint then only unpacks the tree in shell (no Python, no pip) into the venv layout
-the pilot reported, checked here first. The tree comes from this machine over SFTP and
-is checked against its sha256 on the node before it is unpacked.
+the pilot reported, checked here first. While the pilot installs, those other nodes
+already unpack the layout-independent tree into a staging directory of their own; once
+the layout is known each needs only the layout's few files (links, pyvenv.cfg) and two
+renames. A node that could not stage gets the whole prepared tree on its command's stdin,
+checked against its sha256 before it is unpacked.
 
 Nodes get only what the chosen extras need (never the control plane's cloud SDKs),
 layered on what the image provides (`runtime.image`). With `runtime.wheelhouse` the
@@ -22,6 +25,7 @@ the head's shared directory, and every node installs it from there with `--no-in
 
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
 import importlib.util
@@ -36,7 +40,8 @@ import tarfile
 import tempfile
 import tomllib
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from email.parser import Parser
 from importlib import metadata
@@ -46,7 +51,7 @@ from typing import TYPE_CHECKING
 from fleet import __version__
 from fleet.errors import FleetError, UsageError
 from fleet.model import Node, Role
-from fleet.ssh import CommandResult, GroupResult
+from fleet.ssh import CommandResult, GroupResult, Target
 from fleet.ssh.quote import receive_files
 
 if TYPE_CHECKING:
@@ -57,8 +62,10 @@ NODE_ROOT = ".fleet/runtime"  # under each node's home
 STAMP = "fleet-runtime.id"
 LOCAL_IMAGE = "/opt/fleet-image"
 WHEELHOUSE = ".fleet/wheelhouse"  # under the head's shared directory
-TREE = "tree.tar.gz"
+TREE = "tree.tar"  # uncompressed: what it holds is mostly the zip, compressed already
 PTH = "fleet-image.pth"  # the image's site-packages, layered under the runtime
+ZIPPED = "fleet.zip"  # fleet's package in the runtime's site-packages
+ZIPPED_PTH = "fleet-batch.pth"  # puts ZIPPED on sys.path (before the image's: b < i)
 LAYOUTS = "layouts"  # under the cache: what each node fingerprint's pilot reported
 _NODE_SCRIPT = Path(__file__).with_name("runtime_node.py")
 _SOURCE_FILES = ("pyproject.toml", "README.md")
@@ -271,10 +278,41 @@ _SCRIPT_HEAD = (b"#!/bin/sh\n"
                 b"' '''\n")
 
 
+def _zip_packages(site: Path) -> None:
+    """Packs what the wheel put in `site` (fleet's package) into one zip that a .pth
+    puts on sys.path (zipimport; its path relative to the site directory), keeping the
+    dist-info as files with a RECORD that lists the zip. A node then creates about a
+    dozen files for the runtime instead of about 150: creating files is most of what
+    an install costs a node, and the package reads no files beside its modules there."""
+    info = next(site.glob("*.dist-info"))
+    packed = sorted(p for p in site.rglob("*") if p.is_file() and not p.is_relative_to(info)
+                    and p.suffix not in (".pth", ".pyc") and "__pycache__" not in p.parts)
+    with zipfile.ZipFile(site / ZIPPED, "w") as archive:
+        for path in packed:
+            entry = zipfile.ZipInfo(path.relative_to(site).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+            entry.external_attr, entry.compress_type = 0o644 << 16, zipfile.ZIP_DEFLATED
+            archive.writestr(entry, path.read_bytes())
+    for top in {path.relative_to(site).parts[0] for path in packed}:
+        target = site / top
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    (site / ZIPPED_PTH).write_text(f"{ZIPPED}\n")
+    record = info / "RECORD"
+    rows = [row for row in csv.reader(record.read_text().splitlines())
+            if row and (site / row[0]).exists() and not (site / row[0]).samefile(record)]
+    for path in (site / ZIPPED, site / ZIPPED_PTH):
+        data = path.read_bytes()
+        rows.append([path.name, f"sha256={_urlsafe_sha(data)}", str(len(data))])
+    rows.append([f"{info.name}/RECORD", "", ""])
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    record.write_text(out.getvalue())
+
+
 def build_tree(wheel: Path) -> Path:
     """fleet's wheel unpacked once, here, by pypa's `installer` into a prepared tree:
-    `site-packages/` (fleet and its dist-info) and `bin/` (the console scripts), as a
-    tar.gz beside the wheel. Every node's runtime gets this same tree."""
+    `site-packages/` (fleet's package zipped, see _zip_packages, and its dist-info) and
+    `bin/` (the console scripts), as a tar beside the wheel. Every node's runtime gets
+    this same tree."""
     from installer import install
     from installer.destinations import SchemeDictionaryDestination
     from installer.records import RecordEntry
@@ -299,6 +337,7 @@ def build_tree(wheel: Path) -> Path:
         with WheelFile.open(wheel) as source:
             install(source, Destination(schemes, interpreter="python", script_kind="posix"),
                     additional_metadata={"INSTALLER": b"fleet\n"})
+        _zip_packages(stage / "site-packages")
         mtime = int(wheel.stat().st_mtime)
 
         def normalised(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -308,7 +347,7 @@ def build_tree(wheel: Path) -> Path:
             return info
 
         staged = Path(tmp) / TREE
-        with tarfile.open(staged, "w:gz", compresslevel=6) as archive:
+        with tarfile.open(staged, "w") as archive:
             for top in ("site-packages", "bin"):
                 if (stage / top).exists():
                     archive.add(stage / top, top, filter=normalised)
@@ -431,21 +470,9 @@ def layout_tree(tree: Path, layout: dict, version: str = __version__) -> Path:
     site = PurePosixPath(version, layout["site"])
     moved = {"site-packages": str(site), "bin": f"{version}/bin"}
     tmp = target.with_name(f".{target.name}.{os.getpid()}")
-    with tarfile.open(tree) as source, tarfile.open(tmp, "w:gz", compresslevel=6) as out:
+    with tarfile.open(tree) as source, tarfile.open(tmp, "w") as out:
         mtime = max((m.mtime for m in source.getmembers()), default=0)
-
-        def add(name: str, kind: bytes, *, data: bytes = b"", link: str = "", mode: int = 0o755) -> None:
-            info = tarfile.TarInfo(name)
-            info.type, info.mode, info.mtime, info.linkname, info.size = kind, mode, mtime, link, len(data)
-            out.addfile(info, io.BytesIO(data) if data else None)
-
-        for directory in (version, f"{version}/bin", f"{version}/include", *map(str, reversed(site.parents[:-2]))):
-            add(directory, tarfile.DIRTYPE)
-        for name, link in layout["links"].items():
-            add(f"{version}/bin/{name}", tarfile.SYMTYPE, link=link, mode=0o777)
-        if layout["lib64"]:
-            add(f"{version}/lib64", tarfile.SYMTYPE, link=layout["lib64"], mode=0o777)
-        add(f"{version}/pyvenv.cfg", tarfile.REGTYPE, data=layout["cfg"].encode(), mode=0o644)
+        add = _add_skeleton(out, layout, version, mtime)
         for member in source.getmembers():
             top, _, rest = member.name.partition("/")
             if top not in moved or (member.isdir() and top == "bin" and not rest):
@@ -453,22 +480,125 @@ def layout_tree(tree: Path, layout: dict, version: str = __version__) -> Path:
             member.name = f"{moved[top]}/{rest}" if rest else moved[top]
             out.addfile(member, source.extractfile(member) if member.isfile() else None)
         if layout["pth"]:
-            add(f"{site}/{PTH}", tarfile.REGTYPE, data=layout["pth"].encode(), mode=0o644)
+            add(f"{layout['site']}/{PTH}", tarfile.REGTYPE, data=layout["pth"].encode(), mode=0o644)
     os.replace(tmp, target)
     return target
 
 
+def _add_skeleton(out: tarfile.TarFile, layout: dict, prefix: str, mtime: int) -> Callable[..., None]:
+    """Adds to `out`, under `prefix` (a runtime's directory, or "" for its staging),
+    what a runtime of `layout` has besides the tree: bin/ with the venv's links, include/,
+    the site directory's parents (not the site directory), lib64 and pyvenv.cfg.
+    Returns the function that adds a member."""
+    def add(name: str, kind: bytes, *, data: bytes = b"", link: str = "", mode: int = 0o755) -> None:
+        info = tarfile.TarInfo(f"{prefix}/{name}" if prefix else name)
+        info.type, info.mode, info.mtime, info.linkname, info.size = kind, mode, mtime, link, len(data)
+        out.addfile(info, io.BytesIO(data) if data else None)
+
+    if prefix:
+        info = tarfile.TarInfo(prefix)
+        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, mtime
+        out.addfile(info)
+    for directory in ("bin", "include", *map(str, reversed(PurePosixPath(layout["site"]).parents[:-1]))):
+        add(directory, tarfile.DIRTYPE)
+    for name, link in layout["links"].items():
+        add(f"bin/{name}", tarfile.SYMTYPE, link=link, mode=0o777)
+    if layout["lib64"]:
+        add("lib64", tarfile.SYMTYPE, link=layout["lib64"], mode=0o777)
+    add("pyvenv.cfg", tarfile.REGTYPE, data=layout["cfg"].encode(), mode=0o644)
+    return add
+
+
+def replay_payload(layout: dict) -> bytes:
+    """What a node that staged the tree needs of `layout` (read by its shell from stdin):
+    the site directory, the interpreters to check, then the skeleton (see _add_skeleton)
+    as a tar of its own, the image's .pth in the staged site-packages. Every line is a
+    value checked_layout accepted (no spaces, no newlines)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as out:
+        add = _add_skeleton(out, layout, "", 0)
+        if layout["pth"]:
+            add(f"site-packages/{PTH}", tarfile.REGTYPE, data=layout["pth"].encode(), mode=0o644)
+    skeleton = buffer.getvalue()
+    interpreters = sorted(_absolute_interpreters(layout))
+    header = "".join(f"{line}\n" for line in (layout["site"], len(interpreters), *interpreters, len(skeleton)))
+    return header.encode() + skeleton
+
+
+def staged_dir(tree_sha: str, version: str = __version__) -> str:
+    """Where a node stages the layout-independent tree (under its home)."""
+    return f"{NODE_ROOT}/.staged-{version}-{tree_sha[:16]}"
+
+
+def _replay_lines(real: str, stamp: str, tree_sha: str) -> list[str]:
+    """Shell that reads a replay_payload from stdin and makes the runtime of the staged
+    tree: exit 6 (after `staged`) when stdin ends first, 5 when an interpreter the
+    layout names is not `real`, this node's own."""
+    staged, root = f'"$HOME"/{staged_dir(tree_sha)}', f'"$HOME"/{runtime_dir()}'
+    return [
+        "IFS= read -r site || { echo staged; exit 6; }",
+        "read -r count",
+        'while [ "$count" -gt 0 ]; do IFS= read -r interpreter',
+        # -ef, a builtin: both names are one file once symlinks are followed
+        f'  [ "$interpreter" -ef {_quote(real)} ] || {{ echo changed; exit 5; }}; count=$((count - 1)); done',
+        "read -r size",
+        f'dd bs="$size" count=1 iflag=fullblock status=none | tar -xf - -C {staged}',
+        f'mv {staged}/site-packages {staged}/"$site"',
+        f"printf '%s\\n' {_quote(stamp)} > {staged}/{STAMP}",
+        f"[ ! -e {root} ] || rm -rf {root}",
+        f"mv {staged} {root}",
+    ]
+
+
+def stage_shell(tree_sha: str, tree_size: int, real: str, stamp: str) -> str:
+    """Shell that unpacks the tree (the first `tree_size` bytes of stdin: a tar, which
+    tar refuses when cut short; SSH's MAC guards it, the zip has its CRCs) into the
+    node's staging directory, renamed into place once complete, then waits on stdin for
+    the layout (see _replay_lines). Stagings of other trees go first."""
+    staged = f'"$HOME"/{staged_dir(tree_sha)}'
+    return "\n".join([
+        "set -e",
+        f'for old in "$HOME"/{NODE_ROOT}/.staged-*; do [ ! -e "$old" ] || rm -rf "$old"; done',
+        f"mkdir -p {staged}.part",
+        f"dd bs={tree_size} count=1 iflag=fullblock status=none | tar -xf - -C {staged}.part",
+        f"mv {staged}.part {staged}",
+        *_replay_lines(real, stamp, tree_sha),
+    ]) + "\n"
+
+
+def replay_shell(real: str, stamp: str, tree_sha: str) -> str:
+    """Shell that makes the runtime of a tree staged earlier and the replay_payload on
+    stdin: exit 7 when nothing is staged (the node then gets the whole prepared tree)."""
+    staged = f'"$HOME"/{staged_dir(tree_sha)}'
+    return "\n".join([f"[ -d {staged}/site-packages ] || {{ echo unstaged; exit 7; }}", "set -e",
+                      *_replay_lines(real, stamp, tree_sha)]) + "\n"
+
+
+def _interpreter_checks(layout: dict, real: str) -> list[str]:
+    """Shell lines that exit 5 when an interpreter the layout names is not `real`."""
+    return [f"[ {_quote(path)} -ef {_quote(real)} ] || {{ echo changed; exit 5; }}"  # -ef: a builtin, no process
+            for path in sorted(_absolute_interpreters(layout))]
+
+
 def fingerprint_shell(python: str, image: Sequence[str]) -> str:
     """Shell that sets `real` (the interpreter the runtime is made from, `python` a shell
-    word, symlinks resolved) and `fp`: a digest of what a node's runtime is made from
-    (that interpreter, the listing of the image's directories). Nodes of one digest get
-    the same virtualenv layout."""
+    word, symlinks resolved) and, when there is one, prints it, then what a node's runtime
+    is made from: that interpreter's listing and the names in the image's directories
+    (shell globs, no process). The control plane hashes these lines (fingerprint_of):
+    nodes of one digest get the same virtualenv layout."""
     dirs = " ".join(f"{_quote(e)} {_quote(e)}/lib/python*/site-packages {_quote(e)}/lib/python*/dist-packages"
                     for e in image)
-    listing = f"LC_ALL=C ls -1a -- {dirs}; " if dirs else ""
-    return (f'py={python}; real=$(readlink -f -- "$(command -v "$py")" 2>/dev/null); fp=; '
-            f'if [ -n "$real" ]; then fp=$({{ echo "$real"; LC_ALL=C ls -Ln -- "$real"; {listing}}} 2>/dev/null '
-            '| sha256sum); fp=${fp%% *}; fi')
+    listing = f'for d in {dirs}; do set -- "$d"/* "$d"/.*; echo "$d: $*"; done; ' if dirs else ""
+    return (f'py={python}; real=$(readlink -f -- "$(command -v "$py")" 2>/dev/null); '
+            f'if [ -n "$real" ]; then LC_ALL=C; echo "$real"; ls -Ln -- "$real" 2>/dev/null; {listing}fi')
+
+
+def fingerprint_of(lines: Sequence[str]) -> tuple[str, str] | None:
+    """(digest, interpreter) of what fingerprint_shell printed, or None when the node
+    found no interpreter."""
+    if len(lines) < 2 or not lines[0].startswith("/"):
+        return None
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest(), lines[0]
 
 
 def prepared_shell(layout: dict, real: str, stamp: str, incoming: str, tree_sha: str) -> str:
@@ -477,14 +607,13 @@ def prepared_shell(layout: dict, real: str, stamp: str, incoming: str, tree_sha:
     mismatch = _quote(json.dumps({"status": "failed", "error": "the prepared runtime tree uploaded to this "
                                   "node does not match its sha256: it was not unpacked"}))
     root = f'"$HOME"/{runtime_dir()}'
-    lines = [f'[ "$(readlink -f -- {_quote(path)})" = {_quote(real)} ] || {{ echo changed; exit 5; }}'
-             for path in sorted(_absolute_interpreters(layout))]
+    lines = _interpreter_checks(layout, real)
     lines += [
         f'cd "$HOME"/{incoming}',
         f"echo {_quote(f'{tree_sha}  {TREE}')} | sha256sum -c >/dev/null 2>&1 || {{ echo {mismatch}; exit 1; }}",
         "set -e",
         f"[ ! -e {root} ] || rm -rf {root}",
-        f'tar -xzf {TREE} -C "$HOME"/{NODE_ROOT}',
+        f'tar -xf {TREE} -C "$HOME"/{NODE_ROOT}',
         f"printf '%s\\n' {_quote(stamp)} > {root}/{STAMP}",
     ]
     return "\n".join(lines) + "\n"
@@ -510,6 +639,7 @@ class Runtime:
         self.cache = fleet.spec_path.resolve().parent / ".fleet" / "runtime"  # this fleet's: wheelhouse, layouts
         self._artifacts: Artifacts | None = None
         self._layouts: dict[tuple[str, str], dict | None] = {}
+        self._bundles: dict[str, bytes] = {}
         self.pending: Pending | None = None
 
     @property
@@ -583,42 +713,108 @@ class Runtime:
         # `read`, a builtin: on a complete fleet the check starts no process but the shell.
         check = (f'found=; {{ read -r found < "$HOME"/{runtime_dir()}/{STAMP}; }} 2>/dev/null; '
                  f'if [ "$found" = {_quote(stamp)} ]; then echo present; '
-                 f'else {self._fingerprint_shell()}; echo absent; echo "$real"; echo "$fp"; fi')
-        checked = self.fleet.executor.run([self.fleet.target(n) for n in nodes], check, timeout=60)
-        ok = [n for n in nodes if checked[n.name].ok and checked[n.name].stdout.strip() == "present"]
-        unreachable = [n for n in nodes if not checked[n.name].ok]
-        for node in unreachable:
-            self._failed(node, result, checked[node.name].describe())
-        absent = [n for n in nodes if n not in ok and n not in unreachable]
-        if absent:
-            ok += self._install_absent(absent, result, stamp, checked)
+                 f'else echo absent; {self._fingerprint_shell()}; fi')
+        # The first node is checked alone, so that its install (as its environment's pilot
+        # when no layout is known) starts at once. Meanwhile the others are checked; those
+        # of the lead's environment stage the tree and wait on the same channel for the
+        # layout the lead reports, those behind another unknown environment's pilot stage.
+        lead, others = nodes[0], list(nodes[1:])
+        lead_checked = self.fleet.executor.run([self.fleet.target(lead)], check, timeout=60)
+        lead_absent = self._sorted(lead_checked, [lead], result)
+        ok = [lead] if lead_checked[lead.name].ok and not lead_absent else []
+        key = _environment(lead_checked[lead.name]) if lead_absent else None
+        payloads: dict[tuple[str, str], Future[bytes]] = {}
+        if key is not None and self._layout(stamp, key[0]) is None:
+            payloads[key] = Future()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-runtime") as side:
+            later = side.submit(self._check_and_stage, others, check, stamp, payloads) if others else None
+            try:
+                if lead_absent:
+                    ok += self._install_absent(lead_absent, result, stamp, lead_checked)
+            finally:  # always: the waiting nodes' channels end on an empty payload
+                for (fingerprint, _), future in payloads.items():
+                    layout = self._layout(stamp, fingerprint)
+                    future.set_result(replay_payload(layout) if layout is not None and lead in ok else b"")
+            checked, staging = later.result() if later else (GroupResult({}), {})
+        absent = self._sorted(checked, others, result)
+        ok += [n for n in others if checked[n.name].ok and n not in absent]
+        made = [n for n in absent if n.name in staging and staging[n.name].ok]
+        for node in made:
+            self.fleet.state.add_event("runtime", node.name, f"{DIST} {__version__} installed (the prepared "
+                                       "tree, staged while the pilot installed; nothing from the index)")
+        changed = [n for n in absent if n.name in staging and staging[n.name].exit_code == 5]
+        staged = {name for name, outcome in staging.items() if _staged(outcome)}
+        rest = [n for n in absent if n not in made and n not in changed]
+        ok += made + self._install_absent(rest, result, stamp, checked, staged) + self._install(
+            changed, result, stamp, wheelhouse=None)
         return [n for n in nodes if n in ok or (self.pending is not None and n in self.pending.nodes)]
 
-    def _install_absent(self, nodes: Sequence[Node], result: UpResult, stamp: str, checked: GroupResult) -> list[Node]:
-        """Nodes of an environment whose layout is known get the prepared tree; of the
-        others, one per environment (the pilot) installs in full and reports the layout,
-        then the rest of its environment gets the tree too, or installs in full as well."""
-        groups: dict[tuple[str, str], list[Node]] = {}  # (fingerprint, interpreter) -> nodes
+    def _sorted(self, checked: GroupResult, nodes: Sequence[Node], result: UpResult) -> list[Node]:
+        """The nodes whose check says their runtime is absent; unreachable ones are
+        reported as failed."""
+        absent = []
+        for node in nodes:
+            if not checked[node.name].ok:
+                self._failed(node, result, checked[node.name].describe())
+            elif checked[node.name].stdout.strip() != "present":
+                absent.append(node)
+        return absent
+
+    def _check_and_stage(self, nodes: Sequence[Node], check: str, stamp: str,
+                         payloads: dict[tuple[str, str], Future[bytes]]) -> tuple[GroupResult, dict[str, CommandResult]]:
+        """Beside the lead's install (another thread: no state, no log here): the check
+        on `nodes`, then the tree staged on those that will wait for a pilot: of the
+        lead's environment (they wait for its layout, see _stage), or behind the first
+        node of another unknown one."""
+        checked = self.fleet.executor.run([self.fleet.target(n) for n in nodes], check, timeout=60)
+        groups: dict[tuple[str, str], list[Node]] = {}
+        for node in nodes:
+            key = _environment(checked[node.name]) if checked[node.name].ok else None
+            # (The layout's file, not self._layout: the lead's pilot may be remembering it.)
+            if key is not None and not self._layout_path(stamp, key[0]).is_file():
+                groups.setdefault(key, []).append(node)
+        waiting = {n.name: key for key, group in groups.items() for n in (group if key in payloads else group[1:])}
+        return checked, self._stage([n for n in nodes if n.name in waiting], waiting, stamp, payloads)
+
+    def _install_absent(self, nodes: Sequence[Node], result: UpResult, stamp: str, checked: GroupResult,
+                        staged: set[str] | None = None) -> list[Node]:
+        """Nodes of an environment whose layout is known get the runtime made from the
+        prepared tree; of the others, one per environment (the pilot) installs in full and
+        reports the layout, then the rest of its environment gets the tree too (while the
+        pilot installs, they stage it), or installs in full as well."""
+        groups: dict[tuple[str, str], list[Node]] = {}
         alone: list[Node] = []
         for node in nodes:
-            lines = checked[node.name].stdout.strip().splitlines()
-            fingerprint, real = (lines[-1].strip(), lines[-2].strip()) if len(lines) >= 3 else ("", "")
-            if re.fullmatch(r"[0-9a-f]{64}", fingerprint) and real.startswith("/"):
-                groups.setdefault((fingerprint, real), []).append(node)
-            else:  # no fingerprint (no interpreter, no sha256sum): the full install, alone
+            key = _environment(checked[node.name])
+            if key is None:  # no interpreter found: the full install, alone
                 alone.append(node)
-        prepared = {key: group for key, group in groups.items() if self._layout(stamp, key[0]) is not None}
-        pilots = {key: group[0] for key, group in groups.items() if key not in prepared}
-        ok = self._install([*pilots.values(), *alone], result, stamp, wheelhouse=None,
-                           fingerprints={node.name: key[0] for key, node in pilots.items()})
-        full: list[Node] = []
-        for key, pilot in pilots.items():
-            rest = groups[key][1:]
-            if self._layout(stamp, key[0]) is not None and pilot in ok:
-                prepared[key] = rest
             else:
+                groups.setdefault(key, []).append(node)
+        pilots = {key: group[0] for key, group in groups.items() if self._layout(stamp, key[0]) is None}
+        staged = set(staged or ())
+        waiting = {n.name: key for key in pilots for n in groups[key][1:] if n.name not in staged}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-stage") as side:
+            staging = side.submit(self._stage, [n for n in nodes if n.name in waiting], waiting, stamp, {})
+            ok = self._install([*pilots.values(), *alone], result, stamp, wheelhouse=None,
+                               fingerprints={node.name: key[0] for key, node in pilots.items()})
+            staged |= {name for name, outcome in staging.result().items() if _staged(outcome)}
+        full: list[Node] = []
+        replay: dict[tuple[str, str], list[Node]] = {}
+        prepared: dict[tuple[str, str], list[Node]] = {}
+        for key, group in groups.items():
+            rest = group[1:] if key in pilots else group
+            if self._layout(stamp, key[0]) is None or (key in pilots and pilots[key] not in ok):
                 full += rest
-        if prepared:
+                continue
+            replay[key] = [n for n in rest if n.name in staged]
+            prepared[key] = [n for n in rest if n.name not in staged]
+        if any(replay.values()):
+            done, fallback, unstaged = self._replay_staged(replay, result, stamp)
+            ok += done
+            full += fallback
+            for key, nodes_left in unstaged.items():
+                prepared[key] = [*prepared.get(key, []), *nodes_left]
+        if any(prepared.values()):
             done, fallback = self._install_prepared(prepared, result, stamp)
             ok += done
             full += fallback
@@ -689,6 +885,71 @@ class Runtime:
                     self._failed(node, result, _last_json(outcome).get("error") or outcome.describe())
         return done, fallback
 
+    def _stage(self, nodes: Sequence[Node], keys: dict[str, tuple[str, str]], stamp: str,
+               payloads: dict[tuple[str, str], Future[bytes]]) -> dict[str, CommandResult]:
+        """The layout-independent tree staged on `nodes` (on stdin, one SSH operation
+        each). A node whose environment (`keys`) has a future in `payloads` then waits on
+        the same channel for its replay_payload and makes its runtime (exit 0); the others
+        end once staged (exit 6, see _staged). A node where staging failed is no error
+        yet: it gets the whole prepared tree later."""
+        if not nodes:
+            return {}
+        art = self.artifacts()
+        tree = art.tree.read_bytes()
+
+        def stdin(target: Target) -> Iterator[bytes]:
+            yield tree
+            future = payloads.get(keys[target.name])
+            if future is not None and (payload := future.result()):
+                yield payload
+
+        ran = self.fleet.executor.run(
+            [self.fleet.target(n) for n in nodes],
+            lambda target: stage_shell(art.tree_sha, len(tree), keys[target.name][1], stamp),
+            timeout=1800 + 300, stdin=stdin)  # a waiting node's command lasts as long as the pilot's install
+        return {node.name: ran[node.name] for node in nodes}
+
+    def _bundle(self, tree: Path, config: dict) -> bytes:
+        """node_bundle, built once per config in this process (a replacement's pilot
+        gets the same as the first `up`'s)."""
+        key = json.dumps(config, sort_keys=True)
+        if key not in self._bundles:
+            self._bundles[key] = node_bundle(tree, config)
+        return self._bundles[key]
+
+    def _replay_staged(self, groups: dict[tuple[str, str], list[Node]], result: UpResult, stamp: str
+                       ) -> tuple[list[Node], list[Node], dict[tuple[str, str], list[Node]]]:
+        """Runtimes made from the staged tree and their layout's replay_payload:
+        (installed, nodes whose interpreter is not the layout's, for the full install,
+        nodes whose staging is gone, per environment, for the whole prepared tree)."""
+        art = self.artifacts()
+        done: list[Node] = []
+        fallback: list[Node] = []
+        unstaged: dict[tuple[str, str], list[Node]] = {}
+        for (fingerprint, real), group in groups.items():
+            if not group:
+                continue
+            layout = self._layout(stamp, fingerprint)
+            assert layout is not None
+            self.fleet.log(f"installing the node runtime {DIST} {__version__} on {len(group)} node(s) "
+                           "from the prepared tree they staged")
+            ran = self.fleet.executor.run([self.fleet.target(n) for n in group],
+                                          replay_shell(real, stamp, art.tree_sha), timeout=300,
+                                          stdin=replay_payload(layout))
+            for node in group:
+                outcome = ran[node.name]
+                if outcome.ok:
+                    done.append(node)
+                    self.fleet.state.add_event("runtime", node.name, f"{DIST} {__version__} installed (the prepared "
+                                               "tree, staged while the pilot installed; nothing from the index)")
+                elif outcome.exit_code == 5:
+                    fallback.append(node)
+                elif outcome.exit_code == 7:
+                    unstaged.setdefault((fingerprint, real), []).append(node)
+                else:
+                    self._failed(node, result, outcome.describe())
+        return done, fallback, unstaged
+
     def _failed(self, node: Node, result: UpResult, message: str) -> None:
         text = f"the node runtime ({DIST} {__version__}) could not be installed: {message}"
         result.failures[node.name] = text
@@ -710,20 +971,28 @@ class Runtime:
             "wheelhouse": wheelhouse,
         }
         self.fleet.log(f"installing the node runtime {DIST} {__version__} on {len(nodes)} node(s)")
-        alive = self._upload(nodes, result, node_bundle(art.tree, config), f"{incoming}/runtime.pyz", 0o600)
-        command = f'cd "$HOME"/{incoming} && {self._python_expression()} runtime.pyz'
-        ran = self.fleet.executor.run([self.fleet.target(n) for n in alive], command, timeout=1800)
+
+        def receiving_and_running(name: str, size: int) -> str:
+            # The file comes on stdin (one SSH operation); a staging left from a pilot
+            # whose layout could not be replayed goes too.
+            return (receive_files([(f"{incoming}/{name}", size)])
+                    + f'for old in "$HOME"/{NODE_ROOT}/.staged-*; do [ ! -e "$old" ] || rm -rf "$old"; done\n'
+                    + f'cd "$HOME"/{incoming} && {self._python_expression()} runtime.pyz\n')
+
+        bundle = self._bundle(art.tree, config)
+        ran = self.fleet.executor.run([self.fleet.target(n) for n in nodes], receiving_and_running("runtime.pyz", len(bundle)),
+                                      timeout=1800, stdin=bundle)
         # Nodes that lack something the image does not have get the control plane's pip, once.
-        need_pip = [n for n in alive if ran[n.name].exit_code == 4]
+        need_pip = [n for n in nodes if ran[n.name].exit_code == 4]
         if need_pip:
-            again = self._upload(need_pip, result, art.pip, f"{incoming}/{art.pip.name}", 0o644)
-            rerun = self.fleet.executor.run([self.fleet.target(n) for n in again], command, timeout=1800)
+            pip = art.pip.read_bytes()
+            rerun = self.fleet.executor.run([self.fleet.target(n) for n in need_pip],
+                                            receiving_and_running(art.pip.name, len(pip)), timeout=1800, stdin=pip)
             ran = GroupResult({**ran.results, **rerun.results})
-            alive = [n for n in alive if n not in need_pip or n in again]
         ok: list[Node] = []
         waiting: list[Node] = []
         report: dict = {}
-        for node in alive:
+        for node in nodes:
             outcome = ran[node.name]
             answer = _last_json(outcome)
             if outcome.ok:
@@ -742,16 +1011,6 @@ class Runtime:
         if waiting:
             known = self.pending.nodes if self.pending else []
             self.pending = Pending(nodes=[*known, *waiting], report=self.pending.report if self.pending else report)
-        return ok
-
-    def _upload(self, nodes: Sequence[Node], result: UpResult, data: bytes | Path, path: str, mode: int) -> list[Node]:
-        put = self.fleet.executor.put([self.fleet.target(n) for n in nodes], data, path, mode=mode)
-        ok = []
-        for node in nodes:
-            if put[node.name].ok:
-                ok.append(node)
-            else:
-                self._failed(node, result, f"upload of {PurePosixPath(path).name}: {put[node.name].describe()}")
         return ok
 
     def finish(self, head: Node | None, result: UpResult) -> None:
@@ -794,6 +1053,18 @@ class Runtime:
         for directory, nodes in by_dir.items():
             self._install(nodes, result, self.stamp(),
                           wheelhouse={"dir": directory, "pins": [pin for _, pin in files]})
+
+
+def _staged(outcome: CommandResult) -> bool:
+    """Whether a stage_shell that got no layout left the tree staged."""
+    return outcome.exit_code == 6 and outcome.stdout.strip().endswith("staged")
+
+
+def _environment(outcome: CommandResult) -> tuple[str, str] | None:
+    """(fingerprint, interpreter) from a check that found the runtime absent, or None
+    when the node could not tell (no interpreter)."""
+    lines = outcome.stdout.splitlines()
+    return fingerprint_of(lines[1:]) if lines and lines[0] == "absent" else None
 
 
 def _home_word(path: str) -> str:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 STAMP = "fleet-runtime.id"
 PTH = "fleet-image.pth"
-TREE = "tree.tar.gz"
+TREE = "tree.tar"
 TAIL_LINES = 25
 
 

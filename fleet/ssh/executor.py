@@ -25,7 +25,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -79,9 +79,12 @@ def _bounded(channel: paramiko.Channel, seconds: float) -> Iterator[None]:
         timer.cancel()
 
 
-def _send_stdin(channel: paramiko.Channel, data: bytes) -> None:
+def _send_stdin(channel: paramiko.Channel, data: Iterable[bytes]) -> None:
+    """Sends each part as it comes (a part may wait for something the caller learns
+    meanwhile), then EOF."""
     with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-        channel.sendall(data)
+        for part in data:
+            channel.sendall(part)
         channel.shutdown_write()
 
 
@@ -363,7 +366,7 @@ class Executor:
         timeout: float | None = None,
         stream: bool = False,
         retries_connect: int = 0,
-        stdin: bytes | None = None,
+        stdin: bytes | Callable[[Target], Iterable[bytes]] | None = None,
     ) -> GroupResult:
         """Run a command (or one per target) on every target, at most `parallelism` at once.
 
@@ -371,7 +374,8 @@ class Executor:
         command, every value quoted. `stream=True` sends each output line to `on_line`
         as it arrives. `retries_connect` retries a node that does not answer (booting).
         `stdin` is sent to every command's standard input (then EOF); without it the
-        command reads EOF at once.
+        command reads EOF at once. A function of the target gives each its own parts,
+        sent as the iterable yields them.
         """
         limit = self.command_timeout if timeout is None else timeout
         on_line = self.on_line if stream else None
@@ -379,7 +383,8 @@ class Executor:
         commands = {target.name: self._command_for(target, command, env) for target in targets}
 
         def work(target: Target) -> CommandResult:
-            return self._run_one(target, commands[target.name], limit, on_line, retries_connect, stdin)
+            data = stdin(target) if callable(stdin) else (stdin,) if stdin else None
+            return self._run_one(target, commands[target.name], limit, on_line, retries_connect, data)
 
         return self._fan_out(targets, work)
 
@@ -393,7 +398,7 @@ class Executor:
 
     def _run_one(
         self, target: Target, command: str, timeout: float, on_line: LineCallback | None, retries: int,
-        stdin: bytes | None = None,
+        stdin: Iterable[bytes] | None = None,
     ) -> CommandResult:
         started = time.monotonic()
         with self._slot(target.name):
@@ -407,7 +412,7 @@ class Executor:
         on_line: LineCallback | None,
         retries: int,
         started: float,
-        stdin: bytes | None = None,
+        stdin: Iterable[bytes] | None = None,
     ) -> CommandResult:
         try:
             channel = self._session(target, retries)
@@ -454,7 +459,7 @@ class Executor:
         err: _Output,
         request_timeout: float,
         cancel: threading.Event,
-        stdin: bytes | None = None,
+        stdin: Iterable[bytes] | None = None,
     ) -> tuple[int | None, FleetError | None]:
         with _bounded(channel, request_timeout):
             channel.exec_command(command)

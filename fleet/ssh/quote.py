@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import PurePosixPath
 
 from fleet.errors import UsageError
 
@@ -65,12 +66,20 @@ def home_path(path: str) -> str:
 def receive_files(files: Sequence[tuple[str, int]]) -> str:
     """Shell that writes the first bytes of its stdin to these files (home-relative paths,
     their sizes), each 0600 in a 0700 directory, written beside and renamed over. `dd`
-    reads exactly a file's bytes; exits 1 when stdin ends early."""
-    lines = ["umask 077"]
+    reads exactly a file's bytes; exits 1 when stdin ends early. The umask is the
+    caller's again after it, for what the command does next."""
+    lines = ["fleet_umask=$(umask)", "umask 077"]
+    made: set[str] = set()
     for path, size in files:
         word = home_path(path)
-        lines.append(f'mkdir -p "$(dirname {word})" && chmod 700 "$(dirname {word})" && '
-                     f"dd of={word}.part bs={size} count=1 iflag=fullblock status=none && "
+        parent = str(PurePosixPath(path.removeprefix("~/")).parent)
+        if parent not in made:  # the directory once, named here (no `dirname` per file)
+            made.add(parent)
+            where = '"$HOME"' if parent == "." else home_path(parent)
+            lines.append(f"mkdir -p {where} && chmod 700 {where} "
+                         f"|| {{ echo 'fleet: could not make '{where} >&2; exit 1; }}")
+        lines.append(f"dd of={word}.part bs={size} count=1 iflag=fullblock status=none && "
                      f'[ "$(stat -c %s {word}.part)" = {size} ] && mv -f {word}.part {word} '
                      f"|| {{ echo 'fleet: could not write '{word}' from stdin' >&2; exit 1; }}")
+    lines.append('umask "$fleet_umask"')
     return "\n".join(lines) + "\n"

@@ -35,3 +35,12 @@ def test_a_short_stdin_fails_and_leaves_the_old_file(tmp_path: Path) -> None:
     short = run(receive_files([(".fleet/mount_key", 100)]), b"only 20 bytes here..", tmp_path)
     assert short.returncode == 1 and b"could not write" in short.stderr
     assert (tmp_path / ".fleet/mount_key").read_bytes() == b"old key"
+
+
+def test_files_in_two_directories_and_the_callers_umask_after(tmp_path: Path) -> None:
+    script = "umask 022\n" + receive_files([("a/one", 3), ("b/c/two", 3), ("a/three", 1)]) + "umask > umask.txt\n"
+    done = run(script, b"111222" + b"3", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [(tmp_path / p).read_bytes() for p in ("a/one", "b/c/two", "a/three")] == [b"111", b"222", b"3"]
+    assert all(stat.S_IMODE((tmp_path / d).stat().st_mode) == 0o700 for d in ("a", "b/c"))
+    assert (tmp_path / "umask.txt").read_text().strip() == "0022"  # what the command does next is not 077
