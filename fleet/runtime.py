@@ -774,7 +774,11 @@ class Runtime:
             if key is not None and not self._layout_path(stamp, key[0]).is_file():
                 groups.setdefault(key, []).append(node)
         waiting = {n.name: key for key, group in groups.items() for n in (group if key in payloads else group[1:])}
-        return checked, self._stage([n for n in nodes if n.name in waiting], waiting, stamp, payloads)
+        # A node that waits for the layout holds one of the executor's threads until the
+        # pilot is done: at most half of them wait, so the pilot always gets one; the
+        # rest only stage and get the layout in a second operation.
+        holding = [name for name, key in waiting.items() if key in payloads][: self.fleet.executor.parallelism // 2]
+        return checked, self._stage([n for n in nodes if n.name in waiting], waiting, stamp, payloads, set(holding))
 
     def _install_absent(self, nodes: Sequence[Node], result: UpResult, stamp: str, checked: GroupResult,
                         staged: set[str] | None = None) -> list[Node]:
@@ -886,12 +890,13 @@ class Runtime:
         return done, fallback
 
     def _stage(self, nodes: Sequence[Node], keys: dict[str, tuple[str, str]], stamp: str,
-               payloads: dict[tuple[str, str], Future[bytes]]) -> dict[str, CommandResult]:
+               payloads: dict[tuple[str, str], Future[bytes]], holding: set[str] = frozenset()
+               ) -> dict[str, CommandResult]:
         """The layout-independent tree staged on `nodes` (on stdin, one SSH operation
         each). A node whose environment (`keys`) has a future in `payloads` then waits on
         the same channel for its replay_payload and makes its runtime (exit 0); the others
-        end once staged (exit 6, see _staged). A node where staging failed is no error
-        yet: it gets the whole prepared tree later."""
+        end once staged (exit 6, see _staged); only the nodes named in `holding` wait. A
+        node where staging failed is no error yet: it gets the whole prepared tree later."""
         if not nodes:
             return {}
         art = self.artifacts()
@@ -899,7 +904,7 @@ class Runtime:
 
         def stdin(target: Target) -> Iterator[bytes]:
             yield tree
-            future = payloads.get(keys[target.name])
+            future = payloads.get(keys[target.name]) if target.name in holding else None
             if future is not None and (payload := future.result()):
                 yield payload
 

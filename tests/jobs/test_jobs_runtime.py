@@ -181,3 +181,18 @@ def test_workers_without_an_index_install_from_the_heads_wheelhouse(make_fleet, 
     assert code == 1 and set(summary["failures"]) == {w1}, summary
     assert "hash" in summary["failures"][w1].lower(), summary["failures"][w1]
     assert exec_json(fleet, '"$FLEET_PYTHON" -c "import fleettinypkg"', nodes=w1)[w1]["exit_code"] != 0
+
+
+def test_nodes_waiting_for_a_pilot_leave_it_ssh_threads_when_it_needs_pip(make_fleet, tmp_path: Path) -> None:
+    """The nodes of the pilot's environment stage the tree and wait for its layout on
+    their channels, each holding one of the executor's threads. The pilot needs a second
+    operation (the control plane's pip, for what the image lacks): with two threads and
+    three waiting nodes it must still get one (it waited forever when all three waited)."""
+    links = tmp_path / "links"
+    tiny_wheel(links)
+    fleet = make_fleet(workers=3, extra={
+        "ssh": {"parallelism": 2}, "local": {"isolation": "loopback"},
+        "runtime": {"packages": ["fleettinypkg==1.0"], "find_links": [str(links)], "index_url": links.as_uri()}})
+    got = exec_json(fleet, '"$FLEET_PYTHON" -c "import fleettinypkg; print(fleettinypkg.VALUE)"')
+    assert len(got) == 4 and {r["stdout"].strip() for r in got.values()} == {"1"}, got
+    assert sorted(runtime_events(fleet)) == sorted(got), fleet.events()
