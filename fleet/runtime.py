@@ -38,9 +38,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import tomllib
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from email.parser import Parser
@@ -459,64 +460,26 @@ def _absolute_interpreters(layout: dict) -> set[str]:
     return {t for t in layout["links"].values() if t.startswith("/")} | {cfg["executable"]}
 
 
-def layout_tree(tree: Path, layout: dict, version: str = __version__) -> Path:
-    """The prepared tree laid out as a runtime of `layout`: `<version>/` with the venv's
-    links, pyvenv.cfg and the image's .pth beside fleet's files, so that a node makes its
-    runtime with one `tar -x`. Built once per layout, beside the tree."""
-    key = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:12]
-    target = tree.with_name(f"{tree.name.removesuffix(TREE)}{key}.{TREE}")
-    if target.is_file():
-        return target
-    site = PurePosixPath(version, layout["site"])
-    moved = {"site-packages": str(site), "bin": f"{version}/bin"}
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
-    with tarfile.open(tree) as source, tarfile.open(tmp, "w") as out:
-        mtime = max((m.mtime for m in source.getmembers()), default=0)
-        add = _add_skeleton(out, layout, version, mtime)
-        for member in source.getmembers():
-            top, _, rest = member.name.partition("/")
-            if top not in moved or (member.isdir() and top == "bin" and not rest):
-                continue
-            member.name = f"{moved[top]}/{rest}" if rest else moved[top]
-            out.addfile(member, source.extractfile(member) if member.isfile() else None)
-        if layout["pth"]:
-            add(f"{layout['site']}/{PTH}", tarfile.REGTYPE, data=layout["pth"].encode(), mode=0o644)
-    os.replace(tmp, target)
-    return target
-
-
-def _add_skeleton(out: tarfile.TarFile, layout: dict, prefix: str, mtime: int) -> Callable[..., None]:
-    """Adds to `out`, under `prefix` (a runtime's directory, or "" for its staging),
-    what a runtime of `layout` has besides the tree: bin/ with the venv's links, include/,
-    the site directory's parents (not the site directory), lib64 and pyvenv.cfg.
-    Returns the function that adds a member."""
-    def add(name: str, kind: bytes, *, data: bytes = b"", link: str = "", mode: int = 0o755) -> None:
-        info = tarfile.TarInfo(f"{prefix}/{name}" if prefix else name)
-        info.type, info.mode, info.mtime, info.linkname, info.size = kind, mode, mtime, link, len(data)
-        out.addfile(info, io.BytesIO(data) if data else None)
-
-    if prefix:
-        info = tarfile.TarInfo(prefix)
-        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, mtime
-        out.addfile(info)
-    for directory in ("bin", "include", *map(str, reversed(PurePosixPath(layout["site"]).parents[:-1]))):
-        add(directory, tarfile.DIRTYPE)
-    for name, link in layout["links"].items():
-        add(f"bin/{name}", tarfile.SYMTYPE, link=link, mode=0o777)
-    if layout["lib64"]:
-        add("lib64", tarfile.SYMTYPE, link=layout["lib64"], mode=0o777)
-    add("pyvenv.cfg", tarfile.REGTYPE, data=layout["cfg"].encode(), mode=0o644)
-    return add
-
-
 def replay_payload(layout: dict) -> bytes:
-    """What a node that staged the tree needs of `layout` (read by its shell from stdin):
-    the site directory, the interpreters to check, then the skeleton (see _add_skeleton)
-    as a tar of its own, the image's .pth in the staged site-packages. Every line is a
-    value checked_layout accepted (no spaces, no newlines)."""
+    """What a node that staged the tree needs of `layout`, read by its shell from stdin
+    (see _replay_lines): the site directory, the interpreters to check, then the skeleton
+    as a small tar of its own: bin/ with the venv's links, include/, the site directory's
+    parents, lib64, pyvenv.cfg and the image's .pth in the staged site-packages. Every
+    line is a value checked_layout accepted (no spaces, no newlines)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as out:
-        add = _add_skeleton(out, layout, "", 0)
+        def add(name: str, kind: bytes, *, data: bytes = b"", link: str = "", mode: int = 0o755) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.linkname, info.size = kind, mode, link, len(data)
+            out.addfile(info, io.BytesIO(data) if data else None)
+
+        for directory in ("bin", "include", *map(str, reversed(PurePosixPath(layout["site"]).parents[:-1]))):
+            add(directory, tarfile.DIRTYPE)
+        for name, link in layout["links"].items():
+            add(f"bin/{name}", tarfile.SYMTYPE, link=link, mode=0o777)
+        if layout["lib64"]:
+            add("lib64", tarfile.SYMTYPE, link=layout["lib64"], mode=0o777)
+        add("pyvenv.cfg", tarfile.REGTYPE, data=layout["cfg"].encode(), mode=0o644)
         if layout["pth"]:
             add(f"site-packages/{PTH}", tarfile.REGTYPE, data=layout["pth"].encode(), mode=0o644)
     skeleton = buffer.getvalue()
@@ -530,54 +493,60 @@ def staged_dir(tree_sha: str, version: str = __version__) -> str:
     return f"{NODE_ROOT}/.staged-{version}-{tree_sha[:16]}"
 
 
-def _replay_lines(real: str, stamp: str, tree_sha: str) -> list[str]:
-    """Shell that reads a replay_payload from stdin and makes the runtime of the staged
-    tree: exit 6 (after `staged`) when stdin ends first, 5 when an interpreter the
-    layout names is not `real`, this node's own."""
+def _replay_lines(stamp: str, tree_sha: str) -> list[str]:
+    """Shell that reads a replay_payload from stdin and makes the staged tree the
+    runtime: exit 6 (after `staged`) when stdin ends first, 5 when an interpreter the
+    layout names is not "$real", this node's own."""
     staged, root = f'"$HOME"/{staged_dir(tree_sha)}', f'"$HOME"/{runtime_dir()}'
     return [
         "IFS= read -r site || { echo staged; exit 6; }",
         "read -r count",
         'while [ "$count" -gt 0 ]; do IFS= read -r interpreter',
         # -ef, a builtin: both names are one file once symlinks are followed
-        f'  [ "$interpreter" -ef {_quote(real)} ] || {{ echo changed; exit 5; }}; count=$((count - 1)); done',
+        '  [ "$interpreter" -ef "$real" ] || { echo changed; exit 5; }; count=$((count - 1)); done',
         "read -r size",
         f'dd bs="$size" count=1 iflag=fullblock status=none | tar -xf - -C {staged}',
         f'mv {staged}/site-packages {staged}/"$site"',
         f"printf '%s\\n' {_quote(stamp)} > {staged}/{STAMP}",
         f"[ ! -e {root} ] || rm -rf {root}",
         f"mv {staged} {root}",
+        "echo installed",
     ]
 
 
-def stage_shell(tree_sha: str, tree_size: int, real: str, stamp: str) -> str:
-    """Shell that unpacks the tree (the first `tree_size` bytes of stdin: a tar, which
-    tar refuses when cut short; SSH's MAC guards it, the zip has its CRCs) into the
-    node's staging directory, renamed into place once complete, then waits on stdin for
-    the layout (see _replay_lines). Stagings of other trees go first."""
+FINGERPRINTED = "fingerprinted"  # ensure_shell's last line before it reads its stdin
+
+
+def ensure_shell(stamp: str, fingerprint: str, tree_sha: str, tree_size: int) -> str:
+    """The one SSH operation that brings a node its runtime when a layout is known (and
+    that checks it first): the stamp (`read`, a builtin: on a complete node no process
+    starts but the shell) prints `present` and ends. Otherwise it prints `absent`, the
+    fingerprint lines (fingerprint_shell) and FINGERPRINTED, then reads from stdin what
+    the control plane decided on seeing them: nothing (exit 6, `unstaged`); `stage` and
+    the tree (its first `tree_size` bytes: a tar, which tar refuses when cut short; SSH's
+    MAC guards it, the zip in it has its CRCs), unpacked into the staging directory; or
+    `replay` for a tree staged earlier. Then a replay_payload makes the runtime (exit 0,
+    `installed`), or stdin ends (exit 6, `staged`); exit 5: the layout's interpreter is
+    not this node's. Stagings of other trees go first."""
     staged = f'"$HOME"/{staged_dir(tree_sha)}'
     return "\n".join([
+        f'found=; {{ read -r found < "$HOME"/{runtime_dir()}/{STAMP}; }} 2>/dev/null',
+        f'if [ "$found" = {_quote(stamp)} ]; then echo present; exit 0; fi',
+        "echo absent",
+        fingerprint,
+        f"echo {FINGERPRINTED}",
+        "IFS= read -r mode || mode=",
+        'case "$mode" in',
+        "  stage)",
+        f'    for old in "$HOME"/{NODE_ROOT}/.staged-*; do [ ! -e "$old" ] || rm -rf "$old"; done',
+        (f"    mkdir -p {staged}.part && dd bs={tree_size} count=1 iflag=fullblock status=none "
+         f"| tar -xf - -C {staged}.part && mv {staged}.part {staged} || {{ echo unstaged; exit 6; }} ;;"),
+        f"  replay) [ -d {staged}/site-packages ] || {{ echo unstaged; exit 6; }} ;;",
+        "  *) echo unstaged; exit 6 ;;",
+        "esac",
         "set -e",
-        f'for old in "$HOME"/{NODE_ROOT}/.staged-*; do [ ! -e "$old" ] || rm -rf "$old"; done',
-        f"mkdir -p {staged}.part",
-        f"dd bs={tree_size} count=1 iflag=fullblock status=none | tar -xf - -C {staged}.part",
-        f"mv {staged}.part {staged}",
-        *_replay_lines(real, stamp, tree_sha),
+        *_replay_lines(stamp, tree_sha),
     ]) + "\n"
-
-
-def replay_shell(real: str, stamp: str, tree_sha: str) -> str:
-    """Shell that makes the runtime of a tree staged earlier and the replay_payload on
-    stdin: exit 7 when nothing is staged (the node then gets the whole prepared tree)."""
-    staged = f'"$HOME"/{staged_dir(tree_sha)}'
-    return "\n".join([f"[ -d {staged}/site-packages ] || {{ echo unstaged; exit 7; }}", "set -e",
-                      *_replay_lines(real, stamp, tree_sha)]) + "\n"
-
-
-def _interpreter_checks(layout: dict, real: str) -> list[str]:
-    """Shell lines that exit 5 when an interpreter the layout names is not `real`."""
-    return [f"[ {_quote(path)} -ef {_quote(real)} ] || {{ echo changed; exit 5; }}"  # -ef: a builtin, no process
-            for path in sorted(_absolute_interpreters(layout))]
 
 
 def fingerprint_shell(python: str, image: Sequence[str]) -> str:
@@ -599,24 +568,6 @@ def fingerprint_of(lines: Sequence[str]) -> tuple[str, str] | None:
     if len(lines) < 2 or not lines[0].startswith("/"):
         return None
     return hashlib.sha256("\n".join(lines).encode()).hexdigest(), lines[0]
-
-
-def prepared_shell(layout: dict, real: str, stamp: str, incoming: str, tree_sha: str) -> str:
-    """Shell that makes the runtime from the uploaded prepared tree; exit 5 when an
-    interpreter the layout names is not this node's own."""
-    mismatch = _quote(json.dumps({"status": "failed", "error": "the prepared runtime tree uploaded to this "
-                                  "node does not match its sha256: it was not unpacked"}))
-    root = f'"$HOME"/{runtime_dir()}'
-    lines = _interpreter_checks(layout, real)
-    lines += [
-        f'cd "$HOME"/{incoming}',
-        f"echo {_quote(f'{tree_sha}  {TREE}')} | sha256sum -c >/dev/null 2>&1 || {{ echo {mismatch}; exit 1; }}",
-        "set -e",
-        f"[ ! -e {root} ] || rm -rf {root}",
-        f'tar -xf {TREE} -C "$HOME"/{NODE_ROOT}',
-        f"printf '%s\\n' {_quote(stamp)} > {root}/{STAMP}",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 # -- on the nodes ----------------------------------------------------------------------
@@ -710,121 +661,113 @@ class Runtime:
             for node in nodes:
                 result.failures[node.name] = f"the node runtime: {error.message}"
             return []
-        # `read`, a builtin: on a complete fleet the check starts no process but the shell.
-        check = (f'found=; {{ read -r found < "$HOME"/{runtime_dir()}/{STAMP}; }} 2>/dev/null; '
-                 f'if [ "$found" = {_quote(stamp)} ]; then echo present; '
-                 f'else echo absent; {self._fingerprint_shell()}; fi')
-        # The first node is checked alone, so that its install (as its environment's pilot
-        # when no layout is known) starts at once. Meanwhile the others are checked; those
-        # of the lead's environment stage the tree and wait on the same channel for the
-        # layout the lead reports, those behind another unknown environment's pilot stage.
+        art = self.artifacts()
+        tree = art.tree.read_bytes()
+        script = ensure_shell(stamp, self._fingerprint_shell(), art.tree_sha, len(tree))
+        # The first node goes alone, so that its install (as its environment's pilot when
+        # no layout is known) starts at once. Meanwhile the others are checked; those of
+        # its environment stage the tree and wait on the same channel for the layout it
+        # reports.
         lead, others = nodes[0], list(nodes[1:])
-        lead_checked = self.fleet.executor.run([self.fleet.target(lead)], check, timeout=60)
-        lead_absent = self._sorted(lead_checked, [lead], result)
-        ok = [lead] if lead_checked[lead.name].ok and not lead_absent else []
-        key = _environment(lead_checked[lead.name]) if lead_absent else None
-        payloads: dict[tuple[str, str], Future[bytes]] = {}
-        if key is not None and self._layout(stamp, key[0]) is None:
-            payloads[key] = Future()
+        ran = self._run_plan([lead], script, _Plan(self, stamp, tree))
+        ok, absent, staged = self._sort([lead], ran, result, stamp)
+        key = _key_of(ran[lead.name].stdout) if absent else None
+        pilot = key if key is not None and self._layout(stamp, key[0]) is None else None
+        payload: Future[bytes] = Future()
+        # A waiting node holds one of the executor's threads until the pilot is done: at
+        # most half of them wait, so that the pilot always gets one (it may need a second
+        # operation, for pip); the others of its environment only stage.
+        plan = _Plan(self, stamp, tree, pilot=pilot, payload=payload, hold=self.fleet.executor.parallelism // 2)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-runtime") as side:
-            later = side.submit(self._check_and_stage, others, check, stamp, payloads) if others else None
+            later = side.submit(self._run_plan, others, script, plan) if others else None
             try:
-                if lead_absent:
-                    ok += self._install_absent(lead_absent, result, stamp, lead_checked)
-            finally:  # always: the waiting nodes' channels end on an empty payload
-                for (fingerprint, _), future in payloads.items():
-                    layout = self._layout(stamp, fingerprint)
-                    future.set_result(replay_payload(layout) if layout is not None and lead in ok else b"")
-            checked, staging = later.result() if later else (GroupResult({}), {})
-        absent = self._sorted(checked, others, result)
-        ok += [n for n in others if checked[n.name].ok and n not in absent]
-        made = [n for n in absent if n.name in staging and staging[n.name].ok]
-        for node in made:
-            self.fleet.state.add_event("runtime", node.name, f"{DIST} {__version__} installed (the prepared "
-                                       "tree, staged while the pilot installed; nothing from the index)")
-        changed = [n for n in absent if n.name in staging and staging[n.name].exit_code == 5]
-        staged = {name for name, outcome in staging.items() if _staged(outcome)}
-        rest = [n for n in absent if n not in made and n not in changed]
-        ok += made + self._install_absent(rest, result, stamp, checked, staged) + self._install(
-            changed, result, stamp, wheelhouse=None)
+                if pilot is not None:
+                    ok += self._install([lead], result, stamp, wheelhouse=None, fingerprints={lead.name: pilot[0]})
+                    absent.remove(lead)
+            finally:  # always: the waiting channels end, on an empty payload when there is no layout
+                layout = self._layout(stamp, pilot[0]) if pilot is not None and lead in ok else None
+                payload.set_result(replay_payload(layout) if layout is not None else b"")
+            ran = GroupResult({**ran.results, **(later.result().results if later else {})})
+        more_ok, more_absent, more_staged = self._sort(others, ran, result, stamp)
+        ok += more_ok
+        if absent or more_absent:
+            # The pilot's environment has no layout now: the pilot failed, or installed
+            # something from the index, which the others then install in full too.
+            tried = {pilot} if pilot is not None and self._layout(stamp, pilot[0]) is None else set()
+            ok += self._install_absent([*absent, *more_absent], ran, result, stamp, script, tree,
+                                       staged | more_staged, tried)
         return [n for n in nodes if n in ok or (self.pending is not None and n in self.pending.nodes)]
 
-    def _sorted(self, checked: GroupResult, nodes: Sequence[Node], result: UpResult) -> list[Node]:
-        """The nodes whose check says their runtime is absent; unreachable ones are
-        reported as failed."""
-        absent = []
+    def _run_plan(self, nodes: Sequence[Node], script: str, plan: _Plan) -> GroupResult:
+        """ensure_shell on `nodes`, their stdin as `plan` decides (thread-safe: no state,
+        no log)."""
+        if not nodes:
+            return GroupResult({})
+        try:
+            return self.fleet.executor.run([self.fleet.target(n) for n in nodes], script, stdin=plan.stdin,
+                                           on_line=plan.on_line, timeout=1800 + 300)  # waiting lasts a pilot's install
+        finally:
+            plan.release()
+
+    def _sort(self, nodes: Sequence[Node], ran: GroupResult, result: UpResult, stamp: str
+              ) -> tuple[list[Node], list[Node], set[str]]:
+        """(the nodes whose runtime is there now, the absent ones, the names of those
+        that staged the tree). A node whose layout's interpreter is not its own installs
+        in full; one that could not be checked is reported."""
+        ok: list[Node] = []
+        absent: list[Node] = []
+        staged: set[str] = set()
+        changed: list[Node] = []
         for node in nodes:
-            if not checked[node.name].ok:
-                self._failed(node, result, checked[node.name].describe())
-            elif checked[node.name].stdout.strip() != "present":
+            outcome = ran[node.name]
+            lines = outcome.stdout.split()
+            if not lines or lines[0] not in ("present", "absent"):
+                self._failed(node, result, outcome.describe())
+            elif lines[0] == "present" and outcome.ok:
+                ok.append(node)
+            elif outcome.ok and lines[-1] == "installed":
+                ok.append(node)
+                self.fleet.state.add_event("runtime", node.name, f"{DIST} {__version__} installed (the prepared "
+                                           "tree, in the layout of its environment; nothing from the index)")
+            elif outcome.exit_code == 5:
+                changed.append(node)
+            else:
                 absent.append(node)
-        return absent
+                if outcome.exit_code == 6 and lines[-1] == "staged":
+                    staged.add(node.name)
+        return ok + self._install(changed, result, stamp, wheelhouse=None), absent, staged
 
-    def _check_and_stage(self, nodes: Sequence[Node], check: str, stamp: str,
-                         payloads: dict[tuple[str, str], Future[bytes]]) -> tuple[GroupResult, dict[str, CommandResult]]:
-        """Beside the lead's install (another thread: no state, no log here): the check
-        on `nodes`, then the tree staged on those that will wait for a pilot: of the
-        lead's environment (they wait for its layout, see _stage), or behind the first
-        node of another unknown one."""
-        checked = self.fleet.executor.run([self.fleet.target(n) for n in nodes], check, timeout=60)
-        groups: dict[tuple[str, str], list[Node]] = {}
-        for node in nodes:
-            key = _environment(checked[node.name]) if checked[node.name].ok else None
-            # (The layout's file, not self._layout: the lead's pilot may be remembering it.)
-            if key is not None and not self._layout_path(stamp, key[0]).is_file():
-                groups.setdefault(key, []).append(node)
-        waiting = {n.name: key for key, group in groups.items() for n in (group if key in payloads else group[1:])}
-        # A node that waits for the layout holds one of the executor's threads until the
-        # pilot is done: at most half of them wait, so the pilot always gets one; the
-        # rest only stage and get the layout in a second operation.
-        holding = [name for name, key in waiting.items() if key in payloads][: self.fleet.executor.parallelism // 2]
-        return checked, self._stage([n for n in nodes if n.name in waiting], waiting, stamp, payloads, set(holding))
-
-    def _install_absent(self, nodes: Sequence[Node], result: UpResult, stamp: str, checked: GroupResult,
-                        staged: set[str] | None = None) -> list[Node]:
-        """Nodes of an environment whose layout is known get the runtime made from the
-        prepared tree; of the others, one per environment (the pilot) installs in full and
-        reports the layout, then the rest of its environment gets the tree too (while the
-        pilot installs, they stage it), or installs in full as well."""
+    def _install_absent(self, nodes: Sequence[Node], ran: GroupResult, result: UpResult, stamp: str, script: str,
+                        tree: bytes, staged: set[str], tried: set[tuple[str, str]]) -> list[Node]:
+        """The nodes still without the runtime after their ensure_shell: of each
+        environment whose layout is unknown, one (the pilot) installs in full and reports
+        it; then the rest of every environment whose layout is known gets ensure_shell
+        again (a staged tree is replayed), and the others install in full as well (as do
+        all of an environment in `tried`, whose pilot found no layout already)."""
         groups: dict[tuple[str, str], list[Node]] = {}
         alone: list[Node] = []
         for node in nodes:
-            key = _environment(checked[node.name])
+            key = _key_of(ran[node.name].stdout)
             if key is None:  # no interpreter found: the full install, alone
                 alone.append(node)
             else:
                 groups.setdefault(key, []).append(node)
-        pilots = {key: group[0] for key, group in groups.items() if self._layout(stamp, key[0]) is None}
-        staged = set(staged or ())
-        waiting = {n.name: key for key in pilots for n in groups[key][1:] if n.name not in staged}
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-stage") as side:
-            staging = side.submit(self._stage, [n for n in nodes if n.name in waiting], waiting, stamp, {})
-            ok = self._install([*pilots.values(), *alone], result, stamp, wheelhouse=None,
-                               fingerprints={node.name: key[0] for key, node in pilots.items()})
-            staged |= {name for name, outcome in staging.result().items() if _staged(outcome)}
+        pilots = {key: min(group, key=lambda n: n.name in staged)  # an unstaged one first: nothing to waste
+                  for key, group in groups.items() if self._layout(stamp, key[0]) is None and key not in tried}
+        ok = self._install([*pilots.values(), *alone], result, stamp, wheelhouse=None,
+                           fingerprints={node.name: key[0] for key, node in pilots.items()})
+        known: list[Node] = []
         full: list[Node] = []
-        replay: dict[tuple[str, str], list[Node]] = {}
-        prepared: dict[tuple[str, str], list[Node]] = {}
         for key, group in groups.items():
-            rest = group[1:] if key in pilots else group
-            if self._layout(stamp, key[0]) is None or (key in pilots and pilots[key] not in ok):
-                full += rest
-                continue
-            replay[key] = [n for n in rest if n.name in staged]
-            prepared[key] = [n for n in rest if n.name not in staged]
-        if any(replay.values()):
-            done, fallback, unstaged = self._replay_staged(replay, result, stamp)
+            rest = [n for n in group if n is not pilots.get(key)]
+            replayable = self._layout(stamp, key[0]) is not None and (key not in pilots or pilots[key] in ok)
+            (known if replayable else full).extend(rest)
+        if known:
+            again = self._run_plan(known, script, _Plan(self, stamp, tree, staged=staged))
+            done, unstaged, _ = self._sort(known, again, result, stamp)
             ok += done
-            full += fallback
-            for key, nodes_left in unstaged.items():
-                prepared[key] = [*prepared.get(key, []), *nodes_left]
-        if any(prepared.values()):
-            done, fallback = self._install_prepared(prepared, result, stamp)
-            ok += done
-            full += fallback
-        if full:
-            ok += self._install(full, result, stamp, wheelhouse=None)
-        return ok
+            full += unstaged
+        return ok + self._install(full, result, stamp, wheelhouse=None)
 
     def _fingerprint_shell(self) -> str:
         return fingerprint_shell(self._python_expression(), self.image())
@@ -845,6 +788,14 @@ class Runtime:
                 self._layouts[key] = None
         return self._layouts[key]
 
+    def stored_layout(self, stamp: str, fingerprint: str) -> dict | None:
+        """The checked layout in the layout's file, read now (thread-safe, unlike
+        _layout: the pilot may be remembering it meanwhile)."""
+        try:
+            return checked_layout(json.loads(self._layout_path(stamp, fingerprint).read_text()), self.image())
+        except (OSError, ValueError):
+            return None
+
     def _remember(self, stamp: str, fingerprint: str, layout: object) -> None:
         checked = checked_layout(layout, self.image())
         self._layouts[(stamp, fingerprint)] = checked
@@ -856,64 +807,6 @@ class Runtime:
         tmp.write_text(json.dumps(checked))
         os.replace(tmp, path)
 
-    def _install_prepared(self, groups: dict[tuple[str, str], list[Node]], result: UpResult,
-                          stamp: str) -> tuple[list[Node], list[Node]]:
-        """The prepared tree of each environment's layout, unpacked by shell: (installed,
-        nodes whose interpreter is not the one the layout names, for the full install)."""
-        art = self.artifacts()
-        incoming = f"{NODE_ROOT}/.incoming-{__version__}"
-        done: list[Node] = []
-        fallback: list[Node] = []
-        for (fingerprint, real), group in groups.items():
-            if not group:
-                continue
-            layout = self._layout(stamp, fingerprint)
-            assert layout is not None
-            tree = layout_tree(art.tree, layout)
-            self.fleet.log(f"installing the node runtime {DIST} {__version__} on {len(group)} node(s) "
-                           "from the prepared tree")
-            # One SSH operation per node: the tree comes on the command's stdin.
-            data = tree.read_bytes()
-            command = receive_files([(f"{incoming}/{TREE}", len(data))]) \
-                + prepared_shell(layout, real, stamp, incoming, hashlib.sha256(data).hexdigest())
-            ran = self.fleet.executor.run([self.fleet.target(n) for n in group], command, timeout=300, stdin=data)
-            for node in group:
-                outcome = ran[node.name]
-                if outcome.ok:
-                    done.append(node)
-                    self.fleet.state.add_event("runtime", node.name, f"{DIST} {__version__} installed "
-                                               "(the prepared tree, nothing from the index)")
-                elif outcome.exit_code == 5:
-                    fallback.append(node)
-                else:
-                    self._failed(node, result, _last_json(outcome).get("error") or outcome.describe())
-        return done, fallback
-
-    def _stage(self, nodes: Sequence[Node], keys: dict[str, tuple[str, str]], stamp: str,
-               payloads: dict[tuple[str, str], Future[bytes]], holding: set[str] = frozenset()
-               ) -> dict[str, CommandResult]:
-        """The layout-independent tree staged on `nodes` (on stdin, one SSH operation
-        each). A node whose environment (`keys`) has a future in `payloads` then waits on
-        the same channel for its replay_payload and makes its runtime (exit 0); the others
-        end once staged (exit 6, see _staged); only the nodes named in `holding` wait. A
-        node where staging failed is no error yet: it gets the whole prepared tree later."""
-        if not nodes:
-            return {}
-        art = self.artifacts()
-        tree = art.tree.read_bytes()
-
-        def stdin(target: Target) -> Iterator[bytes]:
-            yield tree
-            future = payloads.get(keys[target.name]) if target.name in holding else None
-            if future is not None and (payload := future.result()):
-                yield payload
-
-        ran = self.fleet.executor.run(
-            [self.fleet.target(n) for n in nodes],
-            lambda target: stage_shell(art.tree_sha, len(tree), keys[target.name][1], stamp),
-            timeout=1800 + 300, stdin=stdin)  # a waiting node's command lasts as long as the pilot's install
-        return {node.name: ran[node.name] for node in nodes}
-
     def _bundle(self, tree: Path, config: dict) -> bytes:
         """node_bundle, built once per config in this process (a replacement's pilot
         gets the same as the first `up`'s)."""
@@ -921,39 +814,6 @@ class Runtime:
         if key not in self._bundles:
             self._bundles[key] = node_bundle(tree, config)
         return self._bundles[key]
-
-    def _replay_staged(self, groups: dict[tuple[str, str], list[Node]], result: UpResult, stamp: str
-                       ) -> tuple[list[Node], list[Node], dict[tuple[str, str], list[Node]]]:
-        """Runtimes made from the staged tree and their layout's replay_payload:
-        (installed, nodes whose interpreter is not the layout's, for the full install,
-        nodes whose staging is gone, per environment, for the whole prepared tree)."""
-        art = self.artifacts()
-        done: list[Node] = []
-        fallback: list[Node] = []
-        unstaged: dict[tuple[str, str], list[Node]] = {}
-        for (fingerprint, real), group in groups.items():
-            if not group:
-                continue
-            layout = self._layout(stamp, fingerprint)
-            assert layout is not None
-            self.fleet.log(f"installing the node runtime {DIST} {__version__} on {len(group)} node(s) "
-                           "from the prepared tree they staged")
-            ran = self.fleet.executor.run([self.fleet.target(n) for n in group],
-                                          replay_shell(real, stamp, art.tree_sha), timeout=300,
-                                          stdin=replay_payload(layout))
-            for node in group:
-                outcome = ran[node.name]
-                if outcome.ok:
-                    done.append(node)
-                    self.fleet.state.add_event("runtime", node.name, f"{DIST} {__version__} installed (the prepared "
-                                               "tree, staged while the pilot installed; nothing from the index)")
-                elif outcome.exit_code == 5:
-                    fallback.append(node)
-                elif outcome.exit_code == 7:
-                    unstaged.setdefault((fingerprint, real), []).append(node)
-                else:
-                    self._failed(node, result, outcome.describe())
-        return done, fallback, unstaged
 
     def _failed(self, node: Node, result: UpResult, message: str) -> None:
         text = f"the node runtime ({DIST} {__version__}) could not be installed: {message}"
@@ -1060,16 +920,90 @@ class Runtime:
                           wheelhouse={"dir": directory, "pins": [pin for _, pin in files]})
 
 
-def _staged(outcome: CommandResult) -> bool:
-    """Whether a stage_shell that got no layout left the tree staged."""
-    return outcome.exit_code == 6 and outcome.stdout.strip().endswith("staged")
+class _Plan:
+    """What each node's ensure_shell gets on stdin, decided as its check reports: the
+    executor's threads call on_line, each channel's stdin sender runs stdin(). A node of
+    an environment whose layout is known gets the tree (or `replay`, when it staged it
+    before) and the layout; one of the pilot's environment gets the tree and waits for
+    the pilot's layout (`payload`), up to `hold` of them, the others only stage; the first
+    node of another unknown environment is left for its own pilot, the rest stage."""
+
+    def __init__(self, runtime: Runtime, stamp: str, tree: bytes, *, pilot: tuple[str, str] | None = None,
+                 payload: Future[bytes] | None = None, hold: int = 0, staged: set[str] | None = None) -> None:
+        self.runtime, self.stamp, self.tree = runtime, stamp, tree
+        self.pilot, self.payload, self.hold, self.staged = pilot, payload, hold, staged or set()
+        self._lock = threading.Lock()
+        self._lines: dict[str, list[str]] = {}
+        self._decided: dict[str, threading.Event] = {}
+        self._parts: dict[str, tuple[bytes | None, ...]] = {}  # None: the pilot's payload, when it comes
+        self._left_for_pilot: set[tuple[str, str]] = set()
+        self._waiting = 0
+        self._released = False
+
+    def on_line(self, node: str, stream: str, line: str) -> None:
+        if stream != "stdout":
+            return
+        with self._lock:
+            lines = self._lines.setdefault(node, [])
+            lines.append(line)
+            if line == "present" and len(lines) == 1:
+                self._decide(node, ())
+            elif line == FINGERPRINTED and lines[0] == "absent":
+                self._decide(node, self._parts_for(node, fingerprint_of(lines[1:-1])))
+
+    def _parts_for(self, node: str, key: tuple[str, str] | None) -> tuple[bytes | None, ...]:
+        if key is None:
+            return ()
+        layout = self.runtime.stored_layout(self.stamp, key[0])
+        if layout is not None:
+            start: tuple[bytes, ...] = (b"replay\n",) if node in self.staged else (b"stage\n", self.tree)
+            return (*start, replay_payload(layout))
+        if key == self.pilot:
+            if self._waiting < self.hold:
+                self._waiting += 1
+                return b"stage\n", self.tree, None
+            return b"stage\n", self.tree
+        if key in self._left_for_pilot:
+            return b"stage\n", self.tree
+        self._left_for_pilot.add(key)
+        return ()
+
+    def _decide(self, node: str, parts: tuple[bytes | None, ...]) -> None:
+        self._parts[node] = parts
+        self._event(node).set()
+
+    def _event(self, node: str) -> threading.Event:
+        event = self._decided.setdefault(node, threading.Event())
+        if self._released:
+            event.set()
+        return event
+
+    def stdin(self, target: Target) -> Iterator[bytes]:
+        with self._lock:
+            event = self._event(target.name)
+        event.wait()
+        for part in self._parts.get(target.name, ()):
+            if part is None:
+                assert self.payload is not None
+                part = self.payload.result()
+            if part:
+                yield part
+
+    def release(self) -> None:
+        """After the operation: a node that never reported (unreachable) gets nothing."""
+        with self._lock:
+            self._released = True
+            for event in self._decided.values():
+                event.set()
 
 
-def _environment(outcome: CommandResult) -> tuple[str, str] | None:
-    """(fingerprint, interpreter) from a check that found the runtime absent, or None
-    when the node could not tell (no interpreter)."""
-    lines = outcome.stdout.splitlines()
-    return fingerprint_of(lines[1:]) if lines and lines[0] == "absent" else None
+def _key_of(stdout: str) -> tuple[str, str] | None:
+    """(fingerprint, interpreter) of a node whose ensure_shell found the runtime absent,
+    or None when it could not tell (no interpreter)."""
+    lines = stdout.splitlines()
+    if not lines or lines[0] != "absent" or FINGERPRINTED not in lines:
+        return None
+    return fingerprint_of(lines[1:lines.index(FINGERPRINTED)])
 
 
 def _home_word(path: str) -> str:

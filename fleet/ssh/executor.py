@@ -81,11 +81,14 @@ def _bounded(channel: paramiko.Channel, seconds: float) -> Iterator[None]:
 
 def _send_stdin(channel: paramiko.Channel, data: Iterable[bytes]) -> None:
     """Sends each part as it comes (a part may wait for something the caller learns
-    meanwhile), then EOF."""
-    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-        for part in data:
-            channel.sendall(part)
-        channel.shutdown_write()
+    meanwhile), then EOF: also when the parts fail, so that the command is not left
+    waiting for more (what it makes of a short input is its result)."""
+    with contextlib.suppress(Exception):  # a closed channel, or a source that broke
+        try:
+            for part in data:
+                channel.sendall(part)
+        finally:
+            channel.shutdown_write()
 
 
 class _Output:
@@ -367,6 +370,7 @@ class Executor:
         stream: bool = False,
         retries_connect: int = 0,
         stdin: bytes | Callable[[Target], Iterable[bytes]] | None = None,
+        on_line: LineCallback | None = None,
     ) -> GroupResult:
         """Run a command (or one per target) on every target, at most `parallelism` at once.
 
@@ -375,10 +379,11 @@ class Executor:
         as it arrives. `retries_connect` retries a node that does not answer (booting).
         `stdin` is sent to every command's standard input (then EOF); without it the
         command reads EOF at once. A function of the target gives each its own parts,
-        sent as the iterable yields them.
+        sent as the iterable yields them. `on_line` gets this call's output lines as they
+        arrive (instead of the executor's own, which `stream=True` asks for).
         """
         limit = self.command_timeout if timeout is None else timeout
-        on_line = self.on_line if stream else None
+        on_line = on_line or (self.on_line if stream else None)
         # Build every command first: a bad env name fails the call before any node runs.
         commands = {target.name: self._command_for(target, command, env) for target in targets}
 

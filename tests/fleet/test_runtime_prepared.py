@@ -3,7 +3,7 @@ on nodes in the virtualenv layout a pilot node reported.
 
 No fleet here: the node's side is plain shell and Python, run on this machine with
 $HOME pointing at a scratch directory. What a node reports is checked before any other
-node replays it; the tree is refused when its sha256 is not the one sent over SSH."""
+node replays it; a tree cut short is not staged."""
 
 from __future__ import annotations
 
@@ -15,32 +15,33 @@ import sys
 import sysconfig
 import tarfile
 import venv
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
 from fleet import __version__
 from fleet.runtime import (
+    FINGERPRINTED,
     NODE_ROOT,
     PTH,
     STAMP,
-    TREE,
+    ZIPPED,
+    _Plan,
     _sha256,
     build_cache,
     build_tree,
     build_wheel,
     checked_layout,
+    ensure_shell,
     fingerprint_of,
     fingerprint_shell,
-    layout_tree,
-    prepared_shell,
     replay_payload,
-    replay_shell,
     runtime_dir,
-    stage_shell,
     staged_dir,
 )
 from fleet.runtime_node import layout as reported_layout
+from fleet.ssh import Target
 
 IMAGE = "/opt/img"
 GOOD = {
@@ -98,50 +99,6 @@ def run_shell(script: str, home: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
-def test_the_prepared_tree_makes_a_working_runtime_and_a_swapped_one_is_refused(tree: Path, tmp_path: Path) -> None:
-    pilot, found = make_pilot_venv(tmp_path / "pilot")
-    image = [sysconfig.get_paths()["purelib"]]
-    layout = checked_layout(found, image)
-    assert layout is not None, found
-    prepared = layout_tree(tree, layout)
-    assert layout_tree(tree, layout) == prepared  # built once per layout
-    real = os.path.realpath(sys.executable)
-    stamp = f"fleet-batch {__version__} wheel=test settings=test"
-    incoming = f"{NODE_ROOT}/.incoming-{__version__}"
-    script = prepared_shell(layout, real, stamp, incoming, _sha256(prepared))
-
-    # A tree that is not the one whose hash came with the command is not unpacked.
-    home = tmp_path / "node"
-    (home / incoming).mkdir(parents=True)
-    with tarfile.open(home / incoming / TREE, "w") as swapped:
-        swapped.add(tree, f"{__version__}/lib/evil.py")
-    refused = run_shell(script, home)
-    assert refused.returncode == 1 and "does not match its sha256" in refused.stdout, refused
-    assert not (home / runtime_dir()).exists()
-
-    # An interpreter the layout names that is not this node's own: back to the full install.
-    other = run_shell(prepared_shell(layout, "/usr/bin/not-this-one", stamp, incoming, _sha256(prepared)), home)
-    assert other.returncode == 5 and not (home / runtime_dir()).exists(), other
-
-    (home / incoming / TREE).write_bytes(prepared.read_bytes())
-    done = run_shell(script, home)
-    assert done.returncode == 0, done
-    root = home / runtime_dir()
-    assert (root / STAMP).read_text() == stamp + "\n"
-    assert sorted(p.name for p in root.iterdir()) == sorted([p.name for p in pilot.iterdir()] + [STAMP])
-    # fleet comes from the tree, its dependencies from the layered "image", and the
-    # console script starts the runtime's own interpreter.
-    clean = {"HOME": str(home), "PATH": os.environ["PATH"]}
-    code = "import sys, fleet, yaml; print(sys.prefix, fleet.__file__)"
-    where = subprocess.run([str(root / "bin" / "python"), "-P", "-c", code], env=clean, capture_output=True,
-                           text=True, check=True)
-    prefix, fleet_file = where.stdout.split()
-    assert prefix == str(root) and fleet_file.startswith(str(root / layout["site"] / "fleet")), where.stdout
-    worker = subprocess.run([str(root / "bin" / "fleet-worker"), "--help"], env=clean, capture_output=True,
-                            text=True, check=False)
-    assert worker.returncode == 0 and "JOB_DIR" in worker.stdout, worker.stderr
-
-
 def test_nodes_of_one_environment_share_a_fingerprint_and_another_image_changes_it(tmp_path: Path) -> None:
     image = tmp_path / "image"
     (image / "lib/python3.11/site-packages/torch-2.13.0.dist-info").mkdir(parents=True)
@@ -167,60 +124,63 @@ def run_shell_with(script: str, home: Path, data: bytes) -> subprocess.Completed
                           input=data, capture_output=True, timeout=60, check=False)
 
 
-def runtime_listing(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) + ("@" + os.readlink(p) if p.is_symlink() else "")
-                  for p in root.rglob("*") if "__pycache__" not in p.parts)
-
-
-def test_a_staged_tree_becomes_the_pilots_runtime_on_the_same_channel_or_a_later_one(tree: Path, tmp_path: Path) -> None:
-    """The nodes that wait for a pilot stage the tree (stage_shell), then make the runtime
-    from the layout that comes on the same stdin; a node whose stdin ends after the tree
-    stays staged, and a later replay_shell makes it."""
+def test_ensure_shell_checks_stages_and_replays_the_pilots_layout(tree: Path, tmp_path: Path) -> None:
+    """One SSH operation per node: the check, and what the control plane sends on seeing
+    its fingerprint: the tree and the pilot's layout at once, or the tree now and the
+    layout in a later operation, or nothing."""
     pilot, found = make_pilot_venv(tmp_path / "pilot")
     layout = checked_layout(found, [sysconfig.get_paths()["purelib"]])
     assert layout is not None, found
-    real = os.path.realpath(sys.executable)
     stamp = f"fleet-batch {__version__} wheel=test settings=test"
     data, sha = tree.read_bytes(), _sha256(tree)
+    fingerprint = fingerprint_shell(shlex.quote(sys.executable), [sysconfig.get_paths()["purelib"]])
+    script = ensure_shell(stamp, fingerprint, sha, len(data))
     payload = replay_payload(layout)
-    # What the pilot's virtualenv has, beside fleet's tree, unpacked the same way.
-    expected = tmp_path / "expected"
-    prepared = layout_tree(tree, layout)
-    (expected / ".fleet/runtime").mkdir(parents=True)
-    with tarfile.open(prepared) as archive:
-        archive.extractall(expected / ".fleet/runtime", filter="tar")
 
     at_once = tmp_path / "at-once"
-    done = run_shell_with(stage_shell(sha, len(data), real, stamp), at_once, data + payload)
-    assert done.returncode == 0, done
+    done = run_shell_with(script, at_once, b"stage\n" + data + payload)
+    lines = done.stdout.decode().splitlines()
+    assert done.returncode == 0 and lines[0] == "absent" and lines[-1] == "installed", done
+    assert fingerprint_of(lines[1:lines.index(FINGERPRINTED)])[1] == os.path.realpath(sys.executable)
     root = at_once / runtime_dir()
     assert (root / STAMP).read_text() == stamp + "\n"
-    assert runtime_listing(root) == sorted([*runtime_listing(expected / runtime_dir()), STAMP])
     assert sorted(p.name for p in root.iterdir()) == sorted([p.name for p in pilot.iterdir()] + [STAMP])
+    assert {p.name: os.readlink(p) for p in (root / "bin").iterdir() if p.is_symlink()} == layout["links"]
     assert not list((at_once / NODE_ROOT).glob(".staged-*"))  # the staging became the runtime
+    # fleet comes from the tree (zipped), its dependencies from the layered "image", and
+    # the console script starts the runtime's own interpreter.
     clean = {"HOME": str(at_once), "PATH": os.environ["PATH"]}
+    code = "import sys, fleet, yaml; print(sys.prefix, fleet.__file__)"
+    where = subprocess.run([str(root / "bin" / "python"), "-P", "-c", code], env=clean, capture_output=True,
+                           text=True, check=True)
+    prefix, fleet_file = where.stdout.split()
+    assert prefix == str(root) and fleet_file == str(root / layout["site"] / ZIPPED / "fleet" / "__init__.py")
     worker = subprocess.run([str(root / "bin" / "fleet-worker"), "--help"], env=clean, capture_output=True,
                             text=True, check=False)
     assert worker.returncode == 0 and "JOB_DIR" in worker.stdout, worker.stderr
+    # A complete node: `present`, and its stdin is not read.
+    again = run_shell_with(script, at_once, b"")
+    assert again.returncode == 0 and again.stdout == b"present\n", again
 
     later = tmp_path / "later"
-    assert run_shell_with(replay_shell(real, stamp, sha), later, payload).returncode == 7  # nothing staged yet
-    staged = run_shell_with(stage_shell(sha, len(data), real, stamp), later, data)
-    assert staged.returncode == 6 and staged.stdout.strip() == b"staged", staged
+    nothing = run_shell_with(script, later, b"")  # left for its own pilot
+    assert nothing.returncode == 6 and nothing.stdout.split()[-1] == b"unstaged", nothing
+    assert run_shell_with(script, later, b"replay\n" + payload).stdout.split()[-1] == b"unstaged"  # nothing staged
+    staged = run_shell_with(script, later, b"stage\n" + data)
+    assert staged.returncode == 6 and staged.stdout.split()[-1] == b"staged", staged
     assert not (later / runtime_dir()).exists() and (later / staged_dir(sha) / "site-packages").is_dir()
-    # An interpreter the layout names that is not this node's own: nothing is made.
-    other = run_shell_with(replay_shell("/usr/bin/not-this-one", stamp, sha), later, payload)
-    assert other.returncode == 5 and not (later / runtime_dir()).exists(), other
-    made = run_shell_with(replay_shell(real, stamp, sha), later, payload)
+    # A layout whose interpreter is not this node's own: nothing is made (the full install follows).
+    other = {**layout, "cfg": "home = /bin\ninclude-system-site-packages = false\nexecutable = /bin/true\n"}
+    changed = run_shell_with(script, later, b"replay\n" + replay_payload(other))
+    assert changed.returncode == 5 and not (later / runtime_dir()).exists(), changed
+    made = run_shell_with(script, later, b"replay\n" + payload)
     assert made.returncode == 0, made
-    assert runtime_listing(later / runtime_dir()) == runtime_listing(root)
+    assert sorted(p.name for p in (later / runtime_dir()).iterdir()) == sorted(p.name for p in root.iterdir())
 
-
-def test_a_tree_cut_short_is_not_staged(tree: Path, tmp_path: Path) -> None:
-    data, sha = tree.read_bytes(), _sha256(tree)
-    cut = run_shell_with(stage_shell(sha, len(data), sys.executable, "stamp"), tmp_path, data[: len(data) // 2])
-    assert cut.returncode != 0 and cut.returncode not in (5, 6), cut
-    assert not (tmp_path / staged_dir(sha)).exists() and not (tmp_path / runtime_dir()).exists()
+    cut = tmp_path / "cut"
+    short = run_shell_with(script, cut, b"stage\n" + data[: len(data) // 2])
+    assert short.returncode == 6 and short.stdout.split()[-1] == b"unstaged", short
+    assert not (cut / staged_dir(sha)).exists() and not (cut / runtime_dir()).exists()
 
 
 def test_the_replay_payload_carries_only_the_checked_layout() -> None:
@@ -234,3 +194,52 @@ def test_the_replay_payload_carries_only_the_checked_layout() -> None:
                           "lib64", "pyvenv.cfg", f"site-packages/{PTH}"}
     assert all(not m.issym() or m.linkname in ("python3.11", "/usr/bin/python3.11", "lib") for m in names.values())
     assert len(lines[4]) == size
+
+
+class _Layouts:
+    """The part of Runtime a plan reads: the stored layout of an environment."""
+
+    def __init__(self, known: dict[str, dict]) -> None:
+        self.known = known
+
+    def stored_layout(self, stamp: str, fingerprint: str) -> dict | None:
+        return self.known.get(fingerprint)
+
+
+def _report(plan: _Plan, node: str, interpreter: str) -> None:
+    for line in ["absent", interpreter, f"listing of {interpreter}", FINGERPRINTED]:
+        plan.on_line(node, "stdout", line)
+
+
+def _sent(plan: _Plan, node: str) -> list[bytes]:
+    return list(plan.stdin(Target(name=node, address="127.0.0.1", port=22, user="u")))
+
+
+def test_a_plan_sends_each_node_what_its_environment_allows() -> None:
+    known_key = fingerprint_of(["/usr/bin/python3.11", "listing of /usr/bin/python3.11"])
+    pilot_key = fingerprint_of(["/opt/py/bin/python3.11", "listing of /opt/py/bin/python3.11"])
+    assert known_key and pilot_key
+    payload: Future[bytes] = Future()
+    plan = _Plan(_Layouts({known_key[0]: GOOD}), "stamp", b"TREE", pilot=pilot_key, payload=payload, hold=1,
+                 staged={"staged-known"})
+    plan.on_line("complete", "stdout", "present")
+    _report(plan, "known", "/usr/bin/python3.11")
+    _report(plan, "staged-known", "/usr/bin/python3.11")
+    _report(plan, "waits", "/opt/py/bin/python3.11")
+    _report(plan, "only-stages", "/opt/py/bin/python3.11")  # beyond `hold`
+    _report(plan, "first-other", "/other/python")
+    _report(plan, "second-other", "/other/python")
+    assert _sent(plan, "complete") == []
+    assert _sent(plan, "known") == [b"stage\n", b"TREE", replay_payload(GOOD)]
+    assert _sent(plan, "staged-known") == [b"replay\n", replay_payload(GOOD)]
+    assert _sent(plan, "only-stages") == [b"stage\n", b"TREE"]
+    assert _sent(plan, "first-other") == []  # left for its own pilot
+    assert _sent(plan, "second-other") == [b"stage\n", b"TREE"]
+    waiting = plan.stdin(Target(name="waits", address="127.0.0.1", port=22, user="u"))
+    assert next(waiting) == b"stage\n" and next(waiting) == b"TREE"
+    payload.set_result(b"the pilot's layout")
+    assert list(waiting) == [b"the pilot's layout"]
+    # A node that never reported (unreachable) gets nothing once the operation is over.
+    silent = plan.stdin(Target(name="silent", address="127.0.0.1", port=22, user="u"))
+    plan.release()
+    assert list(silent) == [] and _sent(plan, "later") == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -275,3 +276,33 @@ def test_stdin_reaches_every_command_also_one_that_writes_before_it_reads(
         assert result[target.name].ok, result[target.name].describe()
         assert result[target.name].stdout.split()[0] == digest
     assert plain[trio_targets[0].name].stdout == "end\n"  # without stdin a reader sees EOF at once
+
+
+def test_stdin_parts_come_as_they_are_ready_and_a_failing_source_still_ends_the_input(
+    trio: SshLab, trio_targets: list[Target]
+) -> None:
+    """A function of the target gives each command its own parts; a part may wait for
+    what the caller learns from the command's own output (on_line), and a source that
+    fails ends the input instead of leaving the command waiting."""
+    first, second = trio_targets[0], trio_targets[1]
+    asked = threading.Event()
+
+    def parts(target: Target) -> Iterator[bytes]:
+        yield f"hello {target.name}\n".encode()
+        if target.name == first.name:
+            assert asked.wait(30)  # the command said it waits for the rest
+            yield b"the rest\n"
+        else:
+            raise RuntimeError("the source broke")
+
+    def on_line(node: str, stream: str, line: str) -> None:
+        if node == first.name and line == "waiting":
+            asked.set()
+
+    with trio.executor() as executor:
+        started = time.monotonic()
+        result = executor.run([first, second], 'read -r a; echo waiting; read -r b || b=eof; echo "$a|$b"',
+                              stdin=parts, on_line=on_line, timeout=30)
+    assert result[first.name].stdout.splitlines() == ["waiting", f"hello {first.name}|the rest"]
+    assert result[second.name].stdout.splitlines() == ["waiting", f"hello {second.name}|eof"]
+    assert time.monotonic() - started < 20
