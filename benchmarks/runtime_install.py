@@ -9,10 +9,10 @@ machine hits both sizes; the medians are compared (goal: 16 nodes <= 2.0x one no
 
 Two cases, each against its own 1-node reference:
 - fresh (`install_*`, the goal's figures): the fleet knows no layout yet, as on its first
-  `up`: one node (the pilot) installs in full, the others of its environment get the
-  prepared tree. 1 node = the pilot alone.
+  `up`: one node (the pilot) installs in full, the others of its environment stage the
+  tree meanwhile and then get its layout on the same channel. 1 node = the pilot alone.
 - known (`known_*`): the layout is known (a replacement, an `up` after a node lost its
-  runtime): every node gets the prepared tree.
+  runtime): every node gets the tree and the layout in its one operation.
 Each removed runtime is moved aside, not deleted, until the fleet goes (see clear()).
 The wheel and its tree are built before the timing (once per source digest, in the
 user's cache; the build from scratch is timed apart). Last, the step on the complete

@@ -2,18 +2,20 @@
 
 `fleet up` (and every replacement, before `setup:`) makes sure each node has
 `~/.fleet/runtime/<version>/`: fleet's own wheel, built once per source digest on the
-control plane and unpacked there once (pypa's `installer`) into a prepared tree, cached
-under `.fleet/runtime/`. One SSH round trip checks the runtime's stamp first: a complete
-runtime is left alone, pip never runs. A node without it reports a fingerprint of its
-environment (interpreter, image contents). The first node of each fingerprint (the
-pilot) gets `fleet/runtime_node.py` in one zip with the tree and does the full job in
-Python (virtualenv, requirements, pip if something is missing); every other node of that
-fingerprint then only unpacks the tree in shell (no Python, no pip) into the venv layout
-the pilot reported, checked here first. While the pilot installs, those other nodes
-already unpack the layout-independent tree into a staging directory of their own; once
-the layout is known each needs only the layout's few files (links, pyvenv.cfg) and two
-renames. A node that could not stage gets the whole prepared tree on its command's stdin,
-checked against its sha256 before it is unpacked.
+control plane and unpacked there once (pypa's `installer`) into a prepared tree, its
+package zipped (a runtime is about 25 files), cached under `~/.cache/fleet/runtime/`.
+
+Each node gets one SSH operation (ensure_shell): a complete runtime's stamp is left
+alone, pip never runs. A node without it reports a fingerprint of its environment
+(interpreter, image contents), and the control plane decides what the same channel's
+stdin gets as the report arrives (_Plan). The first node of each fingerprint (the pilot)
+gets `fleet/runtime_node.py` in one zip with the tree and does the full job in Python
+(virtualenv, requirements, pip if something is missing), and reports the venv's layout,
+checked here. Every other node of that fingerprint unpacks the layout-independent tree
+into a staging directory meanwhile and waits on its channel for the layout; with it,
+two renames make the runtime (no Python, no pip). A node whose layout is known already
+gets the tree and the layout at once. Everything comes from this machine over SSH, never
+through the shared directory.
 
 Nodes get only what the chosen extras need (never the control plane's cloud SDKs),
 layered on what the image provides (`runtime.image`). With `runtime.wheelhouse` the
@@ -704,8 +706,10 @@ class Runtime:
         if not nodes:
             return GroupResult({})
         try:
+            # A node that waits for the pilot's layout waits as long as the pilot's install may take.
+            timeout = 1800 + 300 if plan.pilot is not None else 300
             return self.fleet.executor.run([self.fleet.target(n) for n in nodes], script, stdin=plan.stdin,
-                                           on_line=plan.on_line, timeout=1800 + 300)  # waiting lasts a pilot's install
+                                           on_line=plan.on_line, timeout=timeout)
         finally:
             plan.release()
 
