@@ -680,13 +680,24 @@ class Runtime:
         # most half of them wait, so that the pilot always gets one (it may need a second
         # operation, for pip); the others of its environment only stage.
         plan = _Plan(self, stamp, tree, pilot=pilot, payload=payload, hold=self.fleet.executor.parallelism // 2)
+        # The others' operations queue for the executor's threads once the pilot's has one:
+        # with many nodes, it would wait behind all of theirs.
+        piloting = threading.Event()
+
+        def others_beside_the_pilot() -> GroupResult:
+            if pilot is not None:
+                piloting.wait(60)
+            return self._run_plan(others, script, plan)
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-runtime") as side:
-            later = side.submit(self._run_plan, others, script, plan) if others else None
+            later = side.submit(others_beside_the_pilot) if others else None
             try:
                 if pilot is not None:
-                    ok += self._install([lead], result, stamp, wheelhouse=None, fingerprints={lead.name: pilot[0]})
+                    ok += self._install([lead], result, stamp, wheelhouse=None, fingerprints={lead.name: pilot[0]},
+                                        started=piloting)
                     absent.remove(lead)
             finally:  # always: the waiting channels end, on an empty payload when there is no layout
+                piloting.set()
                 layout = self._layout(stamp, pilot[0]) if pilot is not None and lead in ok else None
                 payload.set_result(replay_payload(layout) if layout is not None else b"")
             ran = GroupResult({**ran.results, **(later.result().results if later else {})})
@@ -826,9 +837,10 @@ class Runtime:
         self.fleet.log(f"{node.name}: {text}")
 
     def _install(self, nodes: Sequence[Node], result: UpResult, stamp: str, *, wheelhouse: dict | None,
-                 fingerprints: dict[str, str] | None = None) -> list[Node]:
+                 fingerprints: dict[str, str] | None = None, started: threading.Event | None = None) -> list[Node]:
         """The full install (runtime_node.py) on `nodes`; a node named in `fingerprints`
-        that installs nothing from the index reports its layout for its environment."""
+        that installs nothing from the index reports its layout for its environment.
+        `started` is set once an executor thread runs the first node's operation."""
         if not nodes:
             return []
         art = self.artifacts()
@@ -849,8 +861,14 @@ class Runtime:
                     + f'cd "$HOME"/{incoming} && {self._python_expression()} runtime.pyz\n')
 
         bundle = self._bundle(art.tree, config)
+
+        def bundle_for(target: Target) -> tuple[bytes]:  # called on the thread that runs the operation
+            if started is not None:
+                started.set()
+            return (bundle,)
+
         ran = self.fleet.executor.run([self.fleet.target(n) for n in nodes], receiving_and_running("runtime.pyz", len(bundle)),
-                                      timeout=1800, stdin=bundle)
+                                      timeout=1800, stdin=bundle_for)
         # Nodes that lack something the image does not have get the control plane's pip, once.
         need_pip = [n for n in nodes if ran[n.name].exit_code == 4]
         if need_pip:
