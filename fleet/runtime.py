@@ -517,6 +517,8 @@ def _replay_lines(stamp: str, tree_sha: str) -> list[str]:
 
 
 FINGERPRINTED = "fingerprinted"  # ensure_shell's last line before it reads its stdin
+# Shell that removes a node's stagings (of any tree): before it stages, before a full install.
+_CLEAR_STAGINGS = f'for old in "$HOME"/{NODE_ROOT}/.staged-*; do [ ! -e "$old" ] || rm -rf "$old"; done'
 
 
 def ensure_shell(stamp: str, fingerprint: str, tree_sha: str, tree_size: int) -> str:
@@ -540,7 +542,7 @@ def ensure_shell(stamp: str, fingerprint: str, tree_sha: str, tree_size: int) ->
         "IFS= read -r mode || mode=",
         'case "$mode" in',
         "  stage)",
-        f'    for old in "$HOME"/{NODE_ROOT}/.staged-*; do [ ! -e "$old" ] || rm -rf "$old"; done',
+        f"    {_CLEAR_STAGINGS}",
         (f"    mkdir -p {staged}.part && dd bs={tree_size} count=1 iflag=fullblock status=none "
          f"| tar -xf - -C {staged}.part && mv {staged}.part {staged} || {{ echo unstaged; exit 6; }} ;;"),
         f"  replay) [ -d {staged}/site-packages ] || {{ echo unstaged; exit 6; }} ;;",
@@ -796,11 +798,7 @@ class Runtime:
         one, kept under `.fleet/runtime/layouts/`), or None."""
         key = (stamp, fingerprint)
         if key not in self._layouts:
-            path = self._layout_path(stamp, fingerprint)
-            try:
-                self._layouts[key] = checked_layout(json.loads(path.read_text()), self.image())
-            except (OSError, ValueError):
-                self._layouts[key] = None
+            self._layouts[key] = self.stored_layout(stamp, fingerprint)
         return self._layouts[key]
 
     def stored_layout(self, stamp: str, fingerprint: str) -> dict | None:
@@ -857,7 +855,7 @@ class Runtime:
             # The file comes on stdin (one SSH operation); a staging left from a pilot
             # whose layout could not be replayed goes too.
             return (receive_files([(f"{incoming}/{name}", size)])
-                    + f'for old in "$HOME"/{NODE_ROOT}/.staged-*; do [ ! -e "$old" ] || rm -rf "$old"; done\n'
+                    + f"{_CLEAR_STAGINGS}\n"
                     + f'cd "$HOME"/{incoming} && {self._python_expression()} runtime.pyz\n')
 
         bundle = self._bundle(art.tree, config)
@@ -971,7 +969,7 @@ class _Plan:
             if line == "present" and len(lines) == 1:
                 self._decide(node, ())
             elif line == FINGERPRINTED and lines[0] == "absent":
-                self._decide(node, self._parts_for(node, fingerprint_of(lines[1:-1])))
+                self._decide(node, self._parts_for(node, _key_of("\n".join(lines))))
 
     def _parts_for(self, node: str, key: tuple[str, str] | None) -> tuple[bytes | None, ...]:
         if key is None:
